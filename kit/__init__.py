@@ -1,0 +1,31 @@
+"""kit: a notebook-first research kit for LLM inference.
+
+The pipeline, one object per step (see README):
+
+    ModelLoader -> LoadedModel -> [Quantizer] -> NetworkBuilder -> Network
+        -> Builder(BuildConfig) -> Engine -> ProfiledEngine
+    LLM -> Executor -> Scheduler + KVCacheManager -> Engine.forward -> Sampler -> RequestOutput
+"""
+
+from kit.builder import BuildConfig
+from kit.config import ModelConfig
+from kit.engine import Engine, ForwardBatch, KVCache, SequenceInput
+from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
+from kit.kv_cache import KVCacheInspector, KVCacheManager
+from kit.llm import LLM
+from kit.loader import LoadedModel, ModelLoader
+from kit.network import Layer, Network, NetworkBuilder
+from kit.outputs import CompletionOutput, RequestOutput
+from kit.sampling import Sampler, SamplingParams
+from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerPolicy
+from kit.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildConfig", "CompletionOutput", "Engine", "Executor", "ForwardBatch", "GenerationRequest",
+    "GenerationResult", "KVCache", "KVCacheInspector", "KVCacheManager", "KvCacheConfig", "LLM", "Layer",
+    "LoadedModel", "ModelConfig", "ModelLoader", "Network", "NetworkBuilder", "RequestOutput", "Sampler",
+    "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "SequenceInput",
+    "Tokenizer", "__version__",
+]

@@ -1,0 +1,200 @@
+"""`LLM`: the high-level API, from a model name to generated text.
+
+    llm = LLM("smollm2-135m")
+    out = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
+    print(out.text)
+
+Behind it sit the stepwise objects a notebook can take apart: `llm.loaded`
+(ModelLoader -> LoadedModel), `llm.network` (NetworkBuilder -> Network), `llm.engine`
+(Builder -> Engine), and `llm.executor` (Executor: Scheduler + KVCacheManager + Sampler).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from kit.builder import BuildConfig
+from kit.engine import Engine
+from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
+from kit.loader import LoadedModel, ModelLoader
+from kit.network import NetworkBuilder
+from kit.outputs import CompletionOutput, RequestOutput
+from kit.sampling import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "CompletionOutput", "SamplingParams", "BuildConfig", "KvCacheConfig"]
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """Load, build and serve a model; `generate` many prompts at once with in-flight batching."""
+
+    def __init__(self, model: str | LoadedModel | Engine, *, device: str | torch.device | None = None,
+                 build_config: BuildConfig | None = None, kv_cache_config: KvCacheConfig | None = None,
+                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool | None = None,
+                 scheduler_policy: str = "guaranteed_no_evict", quantization: Any = None, backend: str = "torch",
+                 enable_build_cache: bool = True, skip_build_cache: bool = False,
+                 record_kv_cache: bool = False) -> None:
+        t0 = time.perf_counter()
+        if isinstance(model, Engine):
+            engine = model
+            self.loaded = None
+        else:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            if isinstance(model, LoadedModel):
+                self.loaded = model
+            else:
+                dtype = None if build_config is None or build_config.dtype == "auto" else build_config.dtype
+                self.loaded = ModelLoader(model, dtype=dtype, device=device).load()
+            build_config = build_config or BuildConfig()
+            max_pos = self.loaded.config.max_position_embeddings
+            if build_config.max_seq_len > max_pos:
+                build_config = build_config.replace(max_seq_len=max_pos,
+                                                    max_input_len=min(build_config.max_input_len, max_pos))
+            if quantization is not None:
+                from kit.quantization import QuantConfig, Quantizer
+
+                qc = quantization if isinstance(quantization, QuantConfig) else QuantConfig.from_name(quantization)
+                self.loaded = Quantizer(qc).quantize(self.loaded, tokenizer=self.loaded.tokenizer)
+            network = NetworkBuilder(self.loaded).build()
+            engine = _build_engine(network, build_config, backend, device, enable_build_cache, skip_build_cache,
+                                   self.loaded)
+        self.engine = engine
+        self.build_config = build_config = engine.build_config or build_config or BuildConfig()
+        self.tokenizer = self.loaded.tokenizer if self.loaded is not None else getattr(engine, "tokenizer", None)
+        kvc = kv_cache_config or KvCacheConfig()
+        if enable_prefix_caching is not None:
+            kvc = KvCacheConfig(kvc.free_gpu_memory_fraction, kvc.max_tokens, kvc.num_blocks, enable_prefix_caching)
+        self.executor = Executor(
+            engine, tokenizer=self.tokenizer, max_batch_size=build_config.max_batch_size,
+            max_num_tokens=build_config.max_num_tokens, max_input_len=build_config.max_input_len,
+            max_seq_len=build_config.max_seq_len, block_size=build_config.block_size,
+            enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy, kv_cache_config=kvc,
+            record_kv_cache=record_kv_cache)
+        self.startup_seconds = time.perf_counter() - t0
+
+    # -------------------------------------------------------------- properties
+    @property
+    def network(self):
+        return self.engine.network
+
+    @property
+    def kv_cache_manager(self):
+        return self.executor.kv_manager
+
+    @property
+    def kv_cache_inspector(self):
+        return self.executor.inspector
+
+    # --------------------------------------------------------------- generate
+    def _request(self, prompt: Prompt, sp: SamplingParams, streaming: bool) -> GenerationRequest:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            return GenerationRequest(self.tokenizer.encode(prompt), sp, prompt=prompt, streaming=streaming)
+        ids = [int(t) for t in prompt]
+        return GenerationRequest(ids, sp, prompt=None, streaming=streaming)
+
+    def _requests(self, prompts: Prompt | Sequence[Prompt], sampling_params, streaming: bool):
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
+                                              and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if not plist:
+            raise ValueError("generate needs at least one prompt")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sps = [sampling_params or SamplingParams()] * len(plist)
+        else:
+            sps = list(sampling_params)
+            if len(sps) != len(plist):
+                raise ValueError(f"got {len(sps)} sampling_params for {len(plist)} prompts")
+        reqs = [self._request(p, sp, streaming) for p, sp in zip(plist, sps)]
+        for i, r in enumerate(reqs):  # refuse bad prompts before anything is queued
+            try:
+                self.executor._validate(r)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return single, reqs
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, streaming: bool = False) -> RequestOutput | list[RequestOutput] | Iterator[RequestOutput]:
+        """Generate for one prompt (-> RequestOutput) or many (-> list, in order).
+
+        `streaming=True` returns an iterator of snapshots of all requests as they advance;
+        each snapshot's `outputs[0].text_diff` is the text added since that request's last one.
+        """
+        single, reqs = self._requests(prompts, sampling_params, streaming)
+        results = [self.executor.submit(r) for r in reqs]
+        if streaming:
+            return _merge_streams(results)
+        outs = []
+        with tqdm(total=len(results), desc="generating", disable=not use_tqdm or len(results) < 2,
+                  leave=False) as bar:
+            for r in results:
+                outs.append(r.result())
+                bar.update(1)
+        return outs[0] if single else outs
+
+    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       streaming: bool = False) -> GenerationResult:
+        """Submit one prompt; `await` the result, or `async for` its snapshots when streaming."""
+        _, (req,) = self._requests([prompt] if not isinstance(prompt, str) else prompt, sampling_params, streaming)
+        return self.executor.submit(req)
+
+    def abort(self, request_id: str) -> None:
+        self.executor.abort(request_id)
+
+    # -------------------------------------------------------------- lifecycle
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"LLM({self.network.name!r}, {self.engine!r}, {self.executor!r})"
+
+    def _repr_html_(self) -> str:
+        bc = self.build_config
+        return (f"<b>LLM</b> <code>{html.escape(self.network.name)}</code> &middot; started in "
+                f"{self.startup_seconds:.2f} s &middot; max_batch_size {bc.max_batch_size}, max_num_tokens "
+                f"{bc.max_num_tokens}, max_seq_len {bc.max_seq_len}<br>{self.engine._repr_html_()}"
+                f"{self.executor._repr_html_()}")
+
+
+def _build_engine(network, build_config, backend, device, enable_build_cache, skip_build_cache, loaded) -> Engine:
+    try:
+        from kit.builder import Builder
+    except ImportError:  # the builder is optional: an eager engine serves as well
+        return Engine.from_network(network, device=device)
+    return Builder(backend, device=device).build(network, build_config, enable_build_cache=enable_build_cache,
+                                                 skip_build_cache=skip_build_cache, loaded=loaded)
+
+
+def _merge_streams(results: list[GenerationResult]) -> Iterator[RequestOutput]:
+    """Snapshots of several requests in the order they are published."""
+    seen = [0] * len(results)
+    pending = set(range(len(results)))
+    while pending:
+        progressed = False
+        for i in sorted(pending):
+            r = results[i]
+            history = r._history
+            while seen[i] < len(history):
+                yield history[seen[i]]
+                seen[i] += 1
+                progressed = True
+            if r.done and seen[i] == len(r._history):
+                if r._error is not None:
+                    raise r._error
+                pending.discard(i)
+        if not progressed and pending:
+            with results[min(pending)]._cond:
+                results[min(pending)]._cond.wait(0.005)

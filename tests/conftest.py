@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M model, loaded once in float32 on the CPU."""
+    from kit.loader import ModelLoader
+
+    return ModelLoader("smollm2-135m").load()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """One tiny random Hugging Face checkpoint per supported family: {family: (path, hf_model)}."""
+    from helpers import FAMILY_CONFIGS, make_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: (root / fam, make_hf_checkpoint(fam, root / fam, seed=i)) for i, fam in enumerate(FAMILY_CONFIGS)}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

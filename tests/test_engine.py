@@ -1,0 +1,89 @@
+"""The engine against Hugging Face transformers, and paged attention against itself."""
+
+import random
+
+import pytest
+import torch
+
+from helpers import FAMILY_CONFIGS, engine_for, hf_logits, run_chunks
+from kit.engine import ForwardBatch, SequenceInput
+
+# three sequences; each step mixes prompt chunks and single decode tokens
+LENGTHS = (13, 5, 20)
+SCHEDULE = [[7, 5, 4], [1, 0, 9], [3, 0, 7], [1, 0, 0], [1, 0, 0]]
+
+
+def _seqs(vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_logits_match_transformers_on_a_mixed_batch(family, tiny_checkpoints):
+    path, hf = tiny_checkpoints[family]
+    engine = engine_for(path)
+    seqs = _seqs(hf.config.vocab_size)
+    for out, seq in zip(run_chunks(engine, seqs, SCHEDULE, block_size=4), seqs):
+        assert out.shape == (len(seq), hf.config.vocab_size)
+        assert (out - hf_logits(hf, seq)).abs().max().item() < 1e-4
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kit.engine import Engine
+    from kit.network import NetworkBuilder
+
+    cfg = {k: v for k, v in smollm2.config.to_hf_config().items() if k != "architectures"}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), attn_implementation="eager").eval()
+    hf.load_state_dict(smollm2.weights, strict=False)  # lm_head is tied to the embedding
+    hf.tie_weights()
+    engine = Engine.from_network(NetworkBuilder(smollm2).build())
+    seqs = [smollm2.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):",
+                                                    "Once upon a time, in a land far away, there lived a")]
+    schedule = [[3, 4, 6], [2, 1, 5], [1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]]
+    outs = run_chunks(engine, seqs, _complete(schedule, seqs), block_size=16)
+    for out, seq in zip(outs, seqs):
+        assert (out - hf_logits(hf, seq)).abs().max().item() < 1e-4
+
+
+def _complete(schedule, seqs):
+    """Clip a schedule to the sequences and add decode steps until each is covered."""
+    done = [0] * len(seqs)
+    out = []
+    for step in schedule:
+        row = [max(0, min(n, len(s) - d)) for n, s, d in zip(step, seqs, done)]
+        done = [d + n for d, n in zip(done, row)]
+        out.append(row)
+    while any(d < len(s) for d, s in zip(done, seqs)):
+        row = [1 if d < len(s) else 0 for d, s in zip(done, seqs)]
+        done = [d + n for d, n in zip(done, row)]
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_paged_attention_independent_of_block_size_and_order(block_size, tiny_checkpoints):
+    path, hf = tiny_checkpoints["llama"]
+    engine = engine_for(path)
+    seqs = _seqs(hf.config.vocab_size, seed=2)
+    reference = run_chunks(engine, seqs, SCHEDULE, block_size=8)
+    needed = sum(-(-n // block_size) for n in LENGTHS)
+    for trial in range(3):
+        order = list(range(needed + 5))
+        random.Random(trial).shuffle(order)
+        outs = run_chunks(engine, seqs, SCHEDULE, block_size=block_size, block_order=order[:needed])
+        for a, b in zip(outs, reference):
+            assert (a - b).abs().max().item() < 1e-5
+
+
+def test_forward_batch_validates_block_tables():
+    with pytest.raises(ValueError, match="cannot hold"):
+        ForwardBatch.build([SequenceInput([1, 2, 3], 2, [0])], block_size=4)
+    with pytest.raises(ValueError, match="no tokens"):
+        ForwardBatch.build([SequenceInput([], 0, [0])], block_size=4)
+    b = ForwardBatch.build([SequenceInput([5, 6, 7], 0, [3]), SequenceInput([9], 6, [1, 2])], block_size=4)
+    assert b.positions.tolist() == [0, 1, 2, 6]
+    assert b.slot_mapping.tolist() == [12, 13, 14, 10]
+    assert b.logits_indices.tolist() == [2, 3] and b.seq_lens.tolist() == [3, 7]
+    assert b.query_start_loc.tolist() == [0, 3, 4] and b.max_query_len == 3 and b.max_seq_len == 7

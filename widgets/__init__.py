@@ -1,0 +1,1 @@
+"""Views over the kit's DataFrames: ipywidgets + matplotlib. They never run an engine."""
