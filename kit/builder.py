@@ -11,10 +11,20 @@ with a clear error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BuildConfig"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["BuildConfig", "Builder", "BuildCache", "build", "build_key"]
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _VERBOSITY = ("layer_names_only", "detailed")
@@ -109,3 +119,202 @@ class BuildConfig:
                        for k, v in self.optimization_profiles().items())
         return (f"<b>BuildConfig</b><table>{rows}</table><b>Optimization profile</b> (min, opt, max)"
                 f"<table>{prof}</table>")
+
+
+# ---------------------------------------------------------------------------- build key
+def build_key(identity: dict[str, Any], model_config: Any, build_config: BuildConfig | None, quant_config: Any,
+              backend: str, dtype: str) -> str:
+    """sha256 of everything that determines an engine: change any of it and the cache misses."""
+    from kit import __version__
+
+    payload = {
+        "identity": {k: identity.get(k) for k in ("source", "sha256")},
+        "model_config": model_config.to_dict(),
+        "build_config": build_config.to_dict() if build_config is not None else None,
+        "quant_config": quant_config.to_dict() if quant_config is not None else None,
+        "backend": backend, "dtype": dtype, "kit_version": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class BuildCache:
+    """Engine directories under `$KIT_CACHE_DIR/engines/<key>`, written atomically.
+
+    An entry appears only by an atomic rename of a complete engine directory, so a build
+    that dies half-way leaves no entry, and two processes building the same key at once
+    both succeed: the first rename wins and the other's copy is discarded.
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        from kit.loader import cache_dir
+
+        self.root = Path(root) if root is not None else cache_dir() / "engines"
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:32]
+
+    def get(self, key: str) -> Path | None:
+        p = self.path(key)
+        if not (p / "config.json").is_file():
+            return None
+        try:
+            from kit.engine import Engine
+
+            cfg = Engine.read_config(p)
+        except (ValueError, FileNotFoundError):
+            shutil.rmtree(p, ignore_errors=True)  # a damaged entry is dropped and rebuilt
+            return None
+        return p if cfg.get("build_key") == key else None
+
+    def put(self, key: str, engine: Any) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=self.root))
+        try:
+            engine.save(staging / "engine")
+            try:
+                os.rename(staging / "engine", self.path(key))
+            except OSError:
+                if self.get(key) is None:  # not a lost race: a real failure
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.path(key)
+
+    def list(self) -> "pd.DataFrame":
+        """Columns: `key, model, backend, dtype, max_batch_size, max_seq_len, quantization, size_mib, created`."""
+        import pandas as pd
+
+        rows = []
+        for p in sorted(self.root.glob("*")) if self.root.exists() else []:
+            if p.name.startswith(".") or not (p / "config.json").is_file():
+                continue
+            try:
+                cfg = json.loads((p / "config.json").read_text())
+            except json.JSONDecodeError:
+                continue
+            bc = cfg.get("build_config") or {}
+            qc = cfg.get("quant_config") or {}
+            rows.append({"key": p.name, "model": cfg["model"].get("name"), "backend": cfg["backend"],
+                         "dtype": cfg["dtype"], "max_batch_size": bc.get("max_batch_size"),
+                         "max_seq_len": bc.get("max_seq_len"), "quantization": qc.get("quant_algo"),
+                         "size_mib": sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20,
+                         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(p.stat().st_mtime))})
+        return pd.DataFrame(rows, columns=["key", "model", "backend", "dtype", "max_batch_size", "max_seq_len",
+                                           "quantization", "size_mib", "created"])
+
+    def clear(self) -> int:
+        n = len(self.list())
+        shutil.rmtree(self.root, ignore_errors=True)
+        return n
+
+
+# ------------------------------------------------------------------------------ builder
+class Builder:
+    """`Builder(backend).build(network, build_config) -> Engine`, with a build log and a cache.
+
+    torch: the backend prepares the network (fused weights on the device); on CUDA the
+    decode CUDA graphs are captured when the engine gets its KV cache (graphs are bound
+    to the cache's addresses). tensorrt: the network is lowered to a TensorRT network
+    definition and built into a serialized plan.
+    """
+
+    BACKENDS = ("torch", "tensorrt")
+
+    def __init__(self, backend: str = "torch", *, device: str | Any = None) -> None:
+        import torch
+
+        if backend not in self.BACKENDS:
+            raise ValueError(f"Builder backend must be one of {', '.join(self.BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _dtype(self, build_config: BuildConfig | None, network: Any) -> Any:
+        import torch
+
+        if build_config is None or build_config.dtype == "auto":
+            return next(t for t in network.weights.values() if t.is_floating_point()).dtype
+        return getattr(torch, build_config.dtype)
+
+    def key(self, loaded: Any, build_config: BuildConfig, dtype: Any) -> str:
+        return build_key(loaded.identity, loaded.config, build_config, loaded.quant_config, self.backend,
+                         str(dtype).replace("torch.", ""))
+
+    def build(self, network: Any, build_config: BuildConfig | None = None, *, loaded: Any = None,
+              enable_build_cache: bool = True, skip_build_cache: bool = False, progress: bool = True) -> Any:
+        """Build (or fetch from the build cache) the engine for `network` under `build_config`."""
+        from tqdm.auto import tqdm
+
+        from kit.engine import Engine
+
+        build_config = build_config or BuildConfig()
+        dtype = self._dtype(build_config, network)
+        use_cache = enable_build_cache and loaded is not None and bool(loaded.identity)
+        key = self.key(loaded, build_config, dtype) if loaded is not None else None
+        cache = BuildCache()
+        if use_cache and not skip_build_cache and (hit := cache.get(key)) is not None:
+            t0 = time.perf_counter()
+            engine = Engine.from_dir(hit, device=self.device)
+            engine.build_log.insert(0, {"step": "build cache hit", "seconds": time.perf_counter() - t0,
+                                        "detail": str(hit)})
+            return engine
+        steps = ["prepare network on the backend"] + (["build TensorRT plan"] if self.backend == "tensorrt" else [])
+        steps += ["store in build cache"] if use_cache else []
+        log: list[dict[str, Any]] = []
+        with tqdm(total=len(steps), desc=f"building {network.name} ({self.backend})", disable=not progress,
+                  leave=False) as bar:
+            plan = None
+            if self.backend == "tensorrt":
+                t0 = time.perf_counter()
+                plan = self._trt_plan(network, build_config, dtype)
+                log.append({"step": "build TensorRT plan", "seconds": time.perf_counter() - t0,
+                            "detail": f"{plan.nbytes / 2**20:.1f} MiB, {plan.num_layers} TensorRT layers, "
+                                      f"{plan.flavour} {plan.version}"})
+                bar.update(1)
+            t0 = time.perf_counter()
+            engine = self.assemble(loaded, build_config, dtype=dtype, plan=plan, network=network)
+            log.insert(0, {"step": "prepare network on the backend", "seconds": time.perf_counter() - t0,
+                           "detail": engine.backend.describe()})
+            bar.update(1)
+            engine.build_key = key
+            engine.build_log = log
+            if use_cache:
+                t0 = time.perf_counter()
+                path = cache.put(key, engine)
+                log.append({"step": "store in build cache", "seconds": time.perf_counter() - t0, "detail": str(path)})
+                bar.update(1)
+        return engine
+
+    def assemble(self, loaded: Any, build_config: BuildConfig | None, *, dtype: Any, plan: Any = None,
+                 network: Any = None) -> Any:
+        """Put an engine together from its parts (used by `build` and by `Engine.from_dir`)."""
+        from kit.backends.torch_backend import TorchBackend
+        from kit.engine import Engine
+        from kit.network import NetworkBuilder
+
+        network = network or NetworkBuilder(loaded).build()
+        if self.backend == "torch":
+            backend = TorchBackend(network, device=self.device, dtype=dtype)
+        else:
+            from kit.backends.tensorrt_backend import TensorRTBackend
+
+            if plan is None:
+                raise ValueError("a tensorrt engine needs its plan (rank0.engine)")
+            backend = TensorRTBackend(plan)
+        info = {"name": network.name}
+        if loaded is not None:
+            info.update({"identity": dict(loaded.identity), "source_format": loaded.source_format,
+                         "notes": list(loaded.notes)})
+        return Engine(network, backend, build_config=build_config, tokenizer=getattr(loaded, "tokenizer", None),
+                      model_info=info)
+
+    def _trt_plan(self, network: Any, bc: BuildConfig, dtype: Any) -> Any:
+        from kit.backends.tensorrt_backend import build_plan
+
+        return build_plan(network, max_batch_size=bc.max_batch_size, max_input_len=bc.max_input_len,
+                          max_seq_len=bc.max_seq_len, opt_batch_size=bc.opt_batch_size, dtype=dtype)
+
+
+def build(network: Any, build_config: BuildConfig | None = None, *, backend: str = "torch", device: Any = None,
+          **kwargs: Any) -> Any:
+    """`kit.build(network, build_config)`: shorthand for `Builder(backend, device=device).build(...)`."""
+    return Builder(backend, device=device).build(network, build_config, **kwargs)

@@ -41,32 +41,19 @@ class LLM:
                  enable_build_cache: bool = True, skip_build_cache: bool = False,
                  record_kv_cache: bool = False) -> None:
         t0 = time.perf_counter()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.loaded = model if isinstance(model, LoadedModel) else None
+        self.build_cache_hit = False
         if isinstance(model, Engine):
             engine = model
-            self.loaded = None
+        elif isinstance(model, str) and ModelLoader(model).resolve()[0] == "engine":
+            engine = Engine.from_dir(model, device=device, build_config=build_config)
         else:
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            if isinstance(model, LoadedModel):
-                self.loaded = model
-            else:
-                dtype = None if build_config is None or build_config.dtype == "auto" else build_config.dtype
-                self.loaded = ModelLoader(model, dtype=dtype, device=device).load()
-            build_config = build_config or BuildConfig()
-            max_pos = self.loaded.config.max_position_embeddings
-            if build_config.max_seq_len > max_pos:
-                build_config = build_config.replace(max_seq_len=max_pos,
-                                                    max_input_len=min(build_config.max_input_len, max_pos))
-            if quantization is not None:
-                from kit.quantization import QuantConfig, Quantizer
-
-                qc = quantization if isinstance(quantization, QuantConfig) else QuantConfig.from_name(quantization)
-                self.loaded = Quantizer(qc).quantize(self.loaded, tokenizer=self.loaded.tokenizer)
-            network = NetworkBuilder(self.loaded).build()
-            engine = _build_engine(network, build_config, backend, device, enable_build_cache, skip_build_cache,
-                                   self.loaded)
+            engine = self._build(model, device, build_config, quantization, backend, enable_build_cache,
+                                 skip_build_cache)
         self.engine = engine
         self.build_config = build_config = engine.build_config or build_config or BuildConfig()
-        self.tokenizer = self.loaded.tokenizer if self.loaded is not None else getattr(engine, "tokenizer", None)
+        self.tokenizer = engine.tokenizer if engine.tokenizer is not None else getattr(self.loaded, "tokenizer", None)
         kvc = kv_cache_config or KvCacheConfig()
         if enable_prefix_caching is not None:
             kvc = KvCacheConfig(kvc.free_gpu_memory_fraction, kvc.max_tokens, kvc.num_blocks, enable_prefix_caching)
@@ -77,6 +64,40 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy, kv_cache_config=kvc,
             record_kv_cache=record_kv_cache)
         self.startup_seconds = time.perf_counter() - t0
+
+    def _build(self, model, device, build_config, quantization, backend, enable_build_cache, skip_build_cache):
+        """Load -> [quantize] -> network -> builder, or straight from the build cache on a hit."""
+        from kit.builder import BuildCache, Builder, build_key
+
+        qc = None
+        if quantization is not None:
+            from kit.quantization import QuantConfig
+
+            qc = quantization if isinstance(quantization, QuantConfig) else QuantConfig.from_name(quantization)
+        build_config = build_config or BuildConfig()
+        if self.loaded is None:
+            loader = ModelLoader(model, dtype=None if build_config.dtype == "auto" else build_config.dtype,
+                                 device=device)
+            identity, mcfg = loader.peek()
+            build_config = _fit(build_config, mcfg)
+            dtype = str(loader.dtype).replace("torch.", "")
+            if enable_build_cache and not skip_build_cache:
+                hit = BuildCache().get(build_key(identity, mcfg, build_config, qc, backend, dtype))
+                if hit is not None:
+                    self.build_cache_hit = True
+                    return Engine.from_dir(hit, device=device)
+            self.loaded = loader.load()
+            use_cache = enable_build_cache
+        else:
+            build_config = _fit(build_config, self.loaded.config)
+            use_cache = False  # an object in memory has no stable identity to key a cache on
+        if qc is not None:
+            from kit.quantization import Quantizer
+
+            self.loaded = Quantizer(qc).quantize(self.loaded, tokenizer=self.loaded.tokenizer)
+        network = NetworkBuilder(self.loaded).build()
+        return Builder(backend, device=device).build(network, build_config, loaded=self.loaded,
+                                                     enable_build_cache=use_cache, skip_build_cache=skip_build_cache)
 
     # -------------------------------------------------------------- properties
     @property
@@ -169,13 +190,12 @@ class LLM:
                 f"{self.executor._repr_html_()}")
 
 
-def _build_engine(network, build_config, backend, device, enable_build_cache, skip_build_cache, loaded) -> Engine:
-    try:
-        from kit.builder import Builder
-    except ImportError:  # the builder is optional: an eager engine serves as well
-        return Engine.from_network(network, device=device)
-    return Builder(backend, device=device).build(network, build_config, enable_build_cache=enable_build_cache,
-                                                 skip_build_cache=skip_build_cache, loaded=loaded)
+def _fit(build_config: BuildConfig, config: Any) -> BuildConfig:
+    """Cap max_seq_len (and max_input_len) at the model's context length."""
+    max_pos = config.max_position_embeddings
+    if build_config.max_seq_len > max_pos:
+        return build_config.replace(max_seq_len=max_pos, max_input_len=min(build_config.max_input_len, max_pos))
+    return build_config
 
 
 def _merge_streams(results: list[GenerationResult]) -> Iterator[RequestOutput]:

@@ -199,11 +199,34 @@ class ModelLoader:
             if path.suffix == ".gguf":
                 return "gguf", path
             raise ValueError(f"{path}: not a GGUF file; pass a .gguf file or a Hugging Face directory")
-        if (path / "rank0.engine").exists() or (path / "kit_engine.json").exists():
-            return "engine", path
         if (path / "config.json").exists():
-            return "hf", path
+            try:
+                is_engine = "build_key" in json.loads((path / "config.json").read_text())
+            except json.JSONDecodeError:
+                is_engine = False  # reported by the HF reader with the file's name
+            return ("engine" if is_engine else "hf"), path
         raise FileNotFoundError(f"{path}: no config.json (Hugging Face) or engine files in this directory")
+
+    def peek(self) -> tuple[dict[str, str], ModelConfig]:
+        """(identity, ModelConfig) without loading the weights: what the build cache key needs."""
+        fmt, path = self.resolve()
+        if fmt == "gguf":
+            digest = _sha256_file(path)
+            entry = cache_dir() / "models" / f"{digest[:24]}-v{_CONVERTED_FORMAT}"
+            if (entry / "config.json").exists():
+                config = ModelConfig.from_json(entry / "config.json")
+            else:
+                from gguf import GGUFReader
+
+                reader = GGUFReader(str(path))
+                meta = gguf_metadata(reader)
+                meta["_tied_embeddings"] = "output.weight" not in {t.name for t in reader.tensors}
+                config = ModelConfig.from_hf_config(ModelConfig.from_gguf_metadata(meta, source=str(path)).to_hf_config())
+            return {"source": str(path.resolve()), "sha256": digest}, config
+        if fmt == "hf":
+            config = ModelConfig.from_json(path / "config.json")
+            return {"source": str(path.resolve()), "sha256": _hf_dir_digest(path, _safetensors_files(path))}, config
+        raise ValueError(f"{path} is an engine directory: it has no separate checkpoint identity")
 
     def load(self) -> LoadedModel:
         fmt, path = self.resolve()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from kit.config import ModelConfig
 from kit.network import Layer, Network
 
-__all__ = ["TorchBackend", "DenseLinear", "paged_attention", "rope_inv_freq"]
+__all__ = ["TorchBackend", "DenseLinear", "CUDAGraphRunner", "paged_attention", "rope_inv_freq"]
 
 Env = dict[str, torch.Tensor]
 
@@ -134,8 +134,11 @@ class TorchBackend:
             (layer, self._prepare(layer)) for layer in network.layers
         ]
 
+        self.graphs: CUDAGraphRunner | None = None
+
     def describe(self) -> str:
-        return f"PyTorch {torch.__version__} ({self.device.type}, eager)"
+        mode = f"CUDA graphs for decode batch sizes {list(self.graphs.batch_sizes)}" if self.graphs else "eager"
+        return f"PyTorch {torch.__version__} ({self.device.type}, {mode})"
 
     # --------------------------------------------------------------- preparing
     def _w(self, name: str) -> torch.Tensor:
@@ -221,8 +224,16 @@ class TorchBackend:
             return lambda env, batch, kv: env.__setitem__("logits", head(env["x"][batch.logits_indices]))
         raise ValueError(f"TorchBackend cannot run layer kind {kind!r}")
 
+    def capture_graphs(self, kv_cache: Any, batch_sizes: tuple[int, ...], max_blocks: int) -> None:
+        self.graphs = CUDAGraphRunner(self, kv_cache, batch_sizes, max_blocks)
+
     # ----------------------------------------------------------------- running
     def forward(self, batch: Any, kv_cache: Any, on_layer: Callable[[Layer], Any] | None = None) -> torch.Tensor:
+        if on_layer is None and self.graphs is not None and self.graphs.can_run(batch, kv_cache):
+            return self.graphs.run(batch)
+        return self.run_layers(batch, kv_cache, on_layer)
+
+    def run_layers(self, batch: Any, kv_cache: Any, on_layer: Callable[[Layer], Any] | None = None) -> torch.Tensor:
         env: Env = {}
         if on_layer is None:
             for _, fn in self.ops:
@@ -232,3 +243,77 @@ class TorchBackend:
                 with on_layer(layer) or contextlib.nullcontext():
                     fn(env, batch, kv_cache)
         return env["logits"]
+
+
+class CUDAGraphRunner:
+    """Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+    A decode step of a small model is hundreds of tiny kernels; launched one by one
+    from Python, the GPU waits on the CPU between them. A CUDA graph records the whole
+    step once and replays it with one launch. Graphs need fixed shapes and addresses,
+    so each bucket owns static input buffers: a batch of n sequences is copied into the
+    smallest bucket >= n, and the padding rows write their K/V into a scratch block
+    that no sequence owns (`KVCache.scratch_block`). Attention runs over the bucket's
+    full `max_blocks * block_size` context with the causal mask hiding what is not
+    there, which is why the build's `max_seq_len` matters for decode speed.
+    """
+
+    def __init__(self, backend: TorchBackend, kv_cache: Any, batch_sizes: tuple[int, ...], max_blocks: int) -> None:
+        from kit.engine import ForwardBatch
+
+        self.backend = backend
+        self.kv_cache = kv_cache
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        self.max_blocks = max_blocks
+        dev = backend.device
+        n = self.batch_sizes[-1]
+        bs = kv_cache.block_size
+        i64 = dict(dtype=torch.long, device=dev)
+        self._ids = torch.zeros(n, **i64)
+        self._pos = torch.zeros(n, **i64)
+        self._slots = torch.full((n,), kv_cache.scratch_block * bs, **i64)
+        self._tables = torch.full((n, max_blocks), kv_cache.scratch_block, **i64)
+        self._seq_lens = torch.ones(n, **i64)
+        arange = torch.arange(n + 1, **i64)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.batches: dict[int, Any] = {}
+        pool = None
+        for size in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
+            batch = ForwardBatch(self._ids[:size], self._pos[:size], arange[:size + 1], self._seq_lens[:size],
+                                 self._tables[:size], self._slots[:size], arange[:size], max_query_len=1,
+                                 max_seq_len=max_blocks * bs, block_size=bs)
+            for _ in range(2):  # warm up outside the graph (allocator, cuBLAS handles)
+                backend.run_layers(batch, kv_cache)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = backend.run_layers(batch, kv_cache)
+            pool = graph.pool()
+            self.graphs[size] = graph
+            self.batches[size] = batch
+        torch.cuda.synchronize(dev)
+
+    def can_run(self, batch: Any, kv_cache: Any) -> bool:
+        return (kv_cache is self.kv_cache and batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs
+                and batch.num_seqs <= self.batch_sizes[-1] and batch.logits_indices.shape[0] == batch.num_seqs
+                and batch.block_tables.shape[1] <= self.max_blocks
+                and batch.max_seq_len <= self.max_blocks * batch.block_size)
+
+    def run(self, batch: Any) -> torch.Tensor:
+        n = batch.num_seqs
+        size = next(s for s in self.batch_sizes if s >= n)
+        self._ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self._pos[:n].copy_(batch.positions, non_blocking=True)
+        self._slots[:n].copy_(batch.slot_mapping, non_blocking=True)
+        self._seq_lens[:n].copy_(batch.seq_lens, non_blocking=True)
+        width = batch.block_tables.shape[1]
+        self._tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
+        self._tables[:n, width:] = self.kv_cache.scratch_block
+        if n < size:  # padding rows: position 0, writing into the scratch block only
+            self._ids[n:size] = 0
+            self._pos[n:size] = 0
+            self._slots[n:size] = self.kv_cache.scratch_block * self.kv_cache.block_size
+            self._tables[n:size] = self.kv_cache.scratch_block
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
