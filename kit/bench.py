@@ -140,7 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a model name/path, or synthetic:<preset>")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="requests per concurrency level (default: max(8, 2 x concurrency))")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
@@ -167,7 +168,10 @@ def main(args: argparse.Namespace) -> int:
     bc = BuildConfig(max_batch_size=max_c, max_input_len=args.input_len,
                      max_seq_len=args.input_len + args.output_len,
                      max_num_tokens=max(2048, max_c), use_cuda_graphs=not args.no_cuda_graphs)
-    prompts = make_prompts(loaded.config.vocab_size, args.input_len, args.num_requests, args.seed)
+    def count(c: int) -> int:
+        return args.num_requests or max(8, 2 * c)
+
+    prompts = make_prompts(loaded.config.vocab_size, args.input_len, max(count(c) for c in args.concurrency), args.seed)
     results: dict[str, Any] = {"model": args.model, "environment": environment(device), "build_config": bc.to_dict(),
                                "quantization": args.quantization, "runs": []}
     with LLM(loaded, device=device, build_config=bc, quantization=args.quantization,
@@ -175,12 +179,12 @@ def main(args: argparse.Namespace) -> int:
         results["startup_s"] = llm.startup_seconds
         run_benchmark(llm, prompts[:max(2, min(4, len(prompts)))], min(8, args.output_len), 2, progress=False)  # warm-up
         for c in args.concurrency:
-            run = {"kit": run_benchmark(llm, prompts, args.output_len, c, args.request_rate, args.seed)}
+            run = {"kit": run_benchmark(llm, prompts[:count(c)], args.output_len, c, args.request_rate, args.seed)}
             results["runs"].append(run)
     if args.baseline == "hf":
         for run in results["runs"]:
             c = run["kit"]["concurrency"]
-            run["hf"] = hf_baseline(loaded, prompts, args.output_len, c)
+            run["hf"] = hf_baseline(loaded, prompts[:count(c)], args.output_len, c)
             run["speedup_vs_hf"] = run["kit"]["output_tokens_per_s"] / run["hf"]["output_tokens_per_s"]
     print(f"{'concurrency':>11} {'kit tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}")
     for run in results["runs"]:

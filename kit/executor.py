@@ -45,8 +45,8 @@ class KvCacheConfig:
     """How big the paged KV pool is (exactly one way wins, in this order) and whether blocks are reused.
 
     `num_blocks`, else `max_tokens`, else `free_gpu_memory_fraction` of the GPU memory
-    free after the weights are loaded (CUDA only; on the CPU the default is
-    `max_batch_size * max_seq_len` tokens, capped at 8192).
+    free after the weights are loaded, capped at `2 * max_batch_size * max_seq_len` tokens
+    (CUDA only; on the CPU the default is `max_batch_size * max_seq_len` tokens, capped at 8192).
     """
 
     free_gpu_memory_fraction: float = 0.9
@@ -219,7 +219,10 @@ class Executor:
         elif kvc.max_tokens is not None:
             budget = {"max_tokens": kvc.max_tokens}
         elif engine.device.type == "cuda":
-            budget = {"memory_bytes": gpu_memory_budget(kvc.free_gpu_memory_fraction, engine.device)}
+            # NOTE: capped at twice what max_batch_size full-length sequences need: more only feeds the
+            # prefix cache, and a notebook often holds other models on the same GPU
+            cap = 2 * max_batch_size * max_seq_len * bytes_per_token
+            budget = {"memory_bytes": min(cap, gpu_memory_budget(kvc.free_gpu_memory_fraction, engine.device))}
         else:
             budget = {"max_tokens": min(max_batch_size * max_seq_len, 8192)}
         self.kv_manager = KVCacheManager.from_budget(bytes_per_token, block_size, **budget,

@@ -123,12 +123,23 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, network: Network, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, linear_factory: Callable[..., Any] | None = None) -> None:
+                 dtype: torch.dtype | None = None, attention: str = "auto") -> None:
+        if attention not in ("auto", "triton", "reference"):
+            raise ValueError(f"attention must be 'auto', 'triton' or 'reference', got {attention!r}")
         self.network = network
         self.config = network.config
         self.device = torch.device(device)
         self.dtype = dtype or next(iter(network.weights.values())).dtype
-        self._linear_factory = linear_factory
+        # decode steps (one query per sequence) use the Triton paged kernel on a GPU: it reads only
+        # each sequence's own blocks instead of gathering a padded copy of every context
+        self.decode_kernel = None
+        if attention != "reference" and self.device.type == "cuda":
+            from kit.backends import triton_attention
+
+            if triton_attention.triton_available():
+                self.decode_kernel = triton_attention.paged_decode_attention
+            elif attention == "triton":
+                raise RuntimeError("attention='triton' needs the triton package")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
         self.ops: list[tuple[Layer, Callable[[Env, Any, Any], None]]] = [
             (layer, self._prepare(layer)) for layer in network.layers
@@ -138,7 +149,8 @@ class TorchBackend:
 
     def describe(self) -> str:
         mode = f"CUDA graphs for decode batch sizes {list(self.graphs.batch_sizes)}" if self.graphs else "eager"
-        return f"PyTorch {torch.__version__} ({self.device.type}, {mode})"
+        attn = "Triton paged decode attention" if self.decode_kernel is not None else "reference attention"
+        return f"PyTorch {torch.__version__} ({self.device.type}, {mode}, {attn})"
 
     # --------------------------------------------------------------- preparing
     def _w(self, name: str) -> torch.Tensor:
@@ -201,7 +213,11 @@ class TorchBackend:
                 kvh, d = kc.shape[2], kc.shape[3]
                 kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
                 vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
-                out = paged_attention(env["q"], kc, vc, batch, scale, window)
+                if self.decode_kernel is not None and batch.max_query_len == 1:
+                    out = self.decode_kernel(env["q"].to(kc.dtype), kc, vc, batch.block_tables, batch.seq_lens,
+                                             scale, window).to(env["q"].dtype)
+                else:
+                    out = paged_attention(env["q"], kc, vc, batch, scale, window)
                 env["attn"] = out.reshape(out.shape[0], -1)  # (T, H*D)
             return attention
         if kind == "o_proj":

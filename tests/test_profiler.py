@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+
+from kit.engine import Engine
+from kit.network import NetworkBuilder
+from kit.profiler import ProfiledEngine, layer_cost
+
+
+@pytest.fixture(scope="module")
+def profiled(smollm2):
+    return ProfiledEngine(Engine.from_network(NetworkBuilder(smollm2).build()))
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_profile_has_every_layer(profiled, phase):
+    df = profiled.profile(batch_size=2, seq_len=32, phase=phase, iters=2, warmup=1)
+    net = profiled.engine.network
+    assert list(df["layer"]) == [layer.name for layer in net]
+    for col in ("latency_ms", "latency_ms_p50", "latency_ms_min", "share_pct", "flops", "bytes",
+                "achieved_gbps", "arithmetic_intensity"):
+        assert col in df.columns
+    assert (df["latency_ms"] > 0).all() and abs(df["share_pct"].sum() - 100) < 1e-6
+    s = profiled.last_summary
+    assert s["unprofiled_ms"] > 0 and s["phase"] == phase
+    assert abs(s["overhead_ms"] - (s["profiled_sum_ms"] - s["unprofiled_ms"])) < 1e-9
+    kinds = ProfiledEngine.by_kind(df)
+    assert set(kinds["kind"]) == set(df["kind"])
+    assert "ProfiledEngine" in profiled._repr_html_()
+
+
+def test_costs_follow_the_shapes(profiled):
+    net = profiled.engine.network
+    c = net.config
+    mlp = net["layers.0.mlp"]
+    flops, nbytes = layer_cost(mlp, net, num_tokens=8, num_seqs=8, q_len=1, ctx_len=100, elem=4)
+    assert flops == 2 * 8 * 3 * c.hidden_size * c.intermediate_size
+    assert nbytes >= 3 * c.hidden_size * c.intermediate_size * 4  # every weight read once
+    # decode attention reads the whole context of K and V
+    f, b = layer_cost(net["layers.0.attention"], net, 1, 1, 1, 100, 4)
+    assert b >= 100 * 2 * c.kv_size * 4 and f == 4 * 100 * c.num_attention_heads * c.head_dim
+    # decode is bandwidth-bound: about 1 FLOP per byte for the weights at batch 1
+    df = profiled.profile(batch_size=1, seq_len=16, phase="decode", iters=1, warmup=1)
+    mlp_row = df[df.kind == "mlp"].iloc[0]
+    assert 0.4 < mlp_row["arithmetic_intensity"] < 1.0
+
+
+def test_export_trace(profiled, tmp_path):
+    path = profiled.export_trace(str(tmp_path / "trace.json"), batch_size=1, seq_len=8, phase="decode")
+    names = {e.get("name") for e in json.loads(open(path).read())["traceEvents"]}
+    assert "layers.0.mlp" in names and "lm_head" in names
+
+
+def test_bad_arguments(profiled):
+    with pytest.raises(ValueError, match="phase"):
+        profiled.profile(phase="both")
+    with pytest.raises(ValueError, match="batch_size"):
+        profiled.profile(batch_size=0)
