@@ -295,19 +295,29 @@ class Executor:
     def stats(self) -> pd.DataFrame:
         """One row per iteration. Columns: `iteration, time_s, duration_ms, request_ids,
         num_prefill_tokens, num_decode_tokens, batch_size, kv_blocks_used, kv_blocks_total,
-        num_preemptions, preempted_request_ids, num_waiting`."""
-        return pd.DataFrame(self._stats, columns=[
+        num_preemptions, preempted_request_ids, num_waiting`.
+
+        `kv_blocks_used` is what the iteration held while it ran (taken when it was
+        scheduled); the recorded block maps (`kv_cache_history`) are taken after it, once
+        finished requests have given their blocks back.
+        """
+        with self._lock:
+            rows = list(self._stats)
+        return pd.DataFrame(rows, columns=[
             "iteration", "time_s", "duration_ms", "request_ids", "num_prefill_tokens", "num_decode_tokens",
             "batch_size", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "preempted_request_ids",
             "num_waiting"])
 
     def kv_cache_history(self) -> pd.DataFrame:
         """Block maps recorded after every iteration (`record_kv_cache=True`), with a `step` column."""
-        return pd.concat(self._kv_snapshots, ignore_index=True) if self._kv_snapshots else pd.DataFrame()
+        with self._lock:
+            snaps = list(self._kv_snapshots)
+        return pd.concat(snaps, ignore_index=True) if snaps else pd.DataFrame()
 
     def reset_stats(self) -> None:
-        self._stats.clear()
-        self._kv_snapshots.clear()
+        with self._lock:
+            self._stats.clear()
+            self._kv_snapshots.clear()
 
     # ------------------------------------------------------------- validation
     def _validate(self, r: GenerationRequest) -> None:
@@ -320,6 +330,10 @@ class Executor:
         if n + sp.max_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({sp.max_tokens}) = {n + sp.max_tokens} exceeds "
                              f"max_seq_len={self.max_seq_len}")
+        cfg = self.scheduler.config
+        if not cfg.enable_chunked_prefill and n > cfg.max_num_tokens:
+            raise ValueError(f"prompt has {n} tokens but max_num_tokens={cfg.max_num_tokens} and chunked prefill is "
+                             "off: enable chunked prefill or raise max_num_tokens")
         vocab = self.engine.config.vocab_size
         bad = [t for t in r.prompt_token_ids if not 0 <= int(t) < vocab]
         if bad:
@@ -401,8 +415,9 @@ class Executor:
         logits = self.engine.forward(batch, self.kv_cache)
         sampled, verdicts, fresh = self._sample(out, logits, rows)
         finished = self.scheduler.update(out, sampled, verdicts)
-        self._postprocess(out, sampled, finished, fresh)
+        # NOTE: record before publishing, so a caller woken by its result sees this iteration's stats
         self._record(out, t_start)
+        self._postprocess(out, sampled, finished, fresh)
         return out
 
     def _batch_inputs(self, out: SchedulerOutput) -> tuple[list[SequenceInput], list[tuple[int, int, bool]]]:
@@ -551,7 +566,7 @@ class Executor:
 
     def _record(self, out: SchedulerOutput, t_start: float) -> None:
         self._iteration += 1
-        self._stats.append({
+        row = {
             "iteration": self._iteration, "time_s": t_start - self._t0,
             "duration_ms": 1e3 * (time.monotonic() - t_start),
             "request_ids": [s.request_id for s in out.scheduled],
@@ -559,9 +574,12 @@ class Executor:
             "batch_size": out.batch_size, "kv_blocks_used": out.kv_blocks_used,
             "kv_blocks_total": self.kv_manager.num_blocks,
             "num_preemptions": len(out.preempted_request_ids),
-            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting})
-        if self.record_kv_cache:
-            self._kv_snapshots.append(self.inspector.snapshot(step=self._iteration))
+            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting}
+        snap = self.inspector.snapshot(step=self._iteration) if self.record_kv_cache else None
+        with self._lock:
+            self._stats.append(row)
+            if snap is not None:
+                self._kv_snapshots.append(snap)
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every pending request with `error` and return the scheduler to empty."""

@@ -42,7 +42,8 @@ class LLM:
                  record_kv_cache: bool = False) -> None:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.loaded = model if isinstance(model, LoadedModel) else None
+        self._loaded = model if isinstance(model, LoadedModel) else None
+        self._model_ref = None  # set on a build-cache hit: where to load the model from if asked
         self.build_cache_hit = False
         if isinstance(model, Engine):
             engine = model
@@ -53,7 +54,7 @@ class LLM:
                                  skip_build_cache)
         self.engine = engine
         self.build_config = build_config = engine.build_config or build_config or BuildConfig()
-        self.tokenizer = engine.tokenizer if engine.tokenizer is not None else getattr(self.loaded, "tokenizer", None)
+        self.tokenizer = engine.tokenizer if engine.tokenizer is not None else getattr(self._loaded, "tokenizer", None)
         kvc = kv_cache_config or KvCacheConfig()
         if enable_prefix_caching is not None:
             kvc = KvCacheConfig(kvc.free_gpu_memory_fraction, kvc.max_tokens, kvc.num_blocks, enable_prefix_caching)
@@ -75,7 +76,7 @@ class LLM:
 
             qc = quantization if isinstance(quantization, QuantConfig) else QuantConfig.from_name(quantization)
         build_config = build_config or BuildConfig()
-        if self.loaded is None:
+        if self._loaded is None:
             loader = ModelLoader(model, dtype=None if build_config.dtype == "auto" else build_config.dtype,
                                  device=device)
             identity, mcfg = loader.peek()
@@ -85,6 +86,7 @@ class LLM:
                 hit = BuildCache().get(build_key(identity, mcfg, build_config, qc, backend, dtype))
                 if hit is not None:
                     self.build_cache_hit = True
+                    self._model_ref = model if qc is None else None
                     return Engine.from_dir(hit, device=device)
             self.loaded = loader.load()
             use_cache = enable_build_cache
@@ -100,6 +102,17 @@ class LLM:
                                                      enable_build_cache=use_cache, skip_build_cache=skip_build_cache)
 
     # -------------------------------------------------------------- properties
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The LoadedModel behind the engine; after a build-cache hit it is loaded on first access."""
+        if self._loaded is None and self._model_ref is not None:
+            self._loaded = ModelLoader(self._model_ref, device=self.engine.device, dtype=self.engine.dtype).load()
+        return self._loaded
+
+    @loaded.setter
+    def loaded(self, value: LoadedModel | None) -> None:
+        self._loaded = value
+
     @property
     def network(self):
         return self.engine.network

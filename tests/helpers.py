@@ -81,7 +81,7 @@ def run_chunks(engine: Engine, seqs: list[list[int]], schedule: list[list[int]],
                 owners.append((i, n))
         if not inputs:
             continue
-        batch = ForwardBatch.build(inputs, block_size)
+        batch = ForwardBatch.build(inputs, block_size, device=engine.device)
         logits = engine.forward(batch, kv)
         row = 0
         for i, n in owners:
@@ -90,6 +90,21 @@ def run_chunks(engine: Engine, seqs: list[list[int]], schedule: list[list[int]],
             done[i] += n
     assert done == [len(s) for s in seqs], f"schedule does not cover the sequences: {done}"
     return [torch.cat(o) for o in out]
+
+
+def complete_schedule(schedule: list[list[int]], seqs: list[list[int]]) -> list[list[int]]:
+    """Clip a schedule to the sequences' lengths and add decode steps until each is covered."""
+    done = [0] * len(seqs)
+    out = []
+    for step in schedule:
+        row = [max(0, min(n, len(s) - d)) for n, s, d in zip(step, seqs, done)]
+        done = [d + n for d, n in zip(done, row)]
+        out.append(row)
+    while any(d < len(s) for d, s in zip(done, seqs)):
+        row = [1 if d < len(s) else 0 for d, s in zip(done, seqs)]
+        done = [d + n for d, n in zip(done, row)]
+        out.append(row)
+    return out
 
 
 def hf_logits(model, seq: list[int]) -> torch.Tensor:

@@ -51,6 +51,7 @@ def test_build_cache_hit_miss_and_same_outputs(cache_dir, tiny_checkpoints):
     with LLM(path, device="cpu", build_config=BuildConfig(**SMALL)) as second:
         assert second.build_cache_hit
         assert second.generate([5, 6, 7, 8], sp).outputs[0].token_ids == a
+        assert second.loaded.config == second.engine.config  # loaded on first access after a hit
     with LLM(path, device="cpu", build_config=BuildConfig(**{**SMALL, "max_batch_size": 2})) as third:
         assert not third.build_cache_hit
     with LLM(path, device="cpu", build_config=BuildConfig(**SMALL), skip_build_cache=True) as fourth:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from helpers import FAMILY_CONFIGS, engine_for, hf_logits, run_chunks
+from helpers import FAMILY_CONFIGS, complete_schedule, engine_for, hf_logits, run_chunks
 from kit.engine import ForwardBatch, SequenceInput
 
 # three sequences; each step mixes prompt chunks and single decode tokens
@@ -42,24 +42,9 @@ def test_smollm2_logits_match_transformers(smollm2):
     seqs = [smollm2.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):",
                                                     "Once upon a time, in a land far away, there lived a")]
     schedule = [[3, 4, 6], [2, 1, 5], [1, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]]
-    outs = run_chunks(engine, seqs, _complete(schedule, seqs), block_size=16)
+    outs = run_chunks(engine, seqs, complete_schedule(schedule, seqs), block_size=16)
     for out, seq in zip(outs, seqs):
         assert (out - hf_logits(hf, seq)).abs().max().item() < 1e-4
-
-
-def _complete(schedule, seqs):
-    """Clip a schedule to the sequences and add decode steps until each is covered."""
-    done = [0] * len(seqs)
-    out = []
-    for step in schedule:
-        row = [max(0, min(n, len(s) - d)) for n, s, d in zip(step, seqs, done)]
-        done = [d + n for d, n in zip(done, row)]
-        out.append(row)
-    while any(d < len(s) for d, s in zip(done, seqs)):
-        row = [1 if d < len(s) else 0 for d, s in zip(done, seqs)]
-        done = [d + n for d, n in zip(done, row)]
-        out.append(row)
-    return out
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])

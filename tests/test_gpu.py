@@ -26,19 +26,14 @@ def smol_bf16():
 def test_bf16_logits_close_to_transformers(smol_bf16):
     """bf16 tolerance: logits of magnitude ~10-30 agree to within 0.5 absolute at every position, and
     the argmax agrees at >= 97% of positions (bf16 keeps 8 bits of mantissa: ~0.4% relative per op)."""
-    from helpers import run_chunks
+    from helpers import complete_schedule, run_chunks
     from kit.engine import Engine
     from kit.network import NetworkBuilder
 
     hf = smol_bf16.to_transformers()
     engine = Engine.from_network(NetworkBuilder(smol_bf16).build(), device="cuda")
     seqs = [smol_bf16.tokenizer.encode(p) for p in PROMPTS]
-    sched = [[4, 3, 5, 2], [1, 1, 1, 1], [1, 1, 1, 1]]
-    done = [sum(r[i] for r in sched) for i in range(len(seqs))]
-    while any(d < len(s) for d, s in zip(done, seqs)):
-        row = [1 if d < len(s) else 0 for d, s in zip(done, seqs)]
-        sched.append(row)
-        done = [d + r for d, r in zip(done, row)]
+    sched = complete_schedule([[4, 3, 5, 2], [1, 1, 1, 1]], seqs)
     outs = run_chunks(engine, seqs, sched, 16)
     worst, agree, total = 0.0, 0, 0
     for out, seq in zip(outs, seqs):

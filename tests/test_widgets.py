@@ -1,0 +1,266 @@
+"""widgets: KVCacheMap and BatchingTimeline built from hand-made frames and from real tiny runs.
+
+Each test moves a control programmatically and checks the artists it must have changed
+(the image array of a step, the highlighted row), against what the frame implies.
+"""
+
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+
+from kit.builder import BuildConfig  # noqa: E402
+from kit.config import ModelConfig  # noqa: E402
+from kit.executor import KvCacheConfig  # noqa: E402
+from kit.kv_cache import KVCacheInspector, KVCacheManager  # noqa: E402
+from kit.llm import LLM  # noqa: E402
+from kit.loader import LoadedModel, random_weights  # noqa: E402
+from kit.request import Request  # noqa: E402
+from kit.sampling import SamplingParams  # noqa: E402
+from widgets.batching import BatchingTimeline, runs  # noqa: E402
+from widgets.kv_cache import CACHED_COLOR, FREE_COLOR, KVCacheMap  # noqa: E402
+
+WHITE, GREY = to_rgba(FREE_COLOR), to_rgba(CACHED_COLOR)
+
+
+# ------------------------------------------------------------------ hand-made frames
+def _block_rows(step, owners, states):
+    return [{"step": step, "block_id": b, "owner_request_ids": o, "ref_count": len(o), "hash": None, "state": s,
+             "num_tokens": 4 if s != "free" else 0} for b, (o, s) in enumerate(zip(owners, states))]
+
+
+@pytest.fixture
+def history():
+    """5 blocks over 3 steps: A and B allocate, B finishes (its block cached), C shares A's block."""
+    rows = (_block_rows(1, [("A",), ("A",), ("B",), (), ()], ["used", "used", "used", "free", "free"])
+            + _block_rows(2, [("A",), ("A",), (), (), ()], ["used", "used", "cached", "free", "free"])
+            + _block_rows(3, [("A", "C"), ("A",), (), ("C",), ()], ["used", "used", "cached", "used", "free"]))
+    return pd.DataFrame(rows)
+
+
+def _expected_image(frame, colors, ncols):
+    """What a block map implies, computed independently of the widget: cell b = (b // ncols, b % ncols)."""
+    n = len(frame)
+    img = np.zeros((-(-n // ncols), ncols, 4))
+    for b, owners, state in zip(frame["block_id"], frame["owner_request_ids"], frame["state"]):
+        img[b // ncols, b % ncols] = (to_rgba(colors[owners[0]]) if state == "used" else
+                                      GREY if state == "cached" else WHITE)
+    return img
+
+
+def test_kv_cache_map_from_hand_made_history(history):
+    w = KVCacheMap(history, ncols=3)
+    assert w.steps == [1, 2, 3] and w.num_blocks == 5 and (w.nrows, w.ncols) == (2, 3)
+    assert list(w.colors) == ["A", "B", "C"] and len(set(w.colors.values())) == 3
+    assert (w.slider.min, w.slider.max, w.slider.value) == (1, 3, 1)
+    img = w.image.get_array()
+    assert img.shape == (2, 3, 4)
+    assert tuple(img[0, 0]) == tuple(img[0, 1]) == to_rgba(w.colors["A"])
+    assert tuple(img[0, 2]) == to_rgba(w.colors["B"]) and tuple(img[1, 0]) == WHITE
+    assert tuple(img[1, 2]) == (0, 0, 0, 0)  # past the last block: transparent
+    assert "used 3" in w.label.value and "cached 0" in w.label.value and "free 2" in w.label.value
+
+    w.slider.value = 2  # B finished: its block is cached (grey), A keeps its colour
+    img2 = w.image.get_array()
+    np.testing.assert_array_equal(img2, _expected_image(history[history.step == 2], w.colors, 3))
+    assert tuple(img2[0, 2]) == GREY and tuple(img2[0, 0]) == to_rgba(w.colors["A"])
+    assert w.counts() == {"used": 2, "cached": 1, "free": 2, "shared": 0, "tokens": 8}
+    assert len(w.shared_marks.get_offsets()) == 0
+
+    w.slider.value = 3  # C shares block 0 with A: a dot on cell (0, 0); block 3 is C's
+    np.testing.assert_array_equal(w.image.get_array(), _expected_image(history[history.step == 3], w.colors, 3))
+    assert tuple(w.image.get_array()[1, 0]) == to_rgba(w.colors["C"])
+    np.testing.assert_array_equal(np.asarray(w.shared_marks.get_offsets()), [[0, 0]])
+    assert w.step == 3 and "step 3" in w.label.value and "shared 1" in w.label.value
+    assert w.children[2].value  # the PNG view was rendered
+
+
+def test_kv_cache_map_from_one_block_map_of_a_manager():
+    """A single KVCacheInspector.block_map() (no step column): used, cached and free blocks."""
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_prefix_caching=True)
+    a, b = Request("a", list(range(10)), max_tokens=4), Request("b", list(range(100, 105)), max_tokens=4)
+    for r in (a, b):
+        kv.allocate_slots(r, r.num_tokens)
+        r.num_computed_tokens = r.num_tokens
+        kv.cache_full_blocks(r)
+    kv.free(b)  # b's first block is full and hashed -> cached; its tail -> free
+    bm = KVCacheInspector(kv).block_map()
+    w = KVCacheMap(bm)
+    assert w.steps == [0] and w.slider.disabled and w.ncols == 6
+    expected = _expected_image(bm, w.colors, 6)
+    np.testing.assert_array_equal(w.image.get_array(), expected)
+    assert [tuple(c) for c in w.image.get_array()[0]] == [to_rgba(w.colors["a"])] * 3 + [GREY, WHITE, WHITE]
+    stats = KVCacheInspector(kv).stats()
+    assert w.counts()["used"] == stats["used"] and w.counts()["cached"] == stats["cached"] == 1
+    assert w.counts()["free"] == stats["free"]
+
+
+def test_kv_cache_map_refuses_an_empty_history():
+    with pytest.raises(ValueError, match="record_kv_cache=True"):
+        KVCacheMap(pd.DataFrame())
+
+
+def _stats_rows():
+    """A runs 1-4, B runs 1-2, is preempted at 3, runs again 5-6; C runs 4-6."""
+    sched = {1: ["A", "B"], 2: ["A", "B"], 3: ["A"], 4: ["A", "C"], 5: ["B", "C"], 6: ["B", "C"]}
+    pre = {3: ["B"]}
+    return pd.DataFrame([{
+        "iteration": it, "time_s": 0.01 * it, "duration_ms": 10.0, "request_ids": ids,
+        "num_prefill_tokens": 8 if it in (1, 4, 5) else 0, "num_decode_tokens": len(ids) - (it in (1, 4, 5)),
+        "batch_size": len(ids), "kv_blocks_used": 2 * len(ids), "kv_blocks_total": 6,
+        "num_preemptions": len(pre.get(it, [])), "preempted_request_ids": pre.get(it, []), "num_waiting": 0}
+        for it, ids in sched.items()])
+
+
+def _bar_spans(coll):
+    """(x0, width) of each bar of a broken_barh collection."""
+    out = []
+    for path in coll.get_paths():
+        xs = path.vertices[:, 0]
+        out.append((round(float(xs.min()), 6), round(float(xs.max() - xs.min()), 6)))
+    return sorted(out)
+
+
+def test_batching_timeline_from_hand_made_stats():
+    t = BatchingTimeline(_stats_rows())
+    assert t.requests == ["A", "B", "C"]
+    assert t.schedule("B") == {"iterations": [1, 2, 5, 6], "runs": [(1, 2), (5, 6)], "preempted_at": [3],
+                               "first": 1, "last": 6, "num_iterations": 4}
+    assert _bar_spans(t.rows["B"]) == [(0.6, 1.8), (4.6, 1.8)]  # iterations 1-2 and 5-6, bars 0.8 wide
+    np.testing.assert_array_equal(np.asarray(t.preemption_marks.get_offsets()), [[3, 1]])  # (iteration, row of B)
+    assert [b.get_height() for b in t.prefill_bars] == [8, 0, 0, 8, 8, 0]
+    assert [b.get_height() for b in t.decode_bars] == [1, 2, 1, 1, 1, 2]
+    np.testing.assert_array_equal(t.batch_line.get_ydata(), [2, 2, 1, 2, 2, 2])
+    assert not t.highlight.get_visible()
+
+    t.dropdown.value = "B"
+    assert t.highlight.get_visible() and t.highlight.get_y() == 0.5  # row 1 spans 0.5 .. 1.5
+    assert t.rows["B"].get_alpha() == 1.0 and t.rows["A"].get_alpha() < 1.0 and t.rows["C"].get_alpha() < 1.0
+    outlined = [it for it, bar in zip(t.iterations, t.decode_bars) if bar.get_linewidth() > 0]
+    assert outlined == [1, 2, 5, 6]
+    assert "preempted at iteration 3" in t.schedule_html.value and "1&ndash;2, 5&ndash;6" in t.schedule_html.value
+
+    t.dropdown.value = "C"
+    assert t.highlight.get_y() == 1.5 and t.rows["B"].get_alpha() < 1.0
+    t.dropdown.value = None
+    assert not t.highlight.get_visible() and all(c.get_alpha() == 1.0 for c in t.rows.values())
+    with pytest.raises(KeyError):
+        t.schedule("Z")
+
+
+def test_runs_and_bad_input():
+    assert runs([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 8), (10, 10)] and runs([]) == []
+    with pytest.raises(ValueError, match="Executor.stats"):
+        BatchingTimeline(pd.DataFrame())
+
+
+# ------------------------------------------------------------------ real tiny runs
+TINY = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return LoadedModel(TINY, random_weights(TINY, seed=0), name="tiny", source_format="synthetic")
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, TINY.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _run(loaded, prompts, **kw):
+    bc = BuildConfig(max_batch_size=4, max_seq_len=64, max_input_len=32, max_num_tokens=16, block_size=4)
+    with LLM(loaded, device="cpu", build_config=bc, record_kv_cache=True, **kw) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
+    # NOTE: read the stats after shutdown (which joins the loop): the executor publishes the last
+    # results before it records that iteration, so right after generate() the last row may be missing
+    return outs, llm.executor.stats(), llm.executor.kv_cache_history()
+
+
+def test_widgets_over_a_real_run_with_preemptions(tiny_model):
+    outs, stats, hist = _run(tiny_model, _prompts((5, 9, 3, 7)), kv_cache_config=KvCacheConfig(num_blocks=10),
+                             scheduler_policy="max_utilization")
+    assert int(stats["num_preemptions"].sum()) >= 1 and all(len(o.token_ids) == 10 for o in outs)
+
+    w = KVCacheMap(hist)
+    assert w.steps == stats["iteration"].tolist() and w.num_blocks == 10
+    assert set(w.colors) == {o.request_id for o in outs}
+    for step in (3, w.steps[-1]):
+        w.slider.value = step
+        frame = hist[hist.step == step]
+        np.testing.assert_array_equal(w.image.get_array(), _expected_image(frame, w.colors, w.ncols))
+        c = w.counts()
+        assert c["used"] == (frame.state == "used").sum() and c["used"] + c["cached"] + c["free"] == 10
+
+    t = BatchingTimeline(stats)
+    assert set(t.requests) == {o.request_id for o in outs}
+    victim = stats.loc[stats.num_preemptions > 0, "preempted_request_ids"].iloc[0][0]
+    t.dropdown.value = victim
+    s = t.schedule(victim)
+    assert s["iterations"] == [int(i) for i, ids in zip(stats.iteration, stats.request_ids) if victim in ids]
+    assert s["preempted_at"] and len(s["runs"]) >= 2  # it ran, was preempted, ran again
+    assert t.highlight.get_y() == t.requests.index(victim) - 0.5 and t.rows[victim].get_alpha() == 1.0
+    marks = {(int(x), int(y)) for x, y in np.asarray(t.preemption_marks.get_offsets())}
+    assert marks == {(int(it), t.requests.index(r)) for it, ids in zip(stats.iteration, stats.preempted_request_ids)
+                     for r in ids}
+
+
+def test_kv_cache_map_over_a_real_run_with_prefix_caching(tiny_model):
+    """Prompts sharing 8 tokens (2 blocks): once the first finishes, its full blocks are cached (grey)
+    or shared by a later request (a dot)."""
+    shared = _prompts((8,), seed=1)[0]
+    prompts = [shared + p for p in _prompts((3, 5, 2), seed=2)]
+    bc = BuildConfig(max_batch_size=1, max_seq_len=64, max_input_len=32, max_num_tokens=16, block_size=4)
+    with LLM(tiny_model, device="cpu", build_config=bc, record_kv_cache=True, enable_prefix_caching=True,
+             kv_cache_config=KvCacheConfig(num_blocks=12)) as llm:
+        llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    hist = llm.executor.kv_cache_history()
+    assert llm.kv_cache_inspector.stats()["hit_rate"] > 0
+    w = KVCacheMap(hist)
+    cached_steps = sorted(hist.loc[hist.state == "cached", "step"].unique())
+    assert cached_steps
+    w.slider.value = int(cached_steps[-1])
+    frame = hist[hist.step == cached_steps[-1]]
+    img = w.image.get_array()
+    np.testing.assert_array_equal(img, _expected_image(frame, w.colors, w.ncols))
+    for b in frame.loc[frame.state == "cached", "block_id"]:
+        assert tuple(img[b // w.ncols, b % w.ncols]) == GREY
+
+
+def test_widget_modules_never_import_the_engine():
+    code = ("import sys, widgets.kv_cache, widgets.batching; "
+            "bad = [m for m in sys.modules if m.startswith(('kit.engine', 'kit.backends', 'kit.executor', 'torch'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_widgets_use_the_live_ipympl_canvas_under_matplotlib_widget():
+    """Under `%matplotlib widget` the figure's own canvas is the view (in a subprocess: it switches backend)."""
+    code = """
+import matplotlib
+matplotlib.use("module://ipympl.backend_nbagg")
+import pandas as pd
+from widgets.batching import BatchingTimeline
+from widgets.kv_cache import KVCacheMap
+rows = [{"step": s, "block_id": b, "owner_request_ids": ("a",) if b < s else (), "ref_count": int(b < s),
+         "hash": None, "state": "used" if b < s else "free", "num_tokens": 4} for s in (1, 2) for b in range(4)]
+w = KVCacheMap(pd.DataFrame(rows))
+w.slider.value = 2
+assert type(w.children[2]).__name__ == "Canvas" and w.children[2] is w.figure.canvas
+assert (w.image.get_array()[0, 1] == matplotlib.colors.to_rgba(w.colors["a"])).all()
+stats = pd.DataFrame([{"iteration": 1, "request_ids": ["a"], "num_prefill_tokens": 3, "num_decode_tokens": 0,
+                       "batch_size": 1, "kv_blocks_used": 1, "kv_blocks_total": 4, "preempted_request_ids": []}])
+t = BatchingTimeline(stats)
+t.dropdown.value = "a"
+assert t.children[2] is t.figure.canvas and t.highlight.get_visible()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,224 @@
+"""`KVCacheMap`: the paged KV-cache block pool as a grid, one frame per recorded step.
+
+It reads what kit produces and nothing else (it never imports an engine):
+
+* `Executor.kv_cache_history()` (`LLM(..., record_kv_cache=True)`): block maps with a
+  leading `step` column, one map per executor iteration, taken *after* that iteration
+  (so a request that finished in iteration i has already released its blocks at step i);
+* or a single `KVCacheInspector.block_map()` (no `step` column): one frame.
+
+The columns are the ones `kit.kv_cache.KVCacheInspector` documents: `block_id`,
+`owner_request_ids` (tuple), `ref_count`, `hash`, `state` ('free' | 'used' | 'cached'),
+`num_tokens`. Block `b` is the cell at row `b // ncols`, column `b % ncols`:
+
+    used   -> the colour of its owner request (stable over all steps: the n-th request to
+              appear gets the n-th palette colour); a block shared by several requests
+              (ref_count > 1, prefix caching or n > 1) takes its first owner's colour and
+              gets a white dot
+    cached -> grey: nobody owns it, but its K/V and hash stay until it is evicted (LRU)
+    free   -> white
+
+    w = KVCacheMap(llm.executor.kv_cache_history())   # an ipywidgets.VBox: end a cell with it
+    w.slider.value = 3                                 # show the pool after iteration 3
+    w.image.get_array()                                # (rows, ncols, 4) RGBA of that frame
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import textwrap
+from typing import Any, Callable, Mapping
+
+import ipywidgets as widgets
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_hex, to_rgba
+from matplotlib.figure import Figure
+
+__all__ = ["KVCacheMap", "block_grid", "request_colors", "FREE_COLOR", "CACHED_COLOR"]
+
+FREE_COLOR = "#ffffff"
+CACHED_COLOR = "#9ca3af"
+_PAST_END = (0.0, 0.0, 0.0, 0.0)  # cells after the last block of a non-rectangular pool
+# tab20 without its two greys (grey means "cached" here), strong shades first, then the light
+# ones: 18 request colours, then they repeat
+_TAB20 = matplotlib.colormaps["tab20"].colors
+_PALETTE = tuple(to_hex(_TAB20[i]) for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (14, 15))
+_REQUIRED = ("block_id", "owner_request_ids", "state")
+
+
+def request_colors(request_ids) -> dict[str, str]:
+    """Request id -> hex colour, in the given order (the palette repeats after 18 requests)."""
+    return {rid: _PALETTE[i % len(_PALETTE)] for i, rid in enumerate(dict.fromkeys(request_ids))}
+
+
+def block_grid(block_map: pd.DataFrame, colors: Mapping[str, str], ncols: int,
+               num_blocks: int | None = None) -> np.ndarray:
+    """The RGBA image (rows, ncols, 4) of one block map: what `KVCacheMap` draws for a step.
+
+    `colors` maps request ids to colours; a used block takes its first owner's colour.
+    """
+    n = int(num_blocks if num_blocks is not None else block_map["block_id"].max() + 1)
+    rows = max(1, math.ceil(n / ncols))
+    flat = np.tile(np.array(_PAST_END), (rows * ncols, 1))
+    flat[:n] = to_rgba(FREE_COLOR)
+    cached = to_rgba(CACHED_COLOR)
+    for b, owners, state in zip(block_map["block_id"], block_map["owner_request_ids"], block_map["state"]):
+        if state == "used" and owners:
+            flat[int(b)] = to_rgba(colors[owners[0]])
+        elif state == "cached":
+            flat[int(b)] = cached
+    return flat.reshape(rows, ncols, 4)
+
+
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, widgets.DOMWidget, Callable[[], None]]:
+    """A figure, the widget that shows it, and the function that redraws it after an artist changed.
+
+    Under `%matplotlib widget` (ipympl) the figure's canvas is itself a live widget.
+    Otherwise (inline, Agg) the figure is rendered off-screen into an `ipywidgets.Image`
+    whose PNG is replaced on every redraw: no pyplot state, no display() call.
+    """
+    backend = matplotlib.get_backend().lower()
+    if "ipympl" in backend or backend == "widget":
+        import matplotlib.pyplot as plt
+
+        with plt.ioff():
+            fig = plt.figure(figsize=figsize)
+        fig.canvas.header_visible = False
+        fig.canvas.toolbar_visible = False
+        return fig, fig.canvas, fig.canvas.draw_idle
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    view = widgets.Image(format="png")
+
+    def redraw() -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=fig.dpi)
+        view.value = buf.getvalue()
+
+    return fig, view, redraw
+
+
+class KVCacheMap(widgets.VBox):
+    """The block pool as a coloured grid, with a step slider and a used / cached / free line.
+
+    Parameters: `history` (the frame of `Executor.kv_cache_history()`, or one
+    `KVCacheInspector.block_map()`), `ncols` (cells per row, default min(num_blocks, 32)),
+    `title`. Attributes for code and tests: `slider` (IntSlider over the steps), `image`
+    (the AxesImage), `shared_marks` (the dots of shared blocks), `label` (HTML line),
+    `colors` (request id -> colour), `steps`, `figure`.
+    """
+
+    def __init__(self, history: pd.DataFrame, *, ncols: int | None = None, title: str | None = None) -> None:
+        missing = [c for c in _REQUIRED if c not in history.columns]
+        if history.empty or missing:
+            raise ValueError("KVCacheMap needs a non-empty block map (KVCacheInspector.block_map()) or history "
+                             "(Executor.kv_cache_history(), recorded with LLM(..., record_kv_cache=True)); "
+                             f"got {len(history)} rows" + (f", missing columns {missing}" if missing else ""))
+        frames = history if "step" in history.columns else history.assign(step=0)
+        self._frames = {int(s): f.sort_values("block_id") for s, f in frames.groupby("step", sort=True)}
+        self.steps = sorted(self._frames)
+        self.num_blocks = int(frames["block_id"].max()) + 1
+        self.ncols = int(ncols or min(self.num_blocks, 32))
+        if self.ncols < 1:
+            raise ValueError(f"KVCacheMap.ncols must be >= 1, got {ncols!r}")
+        self.nrows = max(1, math.ceil(self.num_blocks / self.ncols))
+        # stable colours: requests in order of first appearance (step, then block id)
+        self.colors = request_colors(rid for s in self.steps for owners in self._frames[s]["owner_request_ids"]
+                                     for rid in owners)
+
+        width = min(10.0, max(5.0, 0.32 * self.ncols))
+        title = title or (f"KV cache: {self.num_blocks} blocks (block b at row b // {self.ncols}, "
+                          f"column b % {self.ncols})")
+        title = textwrap.fill(title, int(width * 11))
+        fig, view, self._redraw = _figure((width, 0.45 + 0.2 * title.count("\n") + width * self.nrows / self.ncols))
+        self.figure = fig
+        top = 1.0 - (0.35 + 0.2 * title.count("\n")) / fig.get_figheight()
+        ax = fig.add_axes((0.02, 0.04, 0.96, top - 0.04))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+        self.image = ax.imshow(self._grid(self.steps[0]), interpolation="nearest", aspect="equal",
+                               extent=(-0.5, self.ncols - 0.5, self.nrows - 0.5, -0.5))
+        # thin grey lines between the cells
+        ax.set_xticks(np.arange(-0.5, self.ncols, 1), minor=True)
+        ax.set_yticks(np.arange(-0.5, self.nrows, 1), minor=True)
+        ax.grid(which="minor", color="#d1d5db", linewidth=0.6)
+        ax.tick_params(which="both", length=0)
+        if self.num_blocks <= 64:  # small pools: print each block id in its cell
+            for b in range(self.num_blocks):
+                ax.text(b % self.ncols, b // self.ncols, str(b), ha="center", va="center", fontsize=6, color="#374151")
+        self.shared_marks = ax.scatter([], [], s=14, c="white", edgecolors="black", linewidths=0.5, zorder=3)
+        self.ax = ax
+
+        self.slider = widgets.IntSlider(value=self.steps[0], min=self.steps[0], max=self.steps[-1], description="step",
+                                        continuous_update=True, disabled=len(self.steps) == 1)
+        play = widgets.Play(value=self.steps[0], min=self.steps[0], max=self.steps[-1], interval=300,
+                            disabled=len(self.steps) == 1)
+        widgets.jslink((play, "value"), (self.slider, "value"))
+        self.label = widgets.HTML()
+        legend = _swatch(CACHED_COLOR, "cached (ref 0, reusable)") + " " + _swatch(FREE_COLOR, "free")
+        self.legend = widgets.HTML(f"<div style='font-size:smaller'>{legend} &middot; each request its own colour; "
+                                   "a white dot: a block shared by several requests</div>")
+        self.slider.observe(self._on_step, names="value")
+        super().__init__([widgets.HBox([play, self.slider]), self.label, view, self.legend])
+        self._show(self.steps[0])
+
+    # ------------------------------------------------------------------ state
+    @property
+    def step(self) -> int:
+        """The recorded step shown now (the last recorded step <= the slider's value)."""
+        return self._resolve(self.slider.value)
+
+    def block_map(self, step: int | None = None) -> pd.DataFrame:
+        """The block map shown for `step` (default: the current one)."""
+        return self._frames[self._resolve(self.step if step is None else step)]
+
+    def counts(self, step: int | None = None) -> dict[str, int]:
+        """used / cached / free blocks (they sum to num_blocks), shared blocks and owned token slots at `step`."""
+        f = self.block_map(step)
+        state = f["state"]
+        used = state == "used"
+        return {"used": int(used.sum()), "cached": int((state == "cached").sum()), "free": int((state == "free").sum()),
+                "shared": int((f["owner_request_ids"].map(len) > 1).sum()),
+                "tokens": int(f.loc[used, "num_tokens"].sum()) if "num_tokens" in f.columns else 0}
+
+    def _resolve(self, value: int) -> int:
+        i = int(np.searchsorted(self.steps, value, side="right")) - 1
+        return self.steps[max(i, 0)]
+
+    def _grid(self, step: int) -> np.ndarray:
+        return block_grid(self._frames[step], self.colors, self.ncols, self.num_blocks)
+
+    # ---------------------------------------------------------------- updates
+    def _on_step(self, change: dict[str, Any]) -> None:
+        self._show(self._resolve(change["new"]))
+
+    def _show(self, step: int) -> None:
+        f = self._frames[step]
+        self.image.set_data(self._grid(step))
+        shared = f.loc[f["owner_request_ids"].map(len) > 1, "block_id"].to_numpy(dtype=int)
+        self.shared_marks.set_offsets(np.column_stack([shared % self.ncols, shared // self.ncols]) if len(shared)
+                                      else np.empty((0, 2)))
+        c = self.counts(step)
+        owners: dict[str, int] = {}
+        for o in f["owner_request_ids"]:
+            for rid in o:
+                owners[rid] = owners.get(rid, 0) + 1
+        reqs = (" ".join(_swatch(self.colors[r], f"{r}: {n}") for r, n in owners.items())
+                or "<i>no request holds blocks</i>")
+        self.label.value = (f"<b>step {step}</b> &middot; used {c['used']} &middot; cached {c['cached']} &middot; "
+                            f"free {c['free']} (of {self.num_blocks} blocks) &middot; shared {c['shared']} &middot; "
+                            f"{c['tokens']} token slots owned<br><span style='font-size:smaller'>blocks per request: "
+                            f"{reqs}</span>")
+        self._redraw()
+
+
+def _swatch(color: str, text: str) -> str:
+    return (f"<span style='display:inline-block;width:10px;height:10px;background:{color};border:1px solid #9ca3af;"
+            f"vertical-align:middle'></span> {html.escape(text)}")
