@@ -184,7 +184,9 @@ class Sampler:
             token_ids[idx] = self._draw(warped, [contexts[i].generator for i in random_rows])
 
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # (R,)
-        tokens, lps = token_ids.tolist(), sampled_lp.tolist()
+        # one device->host copy for both (token ids < 2**53 are exact in float64)
+        tokens_f, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
+        tokens = [int(t) for t in tokens_f]
         ks = [c.params.logprobs for c in contexts]
         max_k = max((k for k in ks if k is not None), default=0)
         top_lp, top_ids = [[]] * len(ks), [[]] * len(ks)
