@@ -70,9 +70,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # in float32, then back to the input dtype before the weight (as transformers does);
+    # F.rms_norm is one fused kernel where PyTorch has one, instead of five elementwise ones
     dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return weight * xf.to(dtype)
 
 
@@ -199,9 +200,11 @@ class TorchBackend:
             inv_freq = self.inv_freq
 
             def rope(env: Env, batch: Any, kv: Any) -> None:
-                freqs = batch.positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-                emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
-                cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+                if "rope_cos" not in env:  # the same for every layer: computed once per forward
+                    freqs = batch.positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+                    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
+                    env["rope_cos"], env["rope_sin"] = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+                cos, sin = env["rope_cos"], env["rope_sin"]
                 env["q"] = apply_rope(env["q"], cos, sin)
                 env["k"] = apply_rope(env["k"], cos, sin)
             return rope
