@@ -1,0 +1,148 @@
+"""How much a quantization scheme costs in accuracy, and what it saves in memory.
+
+Every measurement runs the same token windows through a reference engine (the
+unquantized model) and a candidate engine, via the kit's own `Engine.forward`:
+
+* `perplexity(engine, windows)` — exp of the mean next-token negative log-likelihood on
+  held-out text (`kit.datasets.eval_text()`, a split that calibration never sees);
+* `logit_agreement(ref, cand, windows)` — mean KL(p_ref || p_cand) per position and the
+  share of positions whose argmax agrees (top-1 agreement);
+* `layer_errors(ref, cand, windows)` — relative MSE of each layer's output against the
+  reference's, with the errors of earlier layers carried along (what the model sees);
+* `memory(network)` — weight bytes of the linear layers and of everything, and KV bytes
+  per token;
+* `compare(schemes, ...)` — one row per scheme with all of the above; the notebook and
+  `widgets.quant_compare.QuantComparison` read it.
+
+Columns of `compare`: `scheme, perplexity, ppl_delta_pct, kl_div, top1_agreement,
+linear_weight_mib, weight_mib, linear_weight_ratio, kv_bytes_per_token, num_tokens`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from kit.engine import Engine, ForwardBatch, SequenceInput
+
+__all__ = ["eval_windows", "perplexity", "logit_agreement", "layer_errors", "memory", "compare"]
+
+_LINEAR_KINDS = ("qkv_proj", "o_proj", "mlp")
+
+
+def eval_windows(tokenizer: Any, num_tokens: int = 4096, window: int = 256, text: str | None = None) -> list[list[int]]:
+    """Non-overlapping windows of the held-out evaluation text, `num_tokens` in all."""
+    from kit.datasets import chunk_tokens, eval_text
+
+    ids = tokenizer.encode(text if text is not None else eval_text(), add_special_tokens=False)
+    windows = chunk_tokens(ids, window)[: max(1, num_tokens // window)]
+    if not windows:
+        raise ValueError(f"the evaluation text has fewer than {window} tokens")
+    return windows
+
+
+@torch.inference_mode()
+def _window_logits(engine: Engine, window: list[int], on_layer: Any = None) -> torch.Tensor:
+    """Logits (len(window), vocab) in float32 of one window computed from an empty cache."""
+    bs = 16
+    kv = engine.allocate_kv_cache(-(-len(window) // bs), bs)
+    batch = ForwardBatch.build([SequenceInput(window, 0, list(range(kv.num_blocks)), logits="all")], bs,
+                               device=engine.device)
+    return engine.backend.run_layers(batch, kv, on_layer).float()
+
+
+def perplexity(engine: Engine, windows: Iterable[list[int]], progress: bool = False) -> float:
+    """exp(mean NLL of each token given the ones before it in its window)."""
+    nll, count = 0.0, 0
+    for w in tqdm(list(windows), desc="perplexity", disable=not progress, leave=False):
+        logits = _window_logits(engine, w)
+        target = torch.tensor(w[1:], device=logits.device)
+        nll += torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum").item()
+        count += len(w) - 1
+    return math.exp(nll / count)
+
+
+def logit_agreement(reference: Engine, candidate: Engine, windows: Iterable[list[int]]) -> dict[str, float]:
+    """Mean KL(p_ref || p_cand) per position and top-1 agreement, over all window positions."""
+    kl, agree, n = 0.0, 0, 0
+    for w in windows:
+        ref = torch.log_softmax(_window_logits(reference, w), -1)
+        cand = torch.log_softmax(_window_logits(candidate, w).to(ref.device), -1)
+        kl += (ref.exp() * (ref - cand)).sum(-1).sum().item()
+        agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
+        n += len(w)
+    return {"kl_div": kl / n, "top1_agreement": agree / n}
+
+
+def _capture(engine: Engine, window: list[int]) -> dict[str, torch.Tensor]:
+    """Each layer's first output, as the layer wrote it (the backend's ops are wrapped for one pass)."""
+    outputs: dict[str, torch.Tensor] = {}
+    ops = engine.backend.ops
+
+    def wrap(layer, fn):
+        def run(env, batch, kv):
+            fn(env, batch, kv)
+            outputs[layer.name] = env[layer.outputs[0]].detach().float().clone()
+        return run
+
+    engine.backend.ops = [(layer, wrap(layer, fn)) for layer, fn in ops]
+    try:
+        _window_logits(engine, window)
+    finally:
+        engine.backend.ops = ops
+    return outputs
+
+
+def layer_errors(reference: Engine, candidate: Engine, windows: Iterable[list[int]]) -> pd.DataFrame:
+    """Per layer: `layer, kind, block, rel_mse` = |out_cand - out_ref|^2 / |out_ref|^2, summed over windows."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for w in windows:
+        ref, cand = _capture(reference, w), _capture(candidate, w)
+        for name, r in ref.items():
+            c = cand[name].to(r.device)
+            num[name] = num.get(name, 0.0) + (c - r).pow(2).sum().item()
+            den[name] = den.get(name, 0.0) + r.pow(2).sum().item()
+    rows = [{"layer": layer.name, "kind": layer.kind, "block": layer.block,
+             "rel_mse": num[layer.name] / max(den[layer.name], 1e-30)}
+            for layer in reference.network if layer.name in num]
+    return pd.DataFrame(rows)
+
+
+def memory(engine: Engine) -> dict[str, float]:
+    """Weight bytes of the linear layers (q/k/v, o, MLP) and of everything; KV bytes per token."""
+    net = engine.network
+    df = net.to_frame()
+    linear = int(df[df.kind.isin(_LINEAR_KINDS)]["weight_bytes"].sum())
+    kv_elem = torch.empty(0, dtype=engine.dtype).element_size()
+    qc = net.quant_config
+    if qc is not None and getattr(qc, "kv_cache_quant_algo", None) is not None:
+        kv_elem = 1
+    return {"linear_weight_mib": linear / 2**20, "weight_mib": net.weight_bytes / 2**20,
+            "kv_bytes_per_token": float(net.config.kv_bytes_per_token(kv_elem))}
+
+
+def compare(schemes: Mapping[str, Engine], reference: str, windows: list[list[int]], *,
+            progress: bool = True) -> pd.DataFrame:
+    """One row per scheme (engines by name; `reference` names the unquantized one)."""
+    if reference not in schemes:
+        raise ValueError(f"reference {reference!r} is not one of the schemes {list(schemes)}")
+    ref = schemes[reference]
+    rows = []
+    for name, engine in tqdm(schemes.items(), desc="comparing schemes", disable=not progress, leave=False):
+        row = {"scheme": name, "perplexity": perplexity(engine, windows)}
+        row.update(logit_agreement(ref, engine, windows) if name != reference else
+                   {"kl_div": 0.0, "top1_agreement": 1.0})
+        row.update(memory(engine))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    base = df.loc[df.scheme == reference].iloc[0]
+    df["ppl_delta_pct"] = 100.0 * (df["perplexity"] / base["perplexity"] - 1.0)
+    df["linear_weight_ratio"] = df["linear_weight_mib"] / base["linear_weight_mib"]
+    df["num_tokens"] = sum(len(w) for w in windows)
+    return df[["scheme", "perplexity", "ppl_delta_pct", "kl_div", "top1_agreement", "linear_weight_mib",
+               "weight_mib", "linear_weight_ratio", "kv_bytes_per_token", "num_tokens"]]
