@@ -102,16 +102,21 @@ class ForwardBatch:
                 raise ValueError(f"SequenceInput.logits must be 'last', 'all' or 'none', got {s.logits!r}")
             starts.append(len(input_ids))
             seq_lens.append(total)
-        tables = [list(s.block_table) + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-        i64 = dict(dtype=torch.long, device=device)
+        tables = [b for s in seqs for b in list(s.block_table) + [0] * (max_blocks - len(s.block_table))]
+        # NOTE: one host->device copy for all seven index tensors, then views into it
+        parts = (input_ids, positions, starts, seq_lens, tables, slots, logits_idx)
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        if torch.device(device).type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        views = flat.split([len(part) for part in parts])
         return cls(
-            input_ids=torch.tensor(input_ids, **i64),
-            positions=torch.tensor(positions, **i64),
-            query_start_loc=torch.tensor(starts, **i64),
-            seq_lens=torch.tensor(seq_lens, **i64),
-            block_tables=torch.tensor(tables, **i64),
-            slot_mapping=torch.tensor(slots, **i64),
-            logits_indices=torch.tensor(logits_idx, **i64),
+            input_ids=views[0],
+            positions=views[1],
+            query_start_loc=views[2],
+            seq_lens=views[3],
+            block_tables=views[4].view(len(seqs), max_blocks),
+            slot_mapping=views[5],
+            logits_indices=views[6],
             max_query_len=max(len(s.token_ids) for s in seqs),
             max_seq_len=max(seq_lens),
             block_size=block_size,

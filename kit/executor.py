@@ -458,7 +458,9 @@ class Executor:
                     job.greq.sampling_params, comp.request.prompt_token_ids, [], c.generator)
                 contexts.append(ctx)
                 owners.append((s.request_id, job, c))
-        result = self.sampler.sample(logits[picks], contexts, self.eos_token_ids) if picks else None
+        if picks and picks != list(range(logits.shape[0])):
+            logits = logits[picks]  # rows of prompt logprobs or siblings: pick the sampled ones
+        result = self.sampler.sample(logits, contexts, self.eos_token_ids) if picks else None
         sampled: dict[str, int] = {}
         verdicts: dict[str, RequestStatus] = {}
         fresh: list[tuple[_Job, _Completion, int]] = []  # new siblings with their first token

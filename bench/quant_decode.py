@@ -1,0 +1,99 @@
+"""Decode tokens/s of quantized engines against bf16, same run, same GPU (CUDA graphs on).
+
+For each synthetic model and scheme: quantize (RTN / FP8 with a short random-token
+calibration: synthetic weights have no text to calibrate on), build with CUDA graphs for
+the measured batch sizes, and time `steps` decode steps of `batch` sequences with
+`context` cached tokens. Results are appended to the JSON after every measurement, so a
+run cut short keeps what it measured.
+
+    python bench/quant_decode.py --models llama-3.2-1b llama-3.1-8b --out quant_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from kit.builder import BuildConfig, Builder
+from kit.loader import ModelLoader
+from kit.network import NetworkBuilder
+from kit.quantization import QuantConfig, Quantizer
+
+SCHEMES = {"bf16": None, "fp8": "fp8", "int8_wo": "int8_wo", "int4_wo": "int4_wo"}
+
+
+def time_decode(engine, kv, batch: int, context: int, steps: int, bs: int) -> float:
+    from kit.engine import ForwardBatch, SequenceInput
+
+    per_seq = -(-(context + steps) // bs)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    batches = [ForwardBatch.build([SequenceInput([7], context + k, t) for t in tables], bs, device=engine.device)
+               for k in range(steps)]
+    for b in batches[:3]:
+        engine.forward(b, kv)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        engine.forward(b, kv)
+    sync()
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--num-layers", type=int, default=None, help="fewer layers, for a quick CPU check")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "context": args.context, "steps": args.steps, "runs": []}
+    bs = 16
+    for model in args.models:
+        base = ModelLoader.synthetic(model, device=device, dtype=dtype, num_layers=args.num_layers)
+        for scheme in args.schemes:
+            t0 = time.perf_counter()
+            loaded = base
+            if SCHEMES[scheme] is not None:
+                qc = QuantConfig.from_name(SCHEMES[scheme], calib_size=4, calib_max_seq_len=64)
+                loaded = Quantizer(qc).quantize(base, progress=False)
+            quant_s = time.perf_counter() - t0
+            max_seq = args.context + args.steps + bs
+            bc = BuildConfig(max_batch_size=max(args.batch_sizes), max_seq_len=max_seq, max_input_len=max_seq // 2,
+                             cuda_graph_batch_sizes=tuple(args.batch_sizes), block_size=bs)
+            engine = Builder("torch", device=device).build(NetworkBuilder(loaded).build(), bc, loaded=loaded,
+                                                          enable_build_cache=False, progress=False)
+            kv = engine.allocate_kv_cache(max(args.batch_sizes) * -(-max_seq // bs) + 1, bs)
+            lin = engine.network.to_frame()
+            lin_bytes = int(lin[lin.kind.isin(["qkv_proj", "o_proj", "mlp"])]["weight_bytes"].sum())
+            for b in args.batch_sizes:
+                sps = time_decode(engine, kv, b, args.context, args.steps, bs)
+                row = {"model": model, "scheme": scheme, "batch_size": b, "steps_per_s": sps, "tokens_per_s": sps * b,
+                       "ms_per_step": 1e3 / sps, "linear_weight_bytes": lin_bytes,
+                       "weight_bytes": engine.network.weight_bytes, "quantize_s": quant_s}
+                out["runs"].append(row)
+                print(json.dumps(row), flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(out, f, indent=2)
+            del engine, kv, loaded
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        del base
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

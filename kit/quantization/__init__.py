@@ -1,0 +1,41 @@
+"""Quantization: weights (and activations, and the KV cache) in fewer bits.
+
+Two steps, one class per scheme (gpt-fast's `quantize.py`, TensorRT-LLM / ModelOpt's
+vocabulary):
+
+1. `Quantizer(QuantConfig(...)).quantize(loaded)` computes the quantized weights and
+   scales, calibrating on text where the scheme needs it, and returns a new
+   `LoadedModel` whose linears hold `<prefix>.qweight` + scales instead of
+   `<prefix>.weight` and whose `quant_config` says how to read them.
+2. `build_linear(weights, prefixes, quant_config, ...)` — called by the engine's
+   backend for every linear — swaps `x @ W^T` for the scheme's GEMM: a CPU reference,
+   and FP8 / int8 tensor-core GEMMs or a Triton dequantizing kernel on a Hopper GPU.
+
+| module                | what it holds                                                     |
+| --------------------- | ----------------------------------------------------------------- |
+| `config.py`           | `QuantAlgo`, `KVCacheQuantAlgo`, `QuantConfig` (+ `from_name`)     |
+| `quantizer.py`        | `Quantizer`: the block-by-block driver, calibration windows       |
+| `calibration.py`      | the float model block by block, capturing linear inputs           |
+| `fp8.py`              | FP8 e4m3 per-tensor / per-channel-per-token                       |
+| `int8_weight_only.py` | int8 per-channel weights (W8A16; also W8A8's weights)             |
+| `int4.py`             | int4 group-wise round-to-nearest, packing                         |
+| `awq.py`              | AWQ's activation-aware scale search                               |
+| `gptq.py`             | GPTQ's Hessian-based error compensation                           |
+| `smoothquant.py`      | SmoothQuant smoothing factors, the W8A8 reference GEMM            |
+| `linear.py`           | `build_linear` and the quantized linear layers                    |
+| `triton_gemm.py`      | the weight-only Triton kernel (imported only on CUDA)             |
+| `kv_cache.py`         | int8 / fp8 KV-cache quantize / dequantize helpers                 |
+"""
+
+from kit.quantization.config import QUANT_PRESETS, KVCacheQuantAlgo, QuantAlgo, QuantConfig
+from kit.quantization.kv_cache import dequantize_kv, kv_cache_dtype, quantize_kv
+from kit.quantization.linear import (ConcatLinear, FloatLinear, FP8Linear, Int8Linear, QuantLinear,
+                                     WeightOnlyLinear, build_linear)
+from kit.quantization.quantizer import Quantizer, calibration_tokens
+
+__all__ = [
+    "QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "QUANT_PRESETS",
+    "Quantizer", "calibration_tokens",
+    "build_linear", "QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8Linear", "ConcatLinear",
+    "quantize_kv", "dequantize_kv", "kv_cache_dtype",
+]

@@ -1,0 +1,198 @@
+"""What to quantize and how: `QuantAlgo`, `KVCacheQuantAlgo` and `QuantConfig`.
+
+The vocabulary follows TensorRT-LLM / ModelOpt (`QuantAlgo.W4A16_AWQ`, ...). A scheme
+is named by what it stores and what it computes in:
+
+| QuantAlgo                   | weights                          | activations                     | calibration |
+| --------------------------- | -------------------------------- | ------------------------------- | ----------- |
+| `NO_QUANT`                  | as loaded                        | as loaded                       | no          |
+| `FP8`                       | float8_e4m3, one scale a tensor  | float8_e4m3, static scale       | yes (amax)  |
+| `FP8_PER_CHANNEL_PER_TOKEN` | float8_e4m3, one scale a row     | float8_e4m3, one scale a token  | no          |
+| `W8A16`                     | int8, one scale a row            | compute dtype (bf16)            | no          |
+| `W4A16`                     | int4, one scale a group (RTN)    | compute dtype                   | no          |
+| `W4A16_AWQ`                 | int4 groups after AWQ scaling    | compute dtype                   | yes         |
+| `W4A16_GPTQ`                | int4 groups, GPTQ error feedback | compute dtype                   | yes         |
+| `W8A8_SQ_PER_CHANNEL`       | int8 a row, after SmoothQuant    | int8, one scale a token         | yes (max)   |
+| `W8A8`                      | int8 a row (no smoothing)        | int8, one scale a token         | no          |
+
+"A row" is one output channel of the linear (one row of the (out, in) weight); "a
+group" is `group_size` consecutive input channels of one row.
+
+`QuantConfig` is frozen and validates itself; `QuantConfig.from_name("int4_awq")`
+gives the presets that the CLI and the notebooks use.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from typing import Any
+
+__all__ = ["QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "QUANT_PRESETS"]
+
+
+class QuantAlgo(str, Enum):
+    """How the linear layers' weights (and maybe activations) are quantized."""
+
+    NO_QUANT = "NO_QUANT"
+    FP8 = "FP8"
+    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+    W4A16_AWQ = "W4A16_AWQ"
+    W4A16_GPTQ = "W4A16_GPTQ"
+    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
+    W8A8 = "W8A8"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class KVCacheQuantAlgo(str, Enum):
+    """How the KV cache is stored (see `kit.quantization.kv_cache`)."""
+
+    INT8 = "INT8"
+    FP8 = "FP8"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# short name -> (algo, extra fields); `from_name` accepts these
+QUANT_PRESETS: dict[str, tuple[QuantAlgo, dict[str, Any]]] = {
+    "fp8": (QuantAlgo.FP8, {}),
+    "fp8_pc_pt": (QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, {}),
+    "int8_wo": (QuantAlgo.W8A16, {}),
+    "int4_wo": (QuantAlgo.W4A16, {}),
+    "int4_awq": (QuantAlgo.W4A16_AWQ, {}),
+    "int4_gptq": (QuantAlgo.W4A16_GPTQ, {}),
+    "int8_sq": (QuantAlgo.W8A8_SQ_PER_CHANNEL, {}),
+    "w8a8": (QuantAlgo.W8A8, {}),
+}
+
+_INT4 = (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ)
+_CALIBRATED = (QuantAlgo.FP8, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A8_SQ_PER_CHANNEL)
+
+
+def _enum(cls: type[Enum], value: Any, field: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).upper())
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        raise ValueError(f"QuantConfig.{field} {value!r} is not one of {allowed}") from None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantization recipe: the algorithm and its knobs.
+
+    - `group_size`: input channels that share one scale in the int4 schemes (a power of
+      two >= 16; every quantized linear's in_features must be a multiple of it).
+    - `has_zero_point`: int4 with an offset (asymmetric, u in 0..15, w = (u - z) * s)
+      instead of symmetric (w = (u - 8) * s).
+    - `smoothquant_alpha`: migration strength of SmoothQuant, in [0, 1].
+    - `exclude_modules`: glob patterns of linears kept in float; a pattern matches the
+      module's full name (`model.layers.0.mlp.down_proj`) or its last part (`lm_head`).
+    - `calib_size` windows of `calib_max_seq_len` tokens feed the calibration.
+    """
+
+    quant_algo: QuantAlgo = QuantAlgo.NO_QUANT
+    kv_cache_quant_algo: KVCacheQuantAlgo | None = None
+    group_size: int = 128
+    has_zero_point: bool = False
+    smoothquant_alpha: float = 0.5
+    exclude_modules: tuple[str, ...] = ("lm_head",)
+    calib_size: int = 32
+    calib_max_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        # NOTE: frozen dataclass: normalise through object.__setattr__
+        object.__setattr__(self, "quant_algo", _enum(QuantAlgo, self.quant_algo, "quant_algo"))
+        if self.kv_cache_quant_algo is not None:
+            object.__setattr__(self, "kv_cache_quant_algo",
+                               _enum(KVCacheQuantAlgo, self.kv_cache_quant_algo, "kv_cache_quant_algo"))
+        g = self.group_size
+        if not isinstance(g, int) or isinstance(g, bool) or g < 16 or g & (g - 1):
+            raise ValueError(f"QuantConfig.group_size must be a power of two >= 16 (e.g. 64, 128), got {g!r}")
+        if not isinstance(self.has_zero_point, bool):
+            raise ValueError(f"QuantConfig.has_zero_point must be a bool, got {self.has_zero_point!r}")
+        if not isinstance(self.smoothquant_alpha, (int, float)) or not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"QuantConfig.smoothquant_alpha must lie in [0, 1], got {self.smoothquant_alpha!r}")
+        if isinstance(self.exclude_modules, str):
+            raise ValueError("QuantConfig.exclude_modules must be a tuple of patterns, not one string "
+                             f"(write ({self.exclude_modules!r},))")
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        if not all(isinstance(p, str) and p for p in self.exclude_modules):
+            raise ValueError(f"QuantConfig.exclude_modules must hold non-empty strings, got {self.exclude_modules!r}")
+        for name in ("calib_size", "calib_max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"QuantConfig.{name} must be a positive integer, got {v!r}")
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def is_int4(self) -> bool:
+        return self.quant_algo in _INT4
+
+    @property
+    def is_weight_only(self) -> bool:
+        return self.quant_algo in (QuantAlgo.W8A16, *_INT4)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether `Quantizer` must run the model on calibration text."""
+        return self.quant_algo in _CALIBRATED
+
+    @property
+    def weight_bits(self) -> int:
+        a = self.quant_algo
+        return 16 if a is QuantAlgo.NO_QUANT else 4 if a in _INT4 else 8
+
+    def is_excluded(self, module: str) -> bool:
+        """True if the linear named `module` (e.g. `model.layers.3.mlp.up_proj`) stays in float."""
+        last = module.rsplit(".", 1)[-1]
+        return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(last, p) for p in self.exclude_modules)
+
+    # ------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["quant_algo"] = self.quant_algo.value
+        d["kv_cache_quant_algo"] = self.kv_cache_quant_algo.value if self.kv_cache_quant_algo else None
+        d["exclude_modules"] = list(self.exclude_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"QuantConfig: unknown field(s) {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "exclude_modules" in d:
+            d["exclude_modules"] = tuple(d["exclude_modules"])
+        return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "QuantConfig":
+        """A preset by short name (`fp8`, `int8_wo`, `int4_wo`, `int4_awq`, `int4_gptq`,
+        `int8_sq`, `w8a8`, `fp8_pc_pt`), with any field overridden by keyword."""
+        key = name.lower().replace("-", "_")
+        if key not in QUANT_PRESETS:
+            raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(QUANT_PRESETS)}")
+        algo, extra = QUANT_PRESETS[key]
+        return cls(quant_algo=algo, **{**extra, **overrides})
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        parts = [self.quant_algo.value]
+        if self.is_int4:
+            parts.append(f"group {self.group_size}{', zero point' if self.has_zero_point else ''}")
+        if self.quant_algo is QuantAlgo.W8A8_SQ_PER_CHANNEL:
+            parts.append(f"alpha {self.smoothquant_alpha}")
+        if self.kv_cache_quant_algo:
+            parts.append(f"KV cache {self.kv_cache_quant_algo.value}")
+        return ", ".join(parts)

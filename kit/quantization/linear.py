@@ -1,0 +1,335 @@
+"""Quantized linear layers: what the engine calls in place of `x @ W^T`.
+
+`build_linear(weights, prefixes, quant_config, ...)` reads the stored tensors of one or
+several linears (q/k/v, or gate/up, fused: their outputs are concatenated along the
+output dim in the order given) and returns a callable `lin(x) -> y`, x (T, in) in the
+compute dtype, y (T, sum of out_features). Every layer object has:
+
+* a **reference path** that computes exactly what the format means, in float32 on any
+  device: dequantize-and-multiply for weight-only schemes, and for W8A8 / FP8 the
+  quantized activations times the quantized weights with the scales applied after the
+  accumulation (what an int32 / fp32 tensor-core accumulator holds);
+* **fast paths** chosen by device on a CUDA GPU (Hopper):
+
+| scheme                         | fast path                                                           |
+| ------------------------------ | ------------------------------------------------------------------- |
+| FP8 per-tensor                 | `torch._scaled_mm` on FP8 tensor cores, tensor-wise scales           |
+| FP8 per-tensor, fused q/k/v    | the same with row-wise scales: each prefix's scale expanded per row  |
+| FP8 per-channel per-token      | `torch._scaled_mm`, row-wise scales (token scales x channel scales); for <= 16 tokens a tensor-wise one + scaling epilogue |
+| W8A8 / SmoothQuant             | `torch._int_mm` (int8 tensor cores, int32 out), then a fused epilogue |
+| W8A16 / W4A16 (RTN, AWQ, GPTQ) | Triton GEMM dequantizing in registers for M <= `TRITON_MAX_M`, else a Triton dequantize to bf16 + cuBLAS |
+
+Activations are quantized by one fused Triton kernel (`triton_quant.quantize_rows`),
+and W8A8's int32 -> scaled bf16 epilogue is another (`triton_quant.int8_epilogue`).
+`torch._int_mm` needs more than 16 rows: decode batches are padded with zero rows.
+
+Fusing per-tensor FP8 weights: q, k and v each have their own weight scale, but one
+GEMM takes one tensor-wise scale. Rather than re-quantizing all three to the largest
+scale (TensorRT-LLM's choice, which costs precision), the three scales are expanded
+to one scale per output row and the GEMM runs with row-wise scales: same math, one GEMM.
+
+`force_reference=True` takes the reference path on any device (tests compare the fast
+paths against it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kit.quantization import fp8 as fp8_mod
+from kit.quantization import int4 as int4_mod
+from kit.quantization.config import QuantAlgo, QuantConfig
+from kit.quantization.int8_weight_only import dequantize_weight as int8_dequantize
+from kit.quantization.smoothquant import int8_linear_reference
+
+__all__ = ["build_linear", "QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8Linear",
+           "ConcatLinear", "TRITON_MAX_M", "FP8_ROWWISE_MIN_M"]
+
+# Crossovers measured on an H100 (bench/quant_gpu.py, llama-3.2-1b and llama-3.1-8b shapes):
+TRITON_MAX_M = 64  # weight-only: above this many tokens, dequantize once and use cuBLAS
+FP8_ROWWISE_MIN_M = 17  # FP8 with row-wise scales: below this, tensor-wise GEMM + scaling epilogue
+_QUANT_NAMES = ("qweight", "weight_scale", "weight_zero", "input_scale", "pre_quant_scale")
+
+
+def _cap(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class QuantLinear:
+    """Base: holds sizes, bias and the choice between the reference and the fast path."""
+
+    scheme = "?"
+
+    def __init__(self, prefixes: list[str], out_features: list[int], in_features: int,
+                 bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype, force_reference: bool) -> None:
+        self.prefixes, self.out_sizes, self.in_features = prefixes, out_features, in_features
+        self.out_features = sum(out_features)
+        self.bias = bias.to(device=device, dtype=dtype) if bias is not None else None
+        self.device, self.dtype = device, dtype
+        self.path = "reference" if force_reference or not self._fast_ok() else self.fast_path_name()
+
+    def _fast_ok(self) -> bool:
+        return False
+
+    def fast_path_name(self) -> str:
+        return "reference"
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return ()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight tensors (codes, scales, zeros, smoothing) and bias."""
+        return _nbytes(*self._tensors(), self.bias)
+
+    def describe(self) -> str:
+        names = ",".join(p.rsplit(".", 1)[-1] for p in self.prefixes)
+        return (f"{self.scheme} [{names}] ({self.out_features}, {self.in_features}) "
+                f"{self.weight_bytes / 2**20:.2f} MiB, path: {self.path}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "reference":
+            y = self.forward_reference(x)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(self.dtype)
+        y = self.forward_fast(x)
+        return y + self.bias if self.bias is not None else y
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:  # float32 (T, out), no bias
+        raise NotImplementedError
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:  # dtype (T, out), no bias
+        raise NotImplementedError
+
+
+class FloatLinear(QuantLinear):
+    """An excluded (unquantized) linear: y = x @ W^T in the compute dtype."""
+
+    scheme = "float"
+
+    def __init__(self, weights: list[torch.Tensor], bias, device, dtype, prefixes: list[str] = ()) -> None:
+        self.weight = torch.cat([w.to(device=device, dtype=dtype) for w in weights], 0)  # (out, in)
+        super().__init__(list(prefixes), [w.shape[0] for w in weights], self.weight.shape[1], bias, device, dtype,
+                         True)
+
+    def _tensors(self):
+        return (self.weight,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class WeightOnlyLinear(QuantLinear):
+    """W8A16 (int8 per row) and W4A16 (int4 groups; RTN, AWQ, GPTQ): bf16 activations."""
+
+    def __init__(self, qweight, scale, zero, pre_quant_scale, *, bits: int, group_size: int, **kw) -> None:
+        self.qweight, self.scale, self.zero, self.pqs = qweight, scale, zero, pre_quant_scale
+        self.bits, self.group_size = bits, group_size
+        self.scheme = "W8A16" if bits == 8 else f"W4A16 g{group_size}{'+zero' if zero is not None else ''}"
+        super().__init__(in_features=qweight.shape[1] * (2 if bits == 4 else 1), **kw)
+        self._deq: torch.Tensor | None = None
+
+    def _tensors(self):
+        return (self.qweight, self.scale, self.zero, self.pqs)
+
+    def _fast_ok(self) -> bool:
+        return self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and _cap(self.device) >= (8, 0)
+
+    def fast_path_name(self) -> str:
+        return f"triton (M<={TRITON_MAX_M}) / dequant+cuBLAS"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 (out, in): what the codes and scales mean."""
+        if self.bits == 8:
+            return int8_dequantize(self.qweight, self.scale)
+        return int4_mod.dequantize_weight(self.qweight, self.scale, self.zero, self.group_size)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self._deq is None:  # NOTE: the reference path keeps a float32 copy, to be quick on the CPU
+            self._deq = self.dequantized_weight()
+        xf = x.float() if self.pqs is None else x.float() * self.pqs.float()
+        return xf @ self._deq.T
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pqs is not None:
+            x = x * self.pqs.to(x.dtype)
+        from kit.quantization.triton_gemm import dequantize, weight_only_gemm
+
+        kw = dict(bits=self.bits, group_size=self.group_size, out_features=self.out_features)
+        if x.shape[0] <= TRITON_MAX_M:
+            return weight_only_gemm(x, self.qweight, self.scale, self.zero, **kw)
+        # prefill: one pass dequantizes the weight to bf16, then cuBLAS (the GEMM outweighs the pass)
+        return F.linear(x, dequantize(self.qweight, self.scale, self.zero, in_features=self.in_features,
+                                      dtype=x.dtype, **kw))
+
+
+class FP8Linear(QuantLinear):
+    """FP8 weights and activations: per-tensor (static input scale) or per-channel per-token."""
+
+    def __init__(self, qweight, weight_scales: list[torch.Tensor], input_scale, *, per_channel: bool, **kw) -> None:
+        self.qweight, self.per_channel = qweight, per_channel
+        self.scheme = "FP8 per-channel per-token" if per_channel else "FP8 per-tensor"
+        self.weight_scales = weight_scales  # as stored: (1,) each per tensor, (out_i,) per channel
+        sizes = kw["out_features"]
+        # one scale per output row either way (per-tensor scales of fused prefixes expanded)
+        self.row_scale = torch.cat([s.float().expand(n) for s, n in zip(weight_scales, sizes)])
+        self.input_scale = input_scale
+        super().__init__(in_features=qweight.shape[1], **kw)
+        self._qw_t = self.qweight.t()  # (in, out) column-major: the layout _scaled_mm wants
+        self.row_scale = self.row_scale.to(self.device).contiguous()  # (out,)
+        self._row_scale_2d = self.row_scale[None, :].contiguous()  # (1, out)
+        self._one = torch.ones(1, device=self.device)
+
+    def _tensors(self):
+        return (self.qweight, *self.weight_scales, self.input_scale)
+
+    def _fast_ok(self) -> bool:
+        return (self.device.type == "cuda" and _cap(self.device) >= (8, 9) and self.in_features % 16 == 0
+                and self.out_features % 16 == 0)
+
+    def fast_path_name(self) -> str:
+        tensorwise = not self.per_channel and len(self.weight_scales) == 1
+        return f"torch._scaled_mm ({'tensor-wise' if tensorwise else 'row-wise'} scales)"
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x fp8 (T, in), scale float32 (1,) static or (T, 1) per token)."""
+        if self.per_channel:
+            return fp8_mod.quantize_per_token(x)
+        return fp8_mod.quantize_static(x, self.input_scale), self.input_scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.row_scale[:, None]
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = self.quantize_input(x)
+        return (xq.float() @ self.qweight.float().T) * xs.float() * self.row_scale[None, :]
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        from kit.quantization.triton_quant import quantize_rows
+
+        # one fused kernel: codes + a (T, 1) scale (the static scale repeated, or each token's own)
+        xq, xs = quantize_rows(x, to_fp8=True, static_scale=None if self.per_channel else self.input_scale)
+        if not self.per_channel and len(self.weight_scales) == 1:
+            return torch._scaled_mm(xq, self._qw_t, scale_a=self.input_scale, scale_b=self.weight_scales[0],
+                                    out_dtype=self.dtype)
+        if xq.shape[0] <= FP8_ROWWISE_MIN_M - 1:
+            # decode: the row-wise kernel is slow for a few rows (up to 1.7x bf16 on H100 at K=14336);
+            # a tensor-wise GEMM with unit scales into float32, then the scaling epilogue, is not
+            from kit.quantization.triton_quant import int8_epilogue
+
+            acc = torch._scaled_mm(xq, self._qw_t, scale_a=self._one, scale_b=self._one, out_dtype=torch.float32)
+            return int8_epilogue(acc, xs, self.row_scale, None, self.dtype)
+        # NOTE: row-wise scaling (cuBLASLt / CUTLASS) needs (T, 1) and (1, N) float32 scales and bf16 output
+        y = torch._scaled_mm(xq, self._qw_t, scale_a=xs, scale_b=self._row_scale_2d, out_dtype=torch.bfloat16)
+        return y if self.dtype is torch.bfloat16 else y.to(self.dtype)
+
+
+class Int8Linear(QuantLinear):
+    """W8A8: int8 weights per row, int8 activations per token (SmoothQuant or plain)."""
+
+    def __init__(self, qweight, scale, pre_quant_scale, *, smoothed: bool, **kw) -> None:
+        self.qweight, self.scale = qweight, scale.float()
+        self.pqs = pre_quant_scale.float() if pre_quant_scale is not None else None
+        self.scheme = "W8A8 SmoothQuant" if smoothed else "W8A8"
+        super().__init__(in_features=qweight.shape[1], **kw)
+        self._qw_t = self.qweight.t()  # (in, out) column-major for _int_mm
+
+    def _tensors(self):
+        return (self.qweight, self.scale, self.pqs)
+
+    def _fast_ok(self) -> bool:
+        return self.device.type == "cuda" and _cap(self.device) >= (8, 0) and self.in_features % 8 == 0 \
+            and self.out_features % 8 == 0
+
+    def fast_path_name(self) -> str:
+        return "torch._int_mm (int8 tensor cores)"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return int8_dequantize(self.qweight, self.scale)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if self.pqs is None else x.float() * self.pqs.float()
+        return int8_linear_reference(xf, self.qweight, self.scale)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        from kit.quantization.triton_quant import int8_epilogue, quantize_rows
+
+        xq, xs = quantize_rows(x, to_fp8=False, pre_quant_scale=self.pqs)  # int8 (T, in), (T, 1)
+        m = xq.shape[0]
+        if m <= 16:  # NOTE: _int_mm needs more than 16 rows: pad with zero tokens
+            xq = F.pad(xq, (0, 0, 0, 32 - m))
+        acc = torch._int_mm(xq, self._qw_t)  # (rows, out) int32
+        return int8_epilogue(acc, xs, self.scale, None, self.dtype, rows=m)  # acc * token * channel scale
+
+
+class ConcatLinear:
+    """Several linears of different formats (e.g. k_proj excluded, q/v quantized), outputs concatenated."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.out_features = sum(p.out_features for p in parts)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.weight_bytes for p in self.parts)
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _stored(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {n: weights[f"{prefix}.{n}"] for n in _QUANT_NAMES if f"{prefix}.{n}" in weights}
+
+
+def build_linear(weights: dict[str, torch.Tensor], prefixes: list[str], quant_config: QuantConfig, *,
+                 bias: bool, device: torch.device | str, dtype: torch.dtype,
+                 force_reference: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The linear(s) named by `prefixes` as one callable, outputs concatenated in order."""
+    device = torch.device(device)
+    biases = [weights[f"{p}.bias"] for p in prefixes] if bias else None
+    bias_t = torch.cat(biases, 0) if biases else None
+    floats = [f"{p}.weight" in weights for p in prefixes]
+    if all(floats):
+        return FloatLinear([weights[f"{p}.weight"] for p in prefixes], bias_t, device, dtype, prefixes)
+    if any(floats):  # mixed formats: one linear per prefix
+        return ConcatLinear([build_linear(weights, [p], quant_config, bias=bias, device=device, dtype=dtype,
+                                          force_reference=force_reference) for p in prefixes])
+    parts = []
+    for p in prefixes:
+        st = _stored(weights, p)
+        if "qweight" not in st:
+            raise ValueError(f"{p}: neither {p}.weight nor {p}.qweight is in the weights")
+        parts.append({k: v.to(device) for k, v in st.items()})
+    algo = quant_config.quant_algo
+    kw = dict(prefixes=list(prefixes), out_features=[st["qweight"].shape[0] for st in parts], bias=bias_t,
+              device=device, dtype=dtype, force_reference=force_reference)
+    qweight = torch.cat([st["qweight"] for st in parts], 0)
+    pqs = parts[0].get("pre_quant_scale")  # fused prefixes read the same x: one smoothing vector
+    if algo in (QuantAlgo.W8A16, QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ):
+        bits = 8 if algo is QuantAlgo.W8A16 else 4
+        zero = torch.cat([st["weight_zero"] for st in parts], 0) if "weight_zero" in parts[0] else None
+        scale = torch.cat([st["weight_scale"] for st in parts], 0)
+        return WeightOnlyLinear(qweight, scale, zero, pqs, bits=bits, group_size=quant_config.group_size, **kw)
+    if algo in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN):
+        per_channel = algo is QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
+        input_scale = None if per_channel else torch.stack([st["input_scale"].float() for st in parts]).amax(0)
+        return FP8Linear(qweight, [st["weight_scale"].float() for st in parts], input_scale,
+                         per_channel=per_channel, **kw)
+    if algo in (QuantAlgo.W8A8, QuantAlgo.W8A8_SQ_PER_CHANNEL):
+        scale = torch.cat([st["weight_scale"] for st in parts], 0)
+        return Int8Linear(qweight, scale, pqs, smoothed=algo is QuantAlgo.W8A8_SQ_PER_CHANNEL, **kw)
+    raise ValueError(f"build_linear: quant_algo {algo} stores no quantized linears")
