@@ -127,7 +127,8 @@ class KVCache:
     """The paged K/V pool: (num_layers, num_blocks, block_size, num_kv_heads, head_dim) each."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 quant_algo: Any = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"KVCache.num_blocks must be > 0, got {num_blocks}")
         if block_size <= 0:
@@ -135,6 +136,15 @@ class KVCache:
         # NOTE: one block more than asked for: the scratch block, owned by no sequence, takes the
         # K/V writes of padding rows (CUDA-graph buckets) so they never touch a real block
         shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
+        # a quantized cache (int8 / fp8) keeps one float32 scale per (token, kv head) beside K and V
+        self.quant_algo = quant_algo
+        self.compute_dtype = dtype
+        if quant_algo is not None:
+            from kit.quantization import kv_cache_dtype
+
+            dtype = kv_cache_dtype(quant_algo)
+            self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
@@ -146,8 +156,13 @@ class KVCache:
         return self.k.dtype
 
     @property
+    def is_quantized(self) -> bool:
+        return self.quant_algo is not None
+
+    @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        scales = 2 * self.k_scale.numel() * 4 if self.is_quantized else 0
+        return 2 * self.k.numel() * self.k.element_size() + scales
 
     def __repr__(self) -> str:
         return (f"KVCache({self.num_blocks} blocks x {self.block_size} tokens, {self.dtype}, "
@@ -196,7 +211,9 @@ class Engine:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> KVCache:
         """The paged pool; on CUDA with `use_cuda_graphs`, also captures the decode graphs over it."""
-        kv = KVCache(self.config, num_blocks, block_size, dtype=dtype or self.dtype, device=self.device)
+        qc = self.network.quant_config
+        kv = KVCache(self.config, num_blocks, block_size, dtype=dtype or self.dtype, device=self.device,
+                     quant_algo=getattr(qc, "kv_cache_quant_algo", None))
         bc = self.build_config
         if (bc is not None and bc.use_cuda_graphs and self.device.type == "cuda"
                 and hasattr(self.backend, "capture_graphs")):
@@ -205,6 +222,15 @@ class Engine:
             self.build_log.append({"step": "capture CUDA graphs", "seconds": time.perf_counter() - t0,
                                    "detail": f"decode batch sizes {list(bc.graph_batch_sizes)}"})
         return kv
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes one token takes in this engine's cache (8-bit caches: values + scales)."""
+        c = self.config
+        qc = self.network.quant_config
+        if getattr(qc, "kv_cache_quant_algo", None) is not None:
+            return 2 * c.num_hidden_layers * (c.kv_size + 4 * c.num_key_value_heads)
+        return c.kv_bytes_per_token(torch.empty(0, dtype=self.dtype).element_size())
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache,
@@ -332,7 +358,7 @@ class Engine:
             "backend": self.backend.describe(),
             "device / dtype": f"{self.device} / {str(self.dtype).replace('torch.', '')}",
             "weights": f"{self.network.weight_bytes / 2**20:.1f} MiB",
-            "KV bytes per token": f"{c.kv_bytes_per_token(torch.empty(0, dtype=self.dtype).element_size())}",
+            "KV bytes per token": f"{self.kv_bytes_per_token}",
             "build config": str(self.build_config) if self.build_config is not None else "none (eager)",
         }
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"

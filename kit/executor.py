@@ -213,7 +213,7 @@ class Executor:
         self.max_seq_len = max_seq_len
         kvc = kv_cache_config or KvCacheConfig()
         config = engine.config
-        bytes_per_token = config.kv_bytes_per_token(torch.empty(0, dtype=engine.dtype).element_size())
+        bytes_per_token = engine.kv_bytes_per_token
         if kvc.num_blocks is not None:
             budget = {"num_blocks": kvc.num_blocks}
         elif kvc.max_tokens is not None:

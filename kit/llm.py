@@ -76,11 +76,15 @@ class LLM:
 
             qc = quantization if isinstance(quantization, QuantConfig) else QuantConfig.from_name(quantization)
         build_config = build_config or BuildConfig()
+        if self._loaded is not None and qc is not None and not isinstance(quantization, QuantConfig):
+            qc = _fit_group_size(qc, self._loaded.config)
         if self._loaded is None:
             loader = ModelLoader(model, dtype=None if build_config.dtype == "auto" else build_config.dtype,
                                  device=device)
             identity, mcfg = loader.peek()
             build_config = _fit(build_config, mcfg)
+            if qc is not None and not isinstance(quantization, QuantConfig):
+                qc = _fit_group_size(qc, mcfg)
             dtype = str(loader.dtype).replace("torch.", "")
             if enable_build_cache and not skip_build_cache:
                 hit = BuildCache().get(build_key(identity, mcfg, build_config, qc, backend, dtype))
@@ -201,6 +205,21 @@ class LLM:
                 f"{self.startup_seconds:.2f} s &middot; max_batch_size {bc.max_batch_size}, max_num_tokens "
                 f"{bc.max_num_tokens}, max_seq_len {bc.max_seq_len}<br>{self.engine._repr_html_()}"
                 f"{self.executor._repr_html_()}")
+
+
+def _fit_group_size(qc: Any, config: Any) -> Any:
+    """A preset's group size (128) halved until it divides every linear's input width.
+
+    SmolLM2's hidden size is 576 = 9 x 64, so its int4 presets use groups of 64. An
+    explicit QuantConfig is taken as it is (and refused clearly if it does not fit).
+    """
+    import dataclasses
+
+    dims = (config.hidden_size, config.intermediate_size, config.q_size)
+    g = qc.group_size
+    while g > 16 and any(d % g for d in dims):
+        g //= 2
+    return qc if g == qc.group_size else dataclasses.replace(qc, group_size=g)
 
 
 def _fit(build_config: BuildConfig, config: Any) -> BuildConfig:

@@ -127,10 +127,13 @@ class LoadedModel:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LoadedModel":
-        """A copy with floating-point weights moved / cast (integer tensors keep their dtype)."""
-        def conv(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
-        new = {k: conv(v) for k, v in self.weights.items()}
+        """A copy with the float weights moved / cast; integer tensors and the quantized parts
+        of a quantized model (fp8 / int weights, their scales) keep their dtype."""
+        def castable(name: str, t: torch.Tensor) -> bool:
+            if dtype is None or not t.is_floating_point():
+                return False
+            return self.quant_config is None or name.endswith((".weight", ".bias"))
+        new = {k: v.to(device=device, dtype=dtype if castable(k, v) else None) for k, v in self.weights.items()}
         return LoadedModel(self.config, new, self.tokenizer, self.name, self.source, dict(self.identity),
                            self.quant_config, self.source_format, list(self.notes))
 

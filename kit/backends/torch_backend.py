@@ -85,11 +85,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Any,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None,
+                    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of the batch's queries over their sequences' cached keys/values.
 
     q (T, H, D); k_cache / v_cache (num_blocks, block_size, KVH, D) for one layer,
-    already holding this step's keys and values. Returns (T, H, D).
+    already holding this step's keys and values. An 8-bit cache passes its scales
+    (num_blocks, block_size, KVH) and is dequantized right after the gather. Returns (T, H, D).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, bs = batch.num_seqs, batch.block_size
@@ -99,6 +101,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kvh = k_cache.shape[2]
     k = k_cache[tables].reshape(num_seqs, nb * bs, kvh, head_dim)[:, :max_len]  # (S, L, KVH, D)
     v = v_cache[tables].reshape(num_seqs, nb * bs, kvh, head_dim)[:, :max_len]
+    if kv_scales is not None:
+        ks = kv_scales[0][tables].reshape(num_seqs, nb * bs, kvh)[:, :max_len]
+        vs = kv_scales[1][tables].reshape(num_seqs, nb * bs, kvh)[:, :max_len]
+        k = (k.float() * ks[..., None]).to(q.dtype)
+        v = (v.float() * vs[..., None]).to(q.dtype)
     # scatter the flat queries into a padded (S, max_q) grid
     qlens = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
     seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), qlens, output_size=num_tokens)
@@ -209,11 +216,24 @@ class TorchBackend:
                 env["k"] = apply_rope(env["k"], cos, sin)
             return rope
         if kind == "attention":
+            from kit.quantization.kv_cache import quantize_kv
+
             idx, scale, window = a["layer_idx"], a["scale"], a["sliding_window"]
 
             def attention(env: Env, batch: Any, kv: Any) -> None:
                 kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
                 kvh, d = kc.shape[2], kc.shape[3]
+                if kv.is_quantized:  # 8-bit cache: quantize on write, dequantize after the gather
+                    ks, vs = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
+                    qk, sk = quantize_kv(env["k"], kv.quant_algo)
+                    qv, sv = quantize_kv(env["v"], kv.quant_algo)
+                    kc.view(-1, kvh, d)[batch.slot_mapping] = qk
+                    vc.view(-1, kvh, d)[batch.slot_mapping] = qv
+                    ks.view(-1, kvh)[batch.slot_mapping] = sk
+                    vs.view(-1, kvh)[batch.slot_mapping] = sv
+                    out = paged_attention(env["q"], kc, vc, batch, scale, window, kv_scales=(ks, vs))
+                    env["attn"] = out.reshape(out.shape[0], -1)
+                    return
                 kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
                 vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
                 if self.decode_kernel is not None and batch.max_query_len == 1:
