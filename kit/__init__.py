@@ -7,7 +7,7 @@ The pipeline, one object per step (see README):
     LLM -> Executor -> Scheduler + KVCacheManager -> Engine.forward -> Sampler -> RequestOutput
 """
 
-from kit.builder import BuildConfig
+from kit.builder import BuildCache, BuildConfig, Builder, build
 from kit.config import ModelConfig
 from kit.engine import Engine, ForwardBatch, KVCache, SequenceInput
 from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
@@ -23,9 +23,9 @@ from kit.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "BuildConfig", "CompletionOutput", "Engine", "Executor", "ForwardBatch", "GenerationRequest",
+    "BuildCache", "BuildConfig", "Builder", "CompletionOutput", "Engine", "Executor", "ForwardBatch", "GenerationRequest",
     "GenerationResult", "KVCache", "KVCacheInspector", "KVCacheManager", "KvCacheConfig", "LLM", "Layer",
     "LoadedModel", "ModelConfig", "ModelLoader", "Network", "NetworkBuilder", "RequestOutput", "Sampler",
     "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "SequenceInput",
-    "Tokenizer", "__version__",
+    "Tokenizer", "__version__", "build",
 ]

@@ -202,6 +202,11 @@ class BuildCache:
         return pd.DataFrame(rows, columns=["key", "model", "backend", "dtype", "max_batch_size", "max_seq_len",
                                            "quantization", "size_mib", "created"])
 
+    def _repr_html_(self) -> str:
+        df = self.list()
+        table = df.to_html(index=False, border=0, float_format="%.1f") if len(df) else "<p><i>empty</i></p>"
+        return f"<b>BuildCache</b> <code>{self.root}</code>{table}"
+
     def clear(self) -> int:
         n = len(self.list())
         shutil.rmtree(self.root, ignore_errors=True)

@@ -112,6 +112,12 @@ class GenerationResult:
         """The latest snapshot (None before the first)."""
         return self._history[-1] if self._history else None
 
+    def _repr_html_(self) -> str:
+        latest = self.outputs
+        state = "failed" if self._error is not None else ("finished" if self._done else "running")
+        inner = latest._repr_html_() if latest is not None else "<i>no output yet</i>"
+        return f"<b>GenerationResult</b> <code>{self.request_id}</code> ({state})<br>{inner}"
+
     def result(self, timeout: float | None = None) -> RequestOutput:
         """Block until finished; raise the request's error if it failed."""
         with self._cond:

@@ -462,6 +462,19 @@ class Scheduler:
                 done.append(rid)
         return tuple(done)
 
+    def _repr_html_(self) -> str:
+        def rows(reqs) -> str:
+            return "".join(f"<tr><td>{r.request_id}</td><td>{r.status.name}</td><td>{r.num_prompt_tokens}</td>"
+                           f"<td>{r.num_output_tokens}/{r.max_tokens}</td><td>{r.num_computed_tokens}</td>"
+                           f"<td>{r.num_preemptions}</td></tr>" for r in list(reqs)[:20])
+        head = "<tr><th>request</th><th>status</th><th>prompt</th><th>output</th><th>computed</th><th>preempted</th></tr>"
+        c = self.config
+        chunked = "on" if c.enable_chunked_prefill else "off"
+        return (f"<b>Scheduler</b> {c.policy.name} &middot; max_batch_size {c.max_batch_size} &middot; max_num_tokens "
+                f"{c.max_num_tokens} &middot; chunked prefill {chunked} &middot; "
+                f"{self.num_steps} steps, {self.num_preemptions} preemptions"
+                f"<table>{head}{rows(self.running)}{rows(self.waiting)}</table>")
+
     def __repr__(self) -> str:
         return (f"Scheduler({self.config.policy.name}, running={self.num_running}, waiting={self.num_waiting}, "
                 f"steps={self.num_steps}, preemptions={self.num_preemptions})")

@@ -157,6 +157,10 @@ class QuantConfig:
         return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(last, p) for p in self.exclude_modules)
 
     # ------------------------------------------------------------------- I/O
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in self.to_dict().items())
+        return f"<b>QuantConfig</b><table>{rows}</table>"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["quant_algo"] = self.quant_algo.value

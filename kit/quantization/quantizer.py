@@ -90,6 +90,14 @@ class Quantizer:
         self._rows: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- driving
+    def _repr_html_(self) -> str:
+        body = self.config._repr_html_()
+        if self.report is not None and len(self.report):
+            summary = self.report.groupby("module")["weight_rel_error"].mean().rename("mean weight_rel_error")
+            body += "<p><b>Last run</b>: relative weight error by module</p>" + summary.to_frame().to_html(
+                border=0, float_format="%.5f")
+        return f"<b>Quantizer</b>{body}"
+
     def quantize(self, loaded: LoadedModel, calib_texts: Sequence[str | Sequence[int]] | None = None, *,
                  tokenizer: Any = None, progress: bool = True) -> LoadedModel:
         qc, cfg = self.config, loaded.config
