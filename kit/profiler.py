@@ -23,7 +23,7 @@ import contextlib
 import html
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch

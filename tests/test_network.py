@@ -1,4 +1,3 @@
-import torch
 
 from kit.network import LAYER_KINDS, NetworkBuilder
 

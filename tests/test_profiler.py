@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from kit.engine import Engine
 from kit.network import NetworkBuilder

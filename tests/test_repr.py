@@ -1,7 +1,6 @@
 """Every stepwise object shows its state when it ends a notebook cell."""
 
 from kit import BuildCache, BuildConfig, LLM, SamplingParams
-from kit.network import NetworkBuilder
 from kit.quantization import QuantConfig, Quantizer
 
 

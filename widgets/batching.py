@@ -23,16 +23,16 @@ the iterations it ran in get an outline, and a line of text gives its schedule.
 from __future__ import annotations
 
 import html
-import io
-from typing import Any, Callable
+from typing import Any
 
 import ipywidgets as widgets
 import matplotlib
 import pandas as pd
 from matplotlib.colors import to_hex
-from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+
+from widgets.figure import figure_widget
 
 __all__ = ["BatchingTimeline", "runs"]
 
@@ -54,36 +54,6 @@ def runs(iterations: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((it, it))
     return out
-
-
-def _figure(figsize: tuple[float, float]) -> tuple[Figure, widgets.DOMWidget, Callable[[], None]]:
-    """A figure, the widget that shows it, and the function that redraws it after an artist changed.
-
-    Under `%matplotlib widget` (ipympl) the figure's canvas is itself a live widget.
-    Otherwise (inline, Agg) the figure is rendered off-screen into an `ipywidgets.Image`
-    whose PNG is replaced on every redraw: no pyplot state, no display() call.
-    """
-    backend = matplotlib.get_backend().lower()
-    if "ipympl" in backend or backend == "widget":
-        import matplotlib.pyplot as plt
-
-        with plt.ioff():
-            fig = plt.figure(figsize=figsize)
-        fig.canvas.header_visible = False
-        fig.canvas.toolbar_visible = False
-        return fig, fig.canvas, fig.canvas.draw_idle
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    view = widgets.Image(format="png")
-
-    def redraw() -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=fig.dpi)
-        view.value = buf.getvalue()
-
-    return fig, view, redraw
 
 
 class BatchingTimeline(widgets.VBox):
@@ -116,7 +86,7 @@ class BatchingTimeline(widgets.VBox):
         row = {rid: i for i, rid in enumerate(self.requests)}
 
         n = len(self.requests)
-        fig, view, self._redraw = _figure((9.0, 1.2 + 0.22 * n + 2.4))
+        fig, view, self._redraw = figure_widget((9.0, 1.2 + 0.22 * n + 2.4))
         self.figure = fig
         height = fig.get_figheight()
         gs = fig.add_gridspec(2, 1, height_ratios=(max(1.0, 0.22 * n), 2.4), hspace=0.08, left=0.1, right=0.84,

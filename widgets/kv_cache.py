@@ -26,17 +26,17 @@ The columns are the ones `kit.kv_cache.KVCacheInspector` documents: `block_id`,
 from __future__ import annotations
 
 import html
-import io
 import math
 import textwrap
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import ipywidgets as widgets
 import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex, to_rgba
-from matplotlib.figure import Figure
+
+from widgets.figure import figure_widget
 
 __all__ = ["KVCacheMap", "block_grid", "request_colors", "FREE_COLOR", "CACHED_COLOR"]
 
@@ -74,36 +74,6 @@ def block_grid(block_map: pd.DataFrame, colors: Mapping[str, str], ncols: int,
     return flat.reshape(rows, ncols, 4)
 
 
-def _figure(figsize: tuple[float, float]) -> tuple[Figure, widgets.DOMWidget, Callable[[], None]]:
-    """A figure, the widget that shows it, and the function that redraws it after an artist changed.
-
-    Under `%matplotlib widget` (ipympl) the figure's canvas is itself a live widget.
-    Otherwise (inline, Agg) the figure is rendered off-screen into an `ipywidgets.Image`
-    whose PNG is replaced on every redraw: no pyplot state, no display() call.
-    """
-    backend = matplotlib.get_backend().lower()
-    if "ipympl" in backend or backend == "widget":
-        import matplotlib.pyplot as plt
-
-        with plt.ioff():
-            fig = plt.figure(figsize=figsize)
-        fig.canvas.header_visible = False
-        fig.canvas.toolbar_visible = False
-        return fig, fig.canvas, fig.canvas.draw_idle
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    view = widgets.Image(format="png")
-
-    def redraw() -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=fig.dpi)
-        view.value = buf.getvalue()
-
-    return fig, view, redraw
-
-
 class KVCacheMap(widgets.VBox):
     """The block pool as a coloured grid, with a step slider and a used / cached / free line.
 
@@ -136,7 +106,7 @@ class KVCacheMap(widgets.VBox):
         title = title or (f"KV cache: {self.num_blocks} blocks (block b at row b // {self.ncols}, "
                           f"column b % {self.ncols})")
         title = textwrap.fill(title, int(width * 11))
-        fig, view, self._redraw = _figure((width, 0.45 + 0.2 * title.count("\n") + width * self.nrows / self.ncols))
+        fig, view, self._redraw = figure_widget((width, 0.45 + 0.2 * title.count("\n") + width * self.nrows / self.ncols))
         self.figure = fig
         top = 1.0 - (0.35 + 0.2 * title.count("\n")) / fig.get_figheight()
         ax = fig.add_axes((0.02, 0.04, 0.96, top - 0.04))

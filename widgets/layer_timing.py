@@ -10,9 +10,10 @@ overlaid to compare before and after a change.
 from __future__ import annotations
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from widgets.figure import figure_widget
 
 __all__ = ["LayerTimingView"]
 
@@ -33,16 +34,12 @@ class LayerTimingView(widgets.VBox):
         self.metric = widgets.ToggleButtons(options=["latency_ms", "achieved_gbps"], value="latency_ms",
                                             description="metric")
         self.summary = widgets.HTML()
-        self.out = widgets.Output()
-        with self.out:
-            self.fig, (self.ax_layers, self.ax_kinds) = plt.subplots(
-                1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1]})
-            self.fig.tight_layout()
-            plt.close(self.fig)
+        self.fig, self.view, self._draw = figure_widget((11, 3.8))
+        self.ax_layers, self.ax_kinds = self.fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
         for w in (self.phase, self.engine, self.compare, self.metric):
             w.observe(self._redraw, names="value")
         super().__init__([widgets.HBox([self.engine, self.compare]), widgets.HBox([self.phase, self.metric]),
-                          self.summary, self.out])
+                          self.summary, self.view])
         self._redraw()
 
     # ----------------------------------------------------------------- drawing
@@ -86,11 +83,7 @@ class LayerTimingView(widgets.VBox):
 
     def _show(self) -> None:
         self.fig.tight_layout()
-        self.out.clear_output(wait=True)
-        with self.out:
-            from IPython.display import display
-
-            display(self.fig)
+        self._draw()
 
     # for tests and notebooks: the bars' heights as drawn
     @property

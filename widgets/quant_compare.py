@@ -13,9 +13,10 @@ per scheme. Right: the selected scheme's per-layer output error along the networ
 from __future__ import annotations
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from widgets.figure import figure_widget
 
 __all__ = ["QuantComparison"]
 
@@ -35,13 +36,11 @@ class QuantComparison(widgets.VBox):
         schemes = [s for s in self.results["scheme"] if s in self.layer_errors] or ["(none)"]
         self.scheme = widgets.Dropdown(options=schemes, value=schemes[0], description="layers of")
         self.table = widgets.HTML(self.results.round(4).to_html(index=False, border=0))
-        self.out = widgets.Output()
-        with self.out:
-            self.fig, (self.ax, self.ax_layers) = plt.subplots(1, 2, figsize=(11, 3.8))
-            plt.close(self.fig)
+        self.fig, self.view, self._draw = figure_widget((11, 3.8))
+        self.ax, self.ax_layers = self.fig.subplots(1, 2)
         for w in (self.x, self.y, self.scheme):
             w.observe(self._redraw, names="value")
-        super().__init__([widgets.HBox([self.y, self.x, self.scheme]), self.out, self.table])
+        super().__init__([widgets.HBox([self.y, self.x, self.scheme]), self.view, self.table])
         self._redraw()
 
     def _frame(self) -> pd.DataFrame:
@@ -71,11 +70,7 @@ class QuantComparison(widgets.VBox):
             axl.set_title(self.scheme.value, fontsize=9)
             axl.legend(fontsize=7, ncol=2)
         self.fig.tight_layout()
-        self.out.clear_output(wait=True)
-        with self.out:
-            from IPython.display import display
-
-            display(self.fig)
+        self._draw()
 
     @property
     def point_data(self) -> np.ndarray:

@@ -30,7 +30,6 @@ before that call runs them on the CPU.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch

@@ -20,7 +20,6 @@ dequantized weight, which is how GPTQ feeds quantized outputs forward.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -56,21 +55,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _inv_freq(c: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies, with linear or llama3 scaling as transformers computes them."""
-    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
-    sc = c.rope_scaling
-    if sc is None:
-        return inv
-    factor = float(sc["factor"])
-    if c.rope_type == "linear":
-        return inv / factor
-    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
-    old = float(sc.get("original_max_position_embeddings", 8192))
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    medium = (wavelen >= old / high) & (wavelen <= old / low)
-    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    """RoPE inverse frequencies (with linear / llama3 scaling): the engine's own computation."""
+    from kit.backends.torch_backend import rope_inv_freq
+
+    return rope_inv_freq(c)
 
 
 def rope_cos_sin(c: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
