@@ -237,7 +237,7 @@ class Builder:
         import torch
 
         if build_config is None or build_config.dtype == "auto":
-            return next(t for t in network.weights.values() if t.is_floating_point()).dtype
+            return network.weights["model.embed_tokens.weight"].dtype  # never quantized
         return getattr(torch, build_config.dtype)
 
     def key(self, loaded: Any, build_config: BuildConfig, dtype: Any) -> str:

@@ -209,13 +209,18 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.backend.dtype
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> KVCache:
-        """The paged pool; on CUDA with `use_cuda_graphs`, also captures the decode graphs over it."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None,
+                          capture_graphs: bool = True) -> KVCache:
+        """The paged pool; on CUDA with `use_cuda_graphs`, also captures the decode graphs over it.
+
+        Tools that need a scratch cache of their own (profiler, evaluation) pass
+        `capture_graphs=False`, so the serving cache keeps its graphs.
+        """
         qc = self.network.quant_config
         kv = KVCache(self.config, num_blocks, block_size, dtype=dtype or self.dtype, device=self.device,
                      quant_algo=getattr(qc, "kv_cache_quant_algo", None))
         bc = self.build_config
-        if (bc is not None and bc.use_cuda_graphs and self.device.type == "cuda"
+        if (capture_graphs and bc is not None and bc.use_cuda_graphs and self.device.type == "cuda"
                 and hasattr(self.backend, "capture_graphs")):
             t0 = time.perf_counter()
             self.backend.capture_graphs(kv, bc.graph_batch_sizes, -(-bc.max_seq_len // block_size))
@@ -266,6 +271,11 @@ class Engine:
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / "tokenizer")
             qc = self.network.quant_config
+            if self.build_key is None:  # an engine built without a model identity still gets a key
+                from kit.builder import build_key
+
+                self.build_key = build_key(self.model_info.get("identity", {}), self.config, self.build_config, qc,
+                                           self.backend.name, str(self.dtype).replace("torch.", ""))
             config = {
                 "format": ENGINE_FORMAT, "kit_version": __version__,
                 "model": self.model_info, "model_config": self.config.to_dict(),
@@ -273,7 +283,7 @@ class Engine:
                 "quant_config": qc.to_dict() if qc is not None else None,
                 "backend": self.backend.name, "dtype": str(self.dtype).replace("torch.", ""),
                 "build_key": self.build_key,
-                "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()},
+                "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()},
             }
             (tmp / _ENGINE_CONFIG).write_text(json.dumps(config, indent=2))
             if path.exists():

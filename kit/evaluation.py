@@ -49,7 +49,7 @@ def eval_windows(tokenizer: Any, num_tokens: int = 4096, window: int = 256, text
 def _window_logits(engine: Engine, window: list[int], on_layer: Any = None) -> torch.Tensor:
     """Logits (len(window), vocab) in float32 of one window computed from an empty cache."""
     bs = 16
-    kv = engine.allocate_kv_cache(-(-len(window) // bs), bs)
+    kv = engine.allocate_kv_cache(-(-len(window) // bs), bs, capture_graphs=False)
     batch = ForwardBatch.build([SequenceInput(window, 0, list(range(kv.num_blocks)), logits="all")], bs,
                                device=engine.device)
     return engine.backend.run_layers(batch, kv, on_layer).float()
@@ -118,12 +118,8 @@ def memory(engine: Engine) -> dict[str, float]:
     net = engine.network
     df = net.to_frame()
     linear = int(df[df.kind.isin(_LINEAR_KINDS)]["weight_bytes"].sum())
-    kv_elem = torch.empty(0, dtype=engine.dtype).element_size()
-    qc = net.quant_config
-    if qc is not None and getattr(qc, "kv_cache_quant_algo", None) is not None:
-        kv_elem = 1
     return {"linear_weight_mib": linear / 2**20, "weight_mib": net.weight_bytes / 2**20,
-            "kv_bytes_per_token": float(net.config.kv_bytes_per_token(kv_elem))}
+            "kv_bytes_per_token": float(engine.kv_bytes_per_token)}
 
 
 def compare(schemes: Mapping[str, Engine], reference: str, windows: list[list[int]], *,

@@ -204,6 +204,7 @@ class _Job:
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.num_cached_tokens = 0
+        self.error: str | None = None
 
 
 class Executor:
@@ -252,6 +253,7 @@ class Executor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self._closed = False  # set under the lock when the loop has exited: submit refuses from then on
         self._iteration = 0
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="kit-executor", daemon=True)
@@ -260,14 +262,16 @@ class Executor:
     # -------------------------------------------------------------------- API
     def submit(self, request: GenerationRequest) -> GenerationResult:
         """Queue a request; raises ValueError at once for a prompt the engine cannot take."""
-        if self._stop:
-            raise RuntimeError("the executor is shut down")
         self._validate(request)
         if request.request_id is None:
             request.request_id = f"req-{next(_ids)}"
+        elif "#" in request.request_id:
+            raise ValueError(f"request id {request.request_id!r}: '#' is reserved for the ids of n > 1 completions")
         result = GenerationResult(request)
         job = _Job(request, result)
         with self._lock:
+            if self._closed or self._stop:
+                raise RuntimeError("the executor is shut down")
             if request.request_id in self._jobs:
                 raise ValueError(f"request id {request.request_id!r} is already in flight")
             self._jobs[request.request_id] = job
@@ -348,15 +352,17 @@ class Executor:
     # ------------------------------------------------------------------- loop
     def _loop(self) -> None:
         while not self._stop:
-            self._drain_inbox()
-            if not self.scheduler.has_unfinished():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
+                self._drain_inbox()
+                if not self.scheduler.has_unfinished():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 self.step()
             except Exception as e:  # noqa: BLE001 - any failure must reach the callers, not hang them
                 self._fail_all(e)
+        with self._lock:
+            self._closed = True
         self._fail_all(RuntimeError("the executor was shut down before this request finished"))
 
     def _drain_inbox(self) -> None:
@@ -383,7 +389,7 @@ class Executor:
         self._attach(job, comp, req)
         try:
             self.scheduler.add_request(req)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
             self._owner.pop(req.request_id, None)
             with self._lock:
                 self._jobs.pop(job.greq.request_id, None)
@@ -494,7 +500,8 @@ class Executor:
             if sp.stop:
                 cut = find_stop(c.text, start, sp.stop, sp.include_stop_str_in_output)
                 if cut is not None:
-                    matched = [s for s in sp.stop if s in c.text[max(0, start - max(map(len, sp.stop))):]]
+                    inc = sp.include_stop_str_in_output
+                    matched = [s for s in sp.stop if (c.text[cut - len(s):cut] if inc else c.text[cut:cut + len(s)]) == s]
                     c.stop_reason = matched[0] if matched else None
                     c.text = c.text[:cut]
                     c.finish_reason = "stop"
@@ -521,12 +528,21 @@ class Executor:
                           job.greq.sampling_params.max_tokens, arrival_time=job.arrival, output_token_ids=[token])
             self._attach(job, c, req)
             if self._is_stop(c, token) or job.greq.sampling_params.max_tokens == 1:
-                c.finish_reason = c.finish_reason or "length"
+                if c.finish_reason is None:
+                    c.finish_reason = "length"
+                    if c.detok is not None:
+                        c.text += c.detok.flush()
                 req.status = RequestStatus.FINISHED_STOPPED
-            elif parent.is_finished:
-                self.scheduler.add_request(req)
             else:
-                self.scheduler.fork(parent.request_id, req)
+                try:
+                    if parent.is_finished:
+                        self.scheduler.add_request(req)
+                    else:
+                        self.scheduler.fork(parent.request_id, req)
+                except ValueError as e:  # e.g. this completion can never fit the pool: it ends with the error
+                    c.finish_reason = "error"
+                    req.status = RequestStatus.FINISHED_ERROR
+                    job.error = str(e)
             touched[job.greq.request_id] = job
         for rid in finished:
             job, comp = self._owner.pop(rid)
@@ -570,7 +586,7 @@ class Executor:
         metrics = {"arrival_time": job.arrival, "first_token_time": job.first_token_time,
                    "finished_time": now if final else None, "num_cached_tokens": job.num_cached_tokens}
         job.result._publish(RequestOutput(job.greq.request_id, job.greq.prompt, list(job.greq.prompt_token_ids),
-                                          outputs, final, job.prompt_logprobs, metrics))
+                                          outputs, final, job.prompt_logprobs, metrics, error=job.error))
 
     def _record(self, out: SchedulerOutput, t_start: float) -> None:
         self._iteration += 1
@@ -593,13 +609,13 @@ class Executor:
         """Fail every pending request with `error` and return the scheduler to empty."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
-        jobs = list(self._jobs.values()) + inbox
+            jobs = list(self._jobs.values()) + inbox
+            self._jobs.clear()
         for job in jobs:
             for c in job.completions:
                 if c.request is not None and not c.request.is_finished:
                     self.scheduler.finish(c.request.request_id, RequestStatus.FINISHED_ERROR)
             job.result._publish(None, error)
-        self._jobs.clear()
         self._owner.clear()
 
     def __repr__(self) -> str:

@@ -106,7 +106,7 @@ class ProfiledEngine:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         bs = self.block_size
         per_seq = -(-(seq_len + 1) // bs)
-        kv = self.engine.allocate_kv_cache(batch_size * per_seq, bs) if not hasattr(self, "_kv") or \
+        kv = self.engine.allocate_kv_cache(batch_size * per_seq, bs, capture_graphs=False) if not hasattr(self, "_kv") or \
             self._kv.num_blocks < batch_size * per_seq or self._kv.block_size != bs else self._kv
         self._kv = kv
         g = torch.Generator().manual_seed(0)

@@ -164,3 +164,12 @@ def test_tensorrt_engine_is_built_saved_and_refuses_to_run_here(tmp_path, tiny_c
     batch = ForwardBatch.build([SequenceInput([1, 2], 0, [0])], 4)
     with pytest.raises(RuntimeError, match="use the PyTorch backend"):
         again.backend.forward(batch, None)
+
+
+def test_an_engine_built_without_a_model_identity_reopens(tmp_path, tiny_checkpoints):
+    import kit
+
+    loaded = ModelLoader(tiny_checkpoints["llama"][0]).load()
+    engine = kit.build(NetworkBuilder(loaded).build(), BuildConfig(**SMALL), device="cpu", progress=False)
+    d = engine.save(tmp_path / "e")
+    assert Engine.from_dir(d).build_key == engine.build_key is not None

@@ -180,3 +180,21 @@ def test_stop_strings_and_logprobs(smollm2):
         streamed = "".join(s.outputs[0].text_diff for s in llm.generate(
             "1, 2, 3, 4,", SamplingParams(max_tokens=12, temperature=0.0, stop=[" 7"]), streaming=True))
         assert streamed == o.text
+
+
+def test_reserved_ids_and_stop_reason_of_the_cut(tiny):
+    from kit.executor import GenerationRequest
+
+    with LLM(tiny, device="cpu", build_config=BuildConfig(**BC)) as llm:
+        with pytest.raises(ValueError, match="reserved"):
+            llm.executor.submit(GenerationRequest([5, 6, 7], SamplingParams(max_tokens=2), request_id="a#1"))
+        ok = llm.executor.submit(GenerationRequest([5, 6, 7], SamplingParams(max_tokens=2, n=2, seed=1),
+                                                   request_id="a"))
+        assert len(ok.result(timeout=60).outputs) == 2
+
+
+def test_stop_reason_names_the_string_that_cut(smollm2):
+    with LLM(smollm2, device="cpu", build_config=BuildConfig(max_batch_size=2, max_seq_len=64, max_input_len=32,
+                                                             max_num_tokens=64)) as llm:
+        o = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=12, temperature=0.0, stop=[" 8", " 6"])).outputs[0]
+    assert o.text == " 5," and o.stop_reason == " 6"

@@ -137,7 +137,7 @@ class TorchBackend:
         self.network = network
         self.config = network.config
         self.device = torch.device(device)
-        self.dtype = dtype or next(iter(network.weights.values())).dtype
+        self.dtype = dtype or network.weights["model.embed_tokens.weight"].dtype  # never quantized
         # decode steps (one query per sequence) use the Triton paged kernel on a GPU: it reads only
         # each sequence's own blocks instead of gathering a padded copy of every context
         self.decode_kernel = None
