@@ -16,7 +16,7 @@ import time
 import torch
 
 from kit.builder import BuildConfig, Builder
-from kit.engine import ForwardBatch, SequenceInput
+from kit.batch import ForwardBatch, SequenceInput
 from kit.loader import ModelLoader
 from kit.network import NetworkBuilder
 

@@ -27,7 +27,7 @@ SCHEMES = {"bf16": None, "fp8": "fp8", "int8_wo": "int8_wo", "int4_wo": "int4_wo
 
 
 def time_decode(engine, kv, batch: int, context: int, steps: int, bs: int) -> float:
-    from kit.engine import ForwardBatch, SequenceInput
+    from kit.batch import ForwardBatch, SequenceInput
 
     per_seq = -(-(context + steps) // bs)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]

@@ -9,7 +9,8 @@ The pipeline, one object per step (see README):
 
 from kit.builder import BuildCache, BuildConfig, Builder, build
 from kit.config import ModelConfig
-from kit.engine import Engine, ForwardBatch, KVCache, SequenceInput
+from kit.batch import ForwardBatch, KVCache, SequenceInput
+from kit.engine import Engine
 from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
 from kit.kv_cache import KVCacheInspector, KVCacheManager
 from kit.llm import LLM

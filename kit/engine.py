@@ -1,20 +1,6 @@
-"""The engine: a built network that computes logits for a `ForwardBatch`.
+"""The engine: a built network that computes logits for a `ForwardBatch` (see `kit/batch.py`).
 
-`ForwardBatch` is the only thing an engine sees of the serving side. It holds the
-flattened tokens of every scheduled sequence, whatever their phase: a sequence simply
-has `num_computed_tokens` already in the KV cache and some tokens to compute now (a
-whole prompt, a chunk of one, or a single decode token).
-
-    input_ids       (num_tokens,)          the tokens to compute, sequence after sequence
-    positions       (num_tokens,)          their positions in their sequence
-    query_start_loc (num_seqs + 1,)        where each sequence's tokens start in input_ids
-    seq_lens        (num_seqs,)            tokens in the cache after this step (context length)
-    block_tables    (num_seqs, max_blocks) the cache blocks of each sequence, in order
-    slot_mapping    (num_tokens,)          where each token's K/V is written: block * block_size + offset
-    logits_indices  (num_logits,)          rows of the flattened tokens whose logits are wanted
-
-`KVCache` is the paged pool itself: K and V tensors of shape
-(num_layers, num_blocks, block_size, num_kv_heads, head_dim).
+A runtime object: `Engine.forward(batch, kv_cache) -> logits`.
 """
 
 from __future__ import annotations
@@ -25,148 +11,16 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
+from kit.batch import ForwardBatch, KVCache, SequenceInput
 from kit.config import ModelConfig
 from kit.network import Network
 
 __all__ = ["ForwardBatch", "KVCache", "Engine", "SequenceInput"]
-
-
-@dataclass
-class SequenceInput:
-    """One sequence's share of a step, as the caller knows it (plain Python)."""
-
-    token_ids: Sequence[int]  # the tokens to compute this step
-    num_computed_tokens: int  # tokens of this sequence already in the cache
-    block_table: Sequence[int]  # its cache blocks, in order
-    logits: str = "last"  # "last" | "all" | "none": which of its rows need logits
-
-
-@dataclass
-class ForwardBatch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    block_tables: torch.Tensor
-    slot_mapping: torch.Tensor
-    logits_indices: torch.Tensor
-    max_query_len: int
-    max_seq_len: int
-    block_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_seqs(self) -> int:
-        return int(self.seq_lens.shape[0])
-
-    @classmethod
-    def build(cls, seqs: Sequence[SequenceInput], block_size: int,
-              device: torch.device | str = "cpu") -> "ForwardBatch":
-        """Flatten a list of sequences into one batch (validating the block tables)."""
-        if not seqs:
-            raise ValueError("ForwardBatch.build needs at least one sequence")
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        logits_idx: list[int] = []
-        max_blocks = max(len(s.block_table) for s in seqs)
-        for i, s in enumerate(seqs):
-            n = len(s.token_ids)
-            if n == 0:
-                raise ValueError(f"sequence {i} has no tokens to compute")
-            total = s.num_computed_tokens + n
-            if len(s.block_table) * block_size < total:
-                raise ValueError(f"sequence {i}: {len(s.block_table)} blocks of {block_size} cannot hold "
-                                 f"{total} tokens")
-            first = len(input_ids)
-            input_ids.extend(int(t) for t in s.token_ids)
-            for p in range(s.num_computed_tokens, total):
-                positions.append(p)
-                slots.append(s.block_table[p // block_size] * block_size + p % block_size)
-            if s.logits == "last":
-                logits_idx.append(first + n - 1)
-            elif s.logits == "all":
-                logits_idx.extend(range(first, first + n))
-            elif s.logits != "none":
-                raise ValueError(f"SequenceInput.logits must be 'last', 'all' or 'none', got {s.logits!r}")
-            starts.append(len(input_ids))
-            seq_lens.append(total)
-        tables = [b for s in seqs for b in list(s.block_table) + [0] * (max_blocks - len(s.block_table))]
-        # NOTE: one host->device copy for all seven index tensors, then views into it
-        parts = (input_ids, positions, starts, seq_lens, tables, slots, logits_idx)
-        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
-        if torch.device(device).type == "cuda":
-            flat = flat.pin_memory().to(device, non_blocking=True)
-        views = flat.split([len(part) for part in parts])
-        return cls(
-            input_ids=views[0],
-            positions=views[1],
-            query_start_loc=views[2],
-            seq_lens=views[3],
-            block_tables=views[4].view(len(seqs), max_blocks),
-            slot_mapping=views[5],
-            logits_indices=views[6],
-            max_query_len=max(len(s.token_ids) for s in seqs),
-            max_seq_len=max(seq_lens),
-            block_size=block_size,
-        )
-
-
-class KVCache:
-    """The paged K/V pool: (num_layers, num_blocks, block_size, num_kv_heads, head_dim) each."""
-
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 quant_algo: Any = None) -> None:
-        if num_blocks <= 0:
-            raise ValueError(f"KVCache.num_blocks must be > 0, got {num_blocks}")
-        if block_size <= 0:
-            raise ValueError(f"KVCache.block_size must be > 0, got {block_size}")
-        # NOTE: one block more than asked for: the scratch block, owned by no sequence, takes the
-        # K/V writes of padding rows (CUDA-graph buckets) so they never touch a real block
-        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
-        # a quantized cache (int8 / fp8) keeps one float32 scale per (token, kv head) beside K and V
-        self.quant_algo = quant_algo
-        self.compute_dtype = dtype
-        if quant_algo is not None:
-            from kit.quantization import kv_cache_dtype
-
-            dtype = kv_cache_dtype(quant_algo)
-            self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
-            self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.scratch_block = num_blocks
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.quant_algo is not None
-
-    @property
-    def nbytes(self) -> int:
-        scales = 2 * self.k_scale.numel() * 4 if self.is_quantized else 0
-        return 2 * self.k.numel() * self.k.element_size() + scales
-
-    def __repr__(self) -> str:
-        return (f"KVCache({self.num_blocks} blocks x {self.block_size} tokens, {self.dtype}, "
-                f"{self.nbytes / 2**20:.1f} MiB)")
 
 
 ENGINE_FORMAT = 1

@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kit.engine import Engine, ForwardBatch, SequenceInput
+from kit.batch import ForwardBatch, SequenceInput
+from kit.engine import Engine
 
 __all__ = ["eval_windows", "perplexity", "logit_agreement", "layer_errors", "memory", "compare"]
 

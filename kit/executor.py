@@ -28,7 +28,8 @@ from typing import Any, AsyncIterator, Iterator
 import pandas as pd
 import torch
 
-from kit.engine import Engine, ForwardBatch, SequenceInput
+from kit.batch import ForwardBatch, SequenceInput
+from kit.engine import Engine
 from kit.kv_cache import KVCacheInspector, KVCacheManager, gpu_memory_budget
 from kit.outputs import CompletionOutput, RequestOutput
 from kit.request import Request, RequestStatus

@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from kit.engine import Engine, ForwardBatch, SequenceInput
+from kit.batch import ForwardBatch, SequenceInput
+from kit.engine import Engine
 from kit.network import Layer
 
 __all__ = ["ProfiledEngine", "layer_cost"]

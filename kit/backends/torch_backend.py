@@ -298,7 +298,7 @@ class CUDAGraphRunner:
     """
 
     def __init__(self, backend: TorchBackend, kv_cache: Any, batch_sizes: tuple[int, ...], max_blocks: int) -> None:
-        from kit.engine import ForwardBatch
+        from kit.batch import ForwardBatch
 
         self.backend = backend
         self.kv_cache = kv_cache
