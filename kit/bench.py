@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 __all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "main"]
 

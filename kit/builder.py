@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kit.progress import tqdm
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -247,8 +249,6 @@ class Builder:
     def build(self, network: Any, build_config: BuildConfig | None = None, *, loaded: Any = None,
               enable_build_cache: bool = True, skip_build_cache: bool = False, progress: bool = True) -> Any:
         """Build (or fetch from the build cache) the engine for `network` under `build_config`."""
-        from tqdm.auto import tqdm
-
         from kit.engine import Engine
 
         build_config = build_config or BuildConfig()

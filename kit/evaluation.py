@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 from kit.batch import ForwardBatch, SequenceInput
 from kit.engine import Engine

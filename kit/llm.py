@@ -16,7 +16,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 from kit.builder import BuildConfig
 from kit.engine import Engine

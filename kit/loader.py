@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 from kit.config import ModelConfig
 

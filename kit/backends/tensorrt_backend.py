@@ -67,7 +67,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 from kit.backends.torch_backend import rope_inv_freq
 from kit.network import Layer, Network
@@ -505,7 +505,14 @@ def _progress_monitor(trt: Any) -> Any:
         def phase_finish(self, phase_name: str) -> None:
             with self._lock:
                 bar = self._bars.pop(phase_name, None)
+                self._depth.pop(phase_name, None)
                 if bar is not None:
+                    # NOTE: TensorRT announces an upper bound of steps (e.g. tactics it may time) and
+                    # often finishes a phase early; a finished phase is complete, not failed, so its
+                    # total shrinks to the steps done (a bar closed short of its total reads as an error)
+                    if bar.total and bar.n < bar.total:
+                        bar.total = bar.n
+                        bar.refresh()
                     bar.close()
 
     return TqdmProgressMonitor()

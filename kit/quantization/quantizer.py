@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 from kit.loader import LoadedModel
 from kit.quantization import awq, fp8, gptq, int4, int8_weight_only, smoothquant
