@@ -25,7 +25,7 @@ from kit.llm import LLM  # noqa: E402
 from kit.loader import LoadedModel, random_weights  # noqa: E402
 from kit.request import Request  # noqa: E402
 from kit.sampling import SamplingParams  # noqa: E402
-from widgets.batching import BatchingTimeline, runs  # noqa: E402
+from widgets.batching import NONE, BatchingTimeline, runs  # noqa: E402
 from widgets.kv_cache import CACHED_COLOR, FREE_COLOR, KVCacheMap  # noqa: E402
 
 WHITE, GREY = to_rgba(FREE_COLOR), to_rgba(CACHED_COLOR)
@@ -140,6 +140,12 @@ def test_batching_timeline_from_hand_made_stats():
     assert [b.get_height() for b in t.decode_bars] == [1, 2, 1, 1, 1, 2]
     np.testing.assert_array_equal(t.batch_line.get_ydata(), [2, 2, 1, 2, 2, 2])
     assert not t.highlight.get_visible()
+    assert t.dropdown.value == NONE and t.dropdown.label == "(none)" and t.dropdown.index == 0  # a visible default
+    ax_g, ax_tokens, ax_batch, ax_kv = t.axes  # one quantity per axis: the pool size is on the KV axis only
+    np.testing.assert_array_equal(t.kv_line.get_ydata(), [4, 4, 2, 4, 4, 4])
+    assert t.kv_total_line.axes is ax_kv and list(t.kv_total_line.get_ydata()) == [6, 6]
+    assert t.batch_line.axes is ax_batch and ax_batch is not ax_kv and ax_kv.get_ylim()[1] >= 6
+    assert ax_batch.get_ylim()[1] < 6  # batch sizes (max 2) are not drawn against the pool's scale
 
     t.dropdown.value = "B"
     assert t.highlight.get_visible() and t.highlight.get_y() == 0.5  # row 1 spans 0.5 .. 1.5
@@ -150,8 +156,12 @@ def test_batching_timeline_from_hand_made_stats():
 
     t.dropdown.value = "C"
     assert t.highlight.get_y() == 1.5 and t.rows["B"].get_alpha() < 1.0
-    t.dropdown.value = None
+    t.dropdown.value = None  # cleared from code: the dropdown shows "(none)", not a blank
+    assert t.dropdown.value == NONE and t.dropdown.label == "(none)" and t.selected is None
     assert not t.highlight.get_visible() and all(c.get_alpha() == 1.0 for c in t.rows.values())
+    t.dropdown.value = "A"
+    t.dropdown.value = NONE  # chosen by hand: stays visible
+    assert t.dropdown.label == "(none)" and not t.highlight.get_visible()
     with pytest.raises(KeyError):
         t.schedule("Z")
 

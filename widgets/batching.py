@@ -3,20 +3,22 @@
 It reads the frame kit documents in `Executor.stats()` (one row per executor iteration):
 `iteration, time_s, duration_ms, request_ids, num_prefill_tokens, num_decode_tokens,
 batch_size, kv_blocks_used, kv_blocks_total, num_preemptions, preempted_request_ids,
-num_waiting`. It never runs an engine. Two plots share the x axis (iteration):
+num_waiting`. It never runs an engine. Four plots share the x axis (iteration), each
+with one quantity on its own y axis:
 
-    top     one row per request (in order of first scheduling): a bar over every run of
-            consecutive iterations in which it was scheduled (a prompt chunk or a decode
-            token), a black X where it was preempted (its blocks freed, to be recomputed)
-    bottom  stacked bars: prompt (prefill) tokens and decode tokens computed per iteration;
-            on the right axes, lines for the batch size (sequences in the step) and the KV
-            blocks in use, with the pool size dashed
+    requests    one row per request (in order of first scheduling): a bar over every run of
+                consecutive iterations in which it was scheduled (a prompt chunk or a decode
+                token), a black X where it was preempted (its blocks freed, to be recomputed)
+    tokens      stacked bars: prompt (prefill) tokens and decode tokens computed per iteration
+    batch size  sequences in the step
+    KV blocks   blocks in use, on an axis from 0 to the pool size (dashed line at the top)
 
-A `Dropdown` selects a request: its row is highlighted, the other rows fade, the bars of
-the iterations it ran in get an outline, and a line of text gives its schedule.
+A `Dropdown` selects a request ("(none)" by default, a visible option): its row is
+highlighted, the other rows fade, the bars of the iterations it ran in get an outline, and
+a line of text gives its schedule.
 
     t = BatchingTimeline(llm.executor.stats())   # an ipywidgets.VBox: end a cell with it
-    t.dropdown.value = "req-3"
+    t.dropdown.value = "req-3"                   # back to all: t.dropdown.value = NONE ("(none)")
     t.schedule("req-3")                          # {'iterations': [...], 'preempted_at': [...], ...}
 """
 
@@ -26,21 +28,20 @@ import html
 from typing import Any
 
 import ipywidgets as widgets
-import matplotlib
 import pandas as pd
-from matplotlib.colors import to_hex
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from widgets.figure import figure_widget
+from widgets.figure import StaticFigure, figure_widget
+from widgets.kv_cache import REQUEST_PALETTE
 
-__all__ = ["BatchingTimeline", "runs"]
+__all__ = ["BatchingTimeline", "runs", "NONE"]
 
 _COLUMNS = ("iteration", "request_ids", "num_prefill_tokens", "num_decode_tokens", "batch_size", "kv_blocks_used",
             "kv_blocks_total", "preempted_request_ids")
-_TAB20 = matplotlib.colormaps["tab20"].colors
-# the same request palette as widgets.kv_cache: tab20 without greys, strong shades first
-_PALETTE = tuple(to_hex(_TAB20[i]) for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (14, 15))
+_PALETTE = REQUEST_PALETTE  # a request has the same colour here as in KVCacheMap
+# NOTE: a real option value, not None: ipywidgets shows a None value as an empty dropdown
+NONE = "(none)"
 PREFILL_COLOR, DECODE_COLOR, KV_COLOR = "#f59e0b", "#3b82f6", "#7c3aed"
 FADED, SHOWN = 0.25, 1.0
 
@@ -56,13 +57,14 @@ def runs(iterations: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-class BatchingTimeline(widgets.VBox):
+class BatchingTimeline(StaticFigure, widgets.VBox):
     """Gantt chart of requests over iterations, token bars per iteration, and a request picker.
 
     Parameters: `stats` (the frame of `Executor.stats()`), `title`. Attributes for code
     and tests: `dropdown`, `requests` (row order), `rows` (request id -> PolyCollection of
     its bars), `highlight` (the Rectangle over the selected row), `preemption_marks`,
-    `prefill_bars` / `decode_bars` (BarContainers), `schedule_html`, `figure`.
+    `prefill_bars` / `decode_bars` (BarContainers), `batch_line`, `kv_line`, `kv_total_line`,
+    `axes` (requests, tokens, batch size, KV blocks), `schedule_html`, `figure`.
     """
 
     def __init__(self, stats: pd.DataFrame, *, title: str | None = None) -> None:
@@ -86,14 +88,16 @@ class BatchingTimeline(widgets.VBox):
         row = {rid: i for i, rid in enumerate(self.requests)}
 
         n = len(self.requests)
-        fig, view, self._redraw = figure_widget((9.0, 1.2 + 0.22 * n + 2.4))
+        heights = (max(1.0, 0.22 * n), 1.9, 0.85, 0.85)  # inches: requests, tokens, batch size, KV blocks
+        fig, view, self._redraw = figure_widget((9.0, sum(heights) + 1.3))
         self.figure = fig
         height = fig.get_figheight()
-        gs = fig.add_gridspec(2, 1, height_ratios=(max(1.0, 0.22 * n), 2.4), hspace=0.08, left=0.1, right=0.84,
-                              top=0.97 - 0.3 / height, bottom=0.5 / height)
+        gs = fig.add_gridspec(4, 1, height_ratios=heights, hspace=0.12, left=0.1, right=0.97,
+                              top=0.97 - 0.3 / height, bottom=0.55 / height)
         ax_g = fig.add_subplot(gs[0])
         ax_b = fig.add_subplot(gs[1], sharex=ax_g)
-        ax_r = ax_b.twinx()
+        ax_r = fig.add_subplot(gs[2], sharex=ax_g)
+        ax_kv = fig.add_subplot(gs[3], sharex=ax_g)
 
         # (a) the Gantt chart: one row per request
         self.highlight = Rectangle((0.0, -0.5), 1.0, 1.0, transform=ax_g.get_yaxis_transform(), color="#fde68a",
@@ -110,12 +114,11 @@ class BatchingTimeline(widgets.VBox):
                                              zorder=3)
         ax_g.set_yticks(range(n), self.requests, fontsize=7 if n > 12 else 8)
         ax_g.set_ylim(n - 0.5, -0.5)
-        ax_g.set_ylabel("request")
-        ax_g.tick_params(labelbottom=False)
+        ax_g.set_ylabel("request", fontsize=8)
         ax_g.grid(axis="x", color="#e5e7eb", linewidth=0.5)
         ax_g.set_title(title or f"{len(df)} iterations, {n} requests, {len(px)} preemptions (X)", fontsize=9)
 
-        # (b) tokens per iteration, with batch size and KV blocks on the right axis
+        # (b) tokens per iteration
         it = self.iterations
         pre_tok = df["num_prefill_tokens"].to_numpy()
         dec_tok = df["num_decode_tokens"].to_numpy()
@@ -123,34 +126,40 @@ class BatchingTimeline(widgets.VBox):
                                      edgecolor="none")
         self.decode_bars = ax_b.bar(it, dec_tok, width=0.8, bottom=pre_tok, color=DECODE_COLOR,
                                     label="decode tokens", edgecolor="none")
-        ax_b.set_ylabel("tokens / iteration")
-        ax_b.set_ylim(0, max(1, int((pre_tok + dec_tok).max())) * 1.35)  # headroom for the legend
-        ax_b.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_b.set_xlabel("iteration")
-        (self.batch_line,) = ax_r.step(it, df["batch_size"], where="mid", color="#111827", linewidth=1.2,
-                                       label="batch size")
-        ax_r.set_ylabel("batch size (sequences)")
-        ax_r.set_ylim(0, max(1, int(df["batch_size"].max())) * 1.35)
-        ax_r.yaxis.set_major_locator(MaxNLocator(integer=True))
-        # KV blocks on a second right-hand axis, its spine moved outwards
-        ax_kv = ax_b.twinx()
-        ax_kv.spines["right"].set_position(("axes", 1.09))
+        ax_b.set_ylabel("tokens /\niteration", fontsize=8)
+        ax_b.set_ylim(0, max(1, int((pre_tok + dec_tok).max())) * 1.3)  # headroom for the legend
+        ax_b.legend(fontsize=7, loc="upper left", ncol=2, frameon=False)
+
+        # (c) batch size, (d) KV blocks: each on its own axis (sharing one would put unrelated
+        # numbers on the same gridlines)
+        (self.batch_line,) = ax_r.step(it, df["batch_size"], where="mid", color="#111827", linewidth=1.3)
+        ax_r.set_ylabel("batch size\n(sequences)", fontsize=8)
+        ax_r.set_ylim(0, max(1, int(df["batch_size"].max())) * 1.2)
+        ax_r.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
         total = int(df["kv_blocks_total"].max())
-        (self.kv_line,) = ax_kv.step(it, df["kv_blocks_used"], where="mid", color=KV_COLOR, linewidth=1.2,
+        (self.kv_line,) = ax_kv.step(it, df["kv_blocks_used"], where="mid", color=KV_COLOR, linewidth=1.3,
                                      label="KV blocks used")
-        ax_kv.axhline(total, color=KV_COLOR, linestyle="--", linewidth=0.8, label=f"KV blocks total ({total})")
-        ax_kv.set_ylim(0, max(1, total) * 1.35)
-        ax_kv.set_ylabel("KV blocks", color=KV_COLOR)
-        ax_kv.tick_params(axis="y", colors=KV_COLOR)
-        handles = [*ax_b.get_legend_handles_labels()[0], *ax_r.get_legend_handles_labels()[0],
-                   *ax_kv.get_legend_handles_labels()[0]]
-        ax_b.legend(handles=handles, fontsize=7, loc="upper left", ncol=5, frameon=False)
-        ax_b.set_xlim(it.min() - 0.6, it.max() + 0.6)
+        self.kv_total_line = ax_kv.axhline(total, color=KV_COLOR, linestyle="--", linewidth=0.8,
+                                           label=f"pool: {total} blocks")
+        ax_kv.fill_between(it, df["kv_blocks_used"], step="mid", color=KV_COLOR, alpha=0.15, linewidth=0)
+        ax_kv.set_ylim(0, max(1, total) * 1.25)
+        ax_kv.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        ax_kv.set_ylabel("KV blocks", fontsize=8, color=KV_COLOR)
+        ax_kv.legend(fontsize=7, loc="upper left", ncol=2, frameon=False)
+        for ax in (ax_g, ax_b, ax_r):
+            ax.tick_params(labelbottom=False)
+        for ax in (ax_b, ax_r, ax_kv):
+            ax.grid(axis="y", color="#e5e7eb", linewidth=0.5)
+            ax.tick_params(axis="y", labelsize=7)
+        ax_kv.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_kv.set_xlabel("iteration")
+        ax_kv.set_xlim(it.min() - 0.6, it.max() + 0.6)
+        fig.align_ylabels([ax_g, ax_b, ax_r, ax_kv])
         self.axes = (ax_g, ax_b, ax_r, ax_kv)
 
         labels = [(f"{rid} ({len(ran.get(rid, []))} iterations, {len(preempted.get(rid, []))} preemptions)", rid)
                   for rid in self.requests]
-        self.dropdown = widgets.Dropdown(options=[("(none)", None), *labels], value=None, description="request",
+        self.dropdown = widgets.Dropdown(options=[(NONE, NONE), *labels], value=NONE, description="request",
                                          layout=widgets.Layout(width="420px"))
         self.schedule_html = widgets.HTML()
         self.dropdown.observe(self._on_select, names="value")
@@ -160,7 +169,8 @@ class BatchingTimeline(widgets.VBox):
     # ------------------------------------------------------------------ state
     @property
     def selected(self) -> str | None:
-        return self.dropdown.value
+        """The selected request id, None for "(none)"."""
+        return None if self.dropdown.value in (NONE, None) else self.dropdown.value
 
     def schedule(self, request_id: str) -> dict[str, Any]:
         """When a request ran: `iterations` (scheduled in), `runs` [(first, last)], `preempted_at`,
@@ -173,7 +183,10 @@ class BatchingTimeline(widgets.VBox):
 
     # ---------------------------------------------------------------- updates
     def _on_select(self, change: dict[str, Any]) -> None:
-        self._show(change["new"])
+        if change["new"] is None:  # cleared from code: show the visible "(none)" option instead
+            self.dropdown.value = NONE
+            return
+        self._show(self.selected)
 
     def _show(self, rid: str | None) -> None:
         for r, coll in self.rows.items():
