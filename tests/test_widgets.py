@@ -4,8 +4,10 @@ Each test moves a control programmatically and checks the artists it must have c
 (the image array of a step, the highlighted row), against what the frame implies.
 """
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -27,6 +29,8 @@ from kit.request import Request  # noqa: E402
 from kit.sampling import SamplingParams  # noqa: E402
 from widgets.batching import NONE, BatchingTimeline, runs  # noqa: E402
 from widgets.kv_cache import CACHED_COLOR, FREE_COLOR, KVCacheMap  # noqa: E402
+from widgets.layer_timing import NONE as NO_COMPARE  # noqa: E402
+from widgets.layer_timing import LayerTimingView, profiles_json_frames  # noqa: E402
 
 WHITE, GREY = to_rgba(FREE_COLOR), to_rgba(CACHED_COLOR)
 
@@ -274,3 +278,62 @@ t.dropdown.value = "a"
 assert t.children[2] is t.figure.canvas and t.highlight.get_visible()
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ LayerTimingView over the H100 profiles
+PROFILES = Path(__file__).resolve().parents[1] / "bench" / "results" / "profiles_h100.json"
+
+
+def test_layer_timing_pages_through_every_layer_of_the_h100_profiles():
+    data = json.loads(PROFILES.read_text())
+    frames = profiles_json_frames(data)
+    assert list(frames) == ["smollm2-135m, bs 1 (H100)", "smollm2-135m, bs 64 (H100)",
+                            "synthetic:llama-3.2-1b, bs 1 (H100)", "synthetic:llama-3.2-1b, bs 64 (H100)"]
+    assert list(frames["smollm2-135m, bs 1 (H100)"]) == ["prefill", "decode"]
+    prefill = frames["smollm2-135m, bs 1 (H100)"]["prefill"]
+    assert len(prefill) == 213
+
+    v = LayerTimingView(frames, max_layers=30)
+    assert v.num_pages == 8 and v.page.max == 7  # 213 layers: 7 pages of 30 and one of 3
+    seen = []
+    for page in range(v.num_pages):
+        v.page.value = page
+        seen += [t.get_text() for t in v.ax_layers.get_yticklabels()]
+        assert v.bar_heights == pytest.approx(prefill["latency_ms"].iloc[30 * page:30 * page + 30].tolist())
+    assert seen == prefill["layer"].tolist()  # every layer, in network order, each once
+    assert "page 8 of 8: layers 210&ndash;212" in v.page_label.value
+    assert all(t.get_fontsize() >= 8 and t.get_rotation() == 0 for t in v.ax_layers.get_yticklabels())
+
+    # compare: another engine (the same model at batch 64), matched by layer name
+    assert v.compare.value == NO_COMPARE and v.compare.label == "(none)"
+    assert "smollm2-135m, bs 1 (H100)" not in v.compare.options  # never the engine itself
+    v.phase.value = "decode"
+    v.page.value = 0
+    v.compare.value = "smollm2-135m, bs 64 (H100)"
+    d1 = frames["smollm2-135m, bs 1 (H100)"]["decode"]
+    d64 = frames["smollm2-135m, bs 64 (H100)"]["decode"]
+    assert v.bar_heights == pytest.approx(d1["latency_ms"].iloc[:30].tolist() + d64["latency_ms"].iloc[:30].tolist())
+    ratio = d1["latency_ms"].sum() / d64["latency_ms"].sum()
+    assert f"({ratio:.2f}x; 213 layer names in common)" in v.summary.value
+
+    v.engine.value = "smollm2-135m, bs 64 (H100)"  # compare follows: the engine itself leaves the options
+    assert v.compare.value == NO_COMPARE and "smollm2-135m, bs 1 (H100)" in v.compare.options
+    assert v.phase.value == "decode" and len(v.bar_heights) == 30 and v.page.value == 0
+
+
+def test_layer_timing_takes_named_frames_with_a_phase_column():
+    """Several named DataFrames (a CPU profile and the H100 rows), each with its `phase` column."""
+    data = json.loads(PROFILES.read_text())
+    h100 = pd.concat([pd.DataFrame(p["layers"]) for p in data["profiles"]
+                      if p["model"] == "smollm2-135m" and p["batch_size"] == 1])
+    cpu = h100.assign(latency_ms=h100["latency_ms"] * 3)
+    v = LayerTimingView({"cpu": cpu, "H100": h100}, max_layers=50)
+    assert list(v.phase.options) == ["prefill", "decode"] and v.num_pages == 5
+    v.compare.value = "H100"
+    assert "(3.00x; 213 layer names in common)" in v.summary.value
+    with pytest.raises(ValueError, match=r"frames\['x'\]\['prefill'\] misses columns \['latency_ms'\]"):
+        LayerTimingView({"x": {"prefill": pd.DataFrame({"layer": ["a"], "kind": ["mlp"]})}})
+    with pytest.raises(TypeError, match=r"frames\['x'\] must be a DataFrame"):
+        LayerTimingView({"x": [1, 2]})
+    with pytest.raises(ValueError, match="max_layers must be >= 1"):
+        LayerTimingView({"cpu": cpu}, max_layers=0)
