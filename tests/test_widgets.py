@@ -4,6 +4,7 @@ Each test moves a control programmatically and checks the artists it must have c
 (the image array of a step, the highlighted row), against what the frame implies.
 """
 
+import base64
 import json
 import subprocess
 import sys
@@ -17,20 +18,23 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.colors import to_hex, to_rgba  # noqa: E402
 
 from kit.builder import BuildConfig  # noqa: E402
 from kit.config import ModelConfig  # noqa: E402
 from kit.executor import KvCacheConfig  # noqa: E402
+from kit.kv_cache import _COLORS as kv_html_colors  # noqa: E402
 from kit.kv_cache import KVCacheInspector, KVCacheManager  # noqa: E402
 from kit.llm import LLM  # noqa: E402
 from kit.loader import LoadedModel, random_weights  # noqa: E402
 from kit.request import Request  # noqa: E402
 from kit.sampling import SamplingParams  # noqa: E402
 from widgets.batching import NONE, BatchingTimeline, runs  # noqa: E402
-from widgets.kv_cache import CACHED_COLOR, FREE_COLOR, KVCacheMap  # noqa: E402
+from widgets.figure import figure_png  # noqa: E402
+from widgets.kv_cache import CACHED_COLOR, FREE_COLOR, REQUEST_PALETTE, KVCacheMap  # noqa: E402
 from widgets.layer_timing import NONE as NO_COMPARE  # noqa: E402
 from widgets.layer_timing import LayerTimingView, profiles_json_frames  # noqa: E402
+from widgets.quant_compare import QuantComparison  # noqa: E402
 
 WHITE, GREY = to_rgba(FREE_COLOR), to_rgba(CACHED_COLOR)
 
@@ -337,3 +341,70 @@ def test_layer_timing_takes_named_frames_with_a_phase_column():
         LayerTimingView({"x": [1, 2]})
     with pytest.raises(ValueError, match="max_layers must be >= 1"):
         LayerTimingView({"cpu": cpu}, max_layers=0)
+
+
+# ------------------------------------------------------------------ QuantComparison
+SCHEMES = ["float", "int8_wo", "fp8", "fp8_pc_pt", "w8a8", "int8_sq", "int4_wo", "int4_awq", "int4_gptq"]
+
+
+def _quant_results():
+    delta = [0.0, 0.3, 1.1, 0.6, 2.5, 1.4, 9.0, 5.0, 4.0]
+    mib = [400.0, 200.0, 200.0, 200.0, 200.0, 200.0, 106.0, 106.0, 106.0]
+    return pd.DataFrame({"scheme": SCHEMES, "perplexity": [20 * (1 + d / 100) for d in delta], "ppl_delta_pct": delta,
+                         "kl_div": [d / 100 for d in delta], "top1_agreement": [1 - d / 50 for d in delta],
+                         "linear_weight_mib": mib, "num_tokens": 2048})
+
+
+def test_quant_comparison_fixed_colours_every_speed_point_and_sources():
+    speed = pd.DataFrame({"scheme": ["float", "fp8", "int8_wo", "int4_wo"], "tokens_per_s": [128.1, 173.9, 173.7, 153.6]})
+    errs = pd.DataFrame({"layer": [f"l{i}" for i in range(6)], "kind": ["embedding", "qkv_proj", "mlp", "qkv_proj",
+                                                                          "mlp", "lm_head"],
+                         "block": [None, 0, 0, 1, 1, None], "rel_mse": [0.0, 2e-4, 5e-4, 3e-4, 8e-4, 0.0]})
+    src = "H100, Llama-3.1-8B, bench/results/quant_decode_h100.json"
+    w = QuantComparison(_quant_results(), speed=speed, layer_errors={"int4_wo": errs}, speed_source=src,
+                        accuracy_source="SmolLM2-135M, CPU")
+    colors = dict(w.colors)
+    assert w.plotted == SCHEMES and len(set(colors.values())) == 9
+    assert [t.get_text() for t in w.ax.get_legend().get_texts()] == SCHEMES  # every scheme named in a legend
+    assert "speed:" not in w.source_text.get_text() and "accuracy: SmolLM2-135M, CPU" in w.source_text.get_text()
+
+    w.x.value = "tokens_per_s"  # every scheme with a speed stays, in its own colour; the others are named
+    assert w.plotted == ["float", "int8_wo", "fp8", "int4_wo"]
+    np.testing.assert_allclose(w.point_data, [[128.1, 0.0], [173.7, 0.3], [173.9, 1.1], [153.6, 9.0]])
+    drawn = {c.get_label(): to_hex(c.get_facecolor()[0]) for c in w.ax.collections}
+    assert drawn == {s: colors[s] for s in w.plotted} and w.colors == colors
+    assert w.missing_speed == ["fp8_pc_pt", "w8a8", "int8_sq", "int4_awq", "int4_gptq"]
+    assert "no speed for: fp8_pc_pt, w8a8, int8_sq, int4_awq, int4_gptq" in w.ax.get_title()
+    assert f"speed: {src}" in w.source_text.get_text().replace("\n", " ")
+
+    # layer errors: exact zeros are counted, the log axis spans the real errors only
+    lo, hi = w.ax_layers.get_ylim()
+    assert lo == pytest.approx(2e-4 / 3) and hi == pytest.approx(8e-4 * 3)
+    assert "(2 layers with zero error not drawn)" in w.ax_layers.get_title()
+    png = w._repr_mimebundle_()["image/png"]
+    assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+
+    unnamed = QuantComparison(_quant_results(), speed=speed)
+    unnamed.x.value = "tokens_per_s"
+    assert "speed: source not given (pass speed_source=...)" in unnamed.source_text.get_text()
+    with pytest.raises(ValueError, match=r"speed needs columns \['scheme', 'tokens_per_s'\]"):
+        QuantComparison(_quant_results(), speed=pd.DataFrame({"scheme": ["float"], "tok_s": [1.0]}))
+
+
+def test_every_widget_display_bundle_carries_a_png_of_its_figure(history):
+    """The widget view for JupyterLab and a PNG of the current figure for readers without a kernel."""
+    shown = [KVCacheMap(history), BatchingTimeline(_stats_rows()),
+             LayerTimingView(profiles_json_frames(json.loads(PROFILES.read_text())), max_layers=10),
+             QuantComparison(_quant_results())]
+    for w in shown:
+        bundle = w._repr_mimebundle_()
+        assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == w.model_id
+        png = base64.b64decode(bundle["image/png"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == figure_png(w.figure)
+
+
+def test_kv_cache_colours_match_the_html_grid_of_the_inspector():
+    """One legend for KVCacheMap and KVCacheInspector's HTML grid: free and cached colours are the same."""
+    assert (FREE_COLOR, CACHED_COLOR) == (kv_html_colors["free"], kv_html_colors["cached"])
+    assert not {FREE_COLOR, CACHED_COLOR} & set(REQUEST_PALETTE)
+    assert len(set(REQUEST_PALETTE)) == len(REQUEST_PALETTE) == 15
