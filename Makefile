@@ -1,4 +1,4 @@
-# make demo | make test | make lab | make bench — each sets up .venv from nothing first.
+# make demo | make test | make test-browser | make lab | make bench — each sets up .venv from nothing first.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.kit-installed
 TORCH := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 EXTRAS ?= notebook,dev,tensorrt
 
-.PHONY: setup demo test test-gpu lab bench clean
+.PHONY: setup demo test test-browser browser-deps test-gpu lab bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests --nbmake notebooks
 
+# JupyterLab in Debian's chromium, driven by Playwright (its own browser download is not used):
+# the widgets render, react to their controls and survive save + reload; screenshots in test-artifacts/browser/
+BROWSER_STAMP := $(VENV)/.kit-browser-installed
+
+browser-deps: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): $(STAMP)
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	$(PIP) install -q -e ".[$(EXTRAS),browser]"
+	touch $@
+
+test-browser: $(BROWSER_STAMP)
+	KIT_REQUIRE_BROWSER=1 KIT_CHROMIUM="$${KIT_CHROMIUM:-$$(command -v chromium || command -v chromium-browser)}" \
+		$(PY) -m pytest -q -m browser -rs tests/test_browser.py
+
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
@@ -38,4 +54,4 @@ bench: $(STAMP)
 	$(VENV)/bin/kit bench --model smollm2-135m --out bench/results/bench_local.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache test-artifacts

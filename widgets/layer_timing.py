@@ -98,7 +98,7 @@ class LayerTimingView(StaticFigure, widgets.VBox):
                                       layout=widgets.Layout(width="360px"))
         self.page_label = widgets.HTML()
         self.summary = widgets.HTML()
-        self.fig, self.view, self._draw = figure_widget((11.0, 1.3 + 0.19 * self.max_layers))
+        self.fig, self.view, self._draw = figure_widget((10.0, 1.3 + 0.19 * self.max_layers))
         self.figure = self.fig
         self.ax_layers, self.ax_kinds = self.fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
         self.engine.observe(self._on_engine, names="value")

@@ -75,7 +75,7 @@ class QuantComparison(StaticFigure, widgets.VBox):
         with_errors = [s for s in schemes if s in self.layer_errors] or [NONE]
         self.scheme = widgets.Dropdown(options=with_errors, value=with_errors[0], description="layers of")
         self.table = widgets.HTML(self.results.round(4).to_html(index=False, border=0))
-        self.fig, self.view, self._draw = figure_widget((11.5, 4.6))
+        self.fig, self.view, self._draw = figure_widget((10.0, 4.4))
         self.figure = self.fig
         self.ax, self.ax_layers = self.fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
         self.source_text = self.fig.text(0.01, 0.01, "", fontsize=8, color="#374151", va="bottom")
