@@ -266,6 +266,34 @@ def _choose(label: str, index: int):
 MOVES = {1: _slider_right, 2: _choose("request", 2), 3: _choose("compare", 1), 4: _choose("against", 1)}
 
 
+JS_STEPS = """(el) => ({slider: el.querySelector('.widget-slider .widget-readout').textContent.trim(),
+                       label: (el.querySelector('.widget-html-content b') || {}).textContent || ''})"""
+
+
+def _check_play_keeps_label_with_slider(page) -> None:
+    """KVCacheMap during Play: the label's step is the slider's step at every sample (17.7)."""
+    kv = page.locator(".jp-Notebook .jp-CodeCell").nth(1)
+    kv.scroll_into_view_if_needed()
+    handle = kv.locator(".widget-slider .noUi-handle").first
+    handle.focus()
+    handle.press("Home")
+    page.wait_for_function("(el) => el.querySelector('.widget-html-content b').textContent.startsWith('step 1')",
+                           arg=kv.element_handle(), timeout=20_000)
+    kv.locator(".widget-play button").first.click()
+    seen, lagging = set(), []
+    for _ in range(20):
+        page.wait_for_timeout(120)
+        s = kv.evaluate(JS_STEPS)
+        if not s["label"].startswith(f"step {s['slider']}"):
+            page.wait_for_timeout(150)  # two messages of one reply may straddle a sample: look again
+            s = kv.evaluate(JS_STEPS)
+            if not s["label"].startswith(f"step {s['slider']}"):
+                lagging.append(s)
+        seen.add(s["slider"])
+    assert not lagging, f"the step label lagged the slider during Play: {lagging}"
+    assert {"1", "2", "3", "4"} >= seen and len(seen) >= 3, seen  # it played
+
+
 def _check_rendered(state, where: str) -> None:
     assert not state["errors"], f"{where}: {state['errors']}"
     assert state["danger"] == 0, f"{where}: a red progress bar"
@@ -304,6 +332,7 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
             assert state["cells"][3]["dropdowns"][1] == "(none)"  # LayerTimingView's compare
             for i, name in WIDGET_CELLS.items():
                 assert _changes_picture(page, i, MOVES[i], name), f"moving a control of {name} left its picture"
+            _check_play_keeps_label_with_slider(page)
 
             page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
             page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",

@@ -408,3 +408,29 @@ def test_kv_cache_colours_match_the_html_grid_of_the_inspector():
     assert (FREE_COLOR, CACHED_COLOR) == (kv_html_colors["free"], kv_html_colors["cached"])
     assert not {FREE_COLOR, CACHED_COLOR} & set(REQUEST_PALETTE)
     assert len(set(REQUEST_PALETTE)) == len(REQUEST_PALETTE) == 15
+
+
+def test_kv_cache_map_play_moves_slider_label_and_picture_together(history):
+    """Play's ticks go through Python, which sets the slider, the label and the image in one step
+    (a jslink would let the browser's slider run ahead of the label)."""
+    w = KVCacheMap(history, ncols=3)
+    for value in (2, 3, 1):
+        w.play.value = value
+        assert w.slider.value == value and w.step == value
+        assert f"<b>step {value}</b>" in w.label.value and w.step_text.get_text().startswith(f"step {value}:")
+        np.testing.assert_array_equal(w.image.get_array(), _expected_image(history[history.step == value],
+                                                                            w.colors, 3))
+    w.slider.value = 3  # dragged by hand: Play resumes from there
+    assert w.play.value == 3
+
+
+def test_kv_cache_map_is_wide_with_readable_block_numbers(history):
+    w = KVCacheMap(history)
+    assert w.figure.get_figwidth() >= 9.0  # ~900 px at 100 dpi, not ~480
+    numbers = [t for t in w.ax.texts if t.get_text().isdigit()]
+    assert [t.get_text() for t in numbers] == ["0", "1", "2", "3", "4"] and min(t.get_fontsize() for t in numbers) >= 9
+    gaps = pd.concat([history[history.step == 1].assign(step=1), history[history.step == 3].assign(step=4)])
+    g = KVCacheMap(gaps)
+    g.slider.value = 3  # no step 3 recorded: the label says which recorded step is drawn
+    assert "step 3 (pool as recorded at step 1)" in g.label.value and g.step == 1
+
