@@ -77,7 +77,8 @@ def test_tensorrt_monitor_completes_a_phase_that_ends_early(monkeypatch):
 
 
 KERNEL_CELLS = [
-    "import os\nos.environ.pop('KIT_PROGRESS', None)\nfrom kit.progress import progress_mode, tqdm\nprint(progress_mode())",
+    "import os\nos.environ.pop('KIT_PROGRESS', None)\n"
+    "from kit.progress import progress_mode, tqdm\nprint(progress_mode())",
     "for _ in tqdm(range(3), desc='quiet', leave=False): pass",
     "for _ in tqdm(range(3), desc='kept'): pass",
     "bar = tqdm(total=5, desc='broken')\nbar.update(2)\nbar.close()",

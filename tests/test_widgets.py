@@ -356,7 +356,8 @@ def _quant_results():
 
 
 def test_quant_comparison_fixed_colours_every_speed_point_and_sources():
-    speed = pd.DataFrame({"scheme": ["float", "fp8", "int8_wo", "int4_wo"], "tokens_per_s": [128.1, 173.9, 173.7, 153.6]})
+    speed = pd.DataFrame({"scheme": ["float", "fp8", "int8_wo", "int4_wo"],
+                          "tokens_per_s": [128.1, 173.9, 173.7, 153.6]})
     errs = pd.DataFrame({"layer": [f"l{i}" for i in range(6)], "kind": ["embedding", "qkv_proj", "mlp", "qkv_proj",
                                                                           "mlp", "lm_head"],
                          "block": [None, 0, 0, 1, 1, None], "rel_mse": [0.0, 2e-4, 5e-4, 3e-4, 8e-4, 0.0]})

@@ -56,7 +56,8 @@ class QuantComparison(StaticFigure, widgets.VBox):
             raise ValueError("QuantComparison needs kit.evaluation.compare()'s frame with a 'scheme' column and at "
                              f"least one row; got {len(results)} rows, columns {list(results.columns)}")
         if speed is not None and not {"scheme", "tokens_per_s"} <= set(speed.columns):
-            raise ValueError(f"QuantComparison speed needs columns ['scheme', 'tokens_per_s']; got {list(speed.columns)}")
+            raise ValueError("QuantComparison speed needs columns ['scheme', 'tokens_per_s']; "
+                             f"got {list(speed.columns)}")
         self.results = results.reset_index(drop=True)
         self.speed = speed
         self.layer_errors = layer_errors or {}
