@@ -154,6 +154,10 @@ def test_batching_timeline_from_hand_made_stats():
     assert t.kv_total_line.axes is ax_kv and list(t.kv_total_line.get_ydata()) == [6, 6]
     assert t.batch_line.axes is ax_batch and ax_batch is not ax_kv and ax_kv.get_ylim()[1] >= 6
     assert ax_batch.get_ylim()[1] < 6  # batch sizes (max 2) are not drawn against the pool's scale
+    assert t.kv_total_line.get_visible() and t.kv_line.get_label() == "KV blocks used (peak 4 of 6)"
+    big_pool = BatchingTimeline(_stats_rows().assign(kv_blocks_total=100))  # 4 of 100 blocks: zoom on the use
+    assert big_pool.axes[3].get_ylim() == (0, 5.0) and not big_pool.kv_total_line.get_visible()
+    assert "pool: 100 blocks (above this axis)" in [t.get_text() for t in big_pool.axes[3].get_legend().get_texts()]
 
     t.dropdown.value = "B"
     assert t.highlight.get_visible() and t.highlight.get_y() == 0.5  # row 1 spans 0.5 .. 1.5

@@ -137,12 +137,16 @@ class BatchingTimeline(StaticFigure, widgets.VBox):
         ax_r.set_ylim(0, max(1, int(df["batch_size"].max())) * 1.2)
         ax_r.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
         total = int(df["kv_blocks_total"].max())
+        peak = int(df["kv_blocks_used"].max())
+        # NOTE: a run that uses a small part of a large pool would draw a flat line on the pool's
+        # scale; then the axis follows the blocks used and the legend says where the pool ends
+        zoomed = peak < total / 2
         (self.kv_line,) = ax_kv.step(it, df["kv_blocks_used"], where="mid", color=KV_COLOR, linewidth=1.3,
-                                     label="KV blocks used")
-        self.kv_total_line = ax_kv.axhline(total, color=KV_COLOR, linestyle="--", linewidth=0.8,
-                                           label=f"pool: {total} blocks")
+                                     label=f"KV blocks used (peak {peak} of {total})")
+        self.kv_total_line = ax_kv.axhline(total, color=KV_COLOR, linestyle="--", linewidth=0.8, visible=not zoomed,
+                                           label=f"pool: {total} blocks" + (" (above this axis)" if zoomed else ""))
         ax_kv.fill_between(it, df["kv_blocks_used"], step="mid", color=KV_COLOR, alpha=0.15, linewidth=0)
-        ax_kv.set_ylim(0, max(1, total) * 1.25)
+        ax_kv.set_ylim(0, max(1, peak if zoomed else total) * 1.25)
         ax_kv.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
         ax_kv.set_ylabel("KV blocks", fontsize=8, color=KV_COLOR)
         ax_kv.legend(fontsize=7, loc="upper left", ncol=2, frameon=False)
