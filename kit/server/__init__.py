@@ -9,8 +9,8 @@
 
 from kit.server.app import ServerConfig, create_app
 from kit.server.engine_client import EngineClient
-from kit.server.metrics import ServerMetrics, parse_metrics
+from kit.server.metrics import ServerMetrics, metrics_frame, parse_metrics
 from kit.server.serve import ServerProcess, ServerThread, build_llm, free_port, run_server
 
-__all__ = ["ServerConfig", "create_app", "EngineClient", "ServerMetrics", "parse_metrics", "ServerProcess",
+__all__ = ["ServerConfig", "create_app", "EngineClient", "ServerMetrics", "parse_metrics", "metrics_frame", "ServerProcess",
            "ServerThread", "build_llm", "free_port", "run_server"]

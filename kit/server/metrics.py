@@ -19,12 +19,13 @@ KV-cache use, prefix-cache hit rate) are read from the `EngineClient` at scrape 
 
 from __future__ import annotations
 
+import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kit.server.engine_client import EngineClient
 
-__all__ = ["ServerMetrics", "parse_metrics"]
+__all__ = ["ServerMetrics", "parse_metrics", "metrics_frame"]
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
@@ -98,3 +99,15 @@ def parse_metrics(text: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
+
+
+def metrics_frame(text: str) -> pd.DataFrame:
+    """Prometheus text -> one row per sample. Columns: `metric` (sample name), `labels` (dict),
+    `le` (a histogram bucket's upper bound, else NaN), `value`."""
+    rows = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "le"}
+            rows.append({"metric": s.name, "labels": labels, "le": float(s.labels["le"]) if "le" in s.labels
+                         else float("nan"), "value": float(s.value)})
+    return pd.DataFrame(rows, columns=["metric", "labels", "le", "value"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import html
 import os
 import signal
 import socket
@@ -150,6 +151,13 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout)
 
+    def __repr__(self) -> str:
+        return f"ServerThread({self.url}, {'running' if self._thread.is_alive() else 'stopped'})"
+
+    def _repr_html_(self) -> str:
+        state = "running" if self._thread.is_alive() else "stopped"
+        return f"<b>ServerThread</b> <code>{html.escape(self.url)}/v1</code> ({state}, in this process)"
+
     def __enter__(self) -> "ServerThread":
         return self.start()
 
@@ -202,6 +210,16 @@ class ServerProcess:
         self._log.flush()
         self._log.seek(0)
         return self._log.read()
+
+    def __repr__(self) -> str:
+        rc = self.proc.poll()
+        return f"ServerProcess({self.url}, pid {self.proc.pid}, {'running' if rc is None else f'exited {rc}'})"
+
+    def _repr_html_(self) -> str:
+        rc = self.proc.poll()
+        state = "running" if rc is None else f"exited with status {rc}"
+        return (f"<b>ServerProcess</b> <code>{html.escape(self.url)}/v1</code> &middot; pid {self.proc.pid} "
+                f"&middot; {state}<br><code>{html.escape(' '.join(self.proc.args[2:]))}</code>")
 
     def __enter__(self) -> "ServerProcess":
         return self.wait_ready()
