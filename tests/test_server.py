@@ -309,3 +309,42 @@ def test_bench_serve_reports_the_offline_fields(llm, server):
     poisson = run_online_benchmark(server.url, MODEL, prompts[:4], output_len=3, concurrency=2, request_rate=50.0,
                                    progress=False)
     assert poisson["request_rate"] == 50.0 and poisson["output_tokens"] == 12
+
+
+def test_bench_serve_cli_writes_the_bench_json_layout(server, tmp_path, capsys):
+    from kit.cli import main
+
+    out = tmp_path / "online.json"
+    assert main(["bench-serve", "--endpoint", server.url, "--input-len", "8", "--output-len", "3",
+                 "--concurrency", "1", "2", "--num-requests", "3", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model"] == MODEL and [r["kit"]["concurrency"] for r in data["runs"]] == [1, 2]
+    assert all(r["kit"]["output_tokens"] == 9 and r["kit"]["num_requests"] == 3 for r in data["runs"])
+    assert "TTFT p50 ms" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="concurrency must be ints >= 1"):
+        main(["bench-serve", "--endpoint", server.url, "--concurrency", "0"])
+    with pytest.raises(ValueError, match="request-rate must be > 0"):
+        main(["bench-serve", "--endpoint", server.url, "--request-rate", "0"])
+
+
+def test_serve_refuses_tensor_parallelism_and_bad_configs(capsys):
+    from kit.cli import main
+
+    assert main(["serve", MODEL, "--tp", "2"]) == 2
+    assert "tensor parallelism is not available yet" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ServerConfig.max_queue must be an int >= 0, got -1"):
+        ServerConfig(MODEL, max_queue=-1)
+    with pytest.raises(ValueError, match="ServerConfig.model_name"):
+        ServerConfig("")
+
+
+def test_metrics_frame_has_one_row_per_sample(server):
+    from kit.server import metrics_frame
+
+    text = httpx.get(f"{server.url}/metrics").text
+    df = metrics_frame(text)
+    assert list(df.columns) == ["metric", "labels", "le", "value"]
+    assert len(df) == len(parse_metrics(text))
+    assert df[df.metric == "kit_kv_cache_blocks_total"].value.item() == 512  # 8192 tokens / 16 on the CPU
+    buckets = df[df.metric == "kit_time_to_first_token_seconds_bucket"]
+    assert buckets["le"].iloc[-1] == float("inf") and buckets["value"].is_monotonic_increasing
