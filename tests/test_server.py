@@ -151,6 +151,10 @@ BAD = [
     ({"prompt": "hi", "model": "gpt-4"}, 404, "`gpt-4` does not exist"),
     ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
     ({"prompt": "hi", "n": 0}, 400, "SamplingParams.n"),
+    ({"prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ({"prompt": "hi", "min_tokens": 2, "stop_token_ids": [10**6]}, 400, "stop_token_ids must be token ids in [0, 49152)"),
+    ({"prompt": [504, 3.7]}, 400, "prompt"),
+    ({"prompt": [504, 10**6]}, 400, "prompt token ids out of the vocabulary"),
 ]
 
 
@@ -161,8 +165,10 @@ def test_bad_parameters_get_a_4xx_naming_the_problem(server, client, patch, stat
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["code"] == ("model_not_found" if status == 404 else status)
+    known = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "logprobs"}
     with pytest.raises(openai.APIStatusError) as e:  # the official client raises the matching error
-        client.completions.create(**body)
+        client.completions.create(**{k: v for k, v in body.items() if k in known},
+                                  extra_body={k: v for k, v in body.items() if k not in known})
     assert e.value.status_code == status and needle in str(e.value)
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).usage.completion_tokens == 2
 

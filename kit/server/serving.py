@@ -117,7 +117,8 @@ class OpenAIServing:
             prompts = self._prompts(req)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
-        return self._submit(prompts, lambda n: req.sampling_params(self._max_tokens(req.max_tokens, n), req.logprobs),
+        return self._submit(prompts, lambda n: req.sampling_params(self._max_tokens(req.max_tokens, n), req.logprobs,
+                                                          self.engine.limits.vocab_size),
                             req.stream)
 
     def start_chat(self, req: ChatCompletionRequest) -> list[_Run]:
@@ -128,7 +129,9 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._submit([prompt], lambda n: req.sampling_params(self._max_tokens(max_tokens, n), k), req.stream)
+        vocab = self.engine.limits.vocab_size
+        return self._submit([prompt], lambda n: req.sampling_params(self._max_tokens(max_tokens, n), k, vocab),
+                            req.stream)
 
     # -------------------------------------------------------------- bookkeeping
     def _record(self, run: _Run, aborted: bool = False) -> None:
