@@ -11,9 +11,11 @@ import openai
 import pytest
 
 from helpers import make_hf_checkpoint
+from kit.bench import make_prompts, run_benchmark
 from kit.builder import BuildConfig
+from kit.cli import main
 from kit.llm import LLM, SamplingParams
-from kit.server import ServerConfig, ServerProcess, ServerThread, parse_metrics
+from kit.server import ServerConfig, ServerProcess, ServerThread, metrics_frame, parse_metrics
 from kit.server.load_gen import run_online_benchmark
 
 MODEL = "smollm2-135m"
@@ -301,8 +303,6 @@ def test_sigterm_drains_requests_in_flight_then_exits(tiny_dir, tmp_path):
 
 
 def test_bench_serve_reports_the_offline_fields(llm, server):
-    from kit.bench import make_prompts, run_benchmark
-
     prompts = make_prompts(llm.engine.config.vocab_size, 8, 6, seed=0)
     online = run_online_benchmark(server.url, MODEL, prompts, output_len=4, concurrency=3, progress=False)
     offline = run_benchmark(llm, prompts, 4, 3, progress=False)
@@ -318,8 +318,6 @@ def test_bench_serve_reports_the_offline_fields(llm, server):
 
 
 def test_bench_serve_cli_writes_the_bench_json_layout(server, tmp_path, capsys):
-    from kit.cli import main
-
     out = tmp_path / "online.json"
     assert main(["bench-serve", "--endpoint", server.url, "--input-len", "8", "--output-len", "3",
                  "--concurrency", "1", "2", "--num-requests", "3", "--out", str(out)]) == 0
@@ -334,8 +332,6 @@ def test_bench_serve_cli_writes_the_bench_json_layout(server, tmp_path, capsys):
 
 
 def test_serve_refuses_tensor_parallelism_and_bad_configs(capsys):
-    from kit.cli import main
-
     assert main(["serve", MODEL, "--tp", "2"]) == 2
     assert "tensor parallelism is not available yet" in capsys.readouterr().err
     with pytest.raises(ValueError, match="ServerConfig.max_queue must be an int >= 0, got -1"):
@@ -345,8 +341,6 @@ def test_serve_refuses_tensor_parallelism_and_bad_configs(capsys):
 
 
 def test_metrics_frame_has_one_row_per_sample(server):
-    from kit.server import metrics_frame
-
     text = httpx.get(f"{server.url}/metrics").text
     df = metrics_frame(text)
     assert list(df.columns) == ["metric", "labels", "le", "value"]
