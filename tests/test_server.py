@@ -116,6 +116,11 @@ def test_n2_stop_and_seed(llm, client):
     assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
     assert r.choices[0].message.content != r.choices[1].message.content  # two samples, two seeds
     assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    joined = {0: "", 1: ""}  # streamed, the two samples interleave and join to the same texts
+    for chunk in client.chat.completions.create(**story, stream=True):
+        for ch in chunk.choices:
+            joined[ch.index] += ch.delta.content or ""
+    assert [joined[0], joined[1]] == [c.message.content for c in r.choices]
     full = greedy(llm, PROMPTS[0], 12).text  # " Paris. ..." : cut at the first "."
     assert "." in full
     s = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=["."])
