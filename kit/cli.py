@@ -78,6 +78,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kit.server.serve import main as serve_main
+
+    return serve_main(args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from kit.server.load_gen import main as bench_serve_main
+
+    return bench_serve_main(args)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from kit.builder import BuildConfig, Builder
     from kit.loader import ModelLoader
@@ -138,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    from kit.server.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    bs = sub.add_parser("bench-serve", help="drive a running `kit serve` with the `kit bench` workload, JSON out")
+    from kit.server.load_gen import add_arguments as add_bench_serve_arguments
+
+    add_bench_serve_arguments(bs)
+    bs.set_defaults(func=cmd_bench_serve)
 
     bl = sub.add_parser("build", help="build an engine (optionally save it to a directory)")
     bl.add_argument("--model", default="smollm2-135m")
