@@ -50,10 +50,10 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from kit.kv_cache import KVCacheManager
-from kit.request import Request, RequestStatus
+from kit.request import Request, RequestStatus, length_finished
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "ScheduledSequence"]
 
@@ -97,6 +97,15 @@ class SchedulerConfig:
                              f"got {self.policy!r}") from None
 
 
+    @classmethod
+    def from_build_config(cls, build_config: Any, *, enable_chunked_prefill: bool = True,
+                          policy: SchedulerPolicy | str = SchedulerPolicy.GUARANTEED_NO_EVICT) -> SchedulerConfig:
+        """The step budgets of an engine built with `build_config` (a `BuildConfig`)."""
+        return cls(max_batch_size=build_config.max_batch_size, max_num_tokens=build_config.max_num_tokens,
+                   enable_chunked_prefill=enable_chunked_prefill, policy=policy,
+                   max_seq_len=build_config.max_seq_len)
+
+
 @dataclass(frozen=True)
 class ScheduledSequence:
     """One request's share of a step."""
@@ -138,10 +147,6 @@ class SchedulerOutput:
     def batch_size(self) -> int:
         return len(self.scheduled)
 
-    @property
-    def is_empty(self) -> bool:
-        """Nothing to run and nothing to report."""
-        return not self.scheduled and not self.rejected
 
 
 class Scheduler:
@@ -351,8 +356,8 @@ class Scheduler:
             if n == 0:
                 break  # token budget: strict FCFS
             if guaranteed:
-                held = len(kv.block_table(rid)) + sum(1 for b in computed or () if kv.ref_count(b) > 0)
-                if reserved + self._num_budget_blocks(req) - held > kv.num_free_blocks:
+                need = kv.get_num_blocks_to_allocate(req, self._max_kv_tokens(req), computed)
+                if reserved + need > kv.num_free_blocks:
                     break  # head-of-line blocking
             if kv.allocate_slots(req, n, computed) is None:
                 if guaranteed:
@@ -452,8 +457,10 @@ class Scheduler:
                 continue
             req.output_token_ids.append(int(token))
             status = finished.pop(req.request_id, None)
-            if status is None and (req.num_output_tokens >= req.max_tokens or (
-                    self.config.max_seq_len is not None and req.num_tokens >= self.config.max_seq_len)):
+            # NOTE: the same length rule the executor's output processor decides with; here it guards the
+            # KV reservation for callers that pass no verdicts (the executor's verdict always comes first)
+            if status is None and length_finished(req.num_output_tokens, req.max_tokens, req.num_tokens,
+                                                  self.config.max_seq_len):
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None and self.finish(req.request_id, status):
                 done.append(req.request_id)
