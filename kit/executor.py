@@ -1,6 +1,6 @@
 """The executor: a background loop that serves many requests at once.
 
-Each iteration is the same six steps (TensorRT-LLM's executor and vLLM's engine core
+Each iteration is the same steps (TensorRT-LLM's executor and vLLM's engine core
 have this shape too), and `step()` reads exactly so:
 
     out = scheduler.schedule()                           # who runs, how many tokens each
