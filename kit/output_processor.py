@@ -25,6 +25,7 @@ It never touches the scheduler or the engine: it answers with verdicts
 from __future__ import annotations
 
 import dataclasses
+import html
 import time
 from typing import Any
 
@@ -252,3 +253,15 @@ class OutputProcessor:
         for c in state.completions:
             c.finish_reason = c.finish_reason or "error"
         state.result.publish(None, error)
+
+    def __repr__(self) -> str:
+        return f"OutputProcessor({len(self.states)} requests in flight, eos={self.eos_token_ids})"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(rid)}</td><td>{len(s.completions)}/{s.greq.sampling_params.n}</td>"
+            f"<td>{[len(c.token_ids) for c in s.completions]}</td>"
+            f"<td>{html.escape(repr(s.completions[0].text[-40:]) if s.completions else '')}</td></tr>"
+            for rid, s in list(self.states.items())[:20])
+        return (f"<b>OutputProcessor</b> &middot; {len(self.states)} requests in flight<table><tr><th>request</th>"
+                f"<th>completions</th><th>tokens</th><th>text (tail)</th></tr>{rows}</table>")

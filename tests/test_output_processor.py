@@ -144,3 +144,9 @@ def test_fail_and_abort_end_the_result():
     state, _, result = _add(proc, SamplingParams(max_tokens=4), rid="f")
     proc.fail(state, RuntimeError("boom"))
     assert result.done and isinstance(result.error, RuntimeError) and "f" not in proc.states
+
+
+def test_repr_lists_requests_in_flight():
+    proc = _proc()
+    _add(proc, SamplingParams(max_tokens=4, n=2), rid="req-7")
+    assert "1 requests in flight" in repr(proc) and "<td>req-7</td><td>1/2</td>" in proc._repr_html_()
