@@ -208,11 +208,13 @@ def test_dropped_llm_stops_its_thread_and_stats_are_bounded(tiny):
     llm = LLM(tiny, device="cpu", build_config=BuildConfig(**BC), max_stats_rows=5)
     llm.generate([[3, 4, 5]] * 3, SamplingParams(max_tokens=8, ignore_eos=True))
     assert len(llm.executor.stats()) == 5 and llm.executor.stats()["iteration"].iloc[-1] > 5
-    thread = llm.executor._thread
+    executor = llm.executor  # NOTE: holding the executor must not keep the LLM alive
     del llm
     gc.collect()
-    thread.join(10)
-    assert not thread.is_alive() and len(executor_threads()) == before
+    t0 = time.monotonic()
+    while executor.is_alive and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert not executor.is_alive and len(executor_threads()) == before
     with pytest.raises(ValueError, match="max_stats_rows must be an int >= 1, got 0"):
         LLM(tiny, device="cpu", build_config=BuildConfig(**BC), max_stats_rows=0)
 
