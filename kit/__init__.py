@@ -11,7 +11,10 @@ from kit.builder import BuildCache, BuildConfig, Builder, build
 from kit.config import ModelConfig
 from kit.batch import ForwardBatch, KVCache, SequenceInput
 from kit.engine import Engine
-from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
+from kit.executor import Executor
+from kit.kv_cache_config import KvCacheConfig
+from kit.outputs import GenerationResult
+from kit.request import GenerationRequest
 from kit.kv_cache import KVCacheInspector, KVCacheManager
 from kit.llm import LLM
 from kit.loader import LoadedModel, ModelLoader

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import statistics
@@ -28,7 +29,35 @@ from typing import Any
 import torch
 from kit.progress import tqdm
 
-__all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "main"]
+from kit.builder import BuildConfig
+from kit.llm import LLM
+from kit.loader import ModelLoader
+from kit.sampling import SamplingParams
+
+__all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "check_arguments", "main"]
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_rate(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be a number > 0 (inf: no pacing), got {value!r}")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot describe a run (ValueError naming the flag, the value, what is allowed)."""
+    _check_int("--input-len", args.input_len)
+    _check_int("--output-len", args.output_len)
+    if args.num_requests is not None:
+        _check_int("--num-requests", args.num_requests)
+    if not args.concurrency:
+        raise ValueError("--concurrency must list at least one integer >= 1, got none")
+    for c in args.concurrency:
+        _check_int("--concurrency", c)
+    _check_rate("--request-rate", args.request_rate)
 
 
 def make_prompts(vocab_size: int, input_len: int, num_requests: int, seed: int = 0) -> list[list[int]]:
@@ -52,8 +81,11 @@ def _sync(device: torch.device) -> None:
 def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurrency: int,
                   request_rate: float = float("inf"), seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Serve `prompts` through `llm` under the given concurrency; return the metrics dict."""
-    from kit.sampling import SamplingParams
-
+    _check_int("concurrency", concurrency)
+    _check_int("output_len", output_len)
+    _check_rate("request_rate", request_rate)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     rng = random.Random(seed)
     llm.executor.reset_stats()
@@ -78,8 +110,7 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
                 del inflight[i]
                 bar.update(1)
         if inflight:
-            with next(iter(inflight.values()))._cond:
-                next(iter(inflight.values()))._cond.wait(0.002)
+            next(iter(inflight.values())).wait(0.002)
     wall = time.perf_counter() - t0
     bar.close()
     ttft, tpot, n_out = [], [], 0
@@ -154,10 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kit.builder import BuildConfig
-    from kit.llm import LLM
-    from kit.loader import ModelLoader
-
+    check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = None if args.dtype == "auto" else args.dtype
     if args.model.startswith("synthetic:"):

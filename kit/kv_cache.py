@@ -28,25 +28,29 @@ Allocation takes free blocks first and evicts cached ones only when none is left
 tail first, so a prompt's last blocks are evicted before its first ones (a chained
 hash makes the later blocks useless once an earlier one is gone).
 
-`KVCacheInspector` turns the state into a stats dict and a per-block DataFrame.
+The scheduler and the manager meet through `KVCacheBlocks` (vLLM v1's name): the
+prefix-cache lookup returns one, `allocate_slots` returns the newly allocated one (or
+None), and `get_num_blocks_to_allocate` answers "how many blocks would leave the pool",
+so the scheduler never reads reference counts. `KVCacheInspector`
+(kit/kv_cache_inspector.py) turns the state into a stats dict and a per-block DataFrame;
+pool sizing (`KvCacheConfig`) is in kit/kv_cache_config.py.
 Modelled on vLLM v1 (`KVCacheManager`, `BlockPool`) and nano-vllm (`BlockManager`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import math
 import struct
 from collections import Counter, OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-import pandas as pd
+from kit.kv_cache_config import gpu_memory_budget
+from kit.kv_cache_inspector import KVCacheInspector
+from kit.request import Request
 
-if TYPE_CHECKING:
-    from kit.request import Request
-
-__all__ = ["KVCacheManager", "KVCacheInspector", "gpu_memory_budget", "hash_block_tokens"]
+__all__ = ["KVCacheBlocks", "KVCacheManager", "KVCacheInspector", "gpu_memory_budget", "hash_block_tokens"]
 
 _ROOT_HASH = hashlib.sha256(b"kit.kv_cache:root").digest()
 
@@ -62,29 +66,34 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> by
     return h.digest()
 
 
-def gpu_memory_budget(fraction: float, device: Any = None) -> int:
-    """Bytes for the KV cache: `fraction` of the GPU memory that is free *now*.
-
-    This is TensorRT-LLM's `kv_cache_free_gpu_memory_fraction`: call it after the
-    weights are loaded, then `KVCacheManager.from_budget(..., memory_bytes=...)`.
-    """
-    if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-        raise ValueError(f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction!r}")
-    import torch
-
-    dev = torch.device("cuda") if device is None else torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"gpu_memory_budget needs a CUDA device, got {dev} (cuda available: "
-                           f"{torch.cuda.is_available()}); on the CPU size the cache with "
-                           "from_budget(..., max_tokens=...) or num_blocks=...")
-    free_bytes, _total = torch.cuda.mem_get_info(dev)
-    return int(free_bytes * fraction)
-
-
 def _check_positive(owner: str, **values: Any) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class KVCacheBlocks:
+    """Block ids handed between the KV-cache manager and the scheduler (vLLM v1's `KVCacheBlocks`).
+
+    `get_computed_blocks` returns the prefix-cache hits as one; `allocate_slots` returns the
+    newly allocated blocks as one (maybe empty), or None when the pool cannot supply them.
+    """
+
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def block_ids(self) -> list[int]:
+        return list(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks)
 
 
 class KVCacheManager:
@@ -92,8 +101,9 @@ class KVCacheManager:
 
     Protocol (the scheduler drives it; the executor only reads block tables):
 
-    1. admission: `blocks, n = get_computed_blocks(req)` (prefix-cache lookup), then
-       `allocate_slots(req, num_new_tokens, blocks)`; on success the caller sets
+    1. admission: `blocks, n = get_computed_blocks(req)` (prefix-cache lookup, a
+       `KVCacheBlocks`), optionally `get_num_blocks_to_allocate(req, num_tokens, blocks)`
+       to check a budget, then `allocate_slots(req, num_new_tokens, blocks)`; on success the caller sets
        `req.num_computed_tokens = n`.
     2. every step: `allocate_slots(req, num_new_tokens)` before the forward pass, and
        `cache_full_blocks(req)` after it (once `req.num_computed_tokens` has advanced):
@@ -184,7 +194,7 @@ class KVCacheManager:
         return list(self._tables.get(request_id, ()))
 
     # ---- the protocol ---------------------------------------------------------------------
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int]:
         """Longest run of the request's leading *full* blocks whose hashes are cached.
 
         Returns (block ids, number of tokens they hold). At most `(num_tokens - 1) //
@@ -194,7 +204,7 @@ class KVCacheManager:
         every step is counted once).
         """
         if not self.enable_prefix_caching or not request.use_prefix_cache:
-            return [], 0
+            return KVCacheBlocks(), 0
         tokens, bs = request.all_token_ids, self.block_size
         blocks: list[int] = []
         parent = None
@@ -204,15 +214,27 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        return blocks, len(blocks) * bs
+        return KVCacheBlocks(tuple(blocks)), len(blocks) * bs
+
+    def get_num_blocks_to_allocate(self, request: Request, num_tokens: int,
+                                   computed_blocks: KVCacheBlocks | None = None) -> int:
+        """Blocks that would leave the free pool for the request to hold `num_tokens` slots.
+
+        Counts new blocks beyond its table and `computed_blocks`, plus cached (unowned)
+        hits that a hit would revive. Changes nothing.
+        """
+        computed = tuple(computed_blocks or ())
+        have = len(self._tables.get(request.request_id, ())) + len(computed)
+        revived = sum(1 for b in computed if self._ref_count[b] == 0)
+        return max(0, self.num_blocks_for(num_tokens) - have) + revived
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: Sequence[int] | None = None) -> list[int] | None:
+                       computed_blocks: KVCacheBlocks | Sequence[int] | None = None) -> KVCacheBlocks | None:
         """Grow the request's table to cover `num_computed_tokens + num_new_tokens` slots.
 
         `computed_blocks` (from `get_computed_blocks`, only for a request without blocks)
         are prepended and their tokens count as computed. Returns the newly allocated
-        block ids (maybe []), or None, changing nothing, when the pool cannot supply them.
+        blocks (maybe empty), or None, changing nothing, when the pool cannot supply them.
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
@@ -230,8 +252,7 @@ class KVCacheManager:
         num_slots = num_computed + num_new_tokens
         have = len(computed) + (len(table) if table else 0)
         num_new_blocks = max(0, self.num_blocks_for(num_slots) - have)
-        num_revived = sum(1 for b in computed if self._ref_count[b] == 0)  # cached blocks leave the pool too
-        if num_new_blocks + num_revived > self.num_free_blocks:
+        if self.get_num_blocks_to_allocate(request, num_slots, KVCacheBlocks(tuple(computed))) > self.num_free_blocks:
             return None
         if computed_blocks is not None and table is None and self.enable_prefix_caching:
             self.num_queried_tokens += request.num_tokens
@@ -249,7 +270,7 @@ class KVCacheManager:
             self._ref_count[b] = 1
         table.extend(new_blocks)
         self._num_slots[rid] = max(self._num_slots.get(rid, 0), num_slots)
-        return new_blocks
+        return KVCacheBlocks(tuple(new_blocks))
 
     def cache_full_blocks(self, request: Request) -> int:
         """Hash the request's blocks that are now full of computed tokens; returns how many got registered.
@@ -376,99 +397,3 @@ class KVCacheManager:
         return KVCacheInspector(self)._repr_html_()
 
 
-_COLORS = {"free": "#e5e7eb", "cached": "#93c5fd", "used": "#86efac", "shared": "#16a34a"}
-_MAX_GRID_BLOCKS = 4096
-
-
-class KVCacheInspector:
-    """Read-only views of a `KVCacheManager` for notebooks and widgets.
-
-    `block_map()` columns (one row per block, in block id order):
-        block_id           int    0 .. num_blocks - 1
-        owner_request_ids  tuple  ids of the requests whose block table holds it, () if none
-        ref_count          int    len(owner_request_ids)
-        hash               str    first 8 hex digits of its prefix hash, or None (not full / no caching)
-        state              str    'free' | 'used' | 'cached' (see the module docstring)
-        num_tokens         int    token slots it holds (or is being filled with) for its owners:
-                                  block_size when full or cached, less for a tail block, 0 when free
-    `snapshot(step)` is the same frame with a leading `step` column, to concatenate over a run.
-    """
-
-    COLUMNS = ("block_id", "owner_request_ids", "ref_count", "hash", "state", "num_tokens")
-
-    def __init__(self, manager: KVCacheManager) -> None:
-        self.manager = manager
-        self._num_snapshots = 0
-
-    def stats(self) -> dict[str, Any]:
-        """num_blocks, block_size, used / free / cached (block counts, summing to num_blocks),
-        usage_pct, hit_rate (hit / queried tokens), num_queried_tokens, num_cached_tokens
-        (prompt tokens reused from the cache so far), num_evictions, num_requests, memory_mib
-        (None when bytes_per_token is unknown)."""
-        m = self.manager
-        bpt = m.bytes_per_token
-        return {
-            "num_blocks": m.num_blocks,
-            "block_size": m.block_size,
-            "used": m.num_used_blocks,
-            "free": len(m._free),
-            "cached": m.num_cached_blocks,
-            "usage_pct": 100.0 * m.usage,
-            "hit_rate": m.hit_rate,
-            "num_queried_tokens": m.num_queried_tokens,
-            "num_cached_tokens": m.num_hit_tokens,
-            "num_evictions": m.num_evictions,
-            "num_requests": len(m._tables),
-            "memory_mib": None if bpt is None else m.num_blocks * m.block_size * bpt / 2**20,
-        }
-
-    def block_map(self) -> pd.DataFrame:
-        m, bs = self.manager, self.manager.block_size
-        owners: list[list[str]] = [[] for _ in range(m.num_blocks)]
-        tokens = [0] * m.num_blocks
-        for rid, table in m._tables.items():
-            slots = m._num_slots.get(rid, 0)
-            for i, b in enumerate(table):
-                owners[b].append(rid)
-                tokens[b] = max(tokens[b], min(bs, slots - i * bs))
-        hashes = [None if h is None else h.hex()[:8] for h in m._block_hash]
-        states = ["used" if rc else "free" if h is None else "cached" for rc, h in zip(m._ref_count, hashes)]
-        return pd.DataFrame({
-            "block_id": range(m.num_blocks),
-            "owner_request_ids": pd.Series([tuple(o) for o in owners], dtype=object),
-            "ref_count": list(m._ref_count),
-            "hash": pd.Series(hashes, dtype=object),  # keep None (pandas would make it NaN)
-            "state": pd.Series(states, dtype=object),
-            "num_tokens": [bs if st == "cached" else t for st, t in zip(states, tokens)],
-        })
-
-    def snapshot(self, step: int | None = None) -> pd.DataFrame:
-        """`block_map()` with a leading `step` column (default: 0, 1, 2, ... per call)."""
-        if step is None:
-            step = self._num_snapshots
-        self._num_snapshots += 1
-        df = self.block_map()
-        df.insert(0, "step", step)
-        return df
-
-    def _repr_html_(self) -> str:
-        s = self.stats()
-        shown = {k: (f"{v:.1f}" if k == "usage_pct" else f"{v:.3f}" if k == "hit_rate" else
-                     f"{v:.1f}" if k == "memory_mib" and v is not None else v) for k, v in s.items()}
-        stats_html = "<table>" + "".join(
-            f"<tr><th style='text-align:left'>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in shown.items()
-        ) + "</table>"
-        cells = []
-        for row in self.block_map().head(_MAX_GRID_BLOCKS).itertuples(index=False):
-            color = _COLORS["shared" if row.ref_count > 1 else row.state]
-            title = (f"block {row.block_id}: {row.state}, ref {row.ref_count}, {row.num_tokens} tokens, "
-                     f"hash {row.hash}, owners {', '.join(row.owner_request_ids) or '-'}")
-            cells.append(f"<div title='{html.escape(title, quote=True)}' style='width:10px;height:10px;"
-                         f"margin:1px;background:{color}'></div>")
-        more = (f"<div>first {_MAX_GRID_BLOCKS} of {self.manager.num_blocks} blocks shown</div>"
-                if self.manager.num_blocks > _MAX_GRID_BLOCKS else "")
-        legend = " ".join(f"<span style='background:{c};padding:0 6px'>{k}</span>" for k, c in _COLORS.items())
-        grid = ("<div style='display:flex;flex-wrap:wrap;max-width:640px'>" + "".join(cells) + "</div>")
-        return (f"<div><b>KV cache</b> ({html.escape(repr(self.manager))})"
-                f"<div style='display:flex;gap:16px;align-items:flex-start'>{stats_html}"
-                f"<div>{grid}{more}<div style='margin-top:4px;font-size:smaller'>{legend}</div></div></div></div>")

@@ -11,19 +11,25 @@ Behind it sit the stepwise objects a notebook can take apart: `llm.loaded`
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import time
+import weakref
 from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 import torch
 from kit.progress import tqdm
 
 from kit.builder import BuildConfig
 from kit.engine import Engine
-from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
+from kit.executor import Executor
+from kit.kv_cache_config import KvCacheConfig
 from kit.loader import LoadedModel, ModelLoader
 from kit.network import NetworkBuilder
-from kit.outputs import CompletionOutput, RequestOutput
+from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
+from kit.request import GenerationRequest, prompt_token_ids_of
 from kit.sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "SamplingParams", "BuildConfig", "KvCacheConfig"]
@@ -39,7 +45,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool | None = None,
                  scheduler_policy: str = "guaranteed_no_evict", quantization: Any = None, backend: str = "torch",
                  enable_build_cache: bool = True, skip_build_cache: bool = False,
-                 record_kv_cache: bool = False) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._loaded = model if isinstance(model, LoadedModel) else None
@@ -57,13 +63,13 @@ class LLM:
         self.tokenizer = engine.tokenizer if engine.tokenizer is not None else getattr(self._loaded, "tokenizer", None)
         kvc = kv_cache_config or KvCacheConfig()
         if enable_prefix_caching is not None:
-            kvc = KvCacheConfig(kvc.free_gpu_memory_fraction, kvc.max_tokens, kvc.num_blocks, enable_prefix_caching)
-        self.executor = Executor(
-            engine, tokenizer=self.tokenizer, max_batch_size=build_config.max_batch_size,
-            max_num_tokens=build_config.max_num_tokens, max_input_len=build_config.max_input_len,
-            max_seq_len=build_config.max_seq_len, block_size=build_config.block_size,
-            enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy, kv_cache_config=kvc,
-            record_kv_cache=record_kv_cache)
+            kvc = dataclasses.replace(kvc, enable_block_reuse=enable_prefix_caching)
+        self.executor = Executor(engine, build_config=build_config, kv_cache_config=kvc, tokenizer=self.tokenizer,
+                                 enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy,
+                                 record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows)
+        # NOTE: the finalizer holds the executor, not the LLM: dropping the LLM without shutdown()
+        # stops the loop and its thread; it also runs at interpreter exit (the atexit hook)
+        self._finalizer = weakref.finalize(self, Executor.shutdown, self.executor)
         self.startup_seconds = time.perf_counter() - t0
 
     def _build(self, model, device, build_config, quantization, backend, enable_build_cache, skip_build_cache):
@@ -123,64 +129,84 @@ class LLM:
 
     @property
     def kv_cache_manager(self):
-        return self.executor.kv_manager
+        return self.executor.kv_cache_manager
 
     @property
     def kv_cache_inspector(self):
         return self.executor.inspector
 
     # --------------------------------------------------------------- generate
-    def _request(self, prompt: Prompt, sp: SamplingParams, streaming: bool) -> GenerationRequest:
+    def _request(self, prompt: Any, sp: Any, streaming: bool) -> GenerationRequest:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
             return GenerationRequest(self.tokenizer.encode(prompt), sp, prompt=prompt, streaming=streaming)
-        ids = [int(t) for t in prompt]
-        return GenerationRequest(ids, sp, prompt=None, streaming=streaming)
+        return GenerationRequest(prompt_token_ids_of(prompt), sp, prompt=None, streaming=streaming)
 
-    def _requests(self, prompts: Prompt | Sequence[Prompt], sampling_params, streaming: bool):
-        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
-                                              and isinstance(prompts[0], int))
-        plist = [prompts] if single else list(prompts)
+    def _requests(self, prompts: Any, sampling_params: Any, streaming: bool,
+                  single: bool) -> list[GenerationRequest]:
+        """Requests for `prompts`, every one validated before anything is queued."""
+        plist = [prompts] if single else prompts
         if not plist:
-            raise ValueError("generate needs at least one prompt")
+            raise ValueError("prompts must hold at least one prompt, got an empty list")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sps = [sampling_params or SamplingParams()] * len(plist)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             sps = list(sampling_params)
             if len(sps) != len(plist):
-                raise ValueError(f"got {len(sps)} sampling_params for {len(plist)} prompts")
-        reqs = [self._request(p, sp, streaming) for p, sp in zip(plist, sps)]
-        for i, r in enumerate(reqs):  # refuse bad prompts before anything is queued
+                raise ValueError(f"sampling_params: got {len(sps)} for {len(plist)} prompts")
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams, a list of them, or None, got "
+                            f"{type(sampling_params).__name__} (build one: SamplingParams(max_tokens=...))")
+        reqs = []
+        for i, (p, sp) in enumerate(zip(plist, sps)):
             try:
-                self.executor._validate(r)
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
-        return single, reqs
+                r = self._request(p, sp, streaming)
+                self.executor.validate(r)
+            except (TypeError, ValueError) as e:
+                if single:
+                    raise
+                raise type(e)(f"prompt {i}: {e}") from None
+            reqs.append(r)
+        return reqs
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, streaming: bool = False) -> RequestOutput | list[RequestOutput] | Iterator[RequestOutput]:
         """Generate for one prompt (-> RequestOutput) or many (-> list, in order).
 
-        `streaming=True` returns an iterator of snapshots of all requests as they advance;
-        each snapshot's `outputs[0].text_diff` is the text added since that request's last one.
+        One prompt is a str, a list of int token ids or a 1-D integer numpy array; many is
+        a list of those. `streaming=True` returns an iterator of snapshots of all requests as
+        they advance; each snapshot's `outputs[0].text_diff` is the text added since that
+        request's last one. Closing that iterator early (break, an exception) aborts the
+        requests still running.
         """
-        single, reqs = self._requests(prompts, sampling_params, streaming)
-        results = [self.executor.submit(r) for r in reqs]
+        single = _is_single_prompt(prompts)
+        results = [self.executor.submit(r) for r in self._requests(prompts, sampling_params, streaming, single)]
         if streaming:
-            return _merge_streams(results)
+            return _merge_streams(results, self.executor.abort)
         outs = []
-        with tqdm(total=len(results), desc="generating", disable=not use_tqdm or len(results) < 2,
-                  leave=False) as bar:
+        try:
+            with tqdm(total=len(results), desc="generating", disable=not use_tqdm or len(results) < 2,
+                      leave=False) as bar:
+                for r in results:
+                    outs.append(r.result())
+                    bar.update(1)
+        except BaseException:  # KeyboardInterrupt, a failed request: nobody waits for the others any more
             for r in results:
-                outs.append(r.result())
-                bar.update(1)
+                if not r.done:
+                    self.executor.abort(r.request_id)
+            raise
         return outs[0] if single else outs
 
     def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False) -> GenerationResult:
-        """Submit one prompt; `await` the result, or `async for` its snapshots when streaming."""
-        _, (req,) = self._requests([prompt] if not isinstance(prompt, str) else prompt, sampling_params, streaming)
+        """Submit one prompt (as in `generate`); `await` the result, or `async for` its snapshots.
+
+        Cancelling the awaiting task, or closing the `async for`, aborts the request."""
+        if not _is_single_prompt(prompt):
+            raise TypeError(f"generate_async takes one prompt (a str, a list of int token ids or a 1-D integer "
+                            f"numpy array), got {type(prompt).__name__}: submit a batch with generate()")
+        (req,) = self._requests(prompt, sampling_params, streaming, single=True)
         return self.executor.submit(req)
 
     def abort(self, request_id: str) -> None:
@@ -188,7 +214,8 @@ class LLM:
 
     # -------------------------------------------------------------- lifecycle
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """Stop the executor's loop and join its thread (also done when the LLM is collected, and at exit)."""
+        self._finalizer()
 
     def __enter__(self) -> "LLM":
         return self
@@ -230,23 +257,38 @@ def _fit(build_config: BuildConfig, config: Any) -> BuildConfig:
     return build_config
 
 
-def _merge_streams(results: list[GenerationResult]) -> Iterator[RequestOutput]:
-    """Snapshots of several requests in the order they are published."""
+def _is_single_prompt(prompts: Any) -> bool:
+    """A str, bytes, a numpy array or a list whose first item is not itself a prompt: one prompt.
+
+    bytes count as one prompt so that they are refused by name (not read as token ids)."""
+    if isinstance(prompts, (str, bytes, bytearray, np.ndarray)):
+        return True
+    if isinstance(prompts, (list, tuple)):
+        return bool(prompts) and not isinstance(prompts[0], (str, bytes, list, tuple, np.ndarray))
+    return True  # anything else is one (bad) prompt, refused with its type named
+
+
+def _merge_streams(results: list[GenerationResult], abort: Any) -> Iterator[RequestOutput]:
+    """Snapshots of several requests in the order they are published; closing it aborts the rest."""
     seen = [0] * len(results)
     pending = set(range(len(results)))
-    while pending:
-        progressed = False
-        for i in sorted(pending):
-            r = results[i]
-            history = r._history
-            while seen[i] < len(history):
-                yield history[seen[i]]
-                seen[i] += 1
-                progressed = True
-            if r.done and seen[i] == len(r._history):
-                if r._error is not None:
-                    raise r._error
-                pending.discard(i)
-        if not progressed and pending:
-            with results[min(pending)]._cond:
-                results[min(pending)]._cond.wait(0.005)
+    try:
+        while pending:
+            progressed = False
+            for i in sorted(pending):
+                r = results[i]
+                done = r.done
+                for snap in r.snapshots(seen[i]):
+                    seen[i] += 1
+                    progressed = True
+                    yield snap
+                if done and not r.snapshots(seen[i]):
+                    if r.error is not None:
+                        raise r.error
+                    pending.discard(i)
+            if not progressed and pending:
+                results[min(pending)].wait(0.005)
+    finally:
+        for r in results:
+            if not r.done:
+                abort(r.request_id)

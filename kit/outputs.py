@@ -3,15 +3,22 @@
 The names and fields follow vLLM's and TensorRT-LLM's `LLM` API. While streaming, each
 `RequestOutput` is a snapshot: `text` is everything so far and `text_diff` the piece
 added since the previous snapshot, so joining the diffs gives the final text.
+
+`GenerationResult` is what `Executor.submit` returns: a future over the final
+`RequestOutput` (`result()`, `await`) and a stream of snapshots (`for` / `async for`).
+A stream that is abandoned (the consumer breaks out, raises, or its asyncio task is
+cancelled) aborts its request, so nothing computes for nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Callable, Iterator
 
-__all__ = ["CompletionOutput", "RequestOutput"]
+__all__ = ["CompletionOutput", "GenerationResult", "RequestOutput"]
 
 
 @dataclass
@@ -68,3 +75,138 @@ class RequestOutput:
                 f"({'finished' if self.finished else 'running'})<br><i>prompt</i>: "
                 f"<span style='white-space:pre-wrap'>{prompt}</span>{err}"
                 f"<table><tr><th>#</th><th>text</th><th>tokens</th><th>finish</th><th>logprob</th></tr>{rows}</table>")
+
+
+class GenerationResult:
+    """A future over one request's `RequestOutput`, and a stream of its snapshots.
+
+    `on_abandon(request_id)` (the executor's `abort`) is called when a consumer stops
+    waiting for an unfinished request: a closed iterator, a cancelled `await`.
+    """
+
+    def __init__(self, request_id: str, on_abandon: Callable[[str], None] | None = None) -> None:
+        self.request_id = request_id
+        self._on_abandon = on_abandon
+        self._cond = threading.Condition()
+        self._history: list[RequestOutput] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def publish(self, out: RequestOutput | None, error: BaseException | None = None) -> None:
+        """Add a snapshot (the executor's thread), or end the request with `error`."""
+        with self._cond:
+            if self._done:
+                return
+            if out is not None:
+                self._history.append(out)
+                self._done = out.finished
+            if error is not None:
+                self._error, self._done = error, True
+            self._cond.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
+
+    def _abandon(self) -> None:
+        if not self._done and self._on_abandon is not None:
+            self._on_abandon(self.request_id)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def outputs(self) -> RequestOutput | None:
+        """The latest snapshot (None before the first)."""
+        return self._history[-1] if self._history else None
+
+    def snapshots(self, start: int = 0) -> list[RequestOutput]:
+        """The snapshots published so far, from index `start`."""
+        with self._cond:
+            return self._history[start:]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a new snapshot or the end, at most `timeout` s; True if done."""
+        with self._cond:
+            self._cond.wait(timeout)
+            return self._done
+
+    def _repr_html_(self) -> str:
+        latest = self.outputs
+        state = "failed" if self._error is not None else ("finished" if self._done else "running")
+        inner = latest._repr_html_() if latest is not None else "<i>no output yet</i>"
+        return f"<b>GenerationResult</b> <code>{html.escape(str(self.request_id))}</code> ({state})<br>{inner}"
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """Block until finished; raise the request's error if it failed."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"request {self.request_id!r} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._history[-1]
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        i = 0
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: len(self._history) > i or self._done)
+                    new, done, error = self._history[i:], self._done, self._error
+                i += len(new)
+                yield from new
+                if done and i == len(self._history):
+                    if error is not None:
+                        raise error
+                    return
+        finally:  # GeneratorExit (break, an exception in the consumer, garbage collection)
+            self._abandon()
+
+    async def _wait_async(self, ready: Callable[[], bool]) -> None:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            self._async_waiters.append((loop, event))
+        try:
+            while not ready():
+                await event.wait()
+                event.clear()
+        finally:
+            with self._cond:
+                self._async_waiters.remove((loop, event))
+
+    async def aresult(self) -> RequestOutput:
+        try:
+            await self._wait_async(lambda: self._done)
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        return self.result(timeout=0)
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        i = 0
+        try:
+            while True:
+                await self._wait_async(lambda: len(self._history) > i or self._done)
+                with self._cond:
+                    new, done, error = self._history[i:], self._done, self._error
+                i += len(new)
+                for out in new:
+                    yield out
+                if done and i == len(self._history):
+                    if error is not None:
+                        raise error
+                    return
+        finally:  # CancelledError, GeneratorExit (aclose / break)
+            self._abandon()

@@ -16,18 +16,27 @@ never computed until the next step, and `num_computed_tokens <= num_tokens - 1` 
 request that is waiting for its next token.
 
 The scheduler owns `status`, `num_computed_tokens`, `num_preemptions` and
-`num_cached_tokens`; the executor owns `payload` (sampling state) and reads
-`output_token_ids`.
+`num_cached_tokens`; the executor's output processor keeps its own sampling state.
+
+`GenerationRequest` is what a caller submits (prompt ids + `SamplingParams`); it checks
+the types of what it is given, so nothing malformed reaches the loop.
+`length_finished` is the length rule, shared by the output processor (which decides
+every stop) and the scheduler (which guards its KV reservations with it).
 """
 
 from __future__ import annotations
 
 import enum
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Request", "RequestStatus"]
+import numpy as np
+
+from kit.sampling import SamplingParams
+
+__all__ = ["GenerationRequest", "Request", "RequestStatus", "length_finished", "prompt_token_ids_of"]
 
 
 class RequestStatus(enum.Enum):
@@ -74,7 +83,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # tokens served by the prefix cache (or a fork) at first admission
-    payload: Any = None  # opaque to the scheduler; the executor keeps its sampling state here
     # NOTE: a request that needs the logits of every prompt position (prompt_logprobs) must
     # compute its whole prompt, so it opts out of prefix-cache hits (as vLLM does)
     use_prefix_cache: bool = True
@@ -126,3 +134,57 @@ class Request:
             f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
             f"output={self.num_output_tokens}/{self.max_tokens}, computed={self.num_computed_tokens})"
         )
+
+
+def length_finished(num_output_tokens: int, max_tokens: int, num_tokens: int, max_seq_len: int | None) -> bool:
+    """The length rule: `max_tokens` outputs, or `max_seq_len` tokens in all."""
+    return num_output_tokens >= max_tokens or (max_seq_len is not None and num_tokens >= max_seq_len)
+
+
+def prompt_token_ids_of(prompt: Any, field_name: str = "prompt") -> list[int]:
+    """Token ids of a prompt given as ids: a list/tuple of ints or a 1-D numpy integer array.
+
+    bool, float, str, bytes and numpy floats are refused (TypeError naming the field);
+    nothing is converted silently. Ranges (vocabulary, lengths) are checked by the executor.
+    """
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{field_name} must be a str or a sequence of int token ids, got {type(prompt).__name__} "
+                        "(decode it to str first)")
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise TypeError(f"{field_name} must be a 1-D integer numpy array of token ids, got an array of "
+                            f"shape {prompt.shape} and dtype {prompt.dtype}")
+        return [int(t) for t in prompt.tolist()]
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"{field_name} must be a str, a list of int token ids or a 1-D integer numpy array, "
+                        f"got {type(prompt).__name__}")
+    ids = []
+    for i, t in enumerate(prompt):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{field_name}[{i}] must be an int token id, got {t!r} ({type(t).__name__})")
+        ids.append(int(t))
+    return ids
+
+
+@dataclass
+class GenerationRequest:
+    """One submitted prompt: token ids, how to sample them, and whether to stream snapshots."""
+
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | None = None
+    request_id: str | None = None
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = prompt_token_ids_of(self.prompt_token_ids, "prompt_token_ids")
+        if not isinstance(self.sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}"
+                            " (build one: SamplingParams(max_tokens=...))")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str or None, got {type(self.prompt).__name__}")
+        if self.request_id is not None and (not isinstance(self.request_id, str) or "#" in self.request_id):
+            raise ValueError(f"request_id must be None or a str without '#' ('#' is reserved for the ids of "
+                             f"n > 1 completions), got {self.request_id!r}")
+        if not isinstance(self.streaming, bool):
+            raise TypeError(f"streaming must be a bool, got {self.streaming!r}")

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import html
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -48,12 +50,44 @@ MAX_LOGPROBS = 20
 _GREEDY_TEMPERATURE = 1e-5
 
 
-def _bad(name: str, allowed: str, value: Any) -> ValueError:
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit int
+
+
+def _bad(name: str, allowed: str, value: Any, error: Any = None) -> ValueError:
+    # NOTE: a ValueError for a wrong type too (the field's value is wrong either way), one format for all
     return ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _int(name: str, value: Any, allowed: str, lo: int, hi: int | None = None) -> int:
+    """`value` as an int in [lo, hi]: numpy ints accepted; bool, float, str refused."""
+    if not _is_int(value):
+        raise _bad(name, allowed, value, TypeError)
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        raise _bad(name, allowed, value)
+    return value
+
+
+def _real(name: str, value: Any, allowed: str, ok) -> float:
+    """`value` as a finite float with ok(value): ints and numpy numbers accepted; bool, str refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise _bad(name, allowed, value, TypeError)
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise _bad(name, allowed, value)
+    return value
+
+
+def _int_list(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray, range)):
+        raise _bad(name, "a list of int token ids >= 0", value, TypeError)
+    if not all(_is_int(t) and 0 <= t <= MAX_SEED for t in value):
+        raise _bad(name, "a list of int token ids >= 0", value)
+    return tuple(int(t) for t in value)
 
 
 @dataclass(frozen=True)
@@ -79,44 +113,45 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        # NOTE: frozen, so normalisation goes through object.__setattr__.
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise _bad("stop", "a str or a sequence of non-empty str", self.stop)
-        object.__setattr__(self, "stop", stop)
-        stop_ids = tuple(self.stop_token_ids)
-        if not all(_is_int(t) and t >= 0 for t in stop_ids):
-            raise _bad("stop_token_ids", "a sequence of ints >= 0", self.stop_token_ids)
-        object.__setattr__(self, "stop_token_ids", stop_ids)
+        # NOTE: frozen, so normalisation goes through object.__setattr__. Every field is checked for
+        # its type first (TypeError) and then its range (ValueError), both naming the field.
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
 
-        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
-            raise _bad("max_tokens", "an int >= 1", self.max_tokens)
-        if not (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens):
-            raise _bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]", self.min_tokens)
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise _bad("temperature", "a finite float >= 0 (0 = greedy)", self.temperature)
-        if not (_is_int(self.top_k) and self.top_k >= -1):
-            raise _bad("top_k", "0 or -1 (off) or an int >= 1", self.top_k)
-        if not 0.0 < self.top_p <= 1.0:
-            raise _bad("top_p", "in (0, 1]", self.top_p)
-        if not 0.0 <= self.min_p <= 1.0:
-            raise _bad("min_p", "in [0, 1]", self.min_p)
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise _bad("repetition_penalty", "a finite float > 0 (1 = off)", self.repetition_penalty)
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
+            raise _bad("stop", "None, a str or a list of non-empty str", self.stop,
+                       ValueError if isinstance(stop, (list, tuple)) else TypeError)
+        put("stop", tuple(stop))
+        put("stop_token_ids", _int_list("stop_token_ids", () if self.stop_token_ids is None else self.stop_token_ids))
+        put("max_tokens", _int("max_tokens", self.max_tokens, "an int >= 1", 1))
+        put("min_tokens", _int("min_tokens", self.min_tokens, f"an int in [0, max_tokens={self.max_tokens}]",
+                               0, self.max_tokens))
+        put("temperature", _real("temperature", self.temperature, "a finite float >= 0 (0 = greedy)",
+                                 lambda v: v >= 0))
+        put("top_k", _int("top_k", self.top_k, "0 or -1 (off) or an int >= 1", -1))
+        put("top_p", _real("top_p", self.top_p, "a float in (0, 1]", lambda v: 0.0 < v <= 1.0))
+        put("min_p", _real("min_p", self.min_p, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0))
+        put("repetition_penalty", _real("repetition_penalty", self.repetition_penalty,
+                                        "a finite float > 0 (1 = off)", lambda v: v > 0))
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise _bad(name, "in [-2, 2]", getattr(self, name))
+            put(name, _real(name, getattr(self, name), "a float in [-2, 2]", lambda v: -2.0 <= v <= 2.0))
         for name in ("ignore_eos", "include_stop_str_in_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise _bad(name, "a bool", getattr(self, name))
-        if self.seed is not None and not _is_int(self.seed):
-            raise _bad("seed", "None or an int", self.seed)
-        if not (_is_int(self.n) and self.n >= 1):
-            raise _bad("n", "an int >= 1", self.n)
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise _bad(name, "a bool", getattr(self, name), TypeError)
+            put(name, bool(getattr(self, name)))
+        if self.seed is not None:
+            put("seed", _int("seed", self.seed, f"None or an int in [0, {MAX_SEED}]", 0, MAX_SEED))
+        put("n", _int("n", self.n, "an int >= 1", 1))
         for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            if v is not None and not (_is_int(v) and 0 <= v <= MAX_LOGPROBS):
-                raise _bad(name, f"None or an int in [0, {MAX_LOGPROBS}]", v)
+            if getattr(self, name) is not None:
+                put(name, _int(name, getattr(self, name), f"None or an int in [0, {MAX_LOGPROBS}]", 0, MAX_LOGPROBS))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse token ids outside the vocabulary (checked at submit, when the vocabulary is known)."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise _bad("stop_token_ids", f"token ids in [0, {vocab_size}) (the vocabulary)", self.stop_token_ids)
 
     @property
     def is_greedy(self) -> bool:

@@ -42,106 +42,20 @@ n > 1 completions: `fork(parent_id, child)` queues a child that already shares t
 parent's full prompt blocks. If nothing can run because waiting children hold the
 blocks, the last child's blocks are released and it is recomputed later (from the
 prefix cache when enabled), so forks never deadlock the pool.
-Modelled on vLLM v1's `Scheduler` and nano-vllm's `Scheduler`. No tensors here.
+Modelled on vLLM v1's `Scheduler` and nano-vllm's `Scheduler`. No tensors here. Its
+config and the per-step output types are in kit/scheduler_output.py.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
-from dataclasses import dataclass
 from typing import Mapping
 
 from kit.kv_cache import KVCacheManager
-from kit.request import Request, RequestStatus
+from kit.request import Request, RequestStatus, length_finished
+from kit.scheduler_output import ScheduledSequence, SchedulerConfig, SchedulerOutput, SchedulerPolicy
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "ScheduledSequence"]
-
-
-class SchedulerPolicy(enum.Enum):
-    GUARANTEED_NO_EVICT = "guaranteed_no_evict"
-    MAX_UTILIZATION = "max_utilization"
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Budgets of one step. `policy` also accepts its value as a string ('max_utilization')."""
-
-    max_batch_size: int = 16  # sequences per step
-    max_num_tokens: int = 1024  # tokens per step, all sequences together
-    enable_chunked_prefill: bool = True
-    policy: SchedulerPolicy = SchedulerPolicy.GUARANTEED_NO_EVICT
-    max_seq_len: int | None = None  # prompt + output tokens of one sequence; None: only max_tokens limits it
-    max_bypass_steps: int = 16  # MAX_UTILIZATION: steps a blocked waiting head may be passed (0: strict FCFS)
-
-    def __post_init__(self) -> None:
-        def positive(name: str, value: object, minimum: int = 1) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"SchedulerConfig.{name} must be an integer >= {minimum}, got {value!r}")
-
-        positive("max_batch_size", self.max_batch_size)
-        positive("max_num_tokens", self.max_num_tokens)
-        positive("max_bypass_steps", self.max_bypass_steps, 0)
-        if self.max_num_tokens < self.max_batch_size:
-            raise ValueError(f"SchedulerConfig.max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size "
-                             f"({self.max_batch_size}): every running sequence needs a token per step")
-        if self.max_seq_len is not None:
-            positive("max_seq_len", self.max_seq_len, 2)
-        if not isinstance(self.enable_chunked_prefill, bool):
-            raise ValueError(f"SchedulerConfig.enable_chunked_prefill must be a bool, got "
-                             f"{self.enable_chunked_prefill!r}")
-        try:
-            object.__setattr__(self, "policy", SchedulerPolicy(self.policy))
-        except ValueError:
-            raise ValueError(f"SchedulerConfig.policy must be one of {[p.value for p in SchedulerPolicy]}, "
-                             f"got {self.policy!r}") from None
-
-
-@dataclass(frozen=True)
-class ScheduledSequence:
-    """One request's share of a step."""
-
-    request_id: str
-    token_ids: tuple[int, ...]  # the tokens to compute this step (positions num_computed_tokens, ...)
-    num_computed_tokens: int  # tokens already in the cache before this step
-    block_table: tuple[int, ...]  # covers num_computed_tokens + len(token_ids) slots
-    is_last_chunk: bool  # computes the last known token: sample from the logits of its last row
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """Everything the executor needs to run one step.
-
-    `preempted_request_ids` is informational (the scheduler recomputes them itself);
-    `rejected` lists (request_id, reason) of requests that ended with FINISHED_ERROR
-    and must be reported to their callers, even when nothing is scheduled.
-    """
-
-    scheduled: tuple[ScheduledSequence, ...] = ()
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0
-    preempted_request_ids: tuple[str, ...] = ()
-    rejected: tuple[tuple[str, str], ...] = ()
-    num_waiting: int = 0
-    kv_blocks_used: int = 0
-    step: int = 0
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return self.num_prefill_tokens + self.num_decode_tokens
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        """Nothing to run and nothing to report."""
-        return not self.scheduled and not self.rejected
 
 
 class Scheduler:
@@ -351,8 +265,8 @@ class Scheduler:
             if n == 0:
                 break  # token budget: strict FCFS
             if guaranteed:
-                held = len(kv.block_table(rid)) + sum(1 for b in computed or () if kv.ref_count(b) > 0)
-                if reserved + self._num_budget_blocks(req) - held > kv.num_free_blocks:
+                need = kv.get_num_blocks_to_allocate(req, self._max_kv_tokens(req), computed)
+                if reserved + need > kv.num_free_blocks:
                     break  # head-of-line blocking
             if kv.allocate_slots(req, n, computed) is None:
                 if guaranteed:
@@ -452,8 +366,10 @@ class Scheduler:
                 continue
             req.output_token_ids.append(int(token))
             status = finished.pop(req.request_id, None)
-            if status is None and (req.num_output_tokens >= req.max_tokens or (
-                    self.config.max_seq_len is not None and req.num_tokens >= self.config.max_seq_len)):
+            # NOTE: the same length rule the executor's output processor decides with; here it guards the
+            # KV reservation for callers that pass no verdicts (the executor's verdict always comes first)
+            if status is None and length_finished(req.num_output_tokens, req.max_tokens, req.num_tokens,
+                                                  self.config.max_seq_len):
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None and self.finish(req.request_id, status):
                 done.append(req.request_id)

@@ -17,8 +17,6 @@ from typing import Any, Sequence
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
 
 class Tokenizer:
     """encode / decode / chat template over a Hugging Face tokenizer."""
@@ -65,6 +63,14 @@ class Tokenizer:
         return self.hf.bos_token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; TypeError for a non-str, ValueError for text that is not valid Unicode."""
+        if not isinstance(text, str):
+            raise TypeError(f"prompt must be a str to encode, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ('\ud800'): no tokenizer can take it
+            raise ValueError(f"prompt {text[:40]!r} holds a lone surrogate {text[e.start]!r} at index {e.start}: "
+                             "text must be valid Unicode (encodable as UTF-8)") from None
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:

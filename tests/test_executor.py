@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from kit.builder import BuildConfig
-from kit.executor import KvCacheConfig
+from kit.engine import Engine
+from kit.executor import Executor, KvCacheConfig
+from kit.network import NetworkBuilder
+from kit.request import GenerationRequest
 from kit.llm import LLM
 from kit.sampling import SamplingParams
 
@@ -198,3 +201,17 @@ def test_stop_reason_names_the_string_that_cut(smollm2):
                                                              max_num_tokens=64)) as llm:
         o = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=12, temperature=0.0, stop=[" 8", " 6"])).outputs[0]
     assert o.text == " 5," and o.stop_reason == " 6"
+
+
+def test_executor_takes_the_build_config_whole_and_bounds_its_stats(tiny):
+    engine = Engine.from_network(NetworkBuilder(tiny).build(), device="cpu", dtype=torch.float32)
+    bc = BuildConfig(**BC)
+    with Executor(engine, build_config=bc, kv_cache_config=KvCacheConfig(num_blocks=20), max_stats_rows=3) as ex:
+        cfg = ex.scheduler.config
+        assert (cfg.max_batch_size, cfg.max_num_tokens, cfg.max_seq_len) == (16, 128, 80)
+        assert (ex.kv_cache_manager.num_blocks, ex.kv_cache_manager.block_size) == (20, 4)
+        out = ex.submit(GenerationRequest([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))).result(60)
+        assert len(out.outputs[0].token_ids) == 6
+        stats = ex.stats()
+        assert len(stats) == 3 and list(stats["iteration"]) == [4, 5, 6]
+        assert ex.num_inflight == 0

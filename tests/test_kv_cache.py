@@ -22,22 +22,28 @@ def compute(kv, req, n, computed_blocks=None):
     req.num_computed_tokens += n
     kv.cache_full_blocks(req)
     kv.check_invariants()
-    return new
+    return new.block_ids
+
+
+def _lookup(kv, req):
+    """The prefix-cache lookup as (block ids, tokens)."""
+    blocks, n = kv.get_computed_blocks(req)
+    return blocks.block_ids, n
 
 
 def test_allocate_and_free_exact_block_ids():
     kv = KVCacheManager(num_blocks=8, block_size=4)
     a, b = make("a", range(10)), make("b", range(5))
-    assert kv.allocate_slots(a, 10) == [0, 1, 2]
-    assert kv.allocate_slots(b, 5) == [3, 4]
+    assert kv.allocate_slots(a, 10).block_ids == [0, 1, 2]
+    assert kv.allocate_slots(b, 5).block_ids == [3, 4]
     assert kv.block_table("a") == [0, 1, 2] and kv.num_free_blocks == 3 and kv.num_used_blocks == 5
     assert kv.usage == pytest.approx(5 / 8)
     kv.free(a)
     kv.check_invariants()
     assert kv.block_table("a") == [] and not kv.has_request("a") and kv.num_free_blocks == 6
     c = make("c", range(16))
-    assert kv.allocate_slots(c, 16) == [5, 6, 7, 2]  # never-used blocks first, then a's, tail first
-    assert kv.allocate_slots(make("d", [1]), 1) == [1]
+    assert kv.allocate_slots(c, 16).block_ids == [5, 6, 7, 2]  # never-used blocks first, then a's, tail first
+    assert kv.allocate_slots(make("d", [1]), 1).block_ids == [1]
     kv.free("b"), kv.free("c"), kv.free("d")
     kv.check_invariants()
     assert kv.num_free_blocks == 8 and kv.num_used_blocks == 0
@@ -46,13 +52,13 @@ def test_allocate_and_free_exact_block_ids():
 def test_incremental_allocation_only_adds_missing_blocks():
     kv = KVCacheManager(8, 4)
     r = make("r", range(10))
-    assert kv.allocate_slots(r, 10) == [0, 1, 2]
+    assert kv.allocate_slots(r, 10).block_ids == [0, 1, 2]
     r.num_computed_tokens = 10
-    assert kv.allocate_slots(r, 1) == []  # slot 10 lives in block 2
-    assert kv.allocate_slots(r, 2) == []  # slots 10, 11
+    assert kv.allocate_slots(r, 1).block_ids == []  # slot 10 lives in block 2
+    assert kv.allocate_slots(r, 2).block_ids == []  # slots 10, 11
     r.num_computed_tokens = 12
-    assert kv.allocate_slots(r, 1) == [3]
-    assert kv.allocate_slots(r, 0) == []
+    assert kv.allocate_slots(r, 1).block_ids == [3]
+    assert kv.allocate_slots(r, 0).block_ids == []
     assert kv.block_table("r") == [0, 1, 2, 3]
     kv.check_invariants()
     with pytest.raises(ValueError, match="num_new_tokens"):
@@ -62,7 +68,7 @@ def test_incremental_allocation_only_adds_missing_blocks():
 def test_not_enough_blocks_returns_none_and_changes_nothing():
     kv = KVCacheManager(4, 4)
     a = make("a", range(12))
-    assert kv.allocate_slots(a, 12) == [0, 1, 2]
+    assert kv.allocate_slots(a, 12).block_ids == [0, 1, 2]
     before = KVCacheInspector(kv).block_map()
     b = make("b", range(8))
     assert kv.allocate_slots(b, 8) is None
@@ -93,7 +99,7 @@ def test_prefix_hit_shares_three_blocks():
     assert kv.block_table("a") == [0, 1, 2, 3]
     b = make("b", prefix + [7, 8, 9])
     blocks, n = kv.get_computed_blocks(b)
-    assert (blocks, n) == ([0, 1, 2], 12)
+    assert (blocks.block_ids, n) == ([0, 1, 2], 12)
     assert compute(kv, b, 3, blocks) == [4]
     assert kv.block_table("b") == [0, 1, 2, 4]
     assert [kv.ref_count(i) for i in range(5)] == [2, 2, 2, 1, 1]
@@ -108,30 +114,30 @@ def test_lookup_leaves_at_least_one_token_to_compute():
     kv = KVCacheManager(16, 4, enable_prefix_caching=True)
     prompt = list(range(12))
     compute(kv, make("a", prompt + [50]), 13)
-    assert kv.get_computed_blocks(make("b", prompt)) == ([0, 1], 8)  # exactly 3 full blocks -> 2 reused
-    assert kv.get_computed_blocks(make("c", prompt + [99])) == ([0, 1, 2], 12)
-    assert kv.get_computed_blocks(make("d", [0, 1, 2])) == ([], 0)
-    assert kv.get_computed_blocks(make("e", [5] + prompt[1:])) == ([], 0)  # differs in block 0: chain broken
+    assert _lookup(kv, make("b", prompt)) == ([0, 1], 8)  # exactly 3 full blocks -> 2 reused
+    assert _lookup(kv, make("c", prompt + [99])) == ([0, 1, 2], 12)
+    assert _lookup(kv, make("d", [0, 1, 2])) == ([], 0)
+    assert _lookup(kv, make("e", [5] + prompt[1:])) == ([], 0)  # differs in block 0: chain broken
 
 
 def test_only_computed_full_blocks_are_hashed():
     kv = KVCacheManager(8, 4, enable_prefix_caching=True)
     a = make("a", range(10))
     kv.allocate_slots(a, 10)
-    assert kv.get_computed_blocks(make("b", range(10))) == ([], 0)  # allocated, not computed yet
+    assert _lookup(kv, make("b", range(10))) == ([], 0)  # allocated, not computed yet
     a.num_computed_tokens = 6
     assert kv.cache_full_blocks(a) == 1
     a.num_computed_tokens = 10
     assert kv.cache_full_blocks(a) == 1
     assert kv.cache_full_blocks(a) == 0
-    assert kv.get_computed_blocks(make("b", range(10))) == ([0, 1], 8)
+    assert _lookup(kv, make("b", range(10))) == ([0, 1], 8)
 
 
 def test_prefix_caching_disabled():
     kv = KVCacheManager(8, 4)
     a = make("a", range(10))
     compute(kv, a, 10)
-    assert kv.get_computed_blocks(make("b", range(10))) == ([], 0)
+    assert _lookup(kv, make("b", range(10))) == ([], 0)
     kv.free(a)
     assert kv.num_cached_blocks == 0 and kv.num_free_blocks == 8
 
@@ -144,7 +150,7 @@ def test_freed_cached_block_is_reused_by_a_later_hit():
     assert (kv.num_cached_blocks, kv.num_free_blocks, kv.num_used_blocks) == (2, 6, 0)
     c = make("c", list(range(8)) + [42])
     blocks, n = kv.get_computed_blocks(c)
-    assert (blocks, n) == ([0, 1], 8)
+    assert (blocks.block_ids, n) == ([0, 1], 8)
     assert compute(kv, c, 1, blocks) == [3]  # plain free blocks first: 3 (never used), not a's tail 2
     assert kv.block_table("c") == [0, 1, 3]
     assert (kv.num_cached_blocks, kv.num_used_blocks, kv.num_evictions) == (0, 3, 0)
@@ -157,10 +163,10 @@ def test_allocation_that_needs_revived_cached_blocks_counts_them():
     kv.free(a)  # blocks 0, 1 cached; 2 free
     c = make("c", list(range(8)) + [1, 2, 3, 4, 5])
     blocks, _ = kv.get_computed_blocks(c)
-    assert blocks == [0, 1]
+    assert blocks.block_ids == [0, 1]
     assert kv.allocate_slots(c, 9, blocks) is None  # 2 revived + 3 new > 3 free
     assert kv.num_cached_blocks == 2 and not kv.has_request("c")
-    assert kv.allocate_slots(c, 4, blocks) == [2]
+    assert kv.allocate_slots(c, 4, blocks).block_ids == [2]
     kv.check_invariants()
 
 
@@ -172,12 +178,12 @@ def test_lru_eviction_order():
     kv.free(a)
     kv.free(b)  # LRU order (oldest first): 1, 0, 3, 2 -- each request's tail first
     assert list(kv._cached) == [1, 0, 3, 2]
-    assert kv.allocate_slots(make("c", [0]), 1) == [1]
+    assert kv.allocate_slots(make("c", [0]), 1).block_ids == [1]
     assert kv.num_evictions == 1
-    assert kv.get_computed_blocks(a) == ([0], 2)  # a lost its 2nd block only
-    assert kv.allocate_slots(make("d", [0] * 5), 5) == [0, 3, 2]
+    assert _lookup(kv, a) == ([0], 2)  # a lost its 2nd block only
+    assert kv.allocate_slots(make("d", [0] * 5), 5).block_ids == [0, 3, 2]
     assert kv.num_evictions == 4 and kv.num_cached_blocks == 0
-    assert kv.get_computed_blocks(b) == ([], 0)
+    assert _lookup(kv, b) == ([], 0)
     kv.check_invariants()
 
 
@@ -192,7 +198,7 @@ def test_duplicate_blocks_computed_in_the_same_step():
     kv.check_invariants()
     assert kv.num_cached_blocks == 0  # b's copies were plain free blocks
     kv.free(a)
-    assert kv.get_computed_blocks(make("c", range(9))) == ([0, 1], 8)
+    assert _lookup(kv, make("c", range(9))) == ([0, 1], 8)
 
 
 def test_fork_shares_full_blocks_and_recomputes_the_tail():
@@ -238,7 +244,7 @@ def test_stale_computed_blocks_are_refused():
     compute(kv, a, 3)
     kv.free(a)
     blocks, _ = kv.get_computed_blocks(make("b", [1, 2, 3]))
-    assert blocks == [0]
+    assert blocks.block_ids == [0]
     kv.reset_prefix_cache()
     with pytest.raises(ValueError, match="stale"):
         kv.allocate_slots(make("b", [1, 2, 3]), 1, blocks)

@@ -48,3 +48,12 @@ def test_incremental_on_random_token_streams(smollm2):
 
 def test_repr_html(smollm2):
     assert "Tokenizer" in smollm2.tokenizer._repr_html_()
+
+
+def test_encode_refuses_non_str_and_lone_surrogates(smollm2):
+    tok = smollm2.tokenizer
+    with pytest.raises(TypeError, match="prompt must be a str to encode, got bytes"):
+        tok.encode(b"hello")
+    with pytest.raises(ValueError, match=r"prompt 'ok \\udc80' holds a lone surrogate '\\udc80' at index 3"):
+        tok.encode("ok \udc80")
+    assert tok.encode("ok 🙂", add_special_tokens=False)  # a real astral character is fine

@@ -1,0 +1,267 @@
+"""From sampled tokens to what a caller sees: text, stops, logprobs, snapshots.
+
+The executor's loop hands every sampled token here, once. `OutputProcessor` owns, per
+submitted request (`RequestState`) and per completion (`CompletionState`):
+
+- the sampling context (params, token lists, the seeded generator): `contexts()`;
+- incremental detokenization and stop strings, with streaming hold-back (a tail that
+  could still grow into a stop string is not shown until it cannot);
+- every stop decision, in `check_stop`, once per token, in this order:
+
+      stop string (on the new text) -> stop token id -> eos (unless ignore_eos)
+          -> length (max_tokens, or max_seq_len tokens in all)
+
+  stop strings, stop token ids and eos count only once `min_tokens` outputs exist
+  (the sampler also masks stop ids and eos before that);
+- logprobs of generated tokens and prompt logprobs (rows gathered over prefill chunks);
+- n > 1 fan-out: the siblings of completion 0 sample their first tokens from its logits
+  row (`children()` hands their scheduler `Request`s to the executor to fork);
+- snapshots: `RequestOutput`s published to each request's `GenerationResult`.
+
+It never touches the scheduler or the engine: it answers with verdicts
+(`RequestStatus` per scheduler request id) and the executor applies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import time
+from typing import Any
+
+import torch
+
+from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
+from kit.request import GenerationRequest, Request, RequestStatus, length_finished
+from kit.sampling import Sampler, SamplingContext, SamplingParams, find_stop, prompt_logprobs
+
+__all__ = ["CompletionState", "OutputProcessor", "RequestState"]
+
+
+class CompletionState:
+    """One completion (one scheduler `Request`): its tokens, text, logprobs and how it ended."""
+
+    def __init__(self, index: int, request_id: str, params: SamplingParams, prompt: list[int], detok: Any,
+                 generator: torch.Generator | None) -> None:
+        self.index = index
+        self.request_id = request_id  # of its scheduler Request
+        self.params = params
+        self.detok = detok
+        self.token_ids: list[int] = []
+        self.context = SamplingContext(params, prompt, self.token_ids, generator)
+        self.text = ""
+        self.emitted = 0  # characters of `text` already streamed
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.stop_reason: int | str | None = None
+        self.finish_reason: str | None = None
+        self.forked = index == 0  # siblings get a scheduler Request once their first token is known
+
+
+class RequestState:
+    """One submitted `GenerationRequest`: its result, its completions, its prompt logprobs."""
+
+    def __init__(self, greq: GenerationRequest, result: GenerationResult) -> None:
+        self.greq = greq
+        self.result = result
+        self.completions: list[CompletionState] = []
+        self.prompt_logprob_rows: list[torch.Tensor] = []
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.num_cached_tokens = 0
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return (len(self.completions) == self.greq.sampling_params.n
+                and all(c.finish_reason is not None for c in self.completions))
+
+
+class OutputProcessor:
+    """Per-request output state of the executor; see the module docstring."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: tuple[int, ...], max_seq_len: int | None,
+                 device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_seq_len = max_seq_len
+        self.device = device
+        self.states: dict[str, RequestState] = {}  # GenerationRequest id -> state
+        self._owner: dict[str, tuple[RequestState, CompletionState]] = {}  # scheduler request id -> owner
+
+    # ---- requests and completions ------------------------------------------------------------
+    def add(self, greq: GenerationRequest, result: GenerationResult) -> Request:
+        """Register a request; return completion 0's scheduler `Request` (may raise for this request only)."""
+        state = RequestState(greq, result)
+        sp = greq.sampling_params
+        comp = self._new_completion(state, 0, greq.request_id, sp.seed)
+        req = Request(greq.request_id, list(greq.prompt_token_ids), sp.max_tokens, arrival_time=state.arrival,
+                      use_prefix_cache=sp.prompt_logprobs is None)
+        self.states[greq.request_id] = state
+        self._owner[req.request_id] = (state, comp)
+        return req
+
+    def _new_completion(self, state: RequestState, index: int, rid: str, seed: int | None) -> CompletionState:
+        sp = state.greq.sampling_params
+        params = sp if seed == sp.seed else dataclasses.replace(sp, seed=seed)
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        comp = CompletionState(index, rid, sp, list(state.greq.prompt_token_ids), detok,
+                               Sampler.make_generator(params, self.device))
+        state.completions.append(comp)
+        return comp
+
+    def owner(self, request_id: str) -> tuple[RequestState, CompletionState] | None:
+        """(request state, completion) of a scheduler request id, or None once it is gone."""
+        return self._owner.get(request_id)
+
+    def pop(self, request_id: str) -> RequestState | None:
+        """Forget a submitted request; return its state (None if unknown)."""
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            for c in state.completions:
+                self._owner.pop(c.request_id, None)
+        return state
+
+    def live_request_ids(self, state: RequestState) -> list[str]:
+        """Scheduler ids of the state's completions that have not finished."""
+        return [c.request_id for c in state.completions if c.finish_reason is None and c.forked]
+
+    # ---- logits -> sampling rows -------------------------------------------------------------
+    def wants_prompt_logits(self, request_id: str, num_computed_tokens: int) -> bool:
+        state, comp = self._owner[request_id]
+        want = (state.greq.sampling_params.prompt_logprobs is not None and comp.index == 0
+                and state.prompt_logprobs is None and num_computed_tokens < len(state.greq.prompt_token_ids))
+        if want and num_computed_tokens == 0:
+            state.prompt_logprob_rows = []  # (re)starting the prompt, e.g. after a preemption
+        return want
+
+    def add_prompt_logits(self, request_id: str, rows: torch.Tensor) -> None:
+        """Logits of prompt positions (rows predict the next prompt token); completes at P - 1 rows."""
+        state, _ = self._owner[request_id]
+        state.prompt_logprob_rows.append(rows.float().cpu())
+        prompt = list(state.greq.prompt_token_ids)
+        if sum(r.shape[0] for r in state.prompt_logprob_rows) == len(prompt) - 1:
+            cat = torch.cat(state.prompt_logprob_rows)
+            state.prompt_logprobs = prompt_logprobs(cat, prompt, state.greq.sampling_params.prompt_logprobs)
+            state.prompt_logprob_rows = []
+
+    def sampling_rows(self, request_id: str) -> list[CompletionState]:
+        """Completions that sample from this request's logits row: itself, plus its n > 1 siblings
+        the first time completion 0 samples."""
+        state, comp = self._owner[request_id]
+        sp = state.greq.sampling_params
+        if comp.index == 0 and sp.n > 1 and len(state.completions) == 1:
+            for i in range(1, sp.n):
+                self._new_completion(state, i, f"{state.greq.request_id}#{i}",
+                                     None if sp.seed is None else sp.seed + i)
+            return list(state.completions)
+        return [comp]
+
+    # ---- tokens -> verdicts ------------------------------------------------------------------
+    def add_token(self, state: RequestState, comp: CompletionState, token: int, logprob: float,
+                  top: dict[int, float] | None) -> RequestStatus | None:
+        """Record one sampled token of `comp`; return its stop verdict (None: it goes on)."""
+        comp.token_ids.append(token)
+        comp.cumulative_logprob += logprob
+        if comp.logprobs is not None:
+            comp.logprobs.append(top or {token: logprob})
+        state.first_token_time = state.first_token_time or time.monotonic()
+        return self.check_stop(state, comp, token)
+
+    def check_stop(self, state: RequestState, comp: CompletionState, token: int) -> RequestStatus | None:
+        """Every stop decision, for the newest token of `comp` (see the module docstring)."""
+        sp = comp.params
+        n_out = len(comp.token_ids)
+        early = n_out < sp.min_tokens
+        if comp.detok is not None:
+            start = len(comp.text)
+            comp.text += comp.detok.add(token)
+            cut = None if early or not sp.stop else find_stop(comp.text, start, sp.stop, sp.include_stop_str_in_output)
+            if cut is not None:
+                inc = sp.include_stop_str_in_output
+                matched = [s for s in sp.stop
+                           if (comp.text[cut - len(s):cut] if inc else comp.text[cut:cut + len(s)]) == s]
+                comp.stop_reason = matched[0] if matched else None
+                comp.text = comp.text[:cut]
+                return self._end(comp, "stop")
+        if not early and token in sp.stop_token_ids:
+            comp.stop_reason = token
+            return self._end(comp, "stop")
+        if not early and token in self.eos_token_ids and not sp.ignore_eos:
+            return self._end(comp, "stop")
+        if length_finished(n_out, sp.max_tokens, len(state.greq.prompt_token_ids) + n_out, self.max_seq_len):
+            return self._end(comp, "length")
+        return None
+
+    @staticmethod
+    def _end(comp: CompletionState, reason: str) -> RequestStatus:
+        comp.finish_reason = reason
+        if reason != "stop" and comp.detok is not None:
+            comp.text += comp.detok.flush()
+        return RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+
+    def children(self, state: RequestState) -> list[tuple[CompletionState, Request]]:
+        """Scheduler Requests for siblings that have their first token and are still running."""
+        out = []
+        for c in state.completions[1:]:
+            if c.forked:
+                continue
+            c.forked = True
+            if c.finish_reason is None:
+                req = Request(c.request_id, list(state.greq.prompt_token_ids), state.greq.sampling_params.max_tokens,
+                              arrival_time=state.arrival, output_token_ids=list(c.token_ids))
+                self._owner[c.request_id] = (state, c)
+                out.append((c, req))
+        return out
+
+    def end(self, request_id: str, status: RequestStatus) -> None:
+        """The scheduler ended this completion (abort, error, rejection, length guard)."""
+        owner = self._owner.get(request_id)
+        if owner is not None and owner[1].finish_reason is None:
+            self._end(owner[1], status.finish_reason or "abort")
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    def publish(self, state: RequestState, final: bool = False) -> None:
+        """Send a snapshot (streaming) or the final output; forget the request once finished.
+
+        `final=True` ends it even with completions still unborn (an abort before the first token)."""
+        final = final or state.finished
+        if final:
+            self.pop(state.greq.request_id)
+        elif not state.greq.streaming:
+            return
+        sp = state.greq.sampling_params
+        outputs = []
+        for c in state.completions:
+            # hold back a tail that could still become a stop string while streaming
+            hold = 0 if c.finish_reason is not None or not sp.stop else max(map(len, sp.stop)) - 1
+            visible = c.text[:max(c.emitted, len(c.text) - hold)]
+            outputs.append(CompletionOutput(c.index, visible, list(c.token_ids), c.finish_reason,
+                                            c.cumulative_logprob, list(c.logprobs) if c.logprobs is not None else None,
+                                            c.stop_reason, text_diff=visible[c.emitted:]))
+            c.emitted = len(visible)
+        metrics = {"arrival_time": state.arrival, "first_token_time": state.first_token_time,
+                   "finished_time": time.monotonic() if final else None,
+                   "num_cached_tokens": state.num_cached_tokens}
+        state.result.publish(RequestOutput(state.greq.request_id, state.greq.prompt, list(state.greq.prompt_token_ids),
+                                           outputs, final, state.prompt_logprobs, metrics, error=state.error))
+
+    def fail(self, state: RequestState, error: BaseException) -> None:
+        """End the request with `error` (raised by its result); forget it."""
+        self.pop(state.greq.request_id)
+        for c in state.completions:
+            c.finish_reason = c.finish_reason or "error"
+        state.result.publish(None, error)
+
+    def __repr__(self) -> str:
+        return f"OutputProcessor({len(self.states)} requests in flight, eos={self.eos_token_ids})"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(rid)}</td><td>{len(s.completions)}/{s.greq.sampling_params.n}</td>"
+            f"<td>{[len(c.token_ids) for c in s.completions]}</td>"
+            f"<td>{html.escape(repr(s.completions[0].text[-40:]) if s.completions else '')}</td></tr>"
+            for rid, s in list(self.states.items())[:20])
+        return (f"<b>OutputProcessor</b> &middot; {len(self.states)} requests in flight<table><tr><th>request</th>"
+                f"<th>completions</th><th>tokens</th><th>text (tail)</th></tr>{rows}</table>")
