@@ -20,8 +20,7 @@ from kit.outputs import CompletionOutput, RequestOutput
 from kit.sampling import Sampler, SamplingParams
 from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerPolicy
 from kit.tokenizer import Tokenizer
-
-__version__ = "0.1.0"
+from kit.version import __version__
 
 __all__ = [
     "BuildCache", "BuildConfig", "Builder", "CompletionOutput", "Engine", "Executor", "ForwardBatch", "GenerationRequest",

@@ -17,8 +17,6 @@ from typing import Any, Sequence
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
 
 class Tokenizer:
     """encode / decode / chat template over a Hugging Face tokenizer."""
