@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 
 from kit.cache_entry import (QUARANTINE_DIR, CacheEntryError, cache_dir, entry_dirs, make_temp_dir, quarantine,
                              sweep_temp_dirs, verify_manifest)
@@ -109,7 +110,7 @@ class BuildCache:
                 if self.get(key) is None:  # not a lost race: a real failure
                     raise
             return target
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # NOTE: safetensors reports I/O errors as SafetensorError
             warnings.warn(f"could not store the engine in the build cache {self.root} ({e}); "
                           "it was built and is used, but not cached", stacklevel=2)
             return None

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from kit.cache_entry import (CacheEntryError, cache_dir, make_temp_dir, quarantine, sweep_temp_dirs,
@@ -183,7 +184,7 @@ def convert_gguf(path: Path, entry: Path, digest: str) -> tuple[ModelConfig, dic
             # another process converted the same file first: theirs is as good as ours, if whole
             if load_converted(entry) is None:
                 os.rename(tmp, entry)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # NOTE: safetensors reports I/O errors as SafetensorError
         warnings.warn(f"could not store the conversion of {path.name} in {entry.parent} ({e}); "
                       "it was converted in memory and is not cached", stacklevel=2)
     finally:
