@@ -11,6 +11,7 @@ from kit.builder import BuildCache, BuildConfig, Builder, build
 from kit.config import ModelConfig
 from kit.batch import ForwardBatch, KVCache, SequenceInput
 from kit.engine import Engine
+from kit.engine_dir import load_engine, save_engine
 from kit.executor import Executor, GenerationRequest, GenerationResult, KvCacheConfig
 from kit.kv_cache import KVCacheInspector, KVCacheManager
 from kit.llm import LLM
@@ -27,5 +28,5 @@ __all__ = [
     "GenerationResult", "KVCache", "KVCacheInspector", "KVCacheManager", "KvCacheConfig", "LLM", "Layer",
     "LoadedModel", "ModelConfig", "ModelLoader", "Network", "NetworkBuilder", "RequestOutput", "Sampler",
     "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "SequenceInput",
-    "Tokenizer", "__version__", "build",
+    "Tokenizer", "__version__", "build", "load_engine", "save_engine",
 ]

@@ -10,8 +10,6 @@ from pathlib import Path
 from kit.build_cache import BuildCache
 from kit.builder import BuildConfig, Builder
 from kit.engine_dir import is_engine_dir, save_engine
-from kit.loader import ModelLoader
-from kit.network import NetworkBuilder
 
 __all__ = ["main"]
 
@@ -88,12 +86,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     if args.output:
         _check_output(args.output, args.force)  # before the build: refuse early, touch nothing
-    device = _device(args.device)
-    loaded = ModelLoader(args.model, device=device).load()
-    network = NetworkBuilder(loaded).build()
     bc = BuildConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                      max_input_len=min(args.max_input_len, args.max_seq_len))
-    engine = Builder(args.backend, device=device).build(network, bc, loaded=loaded)
+    engine = Builder(args.backend, device=_device(args.device)).get_engine(args.model, bc).engine
     if args.output:
         save_engine(engine, args.output, overwrite=args.force)
         print(f"engine saved to {args.output}")

@@ -76,7 +76,7 @@ def engine_key(engine: Engine) -> str:
 
 def write_engine_files(engine: Engine, directory: Path) -> None:
     """Write the engine's files into the (empty) `directory`; the manifest last."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # NOTE: looked up per call, so a test can swap the writer
 
     weights = {k: v.detach().contiguous().cpu() for k, v in engine.network.weights.items()}
     save_file(weights, str(directory / _ENGINE_WEIGHTS), metadata={"format": "kit-engine"})

@@ -147,13 +147,23 @@ def converted_entry(digest: str) -> Path:
     return cache_dir() / "models" / f"{digest[:24]}-v{CONVERTED_FORMAT}"
 
 
+def _drop_stale_formats(entry: Path) -> None:
+    """Remove conversions of the same file in older formats (the kit no longer reads them)."""
+    stem = entry.name.rsplit("-v", 1)[0]
+    for p in entry.parent.glob(f"{stem}-v*"):
+        if p != entry and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def load_converted(entry: Path) -> tuple[ModelConfig, Path, Tokenizer] | None:
     """(config, safetensors file, tokenizer) of a verified entry; None when absent or damaged (quarantined)."""
     if not entry.exists():
         return None
     try:
         verify_manifest(entry)
-        return ModelConfig.from_json(entry / "config.json"), entry / "model.safetensors", Tokenizer.from_dir(entry)
+        result = ModelConfig.from_json(entry / "config.json"), entry / "model.safetensors", Tokenizer.from_dir(entry)
+        _drop_stale_formats(entry)
+        return result
     except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as e:
         quarantine(entry, str(e))
         return None

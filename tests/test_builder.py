@@ -173,3 +173,43 @@ def test_an_engine_built_without_a_model_identity_reopens(tmp_path, tiny_checkpo
     engine = kit.build(NetworkBuilder(loaded).build(), BuildConfig(**SMALL), device="cpu", progress=False)
     d = save_engine(engine, tmp_path / "e")
     assert load_engine(d).build_key == engine.build_key is not None
+
+
+def test_get_engine_computes_the_key_once_and_answers_a_hit_without_building(cache_dir, tiny_checkpoints,
+                                                                                monkeypatch):
+    import kit.builder
+
+    path = tiny_checkpoints["llama"][0]  # a Path, like a str
+    keys = []
+    real_key = kit.builder.build_key
+    monkeypatch.setattr(kit.builder, "build_key", lambda *a: keys.append(a) or real_key(*a))
+    first = Builder("torch", device="cpu").get_engine(path, BuildConfig(**SMALL), progress=False)
+    assert not first.cache_hit and first.loaded is not None and len(keys) == 1
+    assert [r["step"] for r in first.engine.build_log] == ["prepare network on the backend", "store in build cache"]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a cache hit must not build")
+
+    monkeypatch.setattr(Builder, "_build", no_build)
+    monkeypatch.setattr(Builder, "build", no_build)
+    second = Builder("torch", device="cpu").get_engine(path, BuildConfig(**SMALL), progress=False)
+    assert second.cache_hit and second.loaded is None and len(keys) == 2
+    assert second.engine.build_key == first.engine.build_key
+    assert second.engine.build_log[0]["step"] == "build cache hit"
+    # an engine directory is opened as it is, by Path or str
+    d = save_engine(second.engine, cache_dir.parent / "engine-dir")
+    for model in (d, str(d)):
+        opened = Builder("torch", device="cpu").get_engine(model)
+        assert opened.engine.source_dir == d and not opened.cache_hit and len(keys) == 2
+
+
+def test_engine_module_does_not_know_the_builder():
+    import ast
+    from pathlib import Path
+
+    import kit.engine
+
+    tree = ast.parse(Path(kit.engine.__file__).read_text())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {"kit.builder", "kit.build_cache", "kit.engine_dir", "kit.build_config"} & names
+    assert not hasattr(kit.engine.Engine, "from_dir") and not hasattr(kit.engine.Engine, "save")
