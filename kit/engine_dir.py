@@ -33,8 +33,8 @@ from kit.quantization import QuantConfig
 from kit.tokenizer import Tokenizer
 from kit.version import __version__
 
-__all__ = ["ENGINE_FORMAT", "assemble_engine", "save_engine", "write_engine_files", "read_engine_config",
-           "load_engine", "is_engine_dir"]
+__all__ = ["ENGINE_FORMAT", "assemble_engine", "engine_key", "save_engine", "write_engine_files",
+           "read_engine_config", "load_engine", "is_engine_dir"]
 
 # NOTE: 2 = a manifest.json with per-file hashes; format-1 directories are refused (rebuild them)
 ENGINE_FORMAT = 2
