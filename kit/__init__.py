@@ -11,6 +11,7 @@ from kit.builder import BuildCache, BuildConfig, Builder, build
 from kit.config import ModelConfig
 from kit.batch import ForwardBatch, KVCache, SequenceInput
 from kit.engine import Engine
+from kit.engine_dir import load_engine, save_engine
 from kit.executor import Executor
 from kit.kv_cache_config import KvCacheConfig
 from kit.outputs import GenerationResult
@@ -23,13 +24,12 @@ from kit.outputs import CompletionOutput, RequestOutput
 from kit.sampling import Sampler, SamplingParams
 from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerPolicy
 from kit.tokenizer import Tokenizer
-
-__version__ = "0.1.0"
+from kit.version import __version__
 
 __all__ = [
     "BuildCache", "BuildConfig", "Builder", "CompletionOutput", "Engine", "Executor", "ForwardBatch", "GenerationRequest",
     "GenerationResult", "KVCache", "KVCacheInspector", "KVCacheManager", "KvCacheConfig", "LLM", "Layer",
     "LoadedModel", "ModelConfig", "ModelLoader", "Network", "NetworkBuilder", "RequestOutput", "Sampler",
     "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "SequenceInput",
-    "Tokenizer", "__version__", "build",
+    "Tokenizer", "__version__", "build", "load_engine", "save_engine",
 ]

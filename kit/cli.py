@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from kit.build_cache import BuildCache
+from kit.builder import BuildConfig, Builder
+from kit.engine_dir import is_engine_dir, save_engine
 
 __all__ = ["main"]
 
@@ -91,34 +96,47 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from kit.builder import BuildConfig, Builder
-    from kit.loader import ModelLoader
-    from kit.network import NetworkBuilder
-
-    device = _device(args.device)
-    loaded = ModelLoader(args.model, device=device).load()
-    network = NetworkBuilder(loaded).build()
+    if args.output:
+        _check_output(args.output, args.force)  # before the build: refuse early, touch nothing
     bc = BuildConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                      max_input_len=min(args.max_input_len, args.max_seq_len))
-    engine = Builder(args.backend, device=device).build(network, bc, loaded=loaded)
+    engine = Builder(args.backend, device=_device(args.device)).get_engine(args.model, bc).engine
     if args.output:
-        engine.save(args.output)
+        save_engine(engine, args.output, overwrite=args.force)
         print(f"engine saved to {args.output}")
     for row in engine.build_log:
         print(f"{row['step']:<32} {row['seconds']:8.3f} s  {row.get('detail', '')}")
     return 0
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
-    from kit.builder import BuildCache
+def _check_output(output: str, force: bool) -> None:
+    """Refuse `--output` early if saving there would be refused (a file, a foreign or kept directory)."""
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--output {output}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_engine_dir(path):
+            raise FileExistsError(f"--output {output}: the directory is not empty and is not a kit engine "
+                                  "directory; nothing was changed (choose a new or empty directory)")
+        if not force:
+            raise FileExistsError(f"--output {output}: already holds a kit engine; pass --force to replace it")
 
+
+def cmd_cache(args: argparse.Namespace) -> int:
     cache = BuildCache()
     if args.action == "list":
         df = cache.list()
         print(df.to_string(index=False) if len(df) else f"(empty) {cache.root}")
+    elif args.action == "verify":
+        df = cache.verify()
+        print(df.to_string(index=False) if len(df) else f"(empty) {cache.root}")
+        bad = int((df["status"] != "ok").sum()) if len(df) else 0
+        print(f"{len(df) - bad} entries ok, {bad} damaged entries quarantined (they are rebuilt when next used)")
     else:
-        n = cache.clear()
-        print(f"removed {n} entries from {cache.root}")
+        kinds = cache.list()["kind"].value_counts()
+        cache.clear()
+        print(f"removed {int(kinds.get('engine', 0))} entries from {cache.root} and "
+              f"{int(kinds.get('model', 0))} converted models from {cache.models_root}")
     return 0
 
 
@@ -169,12 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--max-batch-size", type=int, default=8)
     bl.add_argument("--max-seq-len", type=int, default=1024)
     bl.add_argument("--max-input-len", type=int, default=512)
-    bl.add_argument("--output", default=None)
+    bl.add_argument("--output", default=None, help="engine directory to write (new, empty, or an engine with --force)")
+    bl.add_argument("--force", action="store_true", help="replace the kit engine directory at --output")
     bl.add_argument("--device", default=None)
     bl.set_defaults(func=cmd_build)
 
-    c = sub.add_parser("cache", help="list or clear the build cache")
-    c.add_argument("action", choices=["list", "clear"])
+    c = sub.add_parser("cache", help="list, verify or clear the caches (built engines, converted models)")
+    c.add_argument("action", choices=["list", "verify", "clear"])
     c.set_defaults(func=cmd_cache)
     return p
 

@@ -6,10 +6,6 @@ A runtime object: `Engine.forward(batch, kv_cache) -> logits`.
 from __future__ import annotations
 
 import html
-import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,11 +17,6 @@ from kit.config import ModelConfig
 from kit.network import Network
 
 __all__ = ["ForwardBatch", "KVCache", "Engine", "SequenceInput"]
-
-
-ENGINE_FORMAT = 1
-_ENGINE_CONFIG = "config.json"
-_ENGINE_WEIGHTS = "model.safetensors"
 
 
 class Engine:
@@ -102,115 +93,6 @@ class Engine:
         if batch.block_size != kv_cache.block_size:
             raise ValueError(f"batch was built for block_size {batch.block_size}, cache has {kv_cache.block_size}")
         return self.backend.forward(batch, kv_cache, on_layer=on_layer)
-
-    # --------------------------------------------------------- engine directories
-    def save(self, path: str | Path) -> Path:
-        """Write the engine directory atomically: config.json, model.safetensors, rank0.engine, tokenizer.
-
-        Everything goes to a temporary sibling directory first and is renamed into place at
-        the end, so a reader never sees half an engine.
-        """
-        from safetensors.torch import save_file
-
-        from kit import __version__
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            weights = {k: v.detach().contiguous().cpu() for k, v in self.network.weights.items()}
-            save_file(weights, str(tmp / _ENGINE_WEIGHTS), metadata={"format": "kit-engine"})
-            if self.backend.name == "tensorrt":
-                self.backend.plan.save(tmp)  # rank0.engine + trt_build.json
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp / "tokenizer")
-            qc = self.network.quant_config
-            if self.build_key is None:  # an engine built without a model identity still gets a key
-                from kit.builder import build_key
-
-                self.build_key = build_key(self.model_info.get("identity", {}), self.config, self.build_config, qc,
-                                           self.backend.name, str(self.dtype).replace("torch.", ""))
-            config = {
-                "format": ENGINE_FORMAT, "kit_version": __version__,
-                "model": self.model_info, "model_config": self.config.to_dict(),
-                "build_config": self.build_config.to_dict() if self.build_config is not None else None,
-                "quant_config": qc.to_dict() if qc is not None else None,
-                "backend": self.backend.name, "dtype": str(self.dtype).replace("torch.", ""),
-                "build_key": self.build_key,
-                "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()},
-            }
-            (tmp / _ENGINE_CONFIG).write_text(json.dumps(config, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
-
-    @staticmethod
-    def read_config(path: str | Path) -> dict[str, Any]:
-        """The engine directory's config.json, after checking that every file it lists is whole."""
-        path = Path(path)
-        cfg_file = path / _ENGINE_CONFIG
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path} is not an engine directory: no {_ENGINE_CONFIG}")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: corrupt engine config ({e})") from e
-        if cfg.get("format") != ENGINE_FORMAT:
-            raise ValueError(f"{path}: engine format {cfg.get('format')!r}, this kit reads format {ENGINE_FORMAT}")
-        for name, size in cfg.get("files", {}).items():
-            f = path / name
-            if not f.is_file():
-                raise ValueError(f"{path}: engine file {name} is missing; rebuild the engine")
-            if f.stat().st_size != size:
-                raise ValueError(f"{path}: engine file {name} is truncated or altered "
-                                 f"({f.stat().st_size} bytes, expected {size}); rebuild the engine")
-        return cfg
-
-    @classmethod
-    def from_dir(cls, path: str | Path, *, device: torch.device | str | None = None,
-                 build_config: Any = None) -> "Engine":
-        """Open an engine directory. `build_config`, if given, must equal the one it was built with."""
-        from kit.builder import BuildConfig, build_key
-        from kit.loader import LoadedModel, _read_safetensors
-        from kit.quantization import QuantConfig
-        from kit.tokenizer import Tokenizer
-
-        path = Path(path)
-        cfg = cls.read_config(path)
-        stored_bc = BuildConfig.from_dict(cfg["build_config"]) if cfg["build_config"] else None
-        if build_config is not None and stored_bc is not None and build_config != stored_bc:
-            diff = {k: (v, stored_bc.to_dict()[k]) for k, v in build_config.to_dict().items()
-                    if stored_bc.to_dict()[k] != v}
-            raise ValueError(f"{path} was built for another configuration: "
-                             + ", ".join(f"{k}={new!r} asked, engine has {old!r}" for k, (new, old) in diff.items()))
-        config = ModelConfig.from_dict(cfg["model_config"])
-        qc = QuantConfig.from_dict(cfg["quant_config"]) if cfg["quant_config"] else None
-        expected = build_key(cfg["model"].get("identity", {}), config, stored_bc, qc, cfg["backend"], cfg["dtype"])
-        if cfg.get("build_key") != expected:
-            raise ValueError(f"{path}: build key mismatch (the config was altered or written by another kit); "
-                             "rebuild the engine")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, cfg["dtype"])
-        weights = _read_safetensors([path / _ENGINE_WEIGHTS], device, None)
-        tok_dir = path / "tokenizer"
-        tokenizer = Tokenizer.from_dir(tok_dir) if Tokenizer.dir_has_tokenizer(tok_dir) else None
-        info = cfg["model"]
-        loaded = LoadedModel(config, weights, tokenizer, name=info.get("name", path.name), source=str(path),
-                             identity=info.get("identity", {}), quant_config=qc, source_format="engine")
-        from kit.builder import Builder
-
-        plan = None
-        if cfg["backend"] == "tensorrt":
-            from kit.backends.tensorrt_backend import TensorRTPlan
-
-            plan = TensorRTPlan.load(path)
-        engine = Builder(cfg["backend"], device=device).assemble(loaded, stored_bc, dtype=dtype, plan=plan)
-        engine.build_key = cfg["build_key"]
-        engine.source_dir = path
-        return engine
 
     def __repr__(self) -> str:
         return f"Engine({self.network.name!r}, backend={self.backend.name}, {self.device}, {self.dtype})"

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from kit.progress import tqdm
 
-from kit.builder import BuildConfig
+from kit.builder import BuildConfig, Builder
 from kit.engine import Engine
 from kit.executor import Executor
 from kit.kv_cache_config import KvCacheConfig
 from kit.loader import LoadedModel, ModelLoader
-from kit.network import NetworkBuilder
 from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
 from kit.request import GenerationRequest, prompt_token_ids_of
 from kit.sampling import SamplingParams
@@ -48,16 +47,21 @@ class LLM:
                  record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if backend == "tensorrt":
+            raise ValueError("LLM(backend='tensorrt'): the TensorRT backend builds and inspects plans "
+                             "(kit.Builder('tensorrt').build(...), kit build --backend tensorrt) but cannot execute "
+                             "them here; use backend='torch' to generate")
         self._loaded = model if isinstance(model, LoadedModel) else None
         self._model_ref = None  # set on a build-cache hit: where to load the model from if asked
         self.build_cache_hit = False
         if isinstance(model, Engine):
             engine = model
-        elif isinstance(model, str) and ModelLoader(model).resolve()[0] == "engine":
-            engine = Engine.from_dir(model, device=device, build_config=build_config)
         else:
             engine = self._build(model, device, build_config, quantization, backend, enable_build_cache,
                                  skip_build_cache)
+        if not getattr(engine.backend, "can_execute", engine.backend.name != "tensorrt"):
+            raise ValueError(f"LLM: this engine's backend ({engine.backend.name}) builds and inspects plans but "
+                             "cannot execute them; build the model with backend='torch' to generate")
         self.engine = engine
         self.build_config = build_config = engine.build_config or build_config or BuildConfig()
         self.tokenizer = engine.tokenizer if engine.tokenizer is not None else getattr(self._loaded, "tokenizer", None)
@@ -73,43 +77,16 @@ class LLM:
         self.startup_seconds = time.perf_counter() - t0
 
     def _build(self, model, device, build_config, quantization, backend, enable_build_cache, skip_build_cache):
-        """Load -> [quantize] -> network -> builder, or straight from the build cache on a hit."""
-        from kit.builder import BuildCache, Builder, build_key
-
-        qc = None
-        if quantization is not None:
-            from kit.quantization import QuantConfig
-
-            qc = quantization if isinstance(quantization, QuantConfig) else QuantConfig.from_name(quantization)
-        build_config = build_config or BuildConfig()
-        if self._loaded is not None and qc is not None and not isinstance(quantization, QuantConfig):
-            qc = _fit_group_size(qc, self._loaded.config)
-        if self._loaded is None:
-            loader = ModelLoader(model, dtype=None if build_config.dtype == "auto" else build_config.dtype,
-                                 device=device)
-            identity, mcfg = loader.peek()
-            build_config = _fit(build_config, mcfg)
-            if qc is not None and not isinstance(quantization, QuantConfig):
-                qc = _fit_group_size(qc, mcfg)
-            dtype = str(loader.dtype).replace("torch.", "")
-            if enable_build_cache and not skip_build_cache:
-                hit = BuildCache().get(build_key(identity, mcfg, build_config, qc, backend, dtype))
-                if hit is not None:
-                    self.build_cache_hit = True
-                    self._model_ref = model if qc is None else None
-                    return Engine.from_dir(hit, device=device)
-            self.loaded = loader.load()
-            use_cache = enable_build_cache
-        else:
-            build_config = _fit(build_config, self.loaded.config)
-            use_cache = False  # an object in memory has no stable identity to key a cache on
-        if qc is not None:
-            from kit.quantization import Quantizer
-
-            self.loaded = Quantizer(qc).quantize(self.loaded, tokenizer=self.loaded.tokenizer)
-        network = NetworkBuilder(self.loaded).build()
-        return Builder(backend, device=device).build(network, build_config, loaded=self.loaded,
-                                                     enable_build_cache=use_cache, skip_build_cache=skip_build_cache)
+        """Ask the builder once for an engine for this model and config (engine dir, build cache or build)."""
+        result = Builder(backend, device=device).get_engine(
+            model, build_config, quantization=quantization, enable_build_cache=enable_build_cache,
+            skip_build_cache=skip_build_cache)
+        self.build_cache_hit = result.cache_hit
+        if result.cache_hit and quantization is None:
+            self._model_ref = model  # the model is loaded on first access to `llm.loaded`
+        if result.loaded is not None:
+            self.loaded = result.loaded
+        return result.engine
 
     # -------------------------------------------------------------- properties
     @property
@@ -232,29 +209,6 @@ class LLM:
                 f"{self.startup_seconds:.2f} s &middot; max_batch_size {bc.max_batch_size}, max_num_tokens "
                 f"{bc.max_num_tokens}, max_seq_len {bc.max_seq_len}<br>{self.engine._repr_html_()}"
                 f"{self.executor._repr_html_()}")
-
-
-def _fit_group_size(qc: Any, config: Any) -> Any:
-    """A preset's group size (128) halved until it divides every linear's input width.
-
-    SmolLM2's hidden size is 576 = 9 x 64, so its int4 presets use groups of 64. An
-    explicit QuantConfig is taken as it is (and refused clearly if it does not fit).
-    """
-    import dataclasses
-
-    dims = (config.hidden_size, config.intermediate_size, config.q_size)
-    g = qc.group_size
-    while g > 16 and any(d % g for d in dims):
-        g //= 2
-    return qc if g == qc.group_size else dataclasses.replace(qc, group_size=g)
-
-
-def _fit(build_config: BuildConfig, config: Any) -> BuildConfig:
-    """Cap max_seq_len (and max_input_len) at the model's context length."""
-    max_pos = config.max_position_embeddings
-    if build_config.max_seq_len > max_pos:
-        return build_config.replace(max_seq_len=max_pos, max_input_len=min(build_config.max_input_len, max_pos))
-    return build_config
 
 
 def _is_single_prompt(prompts: Any) -> bool:

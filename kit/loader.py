@@ -23,8 +23,6 @@ import html
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,13 @@ from typing import Any
 import torch
 from kit.progress import tqdm
 
+from kit.cache_entry import cache_dir
 from kit.config import ModelConfig
+from kit.gguf import convert_gguf, converted_entry, gguf_config, load_converted
+from kit.tokenizer import Tokenizer
 
 __all__ = ["ModelLoader", "LoadedModel", "REGISTERED_MODELS", "SYNTHETIC_PRESETS", "cache_dir", "weight_shapes",
-           "random_weights", "read_gguf"]
+           "random_weights", "read_safetensors", "registered_model_path"]
 
 # name -> (package, file inside it)
 REGISTERED_MODELS: dict[str, tuple[str, str]] = {
@@ -60,29 +61,6 @@ SYNTHETIC_PRESETS: dict[str, dict[str, Any]] = {
                          rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                          tie_word_embeddings=True, qkv_bias=True, bos_token_id=None, eos_token_ids=(151645,)),
 }
-
-# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
-_GGUF_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_CONVERTED_FORMAT = 1  # bump when the cached conversion changes
-
-
-def cache_dir() -> Path:
-    """The kit's cache directory: `$KIT_CACHE_DIR`, default `~/.cache/kit`."""
-    return Path(os.environ.get("KIT_CACHE_DIR", Path.home() / ".cache" / "kit")).expanduser()
-
 
 def _sha256_file(path: Path, desc: str | None = None) -> str:
     h = hashlib.sha256()
@@ -215,17 +193,7 @@ class ModelLoader:
         fmt, path = self.resolve()
         if fmt == "gguf":
             digest = _sha256_file(path)
-            entry = cache_dir() / "models" / f"{digest[:24]}-v{_CONVERTED_FORMAT}"
-            if (entry / "config.json").exists():
-                config = ModelConfig.from_json(entry / "config.json")
-            else:
-                from gguf import GGUFReader
-
-                reader = GGUFReader(str(path))
-                meta = gguf_metadata(reader)
-                meta["_tied_embeddings"] = "output.weight" not in {t.name for t in reader.tensors}
-                config = ModelConfig.from_hf_config(ModelConfig.from_gguf_metadata(meta, source=str(path)).to_hf_config())
-            return {"source": str(path.resolve()), "sha256": digest}, config
+            return {"source": str(path.resolve()), "sha256": digest}, gguf_config(path, digest)
         if fmt == "hf":
             config = ModelConfig.from_json(path / "config.json")
             return {"source": str(path.resolve()), "sha256": _hf_dir_digest(path, _safetensors_files(path))}, config
@@ -238,18 +206,17 @@ class ModelLoader:
         elif fmt == "hf":
             loaded = self._load_hf_dir(path)
         else:
-            raise ValueError(f"{path} is an engine directory: open it with Engine.from_dir or LLM({str(path)!r})")
+            raise ValueError(f"{path} is an engine directory: open it with kit.engine_dir.load_engine or "
+                             f"LLM({str(path)!r})")
         if self.model in REGISTERED_MODELS:
             loaded.name = self.model
         return loaded
 
     # ----------------------------------------------------------------- HF dirs
     def _load_hf_dir(self, path: Path) -> LoadedModel:
-        from kit.tokenizer import Tokenizer
-
         config = ModelConfig.from_json(path / "config.json")
         files = _safetensors_files(path)
-        weights = _read_safetensors(files, self.device, self.dtype)
+        weights = read_safetensors(files, self.device, self.dtype)
         _check_weights(config, weights, str(path))
         tokenizer = Tokenizer.from_dir(path) if Tokenizer.dir_has_tokenizer(path) else None
         return LoadedModel(config, weights, tokenizer, name=path.name, source=str(path),
@@ -258,20 +225,21 @@ class ModelLoader:
 
     # -------------------------------------------------------------------- GGUF
     def _load_gguf(self, path: Path) -> LoadedModel:
-        from kit.tokenizer import Tokenizer
-
         digest = _sha256_file(path)
-        entry = cache_dir() / "models" / f"{digest[:24]}-v{_CONVERTED_FORMAT}"
-        if not (entry / "model.safetensors").exists():
-            _convert_gguf(path, entry)
-        config = ModelConfig.from_json(entry / "config.json")
-        weights = _read_safetensors([entry / "model.safetensors"], self.device, self.dtype)
+        entry = converted_entry(digest)
+        cached = load_converted(entry)  # None when absent, or damaged (then quarantined)
+        if cached is not None:
+            config, weights_file, tokenizer = cached
+            weights = read_safetensors([weights_file], self.device, self.dtype)
+        else:
+            config, weights, tokenizer = convert_gguf(path, entry, digest)
+            weights = {k: v.to(device=self.device, dtype=self.dtype) for k, v in weights.items()}
         _check_weights(config, weights, str(path))
         notes = []
         if "Q4" in path.name.upper() or "Q8" in path.name.upper():
             notes.append(f"{path.name} holds quantized weights (GGUF): they were dequantized to "
                          f"{str(self.dtype).replace('torch.', '')} on load; their precision is that of the file.")
-        return LoadedModel(config, weights, Tokenizer.from_dir(entry), name=path.stem, source=str(path),
+        return LoadedModel(config, weights, tokenizer, name=path.stem, source=str(path),
                            identity={"source": str(path.resolve()), "sha256": digest},
                            source_format="gguf", notes=notes)
 
@@ -388,7 +356,8 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _read_safetensors(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """name -> tensor of safetensors files, floats cast to `dtype` (None: as stored); ValueError if unreadable."""
     from safetensors import SafetensorError, safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -429,81 +398,3 @@ def _hf_dir_digest(path: Path, files: list[Path]) -> str:
                 n = int.from_bytes(fh.read(8), "little")
                 h.update(fh.read(min(n, 2**24)))
     return h.hexdigest()
-
-
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    """Plain Python values of a GGUFReader's key-value fields."""
-    meta: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = f.contents()
-        except Exception:  # noqa: BLE001 - exotic field types are not needed by the kit
-            continue
-    return meta
-
-
-def _reverse_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's interleaving of the rotary halves in q/k projection rows."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Dequantize every tensor of a GGUF file to float32 with Hugging Face names."""
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - gguf raises many types on a bad file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-    meta = gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    meta["_tied_embeddings"] = "output.weight" not in names
-    config = ModelConfig.from_gguf_metadata(meta, source=str(path))
-    weights: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", leave=False):
-        base, _, suffix = t.name.rpartition(".")
-        if base.startswith("blk."):
-            _, idx, part = base.split(".", 2)
-            if part not in _GGUF_BLOCK_NAMES:
-                continue
-            hf = f"model.layers.{idx}.{_GGUF_BLOCK_NAMES[part]}.{suffix}"
-        elif base in _GGUF_TOP_NAMES:
-            hf = f"{_GGUF_TOP_NAMES[base]}.{suffix}"
-        else:
-            continue
-        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists the innermost dim first
-        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        tensor = torch.from_numpy(data.copy())
-        if config.family in ("llama", "mistral") and hf.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in hf else config.num_key_value_heads
-            tensor = _reverse_permute(tensor, heads)
-        weights[hf] = tensor
-    return config, weights, meta
-
-
-def _convert_gguf(path: Path, entry: Path) -> None:
-    """Dequantize once and store safetensors + config + tokenizer; atomic (temp dir, then rename)."""
-    from safetensors.torch import save_file
-
-    from kit.tokenizer import Tokenizer
-
-    config, weights, _ = read_gguf(path)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"source": str(path)})
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
-        Tokenizer.from_gguf(path).save(tmp)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            # another process converted the same file first: theirs is as good as ours
-            if not (entry / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

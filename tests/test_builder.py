@@ -9,7 +9,7 @@ import torch
 
 from helpers import run_chunks
 from kit.builder import BuildCache, BuildConfig, Builder
-from kit.engine import Engine
+from kit.engine_dir import load_engine, save_engine
 from kit.llm import LLM, SamplingParams
 from kit.loader import ModelLoader
 from kit.network import NetworkBuilder
@@ -122,9 +122,9 @@ def test_engine_directory_round_trip_and_refusals(tmp_path, tiny_checkpoints):
     loaded = ModelLoader(path).load()
     engine = Builder("torch", device="cpu").build(NetworkBuilder(loaded).build(), BuildConfig(**SMALL),
                                                   loaded=loaded, enable_build_cache=False, progress=False)
-    d = engine.save(tmp_path / "engine")
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
-    again = Engine.from_dir(d, device="cpu")
+    d = save_engine(engine, tmp_path / "engine")
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
+    again = load_engine(d, device="cpu")
     seqs = [[5, 9, 13, 2, 7, 7, 1], [40, 41]]
     sched = [[4, 2], [3, 0], [0, 0]]
     for a, b in zip(run_chunks(engine, seqs, sched, 4), run_chunks(again, seqs, sched, 4)):
@@ -139,14 +139,14 @@ def test_engine_directory_round_trip_and_refusals(tmp_path, tiny_checkpoints):
     cfg["build_config"]["max_seq_len"] = 32
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="build key mismatch"):
-        Engine.from_dir(d)
-    engine.save(d)
+        load_engine(d)
+    save_engine(engine, d, overwrite=True)
     w = d / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(ValueError, match="model.safetensors is truncated"):
-        Engine.from_dir(d)
+        load_engine(d)
     with pytest.raises(FileNotFoundError, match="not an engine directory"):
-        Engine.from_dir(tmp_path)
+        load_engine(tmp_path)
 
 
 def test_tensorrt_engine_is_built_saved_and_refuses_to_run_here(tmp_path, tiny_checkpoints):
@@ -155,9 +155,9 @@ def test_tensorrt_engine_is_built_saved_and_refuses_to_run_here(tmp_path, tiny_c
     engine = Builder("tensorrt", device="cpu").build(NetworkBuilder(loaded).build(), BuildConfig(**SMALL),
                                                      loaded=loaded, enable_build_cache=False, progress=False)
     assert [r["step"] for r in engine.build_log] == ["prepare network on the backend", "build TensorRT plan"]
-    d = engine.save(tmp_path / "trt")
+    d = save_engine(engine, tmp_path / "trt")
     assert (d / "rank0.engine").stat().st_size > 100_000
-    again = Engine.from_dir(d, device="cpu")
+    again = load_engine(d, device="cpu")
     assert again.backend.plan.plan == engine.backend.plan.plan
     from kit.engine import ForwardBatch, SequenceInput
 
@@ -171,5 +171,45 @@ def test_an_engine_built_without_a_model_identity_reopens(tmp_path, tiny_checkpo
 
     loaded = ModelLoader(tiny_checkpoints["llama"][0]).load()
     engine = kit.build(NetworkBuilder(loaded).build(), BuildConfig(**SMALL), device="cpu", progress=False)
-    d = engine.save(tmp_path / "e")
-    assert Engine.from_dir(d).build_key == engine.build_key is not None
+    d = save_engine(engine, tmp_path / "e")
+    assert load_engine(d).build_key == engine.build_key is not None
+
+
+def test_get_engine_computes_the_key_once_and_answers_a_hit_without_building(cache_dir, tiny_checkpoints,
+                                                                                monkeypatch):
+    import kit.builder
+
+    path = tiny_checkpoints["llama"][0]  # a Path, like a str
+    keys = []
+    real_key = kit.builder.build_key
+    monkeypatch.setattr(kit.builder, "build_key", lambda *a: keys.append(a) or real_key(*a))
+    first = Builder("torch", device="cpu").get_engine(path, BuildConfig(**SMALL), progress=False)
+    assert not first.cache_hit and first.loaded is not None and len(keys) == 1
+    assert [r["step"] for r in first.engine.build_log] == ["prepare network on the backend", "store in build cache"]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a cache hit must not build")
+
+    monkeypatch.setattr(Builder, "_build", no_build)
+    monkeypatch.setattr(Builder, "build", no_build)
+    second = Builder("torch", device="cpu").get_engine(path, BuildConfig(**SMALL), progress=False)
+    assert second.cache_hit and second.loaded is None and len(keys) == 2
+    assert second.engine.build_key == first.engine.build_key
+    assert second.engine.build_log[0]["step"] == "build cache hit"
+    # an engine directory is opened as it is, by Path or str
+    d = save_engine(second.engine, cache_dir.parent / "engine-dir")
+    for model in (d, str(d)):
+        opened = Builder("torch", device="cpu").get_engine(model)
+        assert opened.engine.source_dir == d and not opened.cache_hit and len(keys) == 2
+
+
+def test_engine_module_does_not_know_the_builder():
+    import ast
+    from pathlib import Path
+
+    import kit.engine
+
+    tree = ast.parse(Path(kit.engine.__file__).read_text())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {"kit.builder", "kit.build_cache", "kit.engine_dir", "kit.build_config"} & names
+    assert not hasattr(kit.engine.Engine, "from_dir") and not hasattr(kit.engine.Engine, "save")

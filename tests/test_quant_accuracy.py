@@ -10,6 +10,7 @@ import torch
 
 from kit.datasets import calibration_texts
 from kit.engine import Engine
+from kit.engine_dir import load_engine, save_engine
 from kit.evaluation import eval_windows, logit_agreement, memory, perplexity
 from kit.network import NetworkBuilder
 from kit.quantization import QuantConfig, Quantizer
@@ -96,7 +97,7 @@ def test_quantized_engine_round_trips_through_its_directory(setup, tmp_path):
     engine = Builder("torch", device="cpu").build(NetworkBuilder(q).build(), BuildConfig(max_seq_len=64,
                                                   max_input_len=32, max_batch_size=2), loaded=q,
                                                   enable_build_cache=False, progress=False)
-    again = Engine.from_dir(engine.save(tmp_path / "fp8"))
+    again = load_engine(save_engine(engine, tmp_path / "fp8"))
     assert any(t.dtype == torch.float8_e4m3fn for t in again.network.weights.values())
     seqs, sched = [[5, 6, 7, 8, 9]], [[5]]
     assert torch.equal(run_chunks(engine, seqs, sched, 4)[0], run_chunks(again, seqs, sched, 4)[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm.auto import tqdm
+from kit.progress import tqdm
 
 # NOTE: the offline benchmark's own prompt maker and percentiles, so both report the same statistics
 from kit.bench import _percentiles, make_prompts
