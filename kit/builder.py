@@ -315,8 +315,8 @@ class Builder:
     def _trt_plan(self, network: Any, bc: BuildConfig, dtype: Any) -> Any:
         from kit.backends.tensorrt_backend import build_plan
 
-        return build_plan(network, max_batch_size=bc.max_batch_size, max_input_len=bc.max_input_len,
-                          max_seq_len=bc.max_seq_len, opt_batch_size=bc.opt_batch_size, dtype=dtype)
+        return build_plan(network, bc.optimization_profiles(), dtype=None if bc.dtype == "auto" else dtype,
+                          profiling_verbosity=bc.profiling_verbosity)
 
 
 def build(network: Any, build_config: BuildConfig | None = None, *, backend: str = "torch", device: Any = None,
