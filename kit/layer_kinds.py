@@ -51,25 +51,25 @@ def _linear(acts: Callable[[ModelConfig], int], rows_are_seqs: bool = False) -> 
     return cost
 
 
-def _embedding(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
+def _embedding_cost(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
     return 0.0, float(2 * s.num_tokens * c.hidden_size * s.elem)
 
 
-def _rmsnorm(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
+def _rmsnorm_cost(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
     return 4.0 * s.num_tokens * c.hidden_size, float(2 * s.num_tokens * c.hidden_size * s.elem + wbytes)
 
 
-def _qk_norm(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
+def _qk_norm_cost(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
     width = c.q_size + c.kv_size
     return 4.0 * s.num_tokens * width, float(2 * s.num_tokens * width * s.elem)
 
 
-def _rope(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
+def _rope_cost(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
     width = c.q_size + c.kv_size
     return 6.0 * s.num_tokens * width, float(2 * s.num_tokens * width * s.elem)
 
 
-def _attention(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
+def _attention_cost(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[float, float]:
     # each new token attends to its causal prefix: on average ctx - q_len/2 keys
     keys = max(1.0, s.ctx_len - (s.q_len - 1) / 2)
     flops = 4.0 * s.num_seqs * s.q_len * keys * c.num_attention_heads * c.head_dim
@@ -78,15 +78,15 @@ def _attention(c: ModelConfig, params: int, wbytes: int, s: CostShape) -> tuple[
 
 
 _KINDS = (
-    LayerKind("embedding", "hidden = table[input_ids]", (), _embedding),
-    LayerKind("rmsnorm", "out = rms_norm(in, weight, eps)", ("rms_norm",), _rmsnorm),
+    LayerKind("embedding", "hidden = table[input_ids]", (), _embedding_cost),
+    LayerKind("rmsnorm", "out = rms_norm(in, weight, eps)", ("rms_norm",), _rmsnorm_cost),
     LayerKind("qkv_proj", "q, k, v = split(x @ [Wq; Wk; Wv]^T (+ b))", (),
               _linear(lambda c: c.hidden_size + c.q_size + 2 * c.kv_size)),
-    LayerKind("qk_norm", "q, k = rms_norm(q, wq, eps), rms_norm(k, wk, eps) per head", ("rms_norm",), _qk_norm),
+    LayerKind("qk_norm", "q, k = rms_norm(q, wq, eps), rms_norm(k, wk, eps) per head", ("rms_norm",), _qk_norm_cost),
     LayerKind("rope", "q, k = apply_rope(q|k, rope_cos_sin(positions, rope_inv_freq(config)))",
-              ("rope_inv_freq", "rope_cos_sin", "apply_rope"), _rope),
+              ("rope_inv_freq", "rope_cos_sin", "apply_rope"), _rope_cost),
     LayerKind("attention", "attn = softmax(q k^T * scale + causal_mask) v over the cached K/V (GQA)",
-              ("causal_mask", "paged_attention"), _attention),
+              ("causal_mask", "paged_attention"), _attention_cost),
     LayerKind("o_proj", "hidden = hidden + attn @ Wo^T (+ b)", (), _linear(lambda c: c.q_size + 2 * c.hidden_size)),
     LayerKind("mlp", "hidden = hidden + swiglu(x @ Wg^T, x @ Wu^T) @ Wd^T", ("swiglu",),
               _linear(lambda c: 2 * c.hidden_size + 3 * c.intermediate_size)),

@@ -261,7 +261,7 @@ class TensorRTLowering:
         env["q"] = self._rmsnorm(env["q"], layer.weights[0], eps, f"{n}/q", 4)
         env["k"] = self._rmsnorm(env["k"], layer.weights[1], eps, f"{n}/k", 4)
 
-    def _rope(self, layer: Layer, env: dict[str, Any]) -> None:
+    def _rotary(self, layer: Layer, env: dict[str, Any]) -> None:
         c, n = self.config, layer.name
         cos, sin = self._cos_sin(n)
         env["q"] = self._apply_rope(env["q"], cos, sin, c.num_attention_heads, f"{n}/q")
@@ -390,7 +390,7 @@ class TensorRTLowering:
 
     # one lowering per kind of `kit/layer_kinds.py`
     _LOWER = {"embedding": _embedding, "rmsnorm": _rmsnorm_layer, "qkv_proj": _qkv_proj, "qk_norm": _qk_norm,
-              "rope": _rope, "attention": _attention_layer, "o_proj": _o_proj, "mlp": _mlp_layer,
+              "rope": _rotary, "attention": _attention_layer, "o_proj": _o_proj, "mlp": _mlp_layer,
               "lm_head": _lm_head}
 
 

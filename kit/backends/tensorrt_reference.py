@@ -72,7 +72,7 @@ class _Reference:
         env["q"] = rms_norm(env["q"], self.w(layer.weights[0]), layer.attrs["eps"])
         env["k"] = rms_norm(env["k"], self.w(layer.weights[1]), layer.attrs["eps"])
 
-    def rope(self, layer: Layer, env: Env) -> None:
+    def rotary(self, layer: Layer, env: Env) -> None:
         env["q"] = apply_rope(env["q"], self.cos, self.sin)
         env["k"] = apply_rope(env["k"], self.cos, self.sin)
 
@@ -110,7 +110,7 @@ class _Reference:
         env["logits"] = (env["x"] @ self.w(layer.weights[0]).T).float()  # (B, S, V)
 
     RUN: dict[str, Callable[["_Reference", Layer, Env], None]] = {
-        "embedding": embedding, "rmsnorm": rmsnorm, "qkv_proj": qkv_proj, "qk_norm": qk_norm, "rope": rope,
+        "embedding": embedding, "rmsnorm": rmsnorm, "qkv_proj": qkv_proj, "qk_norm": qk_norm, "rope": rotary,
         "attention": attention, "o_proj": o_proj, "mlp": mlp, "lm_head": lm_head,
     }
 

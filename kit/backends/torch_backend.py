@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from kit.backends import triton_attention
+from kit.backends.triton_attention import paged_decode_attention, triton_available
 from kit.backends.base import LayerHook
 from kit.batch import ForwardBatch, KVCache
 from kit.layer_kinds import check_covers
@@ -69,8 +69,8 @@ class TorchBackend:
         # each sequence's own blocks instead of gathering a padded copy of every context
         self.decode_kernel = None
         if attention != "reference" and self.device.type == "cuda":
-            if triton_attention.triton_available():
-                self.decode_kernel = triton_attention.paged_decode_attention
+            if triton_available():
+                self.decode_kernel = paged_decode_attention
             elif attention == "triton":
                 raise RuntimeError("attention='triton' needs the triton package")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
@@ -134,7 +134,7 @@ class TorchBackend:
             env["k"] = rms_norm(env["k"], kw, eps)
         return qk_norm
 
-    def _rope(self, layer: Layer) -> LayerFn:
+    def _rotary(self, layer: Layer) -> LayerFn:
         inv_freq = self.inv_freq
 
         def rotate(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
@@ -197,7 +197,7 @@ class TorchBackend:
 
     # one preparation per kind of `kit/layer_kinds.py`
     _PREPARE: dict[str, Callable[["TorchBackend", Layer], LayerFn]] = {
-        "embedding": _embedding, "rmsnorm": _rmsnorm, "qkv_proj": _qkv_proj, "qk_norm": _qk_norm, "rope": _rope,
+        "embedding": _embedding, "rmsnorm": _rmsnorm, "qkv_proj": _qkv_proj, "qk_norm": _qk_norm, "rope": _rotary,
         "attention": _attention, "o_proj": _o_proj, "mlp": _mlp, "lm_head": _lm_head,
     }
 
