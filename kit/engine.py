@@ -254,6 +254,7 @@ class Engine:
         rows = {
             "network": f"{self.network.name} ({c.family}, {len(self.network)} layers)",
             "backend": self.backend.describe(),
+            "can do": self.backend.capabilities,
             "device / dtype": f"{self.device} / {str(self.dtype).replace('torch.', '')}",
             "weights": f"{self.network.weight_bytes / 2**20:.1f} MiB",
             "KV bytes per token": f"{self.kv_bytes_per_token}",

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import run_chunks
+from kit.backends.base import Backend
 from kit.backends.tensorrt_backend import (
     TensorRTBackend,
     TensorRTLowering,
@@ -27,7 +28,8 @@ from kit.backends.tensorrt_backend import (
     reference_forward,
 )
 from kit.backends.tensorrt_plan import resolve_precision
-from kit.builder import BuildConfig
+from kit.batch import ForwardBatch, SequenceInput
+from kit.builder import BuildConfig, Builder
 from kit.config import ModelConfig
 from kit.engine import Engine
 from kit.loader import LoadedModel, random_weights
@@ -361,8 +363,6 @@ def test_precision_of_half_networks_is_kept(trt):
 
 
 def test_builder_of_a_float32_network_passes_the_profile_and_verbosity(trt):
-    from kit.builder import Builder
-
     network = tiny_network("llama")
     bc = BuildConfig(max_batch_size=4, max_input_len=16, max_seq_len=32, profiling_verbosity="detailed")
     engine = Builder("tensorrt", device="cpu").build(network, bc, enable_build_cache=False, progress=False)
@@ -374,9 +374,6 @@ def test_builder_of_a_float32_network_passes_the_profile_and_verbosity(trt):
 
 
 def test_the_backend_cannot_execute_and_says_what_it_can(tiny_plan):
-    from kit.backends.base import Backend
-    from kit.batch import ForwardBatch, SequenceInput
-
     backend = TensorRTBackend(tiny_plan)
     assert isinstance(backend, Backend) and backend.can_execute is False
     assert "builds and inspects plans" in backend.capabilities and "backend='torch'" in backend.capabilities
