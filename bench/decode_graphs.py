@@ -69,6 +69,7 @@ def main() -> None:
                                                           progress=False)
             t0 = time.perf_counter()
             kv = engine.allocate_kv_cache(max(args.batch_sizes) * -(-max_seq // bs) + 1, bs)
+            engine.capture_cuda_graphs(kv)
             capture_s = time.perf_counter() - t0
             for b in args.batch_sizes:
                 sps = time_decode(engine, kv, b, args.context, args.steps, bs)

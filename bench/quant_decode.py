@@ -74,6 +74,7 @@ def main() -> None:
             engine = Builder("torch", device=device).build(NetworkBuilder(loaded).build(), bc, loaded=loaded,
                                                           enable_build_cache=False, progress=False)
             kv = engine.allocate_kv_cache(max(args.batch_sizes) * -(-max_seq // bs) + 1, bs)
+            engine.capture_cuda_graphs(kv)
             lin = engine.network.to_frame()
             lin_bytes = int(lin[lin.kind.isin(["qkv_proj", "o_proj", "mlp"])]["weight_bytes"].sum())
             for b in args.batch_sizes:

@@ -131,7 +131,6 @@ class KVCache:
         shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
         # a quantized cache (int8 / fp8) keeps one float32 scale per (token, kv head) beside K and V
         self.quant_algo = quant_algo
-        self.compute_dtype = dtype
         if quant_algo is not None:
             dtype = kv_cache_dtype(quant_algo)
             self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)

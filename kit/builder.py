@@ -80,7 +80,11 @@ class Builder:
 
     def _dtype(self, build_config: BuildConfig | None, network: Network) -> torch.dtype:
         if build_config is None or build_config.dtype == "auto":
-            return network.weights["model.embed_tokens.weight"].dtype  # never quantized
+            own = network.weights["model.embed_tokens.weight"].dtype  # never quantized
+            # NOTE: TensorRT-RTX cannot compile float32 GEMMs: an "auto" TensorRT build of a float32
+            # network is a float16 plan, and the build key must say so (or the saved engine's key,
+            # computed from the plan's dtype, would not match on load)
+            return torch.float16 if self.backend == "tensorrt" and own == torch.float32 else own
         return getattr(torch, build_config.dtype)
 
     def key(self, loaded: LoadedModel, build_config: BuildConfig, dtype: torch.dtype) -> str:
@@ -158,9 +162,10 @@ class Builder:
             plan = None
             if self.backend == "tensorrt":
                 t0 = time.perf_counter()
-                plan = build_plan(network, max_batch_size=build_config.max_batch_size,
-                                  max_input_len=build_config.max_input_len, max_seq_len=build_config.max_seq_len,
-                                  opt_batch_size=build_config.opt_batch_size, dtype=dtype)
+                # "auto" on a float32 network: build_plan picks float16 and records why (see _dtype)
+                plan = build_plan(network, build_config.optimization_profiles(),
+                                  dtype=None if build_config.dtype == "auto" else dtype,
+                                  profiling_verbosity=build_config.profiling_verbosity, progress=progress)
                 log.append({"step": "build TensorRT plan", "seconds": time.perf_counter() - t0,
                             "detail": f"{plan.nbytes / 2**20:.1f} MiB, {plan.num_layers} TensorRT layers, "
                                       f"{plan.flavour} {plan.version}"})

@@ -21,14 +21,17 @@ linear_weight_mib, weight_mib, linear_weight_ratio, kv_bytes_per_token, num_toke
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from kit.progress import tqdm
 
+from kit.backends.base import LayerHook
 from kit.batch import ForwardBatch, SequenceInput
+from kit.datasets import chunk_tokens, eval_text
 from kit.engine import Engine
+from kit.network import Layer
 
 __all__ = ["eval_windows", "perplexity", "logit_agreement", "layer_errors", "memory", "compare"]
 
@@ -37,8 +40,6 @@ _LINEAR_KINDS = ("qkv_proj", "o_proj", "mlp")
 
 def eval_windows(tokenizer: Any, num_tokens: int = 4096, window: int = 256, text: str | None = None) -> list[list[int]]:
     """Non-overlapping windows of the held-out evaluation text, `num_tokens` in all."""
-    from kit.datasets import chunk_tokens, eval_text
-
     ids = tokenizer.encode(text if text is not None else eval_text(), add_special_tokens=False)
     windows = chunk_tokens(ids, window)[: max(1, num_tokens // window)]
     if not windows:
@@ -47,13 +48,13 @@ def eval_windows(tokenizer: Any, num_tokens: int = 4096, window: int = 256, text
 
 
 @torch.inference_mode()
-def _window_logits(engine: Engine, window: list[int], on_layer: Any = None) -> torch.Tensor:
-    """Logits (len(window), vocab) in float32 of one window computed from an empty cache."""
+def _window_logits(engine: Engine, window: list[int], hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
+    """Logits (len(window), vocab) in float32 of one window computed from an empty (scratch) cache."""
     bs = 16
     kv = engine.allocate_kv_cache(-(-len(window) // bs), bs, capture_graphs=False)
     batch = ForwardBatch.build([SequenceInput(window, 0, list(range(kv.num_blocks)), logits="all")], bs,
                                device=engine.device)
-    return engine.backend.run_layers(batch, kv, on_layer).float()
+    return engine.forward(batch, kv, hooks=hooks).float()
 
 
 def perplexity(engine: Engine, windows: Iterable[list[int]], progress: bool = False) -> float:
@@ -79,23 +80,21 @@ def logit_agreement(reference: Engine, candidate: Engine, windows: Iterable[list
     return {"kl_div": kl / n, "top1_agreement": agree / n}
 
 
+class _FirstOutputs(LayerHook):
+    """Keeps each layer's first output (float32 copies), as the layer wrote it."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def after(self, layer: Layer, outputs: Mapping[str, torch.Tensor]) -> None:
+        self.outputs[layer.name] = outputs[layer.outputs[0]].detach().float().clone()
+
+
 def _capture(engine: Engine, window: list[int]) -> dict[str, torch.Tensor]:
-    """Each layer's first output, as the layer wrote it (the backend's ops are wrapped for one pass)."""
-    outputs: dict[str, torch.Tensor] = {}
-    ops = engine.backend.ops
-
-    def wrap(layer, fn):
-        def run(env, batch, kv):
-            fn(env, batch, kv)
-            outputs[layer.name] = env[layer.outputs[0]].detach().float().clone()
-        return run
-
-    engine.backend.ops = [(layer, wrap(layer, fn)) for layer, fn in ops]
-    try:
-        _window_logits(engine, window)
-    finally:
-        engine.backend.ops = ops
-    return outputs
+    """Each layer's first output over one window, captured by a per-layer hook."""
+    hook = _FirstOutputs()
+    _window_logits(engine, window, hooks=[hook])
+    return hook.outputs
 
 
 def layer_errors(reference: Engine, candidate: Engine, windows: Iterable[list[int]]) -> pd.DataFrame:

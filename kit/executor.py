@@ -80,6 +80,7 @@ class Executor:
         self.kv_cache_manager = KVCacheManager(num_blocks, bc.block_size, kvc.enable_block_reuse,
                                                bytes_per_token=engine.kv_bytes_per_token)
         self.kv_cache = engine.allocate_kv_cache(num_blocks, bc.block_size)
+        engine.capture_cuda_graphs(self.kv_cache)  # decode graphs over this pool (a no-op on the CPU)
         self.scheduler = Scheduler(SchedulerConfig.from_build_config(
             bc, enable_chunked_prefill=enable_chunked_prefill, policy=policy), self.kv_cache_manager)
         self.inspector = KVCacheInspector(self.kv_cache_manager)

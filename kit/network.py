@@ -25,26 +25,19 @@ import pandas as pd
 import torch
 
 from kit.config import ModelConfig
+from kit.layer_kinds import LAYER_KINDS
 from kit.loader import LoadedModel
 
 __all__ = ["Layer", "Network", "NetworkBuilder", "LAYER_KINDS"]
 
-LAYER_KINDS = (
-    "embedding",
-    "rmsnorm",
-    "qkv_proj",
-    "qk_norm",
-    "rope",
-    "attention",
-    "o_proj",
-    "mlp",
-    "lm_head",
-)
-
-
 @dataclass(frozen=True)
 class Layer:
-    """One step of the forward pass."""
+    """One step of the forward pass; `kind` is a key of `LAYER_KINDS` (kit/layer_kinds.py).
+
+    `attrs` holds what the kind's computation needs beyond the weights: `layer_idx` (blocks),
+    `eps` (norms), `bias` (projections), `scale` / `sliding_window` (attention),
+    `intermediate_size` (mlp), `tied` (lm_head).
+    """
 
     name: str
     kind: str
@@ -97,9 +90,6 @@ class Network:
                     return layer
             raise KeyError(f"no layer named {key!r}")
         return self.layers[key]
-
-    def layer_weights(self, layer: Layer) -> dict[str, torch.Tensor]:
-        return {w: self.weights[w] for w in layer.weights}
 
     @property
     def num_parameters(self) -> int:
@@ -177,11 +167,6 @@ class NetworkBuilder:
         layers: list[Layer] = [
             Layer("embedding", "embedding", ("input_ids",), ("hidden",), ("model.embed_tokens.weight",)),
         ]
-        heads = {
-            "num_heads": cfg.num_attention_heads,
-            "num_kv_heads": cfg.num_key_value_heads,
-            "head_dim": cfg.head_dim,
-        }
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             n = f"layers.{i}."
@@ -198,35 +183,34 @@ class NetworkBuilder:
                       {"layer_idx": i, "eps": cfg.rms_norm_eps}),
                 Layer(n + "qkv_proj", "qkv_proj", ("x",), ("q", "k", "v"),
                       self._linear_weights(proj("q_proj", "k_proj", "v_proj", bias=cfg.qkv_bias)),
-                      {"layer_idx": i, "bias": cfg.qkv_bias, "q_size": cfg.q_size, "kv_size": cfg.kv_size}),
+                      {"layer_idx": i, "bias": cfg.qkv_bias}),
             ]
             if cfg.qk_norm:
                 block.append(Layer(n + "qk_norm", "qk_norm", ("q", "k"), ("q", "k"),
                                    (attn + "q_norm.weight", attn + "k_norm.weight"),
-                                   {"layer_idx": i, "eps": cfg.rms_norm_eps, **heads}))
+                                   {"layer_idx": i, "eps": cfg.rms_norm_eps}))
             block += [
                 Layer(n + "rope", "rope", ("q", "k", "positions"), ("q", "k"), (),
-                      {"layer_idx": i, "theta": cfg.rope_theta, "rope_type": cfg.rope_type, **heads}),
+                      {"layer_idx": i}),
                 Layer(n + "attention", "attention", ("q", "k", "v"), ("attn",), (),
-                      {"layer_idx": i, "scale": cfg.head_dim**-0.5, "sliding_window": cfg.sliding_window, **heads}),
+                      {"layer_idx": i, "scale": cfg.head_dim**-0.5, "sliding_window": cfg.sliding_window}),
                 Layer(n + "o_proj", "o_proj", ("attn", "hidden"), ("hidden",),
                       self._linear_weights(proj("o_proj", bias=cfg.o_bias)),
-                      {"layer_idx": i, "bias": cfg.o_bias, "residual": True}),
+                      {"layer_idx": i, "bias": cfg.o_bias}),
                 Layer(n + "post_attention_norm", "rmsnorm", ("hidden",), ("x",),
                       (p + "post_attention_layernorm.weight",), {"layer_idx": i, "eps": cfg.rms_norm_eps}),
                 Layer(n + "mlp", "mlp", ("x", "hidden"), ("hidden",),
                       self._linear_weights(tuple(f"{p}mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj"))
                                            + (tuple(f"{p}mlp.{m}.bias" for m in ("gate_proj", "up_proj", "down_proj"))
                                               if cfg.mlp_bias else ())),
-                      {"layer_idx": i, "bias": cfg.mlp_bias, "intermediate_size": cfg.intermediate_size,
-                       "activation": "silu", "residual": True}),
+                      {"layer_idx": i, "bias": cfg.mlp_bias, "intermediate_size": cfg.intermediate_size}),
             ]
             layers += block
         head_weight = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         layers += [
             Layer("final_norm", "rmsnorm", ("hidden",), ("x",), ("model.norm.weight",), {"eps": cfg.rms_norm_eps}),
             Layer("lm_head", "lm_head", ("x", "logits_indices"), ("logits",), self._linear_weights((head_weight,)),
-                  {"tied": cfg.tie_word_embeddings, "vocab_size": cfg.vocab_size}),
+                  {"tied": cfg.tie_word_embeddings}),
         ]
         return Network(cfg, layers, w, name=self.loaded.name, quant_config=self.loaded.quant_config)
 

@@ -19,75 +19,101 @@ something: `last_summary` holds the unprofiled total of the same batch and the o
 
 from __future__ import annotations
 
-import contextlib
 import html
 import statistics
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
+from kit.backends.base import LayerHook
 from kit.batch import ForwardBatch, SequenceInput
 from kit.engine import Engine
-from kit.network import Layer
+from kit.layer_kinds import LAYER_KINDS, CostShape
+from kit.network import Layer, Network
+
+try:  # the nvtx package is a dependency; fall back to torch's binding if absent
+    import nvtx as _nvtx
+except ImportError:  # pragma: no cover
+    _nvtx = None
 
 __all__ = ["ProfiledEngine", "layer_cost"]
 
 
-def _nvtx_range(name: str) -> contextlib.AbstractContextManager:
-    try:
-        import nvtx
-
-        return nvtx.annotate(name, domain="kit")
-    except ImportError:  # the nvtx package is a dependency; fall back to torch's binding if absent
-        if torch.cuda.is_available():
-            @contextlib.contextmanager
-            def rng():
-                torch.cuda.nvtx.range_push(name)
-                try:
-                    yield
-                finally:
-                    torch.cuda.nvtx.range_pop()
-            return rng()
-        return contextlib.nullcontext()
+def _nvtx_push(name: str) -> None:
+    if _nvtx is not None:
+        _nvtx.push_range(name, domain="kit")
+    elif torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
 
 
-def layer_cost(layer: Layer, network: Any, num_tokens: int, num_seqs: int, q_len: int, ctx_len: int,
+def _nvtx_pop() -> None:
+    if _nvtx is not None:
+        _nvtx.pop_range(domain="kit")
+    elif torch.cuda.is_available():
+        torch.cuda.nvtx.range_pop()
+
+
+class _NamedRanges(LayerHook):
+    """An NVTX range per layer (Nsight Systems shows the kit's names), and a PyTorch-profiler range if asked."""
+
+    def __init__(self, record: bool = False) -> None:
+        self.record = record
+        self._open: list[Any] = []
+
+    def before(self, layer: Layer, inputs: Mapping[str, torch.Tensor]) -> None:
+        _nvtx_push(layer.name)
+        if self.record:
+            rf = record_function(layer.name)
+            rf.__enter__()
+            self._open.append(rf)
+
+    def after(self, layer: Layer, outputs: Mapping[str, torch.Tensor]) -> None:
+        if self.record:
+            self._open.pop().__exit__(None, None, None)
+        _nvtx_pop()
+
+
+class _LayerTimer(LayerHook):
+    """Each layer's time: CUDA events on a GPU, `perf_counter` on the CPU (where every op is synchronous)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.events: list[tuple[str, Any, Any]] = []
+        self._start: Any = None
+
+    def before(self, layer: Layer, inputs: Mapping[str, torch.Tensor]) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def after(self, layer: Layer, outputs: Mapping[str, torch.Tensor]) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        self.events.append((layer.name, self._start, end))
+
+    def milliseconds(self) -> list[tuple[str, float]]:
+        """(layer name, ms) of every layer timed; on a GPU, call after synchronizing."""
+        return [(name, a.elapsed_time(b) if self.cuda else 1e3 * (b - a)) for name, a, b in self.events]
+
+
+def layer_cost(layer: Layer, network: Network, num_tokens: int, num_seqs: int, q_len: int, ctx_len: int,
                elem: int) -> tuple[float, float]:
     """(FLOPs, bytes) a layer must at least do / move for a batch of `num_seqs` sequences with
-    `q_len` new tokens each over `ctx_len` context tokens (weights read once, activations once)."""
-    c = network.config
-    h, T = c.hidden_size, num_tokens
-    wbytes = sum(network.weights[w].numel() * network.weights[w].element_size() for w in layer.weights)
-    params = sum(network.weights[w].numel() for w in layer.weights)
-    kind = layer.kind
-    if kind in ("qkv_proj", "o_proj", "mlp", "lm_head"):
-        rows = num_seqs if kind == "lm_head" else T
-        if kind == "mlp":
-            acts = rows * (2 * h + 3 * c.intermediate_size)
-        elif kind == "qkv_proj":
-            acts = rows * (h + c.q_size + 2 * c.kv_size)
-        elif kind == "o_proj":
-            acts = rows * (c.q_size + 2 * h)
-        else:
-            acts = rows * (h + c.vocab_size * 2)  # logits kept in float32
-        return 2.0 * rows * params, float(wbytes + acts * elem)
-    if kind == "embedding":
-        return 0.0, float(2 * T * h * elem)
-    if kind == "rmsnorm":
-        return 4.0 * T * h, float(2 * T * h * elem + wbytes)
-    if kind == "qk_norm":
-        return 4.0 * T * (c.q_size + c.kv_size), float(2 * T * (c.q_size + c.kv_size) * elem)
-    if kind == "rope":
-        return 6.0 * T * (c.q_size + c.kv_size), float(2 * T * (c.q_size + c.kv_size) * elem)
-    if kind == "attention":
-        # each new token attends to its causal prefix: on average ctx - q_len/2 keys
-        keys = max(1.0, ctx_len - (q_len - 1) / 2)
-        flops = 4.0 * num_seqs * q_len * keys * c.num_attention_heads * c.head_dim
-        kv_read = num_seqs * ctx_len * 2 * c.kv_size * elem
-        return flops, float(kv_read + T * (2 * c.q_size + 2 * c.kv_size) * elem)
-    return 0.0, 0.0
+    `q_len` new tokens each over `ctx_len` context tokens (weights read once, activations once).
+    The formulas are each kind's `LayerKind.cost` (kit/layer_kinds.py)."""
+    tensors = [network.weights[w] for w in layer.weights]
+    wbytes = sum(t.numel() * t.element_size() for t in tensors)
+    params = sum(t.numel() for t in tensors)
+    shape = CostShape(num_tokens=num_tokens, num_seqs=num_seqs, q_len=q_len, ctx_len=ctx_len, elem=elem)
+    return LAYER_KINDS[layer.kind].cost(network.config, params, wbytes, shape)
 
 
 class ProfiledEngine:
@@ -101,6 +127,8 @@ class ProfiledEngine:
 
     # ------------------------------------------------------------------ inputs
     def _batch(self, batch_size: int, seq_len: int, phase: str):
+        if not self.engine.backend.can_execute:
+            raise ValueError(f"ProfiledEngine needs an engine that executes: {self.engine.backend.capabilities}")
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
         if batch_size < 1 or seq_len < 1:
@@ -134,16 +162,15 @@ class ProfiledEngine:
                 warmup: int = 2) -> pd.DataFrame:
         """Per-layer latency of one forward pass; see the module docstring for the columns."""
         batch, kv, q_len = self._batch(batch_size, seq_len, phase)
-        layers = [layer for layer, _ in self.engine.backend.ops]
+        layers = list(self.engine.network.layers)
         cuda = self.engine.device.type == "cuda"
         samples: dict[str, list[float]] = {layer.name: [] for layer in layers}
-        backend = self.engine.backend
-        run = backend.run_layers if hasattr(backend, "run_layers") else backend.forward
+        run = self.engine.forward
 
         for _ in range(warmup):
             run(batch, kv)
         self._sync()
-        # unprofiled: the same batch, whole forward passes (graphs are not used for profiling)
+        # unprofiled: the same batch, whole forward passes (a scratch cache: never a CUDA graph)
         totals = []
         for _ in range(iters):
             t0 = time.perf_counter()
@@ -152,26 +179,11 @@ class ProfiledEngine:
             totals.append(1e3 * (time.perf_counter() - t0))
 
         for _ in range(iters):
-            events: list[tuple[str, Any, Any]] = []
-
-            @contextlib.contextmanager
-            def timed(layer: Layer):
-                with _nvtx_range(layer.name):
-                    if cuda:
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        yield
-                        end.record()
-                        events.append((layer.name, start, end))
-                    else:
-                        t0 = time.perf_counter()
-                        yield
-                        events.append((layer.name, t0, time.perf_counter()))
-
-            run(batch, kv, timed)
+            timer = _LayerTimer(cuda)
+            run(batch, kv, hooks=[_NamedRanges(), timer])
             self._sync()
-            for name, a, b in events:
-                samples[name].append(a.elapsed_time(b) if cuda else 1e3 * (b - a))
+            for name, ms in timer.milliseconds():
+                samples[name].append(ms)
 
         elem = torch.empty(0, dtype=self.engine.dtype).element_size()
         rows = []
@@ -216,22 +228,12 @@ class ProfiledEngine:
     @torch.inference_mode()
     def export_trace(self, path: str, batch_size: int = 1, seq_len: int = 128, phase: str = "decode") -> str:
         """Write a Chrome trace (PyTorch profiler) of one forward pass, each layer a named range."""
-        from torch.profiler import ProfilerActivity, profile, record_function
-
         batch, kv, _ = self._batch(batch_size, seq_len, phase)
-        backend = self.engine.backend
-        run = backend.run_layers if hasattr(backend, "run_layers") else backend.forward
-
-        @contextlib.contextmanager
-        def named(layer: Layer):
-            with _nvtx_range(layer.name), record_function(layer.name):
-                yield
-
-        run(batch, kv)
+        self.engine.forward(batch, kv)
         self._sync()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.engine.device.type == "cuda" else [])
         with profile(activities=activities) as prof, torch.inference_mode():
-            run(batch, kv, named)
+            self.engine.forward(batch, kv, hooks=[_NamedRanges(record=True)])
             self._sync()
         prof.export_chrome_trace(str(path))
         return str(path)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import FAMILY_CONFIGS, complete_schedule, engine_for, hf_logits, run_chunks
+from kit.backends.base import Backend, LayerHook
 from kit.engine import ForwardBatch, SequenceInput
 
 # three sequences; each step mixes prompt chunks and single decode tokens
@@ -72,3 +73,42 @@ def test_forward_batch_validates_block_tables():
     assert b.slot_mapping.tolist() == [12, 13, 14, 10]
     assert b.logits_indices.tolist() == [2, 3] and b.seq_lens.tolist() == [3, 7]
     assert b.query_start_loc.tolist() == [0, 3, 4] and b.max_query_len == 3 and b.max_seq_len == 7
+
+
+def test_hooks_see_every_layer_with_its_inputs_and_outputs(tiny_checkpoints):
+    engine = engine_for(tiny_checkpoints["qwen3"][0])
+    seen = []
+
+    class Recorder(LayerHook):
+        def before(self, layer, inputs):
+            seen.append(("before", layer.name, sorted(inputs)))
+
+        def after(self, layer, outputs):
+            seen.append(("after", layer.name, sorted(outputs)))
+            assert all(isinstance(t, torch.Tensor) for t in outputs.values())
+
+    batch = ForwardBatch.build([SequenceInput([5, 6, 7], 0, [0]), SequenceInput([9], 3, [1])], block_size=4)
+    plain = engine.forward(batch, engine.allocate_kv_cache(4, 4, capture_graphs=False))
+    hooked = engine.forward(batch, engine.allocate_kv_cache(4, 4, capture_graphs=False), hooks=[Recorder()])
+    assert torch.equal(plain, hooked)
+    layers = list(engine.network)
+    assert [name for when, name, _ in seen if when == "before"] == [layer.name for layer in layers]
+    assert [name for when, name, _ in seen if when == "after"] == [layer.name for layer in layers]
+    assert seen[0] == ("before", "embedding", ["input_ids"]) and seen[1] == ("after", "embedding", ["hidden"])
+    by_name = {(when, name): keys for when, name, keys in seen}
+    assert by_name[("before", "layers.0.rope")] == ["k", "positions", "q"]
+    assert by_name[("after", "layers.0.qkv_proj")] == ["k", "q", "v"]
+    assert by_name[("before", "lm_head")] == ["logits_indices", "x"]
+    assert by_name[("after", "lm_head")] == ["logits"]
+
+
+def test_cuda_graph_capture_is_an_explicit_step(tiny_checkpoints):
+    engine = engine_for(tiny_checkpoints["llama"][0])
+    assert isinstance(engine.backend, Backend) and engine.backend.can_execute
+    assert "executes paged batches" in engine.backend.capabilities
+    kv = engine.allocate_kv_cache(4, 4, capture_graphs=False)
+    assert not hasattr(kv, "compute_dtype") and kv.dtype == torch.float32
+    assert engine.capture_cuda_graphs(kv) == ()  # on the CPU: nothing to capture, nothing logged
+    assert engine.backend.graphs is None and engine.build_log == []
+    with pytest.raises(ValueError, match=r"batch_sizes=\[1, 2\].*cannot capture CUDA graphs"):
+        engine.capture_cuda_graphs(kv, batch_sizes=[1, 2])

@@ -79,3 +79,34 @@ def test_triton_decode_matches_reference_attention_in_the_engine(smol_bf16):
     for a, b in zip(run_chunks(fast, seqs, sched, 16), run_chunks(ref, seqs, sched, 16)):
         assert (a.float() - b.float()).abs().max().item() < 0.3
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_explicit_cuda_graph_capture_and_hooks_agree_with_graph_replay(smol_bf16):
+    from kit.backends.base import LayerHook
+    from kit.backends.torch_backend import TorchBackend
+    from kit.engine import Engine, ForwardBatch, SequenceInput
+    from kit.network import NetworkBuilder
+
+    net = NetworkBuilder(smol_bf16).build()
+    bc = BuildConfig(max_batch_size=4, max_seq_len=64, max_input_len=32, max_num_tokens=128)
+    engine = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16), build_config=bc)
+    kv = engine.allocate_kv_cache(16, 16, capture_graphs=False)
+    assert engine.backend.graphs is None and engine.build_log == []
+    assert engine.capture_cuda_graphs(kv) == bc.graph_batch_sizes
+    assert engine.capture_cuda_graphs(kv) == bc.graph_batch_sizes  # same cache and sizes: not captured again
+    assert [r["step"] for r in engine.build_log] == ["capture CUDA graphs"]
+    prompt = ForwardBatch.build([SequenceInput(list(range(100, 110)), 0, [0]),
+                                 SequenceInput(list(range(200, 205)), 0, [1])], 16, device="cuda")
+    engine.forward(prompt, kv)
+    step = ForwardBatch.build([SequenceInput([7], 10, [0]), SequenceInput([8], 5, [1])], 16, device="cuda")
+    assert engine.backend.graphs.can_run(step, kv)
+    replayed = engine.forward(step, kv).clone()
+    names = []
+
+    class Names(LayerHook):
+        def after(self, layer, outputs):
+            names.append(layer.name)
+
+    eager = engine.forward(step, kv, hooks=[Names()])  # hooks always run layer by layer
+    assert names == [layer.name for layer in net]
+    assert (replayed.float() - eager.float()).abs().max().item() < 0.1

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import run_chunks
+from kit.backends.base import Backend
 from kit.backends.tensorrt_backend import (
     TensorRTBackend,
     TensorRTLowering,
@@ -26,6 +27,9 @@ from kit.backends.tensorrt_backend import (
     kit_layer_of,
     reference_forward,
 )
+from kit.backends.tensorrt_plan import resolve_precision
+from kit.batch import ForwardBatch, SequenceInput
+from kit.builder import BuildConfig, Builder
 from kit.config import ModelConfig
 from kit.engine import Engine
 from kit.loader import LoadedModel, random_weights
@@ -42,7 +46,7 @@ FAMILIES = {
     "qwen3": dict(family="qwen3", rope_theta=1000000.0, qk_norm=True),
     "mistral": dict(family="mistral", sliding_window=3),
 }
-LIMITS = dict(max_batch_size=4, max_input_len=16, max_seq_len=32)
+LIMITS = BuildConfig(max_batch_size=4, max_input_len=16, max_seq_len=32).optimization_profiles()
 KVH, D = TINY["num_key_value_heads"], TINY["head_dim"]
 
 
@@ -75,7 +79,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_plan(trt, tiny) -> TensorRTPlan:
     t0 = time.perf_counter()
-    plan = build_plan(tiny, dtype=torch.float16, progress=False, **LIMITS)
+    plan = build_plan(tiny, LIMITS, dtype=torch.float16, progress=False)
     print(f"\ntiny plan: lowered in {plan.lower_seconds:.2f} s, built in {plan.build_seconds:.2f} s, "
           f"{time.perf_counter() - t0:.2f} s in all, {plan.nbytes} bytes")
     return plan
@@ -123,9 +127,10 @@ def test_plan_inputs_and_outputs(tiny_plan):
 
 
 def test_plan_profile_follows_the_arguments(tiny_plan):
-    # batch [1, max//2, max], new tokens [1, max_input_len//2, max_input_len], past [0, ..., max_seq_len-1]
+    # BuildConfig.optimization_profiles(): batch [1, max//2, max], new tokens [1, max_input_len//2,
+    # max_input_len], past [0, max_seq_len//2, max_seq_len-1]
     tokens = ((1, 1), (2, 8), (4, 16))
-    kv = ((1, KVH, 0, D), (2, KVH, 15, D), (4, KVH, 31, D))
+    kv = ((1, KVH, 0, D), (2, KVH, 16, D), (4, KVH, 31, D))
     assert tiny_plan.profiles == [{
         "input_ids": tokens, "position_ids": tokens,
         "past_key_0": kv, "past_value_0": kv, "past_key_1": kv, "past_value_1": kv,
@@ -133,30 +138,39 @@ def test_plan_profile_follows_the_arguments(tiny_plan):
 
 
 def test_profile_opt_batch_size(trt, tiny):
-    lowering = TensorRTLowering(tiny, max_batch_size=8, max_input_len=4, max_seq_len=10, opt_batch_size=3)
+    bc = BuildConfig(max_batch_size=8, max_input_len=4, max_seq_len=10, opt_batch_size=3)
+    lowering = TensorRTLowering(tiny, bc.optimization_profiles())
     shapes = lowering.profile_shapes()
     assert shapes["input_ids"] == ((1, 1), (3, 2), (8, 4))
-    assert shapes["past_value_1"] == ((1, KVH, 0, D), (3, KVH, 4, D), (8, KVH, 9, D))
-    one = TensorRTLowering(tiny, max_batch_size=1, max_input_len=1, max_seq_len=1).profile_shapes()
+    assert shapes["past_value_1"] == ((1, KVH, 0, D), (3, KVH, 5, D), (8, KVH, 9, D))
+    one_token = BuildConfig(max_batch_size=1, max_input_len=1, max_seq_len=1).optimization_profiles()
+    one = TensorRTLowering(tiny, one_token).profile_shapes()
     assert one["input_ids"] == ((1, 1), (1, 1), (1, 1))
     assert one["past_key_0"] == ((1, KVH, 0, D),) * 3
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(max_batch_size=0, max_input_len=4, max_seq_len=8), "max_batch_size"),
-    (dict(max_batch_size=2, max_input_len=9, max_seq_len=8), "max_input_len"),
-    (dict(max_batch_size=2, max_input_len=4, max_seq_len=8, opt_batch_size=3), "opt_batch_size"),
-    (dict(max_batch_size=2, max_input_len=4, max_seq_len=8, dtype=torch.int8), "dtype"),
+GOOD = {"batch_size": (1, 1, 2), "input_len": (1, 2, 4), "past_len": (0, 4, 7)}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"batch_size": (1, 1, 0)}, r"profiles\['batch_size'\]"),
+    ({"batch_size": (1, 3, 2)}, r"profiles\['batch_size'\]"),
+    ({"past_len": None}, r"profiles\['past_len'\]"),
+    ({"input_len": (1, 2, 9)}, "input_len max"),
+    ({"dtype": torch.int8}, "dtype"),
+    ({"profiling_verbosity": "loud"}, "profiling_verbosity"),
 ])
-def test_lowering_validates_its_arguments(trt, tiny, kwargs, field):
+def test_lowering_validates_its_arguments(trt, tiny, change, field):
+    profiles = {k: v for k, v in {**GOOD, **change}.items() if k in GOOD and v is not None}
+    kwargs = {k: v for k, v in change.items() if k not in GOOD}
     with pytest.raises(ValueError, match=field):
-        TensorRTLowering(tiny, **kwargs)
+        TensorRTLowering(tiny, profiles, **kwargs)
 
 
 def test_lowering_refuses_quantized_networks(trt, tiny):
     quantized = Network(tiny.config, tiny.layers, tiny.weights, name="q", quant_config="int8-weight-only")
     with pytest.raises(ValueError, match="unquantized"):
-        TensorRTLowering(quantized, max_batch_size=1, max_input_len=1, max_seq_len=1)
+        TensorRTLowering(quantized, GOOD)
 
 
 def test_layer_names_map_back_to_kit_layers(tiny_plan, tiny):
@@ -177,7 +191,7 @@ def test_layer_names_map_back_to_kit_layers(tiny_plan, tiny):
 
 def test_tied_embedding_is_one_constant(tiny_plan, trt):
     tied = tiny_network("qwen2")
-    plan = build_plan(tied, progress=False, **LIMITS)
+    plan = build_plan(tied, LIMITS, progress=False)
     frame = plan.to_frame()
     assert list(frame[frame["type"] == "CONSTANT"]["name"]).count("embedding/weight") == 1
     assert not any(name.startswith("lm_head/") for name in frame[frame["type"] == "CONSTANT"]["name"])
@@ -186,7 +200,7 @@ def test_tied_embedding_is_one_constant(tiny_plan, trt):
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_family_variants_lower_and_build(trt, family):
     # progress=True: tqdm over the kit layers and TensorRT's IProgressMonitor (called from its threads)
-    plan = build_plan(tiny_network(family), dtype=torch.bfloat16, progress=True, **LIMITS)
+    plan = build_plan(tiny_network(family), LIMITS, dtype=torch.bfloat16, progress=True)
     names = {layer["name"] for layer in plan.layers}
     assert plan.nbytes > 0 and plan.dtype == "bfloat16"
     assert {io["dtype"] for io in plan.inputs[2:]} == {"bfloat16"}
@@ -201,7 +215,7 @@ def test_save_and_load(tiny_plan, tmp_path):
     meta = json.loads((out / "trt_build.json").read_text())
     assert meta["plan_bytes"] == tiny_plan.nbytes
     assert meta["inputs"][0] == {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]}
-    assert meta["profiles"][0]["past_key_0"] == [[1, KVH, 0, D], [2, KVH, 15, D], [4, KVH, 31, D]]
+    assert meta["profiles"][0]["past_key_0"] == [[1, KVH, 0, D], [2, KVH, 16, D], [4, KVH, 31, D]]
     assert TensorRTPlan.load(out) == tiny_plan
 
 
@@ -283,8 +297,8 @@ def test_smollm2_plan(trt):  # ~40 s on 2 cores (+20 s the first time, to conver
     network = NetworkBuilder(loaded).build()
     c = network.config
     t0 = time.perf_counter()
-    plan = build_plan(network, max_batch_size=8, max_input_len=512, max_seq_len=2048, dtype=torch.float16,
-                      progress=False)
+    profiles = BuildConfig(max_batch_size=8, max_input_len=512, max_seq_len=2048).optimization_profiles()
+    plan = build_plan(network, profiles, dtype=torch.float16, progress=False)
     print(f"\nSmolLM2-135M plan: lowered in {plan.lower_seconds:.1f} s, built in {plan.build_seconds:.1f} s, "
           f"{time.perf_counter() - t0:.1f} s in all, {plan.nbytes / 2**20:.1f} MiB "
           f"(weights {network.weight_bytes / 2**20:.1f} MiB)")
@@ -297,3 +311,73 @@ def test_smollm2_plan(trt):  # ~40 s on 2 cores (+20 s the first time, to conver
     assert plan.profiles[0]["past_key_0"][2] == (8, c.num_key_value_heads, 2047, c.head_dim)
     assert plan.kit_layers() == [layer.name for layer in network]
     assert plan.nbytes >= 0.95 * network.weight_bytes  # fp16 weights live in the plan (tied embedding once)
+
+
+# ------------------------------------------------------- precision (float32 networks)
+@pytest.fixture(scope="module")
+def fp32_plan(trt):
+    network = tiny_network("llama")
+    assert network.weights["model.embed_tokens.weight"].dtype == torch.float32  # the CPU's default dtype
+    return build_plan(network, LIMITS, progress=False)
+
+
+def test_a_float32_network_builds_a_float16_plan_and_says_so(fp32_plan, tmp_path):
+    if fp32_plan.flavour != "tensorrt_rtx":
+        pytest.skip("TensorRT proper compiles float32 GEMMs")
+    assert fp32_plan.dtype == "float16" and fp32_plan.requested_dtype == "float32"
+    assert "FP32 GEMM is not supported" in fp32_plan.precision_reason
+    assert fp32_plan.precision.startswith("float16 (float32 requested: TensorRT-RTX cannot compile float32 GEMMs")
+    assert [io["name"] for io in fp32_plan.inputs] == ["input_ids", "position_ids", "past_key_0", "past_value_0",
+                                                      "past_key_1", "past_value_1"]
+    assert [io["name"] for io in fp32_plan.outputs] == ["logits", "present_key_0", "present_value_0",
+                                                       "present_key_1", "present_value_1"]
+    assert {io["dtype"] for io in fp32_plan.inputs[2:]} == {"float16"}
+    assert fp32_plan.profiles[0]["input_ids"] == ((1, 1), (2, 8), (4, 16))
+    meta = json.loads((fp32_plan.save(tmp_path / "p") / "trt_build.json").read_text())
+    assert (meta["dtype"], meta["requested_dtype"]) == ("float16", "float32")
+    assert "FP32 GEMM" in meta["precision_reason"]
+    assert TensorRTPlan.load(tmp_path / "p") == fp32_plan
+    assert "float32 requested" in fp32_plan._repr_html_()
+    assert "float32 requested" in TensorRTBackend(fp32_plan).describe()  # the builder's log shows describe()
+
+
+def test_explicit_float32_is_refused_before_building(trt, monkeypatch):
+    if import_tensorrt()[1] != "tensorrt_rtx":
+        pytest.skip("TensorRT proper compiles float32 GEMMs")
+    network = tiny_network("llama")
+    monkeypatch.setattr("kit.backends.tensorrt_plan.TensorRTLowering", None)  # never reached
+    with pytest.raises(ValueError) as e:
+        build_plan(network, LIMITS, dtype=torch.float32, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "dtype=torch.float32" in msg and "torch.float16" in msg
+
+
+def test_precision_of_half_networks_is_kept(trt):
+    half = tiny_network("llama")
+    half = Network(half.config, half.layers, {k: v.half() for k, v in half.weights.items()}, name="half")
+    flavour = import_tensorrt()[1]
+    assert resolve_precision(half, None, flavour) == (torch.float16, None, None)
+    assert resolve_precision(half, torch.bfloat16, flavour) == (torch.bfloat16, None, None)
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_precision(half, torch.int8, flavour)
+
+
+def test_builder_of_a_float32_network_passes_the_profile_and_verbosity(trt):
+    network = tiny_network("llama")
+    bc = BuildConfig(max_batch_size=4, max_input_len=16, max_seq_len=32, profiling_verbosity="detailed")
+    engine = Builder("tensorrt", device="cpu").build(network, bc, enable_build_cache=False, progress=False)
+    plan = engine.backend.plan
+    assert plan.profiles[0]["past_key_0"] == ((1, KVH, 0, D), (2, KVH, 16, D), (4, KVH, 31, D))
+    if plan.flavour == "tensorrt_rtx":
+        assert plan.dtype == "float16" and plan.requested_dtype == "float32"
+        assert "float32 requested" in engine.build_log[0]["detail"]
+
+
+def test_the_backend_cannot_execute_and_says_what_it_can(tiny_plan):
+    backend = TensorRTBackend(tiny_plan)
+    assert isinstance(backend, Backend) and backend.can_execute is False
+    assert "builds and inspects plans" in backend.capabilities and "backend='torch'" in backend.capabilities
+    batch = ForwardBatch.build([SequenceInput([1, 2], 0, [0])], 4)
+    with pytest.raises(RuntimeError) as e:
+        backend.forward(batch, None)
+    assert str(e.value) == backend.capabilities

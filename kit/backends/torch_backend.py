@@ -6,27 +6,33 @@ another (one GEMM instead of three or two), and the RoPE inverse frequencies are
 computed once. Each layer then becomes one Python function over an environment of
 named tensors, so the profiler can time and name each of them.
 
-Attention reads the paged KV cache through the block tables. This reference version
-gathers each sequence's blocks into a padded (num_seqs, max_seq_len) view and runs
-`scaled_dot_product_attention` once for the whole batch with a causal mask built from
-the token positions, so any mix of prompt chunks and decode tokens is correct.
+The math is `kit/ops.py`'s; the kinds of layer and what each computes are
+`kit/layer_kinds.py`'s (`_PREPARE` below has one entry per kind). Attention reads the
+paged KV cache through the block tables with `ops.paged_attention` (the reference), or
+on a GPU for decode steps with the Triton paged kernel (`triton_attention.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from kit.config import ModelConfig
+from kit.backends.triton_attention import paged_decode_attention, triton_available
+from kit.backends.base import LayerHook
+from kit.batch import ForwardBatch, KVCache
+from kit.layer_kinds import check_covers
 from kit.network import Layer, Network
+from kit.ops import apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from kit.quantization import build_linear
+from kit.quantization.kv_cache import quantize_kv
 
 __all__ = ["TorchBackend", "DenseLinear", "CUDAGraphRunner", "paged_attention", "rope_inv_freq"]
 
 Env = dict[str, torch.Tensor]
+LayerFn = Callable[[Env, ForwardBatch, KVCache], None]
+_BATCH_INPUTS = ("input_ids", "positions", "logits_indices")  # layer inputs that come from the batch
 
 
 class DenseLinear:
@@ -46,85 +52,6 @@ class DenseLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies with linear / llama3 scaling, computed as transformers does."""
-    dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv
-    factor = float(scaling["factor"])
-    if config.rope_type == "linear":
-        return inv / factor
-    low = float(scaling.get("low_freq_factor", 1.0))
-    high = float(scaling.get("high_freq_factor", 4.0))
-    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    wavelen = 2 * math.pi / inv
-    # long wavelengths are scaled by `factor`, short ones kept, a smooth ramp between
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # in float32, then back to the input dtype before the weight (as transformers does);
-    # F.rms_norm is one fused kernel where PyTorch has one, instead of five elementwise ones
-    dtype = x.dtype
-    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return weight * xf.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (T, H, D); cos/sin (T, 1, D); the two halves of D rotate together (HF layout)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: Any,
-                    scale: float, sliding_window: int | None = None,
-                    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Causal attention of the batch's queries over their sequences' cached keys/values.
-
-    q (T, H, D); k_cache / v_cache (num_blocks, block_size, KVH, D) for one layer,
-    already holding this step's keys and values. An 8-bit cache passes its scales
-    (num_blocks, block_size, KVH) and is dequantized right after the gather. Returns (T, H, D).
-    """
-    num_tokens, num_heads, head_dim = q.shape
-    num_seqs, bs = batch.num_seqs, batch.block_size
-    max_q, max_len = batch.max_query_len, batch.max_seq_len
-    nb = -(-max_len // bs)
-    tables = batch.block_tables[:, :nb]  # (S, nb)
-    kvh = k_cache.shape[2]
-    k = k_cache[tables].reshape(num_seqs, nb * bs, kvh, head_dim)[:, :max_len]  # (S, L, KVH, D)
-    v = v_cache[tables].reshape(num_seqs, nb * bs, kvh, head_dim)[:, :max_len]
-    if kv_scales is not None:
-        ks = kv_scales[0][tables].reshape(num_seqs, nb * bs, kvh)[:, :max_len]
-        vs = kv_scales[1][tables].reshape(num_seqs, nb * bs, kvh)[:, :max_len]
-        k = (k.float() * ks[..., None]).to(q.dtype)
-        v = (v.float() * vs[..., None]).to(q.dtype)
-    # scatter the flat queries into a padded (S, max_q) grid
-    qlens = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
-    seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), qlens, output_size=num_tokens)
-    row = torch.arange(num_tokens, device=q.device) - batch.query_start_loc[seq_idx]
-    qp = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
-    qp[seq_idx, row] = q
-    qpos = torch.zeros(num_seqs, max_q, dtype=torch.long, device=q.device)  # padded rows see key 0 only
-    qpos[seq_idx, row] = batch.positions
-    kpos = torch.arange(max_len, device=q.device)
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # (S, max_q, L) causal
-    if sliding_window is not None:
-        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
-    out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=kvh != num_heads,
-    )  # (S, H, max_q, D)
-    return out.transpose(1, 2)[seq_idx, row]  # (T, H, D)
-
-
 class TorchBackend:
     """Runs each layer of a `Network` as a PyTorch function."""
 
@@ -142,18 +69,22 @@ class TorchBackend:
         # each sequence's own blocks instead of gathering a padded copy of every context
         self.decode_kernel = None
         if attention != "reference" and self.device.type == "cuda":
-            from kit.backends import triton_attention
-
-            if triton_attention.triton_available():
-                self.decode_kernel = triton_attention.paged_decode_attention
+            if triton_available():
+                self.decode_kernel = paged_decode_attention
             elif attention == "triton":
                 raise RuntimeError("attention='triton' needs the triton package")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
-        self.ops: list[tuple[Layer, Callable[[Env, Any, Any], None]]] = [
-            (layer, self._prepare(layer)) for layer in network.layers
-        ]
-
+        self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
+                                                 for layer in network.layers]
         self.graphs: CUDAGraphRunner | None = None
+
+    can_execute = True
+
+    @property
+    def capabilities(self) -> str:
+        graphs = "CUDA graphs for decode" if self.device.type == "cuda" else "CUDA graphs on a CUDA device only"
+        return (f"executes paged batches (prefill, decode, mixed) on {self.device.type} in "
+                f"{str(self.dtype).replace('torch.', '')}; per-layer hooks; {graphs}")
 
     def describe(self) -> str:
         mode = f"CUDA graphs for decode batch sizes {list(self.graphs.batch_sizes)}" if self.graphs else "eager"
@@ -167,121 +98,150 @@ class TorchBackend:
 
     def _linear(self, layer: Layer, prefixes: list[str], bias: bool) -> Any:
         if self.network.quant_config is not None:
-            from kit.quantization import build_linear
-
             return build_linear(self.network.weights, prefixes, self.network.quant_config,
                                 bias=bias, device=self.device, dtype=self.dtype)
         weights = [self._w(p + ".weight") for p in prefixes]
         biases = [self._w(p + ".bias") for p in prefixes] if bias else None
         return DenseLinear(weights, biases)
 
-    def _prepare(self, layer: Layer) -> Callable[[Env, Any, Any], None]:
-        kind, a = layer.kind, layer.attrs
-        if kind == "embedding":
-            table = self._w(layer.weights[0])
-            return lambda env, batch, kv: env.__setitem__("hidden", F.embedding(batch.input_ids, table))
-        if kind == "rmsnorm":
-            w, eps = self._w(layer.weights[0]), a["eps"]
-            src, dst = layer.inputs[0], layer.outputs[0]
-            return lambda env, batch, kv: env.__setitem__(dst, rms_norm(env[src], w, eps))
-        if kind == "qkv_proj":
-            attn = layer.weights[0].rsplit(".", 2)[0]
-            lin = self._linear(layer, [f"{attn}.{m}" for m in ("q_proj", "k_proj", "v_proj")], a["bias"])
-            c = self.config
-            sizes = [c.q_size, c.kv_size, c.kv_size]
+    def _embedding(self, layer: Layer) -> LayerFn:
+        table = self._w(layer.weights[0])
+        return lambda env, batch, kv: env.__setitem__("hidden", F.embedding(batch.input_ids, table))
 
-            def qkv(env: Env, batch: Any, kv: Any) -> None:
-                q, k, v = lin(env["x"]).split(sizes, dim=-1)
-                env["q"] = q.reshape(-1, c.num_attention_heads, c.head_dim)  # (T, H, D)
-                env["k"] = k.reshape(-1, c.num_key_value_heads, c.head_dim)  # (T, KVH, D)
-                env["v"] = v.reshape(-1, c.num_key_value_heads, c.head_dim)
-            return qkv
-        if kind == "qk_norm":
-            qw, kw, eps = self._w(layer.weights[0]), self._w(layer.weights[1]), a["eps"]
+    def _rmsnorm(self, layer: Layer) -> LayerFn:
+        w, eps = self._w(layer.weights[0]), layer.attrs["eps"]
+        src, dst = layer.inputs[0], layer.outputs[0]
+        return lambda env, batch, kv: env.__setitem__(dst, rms_norm(env[src], w, eps))
 
-            def qk_norm(env: Env, batch: Any, kv: Any) -> None:
-                env["q"] = rms_norm(env["q"], qw, eps)
-                env["k"] = rms_norm(env["k"], kw, eps)
-            return qk_norm
-        if kind == "rope":
-            inv_freq = self.inv_freq
+    def _qkv_proj(self, layer: Layer) -> LayerFn:
+        attn = layer.weights[0].rsplit(".", 2)[0]
+        lin = self._linear(layer, [f"{attn}.{m}" for m in ("q_proj", "k_proj", "v_proj")], layer.attrs["bias"])
+        c = self.config
+        sizes = [c.q_size, c.kv_size, c.kv_size]
 
-            def rope(env: Env, batch: Any, kv: Any) -> None:
-                if "rope_cos" not in env:  # the same for every layer: computed once per forward
-                    freqs = batch.positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-                    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
-                    env["rope_cos"], env["rope_sin"] = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-                cos, sin = env["rope_cos"], env["rope_sin"]
-                env["q"] = apply_rope(env["q"], cos, sin)
-                env["k"] = apply_rope(env["k"], cos, sin)
-            return rope
-        if kind == "attention":
-            from kit.quantization.kv_cache import quantize_kv
+        def qkv(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            q, k, v = lin(env["x"]).split(sizes, dim=-1)
+            env["q"] = q.reshape(-1, c.num_attention_heads, c.head_dim)  # (T, H, D)
+            env["k"] = k.reshape(-1, c.num_key_value_heads, c.head_dim)  # (T, KVH, D)
+            env["v"] = v.reshape(-1, c.num_key_value_heads, c.head_dim)
+        return qkv
 
-            idx, scale, window = a["layer_idx"], a["scale"], a["sliding_window"]
+    def _qk_norm(self, layer: Layer) -> LayerFn:
+        qw, kw, eps = self._w(layer.weights[0]), self._w(layer.weights[1]), layer.attrs["eps"]
 
-            def attention(env: Env, batch: Any, kv: Any) -> None:
-                kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
-                kvh, d = kc.shape[2], kc.shape[3]
-                if kv.is_quantized:  # 8-bit cache: quantize on write, dequantize after the gather
-                    ks, vs = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
-                    qk, sk = quantize_kv(env["k"], kv.quant_algo)
-                    qv, sv = quantize_kv(env["v"], kv.quant_algo)
-                    kc.view(-1, kvh, d)[batch.slot_mapping] = qk
-                    vc.view(-1, kvh, d)[batch.slot_mapping] = qv
-                    ks.view(-1, kvh)[batch.slot_mapping] = sk
-                    vs.view(-1, kvh)[batch.slot_mapping] = sv
-                    out = paged_attention(env["q"], kc, vc, batch, scale, window, kv_scales=(ks, vs))
-                    env["attn"] = out.reshape(out.shape[0], -1)
-                    return
-                kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
-                vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
-                if self.decode_kernel is not None and batch.max_query_len == 1:
-                    out = self.decode_kernel(env["q"].to(kc.dtype), kc, vc, batch.block_tables, batch.seq_lens,
-                                             scale, window).to(env["q"].dtype)
-                else:
-                    out = paged_attention(env["q"], kc, vc, batch, scale, window)
-                env["attn"] = out.reshape(out.shape[0], -1)  # (T, H*D)
-            return attention
-        if kind == "o_proj":
-            prefix = layer.weights[0].rsplit(".", 1)[0]
-            lin = self._linear(layer, [prefix], a["bias"])
-            return lambda env, batch, kv: env.__setitem__("hidden", env["hidden"] + lin(env["attn"]))
-        if kind == "mlp":
-            mlp = layer.weights[0].rsplit(".", 2)[0]
-            gate_up = self._linear(layer, [f"{mlp}.gate_proj", f"{mlp}.up_proj"], a["bias"])
-            down = self._linear(layer, [f"{mlp}.down_proj"], a["bias"])
-            inter = a["intermediate_size"]
+        def qk_norm(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            env["q"] = rms_norm(env["q"], qw, eps)
+            env["k"] = rms_norm(env["k"], kw, eps)
+        return qk_norm
 
-            def run_mlp(env: Env, batch: Any, kv: Any) -> None:
-                gate, up = gate_up(env["x"]).split([inter, inter], dim=-1)
-                env["hidden"] = env["hidden"] + down(F.silu(gate) * up)
-            return run_mlp
-        if kind == "lm_head":
-            prefix = layer.weights[0].rsplit(".", 1)[0]
-            head = self._linear(layer, [prefix], False)
-            return lambda env, batch, kv: env.__setitem__("logits", head(env["x"][batch.logits_indices]))
-        raise ValueError(f"TorchBackend cannot run layer kind {kind!r}")
+    def _rotary(self, layer: Layer) -> LayerFn:
+        inv_freq = self.inv_freq
 
-    def capture_graphs(self, kv_cache: Any, batch_sizes: tuple[int, ...], max_blocks: int) -> None:
-        self.graphs = CUDAGraphRunner(self, kv_cache, batch_sizes, max_blocks)
+        def rotate(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            if "rope_cos" not in env:  # the same for every layer: computed once per forward
+                cos, sin = rope_cos_sin(batch.positions, inv_freq, self.dtype)  # (T, D)
+                env["rope_cos"], env["rope_sin"] = cos[:, None, :], sin[:, None, :]  # (T, 1, D)
+            cos, sin = env["rope_cos"], env["rope_sin"]
+            env["q"] = apply_rope(env["q"], cos, sin)
+            env["k"] = apply_rope(env["k"], cos, sin)
+        return rotate
+
+    def _attention(self, layer: Layer) -> LayerFn:
+        a = layer.attrs
+        idx, scale, window = a["layer_idx"], a["scale"], a["sliding_window"]
+
+        def attention(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
+            kvh, d = kc.shape[2], kc.shape[3]
+            if kv.is_quantized:  # 8-bit cache: quantize on write, dequantize after the gather
+                ks, vs = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
+                qk, sk = quantize_kv(env["k"], kv.quant_algo)
+                qv, sv = quantize_kv(env["v"], kv.quant_algo)
+                kc.view(-1, kvh, d)[batch.slot_mapping] = qk
+                vc.view(-1, kvh, d)[batch.slot_mapping] = qv
+                ks.view(-1, kvh)[batch.slot_mapping] = sk
+                vs.view(-1, kvh)[batch.slot_mapping] = sv
+                out = paged_attention(env["q"], kc, vc, batch, scale, window, kv_scales=(ks, vs))
+                env["attn"] = out.reshape(out.shape[0], -1)
+                return
+            kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
+            vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
+            if self.decode_kernel is not None and batch.max_query_len == 1:
+                out = self.decode_kernel(env["q"].to(kc.dtype), kc, vc, batch.block_tables, batch.seq_lens,
+                                         scale, window).to(env["q"].dtype)
+            else:
+                out = paged_attention(env["q"], kc, vc, batch, scale, window)
+            env["attn"] = out.reshape(out.shape[0], -1)  # (T, H*D)
+        return attention
+
+    def _o_proj(self, layer: Layer) -> LayerFn:
+        prefix = layer.weights[0].rsplit(".", 1)[0]
+        lin = self._linear(layer, [prefix], layer.attrs["bias"])
+        return lambda env, batch, kv: env.__setitem__("hidden", env["hidden"] + lin(env["attn"]))
+
+    def _mlp(self, layer: Layer) -> LayerFn:
+        mlp = layer.weights[0].rsplit(".", 2)[0]
+        gate_up = self._linear(layer, [f"{mlp}.gate_proj", f"{mlp}.up_proj"], layer.attrs["bias"])
+        down = self._linear(layer, [f"{mlp}.down_proj"], layer.attrs["bias"])
+        inter = layer.attrs["intermediate_size"]
+
+        def run_mlp(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            gate, up = gate_up(env["x"]).split([inter, inter], dim=-1)
+            env["hidden"] = env["hidden"] + down(swiglu(gate, up))
+        return run_mlp
+
+    def _lm_head(self, layer: Layer) -> LayerFn:
+        prefix = layer.weights[0].rsplit(".", 1)[0]
+        head = self._linear(layer, [prefix], False)
+        return lambda env, batch, kv: env.__setitem__("logits", head(env["x"][batch.logits_indices]))
+
+    # one preparation per kind of `kit/layer_kinds.py`
+    _PREPARE: dict[str, Callable[["TorchBackend", Layer], LayerFn]] = {
+        "embedding": _embedding, "rmsnorm": _rmsnorm, "qkv_proj": _qkv_proj, "qk_norm": _qk_norm, "rope": _rotary,
+        "attention": _attention, "o_proj": _o_proj, "mlp": _mlp, "lm_head": _lm_head,
+    }
+
+    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes: Sequence[int], max_blocks: int) -> None:
+        """Record one decode step per batch-size bucket over `kv_cache` (CUDA only); see `CUDAGraphRunner`."""
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this backend runs on {self.device}")
+        self.graphs = CUDAGraphRunner(self, kv_cache, tuple(batch_sizes), max_blocks)
 
     # ----------------------------------------------------------------- running
-    def forward(self, batch: Any, kv_cache: Any, on_layer: Callable[[Layer], Any] | None = None) -> torch.Tensor:
-        if on_layer is None and self.graphs is not None and self.graphs.can_run(batch, kv_cache):
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache,
+                hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
+        """Logits (num_logits, vocab); a decode batch replays a CUDA graph when one fits and no hook is given."""
+        if not hooks and self.graphs is not None and self.graphs.can_run(batch, kv_cache):
             return self.graphs.run(batch)
-        return self.run_layers(batch, kv_cache, on_layer)
+        return self.run_layers(batch, kv_cache, hooks)
 
-    def run_layers(self, batch: Any, kv_cache: Any, on_layer: Callable[[Layer], Any] | None = None) -> torch.Tensor:
+    def run_layers(self, batch: ForwardBatch, kv_cache: KVCache,
+                   hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
+        """Every layer in order, eagerly (what CUDA graphs record), calling `hooks` around each."""
         env: Env = {}
-        if on_layer is None:
+        if not hooks:
             for _, fn in self.ops:
                 fn(env, batch, kv_cache)
         else:
             for layer, fn in self.ops:
-                with on_layer(layer) or contextlib.nullcontext():
-                    fn(env, batch, kv_cache)
+                inputs = _named(layer.inputs, env, batch)
+                for hook in hooks:
+                    hook.before(layer, inputs)
+                fn(env, batch, kv_cache)
+                outputs = _named(layer.outputs, env, batch)
+                for hook in reversed(hooks):
+                    hook.after(layer, outputs)
         return env["logits"]
+
+
+check_covers("TorchBackend", TorchBackend._PREPARE)
+
+
+def _named(names: Sequence[str], env: Env, batch: ForwardBatch) -> Mapping[str, torch.Tensor]:
+    """The tensors `names` refer to now: from the environment, or the batch for its own inputs."""
+    out = {n: env[n] for n in names if n in env}
+    out.update({n: getattr(batch, n) for n in names if n in _BATCH_INPUTS and n not in out})
+    return out
 
 
 class CUDAGraphRunner:
@@ -297,9 +257,8 @@ class CUDAGraphRunner:
     there, which is why the build's `max_seq_len` matters for decode speed.
     """
 
-    def __init__(self, backend: TorchBackend, kv_cache: Any, batch_sizes: tuple[int, ...], max_blocks: int) -> None:
-        from kit.batch import ForwardBatch
-
+    def __init__(self, backend: TorchBackend, kv_cache: KVCache, batch_sizes: tuple[int, ...],
+                 max_blocks: int) -> None:
         self.backend = backend
         self.kv_cache = kv_cache
         self.batch_sizes = tuple(sorted(batch_sizes))
@@ -316,7 +275,7 @@ class CUDAGraphRunner:
         arange = torch.arange(n + 1, **i64)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.batches: dict[int, Any] = {}
+        self.batches: dict[int, ForwardBatch] = {}
         pool = None
         for size in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
             batch = ForwardBatch(self._ids[:size], self._pos[:size], arange[:size + 1], self._seq_lens[:size],
@@ -333,13 +292,13 @@ class CUDAGraphRunner:
             self.batches[size] = batch
         torch.cuda.synchronize(dev)
 
-    def can_run(self, batch: Any, kv_cache: Any) -> bool:
+    def can_run(self, batch: ForwardBatch, kv_cache: KVCache) -> bool:
         return (kv_cache is self.kv_cache and batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs
                 and batch.num_seqs <= self.batch_sizes[-1] and batch.logits_indices.shape[0] == batch.num_seqs
                 and batch.block_tables.shape[1] <= self.max_blocks
                 and batch.max_seq_len <= self.max_blocks * batch.block_size)
 
-    def run(self, batch: Any) -> torch.Tensor:
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
         n = batch.num_seqs
         size = next(s for s in self.batch_sizes if s >= n)
         self._ids[:n].copy_(batch.input_ids, non_blocking=True)

@@ -34,12 +34,11 @@ from typing import Any
 
 import torch
 
-try:  # NOTE: the kit's default CPU install has no triton; only the kernels need it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
-    triton = None
-    tl = None
+# NOTE: the kit's default CPU install has no triton; only the kernels need it. It is imported on
+# first use (`_import_triton`), not with this module: the PyTorch backend imports this module, and
+# triton must not be imported before a test or notebook sets TRITON_INTERPRET=1.
+triton: Any = None
+tl: Any = None
 
 __all__ = ["choose_num_splits", "paged_decode_attention", "reference_decode_attention", "triton_available"]
 
@@ -53,10 +52,23 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 
 
+def _import_triton() -> bool:
+    """Import triton (and triton.language as `tl`, which the kernels read) once; False if absent."""
+    global triton, tl
+    if triton is None:
+        try:
+            import triton as triton_module
+            import triton.language as language
+        except ImportError:
+            return False
+        triton, tl = triton_module, language
+    return True
+
+
 def triton_available() -> bool:
     """Whether Triton can be imported (running the kernel also needs CUDA tensors,
     or TRITON_INTERPRET=1 set before the first call for CPU tensors)."""
-    return triton is not None
+    return _import_triton()
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -160,7 +172,7 @@ def _merge_splits_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _kernels() -> tuple[Any, Any]:
-    if triton is None:
+    if not _import_triton():
         raise RuntimeError("paged_decode_attention needs Triton: pip install triton")
     return triton.jit(_paged_decode_kernel), triton.jit(_merge_splits_kernel)
 

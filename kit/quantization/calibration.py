@@ -3,7 +3,7 @@
 Calibration needs what each linear layer *sees*: its input activations on
 representative text. This module runs a Llama-family model over HF-named weights one
 decoder block at a time, with no KV cache and no serving machinery, so calibration
-depends on nothing but the weights (the math replicates `kit/backends/torch_backend.py`):
+depends on nothing but the weights (the math is `kit/ops.py`'s, as in the engine):
 
     x = rmsnorm(h, input_layernorm)                    -> captured as "qkv"
     q, k, v = x @ Wq^T, x @ Wk^T, x @ Wv^T  (+ bias, qk-norm, RoPE)
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from kit.config import ModelConfig
+from kit.ops import apply_rope, causal_mask, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 
-__all__ = ["LinearGroup", "LINEAR_GROUPS", "BlockRunner", "embed", "final_norm", "rope_cos_sin", "rms_norm",
-           "MINI_BATCH"]
+__all__ = ["LinearGroup", "LINEAR_GROUPS", "BlockRunner", "embed", "final_norm", "MINI_BATCH"]
 
 MINI_BATCH = 8  # calibration windows run through a block together
 
@@ -48,29 +48,6 @@ LINEAR_GROUPS = (
     LinearGroup("gate_up", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
     LinearGroup("down", ("mlp.down_proj",), None),
 )
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _inv_freq(c: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies (with linear / llama3 scaling): the engine's own computation."""
-    from kit.backends.torch_backend import rope_inv_freq
-
-    return rope_inv_freq(c)
-
-
-def rope_cos_sin(c: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, 1, D) for positions 0..T-1 (HF layout: the two halves of D rotate together)."""
-    freqs = torch.arange(seq_len, device=device).float()[:, None] * _inv_freq(c).to(device)[None, :]
-    emb = torch.cat((freqs, freqs), -1)[:, None, :]
-    return emb.cos(), emb.sin()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 def embed(weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -115,11 +92,9 @@ class BlockRunner:
         if c.qk_norm:
             q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
             k = rms_norm(k, w["self_attn.k_norm.weight"], c.rms_norm_eps)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         pos = torch.arange(T, device=h.device)
-        mask = pos[None, :] <= pos[:, None]  # (T, T) causal
-        if c.sliding_window is not None:
-            mask &= pos[None, :] > pos[:, None] - c.sliding_window
+        mask = causal_mask(pos, pos, c.sliding_window)  # (T, T)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            scale=c.head_dim ** -0.5,
                                            enable_gqa=c.num_key_value_heads != c.num_attention_heads)
@@ -134,7 +109,7 @@ class BlockRunner:
             out["gate_up"].append(x.reshape(B * T, -1))
         if until == "gate_up":
             return None
-        m = F.silu(self._lin(x, "mlp.gate_proj")) * self._lin(x, "mlp.up_proj")  # (B, T, intermediate)
+        m = swiglu(self._lin(x, "mlp.gate_proj"), self._lin(x, "mlp.up_proj"))  # (B, T, intermediate)
         if "down" in want:
             out["down"].append(m.reshape(B * T, -1))
         if until == "down":
@@ -146,7 +121,8 @@ class BlockRunner:
             ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """hidden (B, T, hidden) -> (block output or None if stopped at `until`,
         {group name: its input activations (B * T, in)} for the groups in `want`)."""
-        cos, sin = rope_cos_sin(self.config, hidden.shape[1], hidden.device)
+        cos, sin = rope_cos_sin(torch.arange(hidden.shape[1], device=hidden.device), rope_inv_freq(self.config))
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D): HF layout, the two halves of D rotate together
         captured: dict[str, list[torch.Tensor]] = {g: [] for g in want}
         outs = []
         for i in range(0, hidden.shape[0], MINI_BATCH):
