@@ -15,6 +15,7 @@ reason when chromium, Playwright or JupyterLab is missing. Playwright's own brow
 is never used: `executable_path` points at the system chromium (`$KIT_CHROMIUM` to override).
 """
 
+import io
 import json
 import os
 import secrets
@@ -27,11 +28,16 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("KIT_BROWSER_ARTIFACTS", ROOT / "test-artifacts" / "browser"))
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+# the JupyterLab settings the project ships; `make setup` copies them into `<venv>/share/jupyter/lab/settings`
+LAB_SETTINGS = ROOT / "jupyter" / "lab" / "settings"
 
 
 def _chromium() -> str | None:
@@ -146,9 +152,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Lab:
+    """A JupyterLab server on 127.0.0.1 with a token, serving `root`; `restart()` starts a new one there.
+
+    Its settings are the project's own (`jupyter/lab/settings`, what `make setup` installs into
+    the venv) as the application settings dir, plus a temp user settings dir.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.proc, self.log, self.url, self.token = root, None, None, "", ""
+        app_settings = root / ".app-settings"
+        shutil.copytree(LAB_SETTINGS, app_settings)
+        self.app_settings = app_settings
+
+    def start(self) -> None:
+        port, self.token = _free_port(), secrets.token_hex(16)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "KIT_PROGRESS": "auto", "JUPYTER_CONFIG_DIR": str(self.root / ".config")}
+        root = self.root
+        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+               f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+               f"--LabApp.app_settings_dir={self.app_settings}", f"--LabApp.user_settings_dir={root / '.settings'}",
+               f"--LabApp.workspaces_dir={root / '.workspaces'}", "--ServerApp.allow_root=True"]
+        self.log = open(root / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=2).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("JupyterLab did not start:\n" + (root / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server and its kernels: every widget model in the kernel is gone."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server on 127.0.0.1 with a token, serving a temp dir with the notebook."""
+    """A JupyterLab server serving a temp dir with the notebook."""
     if (why := _missing()) is not None:
         pytest.fail(f"KIT_REQUIRE_BROWSER is set but {why}")
     root = tmp_path_factory.mktemp("lab")
@@ -159,34 +219,12 @@ def lab(tmp_path_factory):
         f = root / ".settings" / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(settings))
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "KIT_PROGRESS": "auto", "JUPYTER_CONFIG_DIR": str(root / ".config")}
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={root / '.settings'}",
-           f"--LabApp.workspaces_dir={root / '.workspaces'}", "--ServerApp.allow_root=True"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = _Lab(root)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("JupyterLab did not start:\n" + (root / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield {"url": url, "token": token, "root": root}
+        server.start()
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 JS_PAGE_STATE = """() => {
@@ -223,7 +261,7 @@ def _wait_all_ran(page, n_cells: int, timeout_s: float = 150) -> None:
 
 
 def _open(page, lab) -> None:
-    page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?token={lab['token']}")
+    page.goto(f"{lab.url}/lab/tree/widgets.ipynb?token={lab.token}")
     page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=90_000)
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
                            "&& window.jupyterapp.shell.currentWidget.sessionContext "
@@ -294,6 +332,23 @@ def _check_play_keeps_label_with_slider(page) -> None:
     assert {"1", "2", "3", "4"} >= seen and len(seen) >= 3, seen  # it played
 
 
+def _view_ids(nb: dict) -> list[str]:
+    """The model ids of the widget views a saved notebook's outputs show."""
+    return [o["data"][WIDGET_VIEW]["model_id"] for c in nb["cells"] for o in c.get("outputs", [])
+            if WIDGET_VIEW in o.get("data", {})]
+
+
+def _colours(png: bytes) -> int:
+    """How many distinct colours a screenshot has (a blank canvas has one)."""
+    return len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 20) or [])
+
+
+def _same_share(a: bytes, b: bytes) -> float:
+    """The share of pixels two screenshots have equal (0 when their sizes differ)."""
+    x, y = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in (a, b))
+    return float((x == y).all(axis=-1).mean()) if x.shape == y.shape else 0.0
+
+
 def _check_rendered(state, where: str) -> None:
     assert not state["errors"], f"{where}: {state['errors']}"
     assert state["danger"] == 0, f"{where}: a red progress bar"
@@ -333,11 +388,16 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
             for i, name in WIDGET_CELLS.items():
                 assert _changes_picture(page, i, MOVES[i], name), f"moving a control of {name} left its picture"
             _check_play_keeps_label_with_slider(page)
+            page.wait_for_timeout(2500)  # Play has reached the last step
+            live = {}
+            for i in WIDGET_CELLS:
+                _figure(page, i).scroll_into_view_if_needed()
+                live[i] = _figure(page, i).screenshot()
 
             page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
             page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
                                    timeout=30_000)
-            saved = json.loads((lab["root"] / "widgets.ipynb").read_text())
+            saved = json.loads((lab.root / "widgets.ipynb").read_text())
             for i, cell in enumerate(saved["cells"]):
                 views = [o for o in cell["outputs"] if WIDGET_VIEW in o.get("data", {})]
                 if i in WIDGET_CELLS:  # the live view and a PNG for readers without a kernel
@@ -357,6 +417,27 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
                 cell = page.locator(".jp-Notebook .jp-CodeCell").nth(i)
                 cell.scroll_into_view_if_needed()
                 cell.screenshot(path=str(ARTIFACTS / f"{name}-reopened.png"))
+            assert not [m for m in console if "model not found" in m], console
+
+            # a new server: a fresh kernel holds no widget model; the views are restored from the
+            # widget state the notebook stored on save (`saveState` in the project's settings)
+            assert set(_view_ids(saved)) <= set(saved["metadata"]["widgets"][WIDGET_STATE]["state"]), \
+                "the saved notebook lacks the state of a widget it shows"
+            lab.restart()
+            _open(page, lab)
+            page.wait_for_function("() => document.querySelectorAll('.jupyter-matplotlib canvas').length >= 4",
+                                   timeout=60_000)
+            page.wait_for_timeout(2000)
+            state = _state(page)
+            page.screenshot(path=str(ARTIFACTS / "notebook-new-server.png"), full_page=True)
+            _check_rendered(state, "reopened on a new server")
+            for i, name in WIDGET_CELLS.items():
+                cell = page.locator(".jp-Notebook .jp-CodeCell").nth(i)
+                cell.scroll_into_view_if_needed()
+                cell.screenshot(path=str(ARTIFACTS / f"{name}-new-server.png"))
+                restored = _figure(page, i).screenshot()
+                assert _colours(restored) >= 8, f"{name}'s restored figure is blank"
+                assert _same_share(live[i], restored) > 0.99, f"{name} reopened with another picture than it was saved with"
             assert not [m for m in console if "model not found" in m], console
         finally:
             browser.close()
