@@ -11,7 +11,16 @@ EXTRAS ?= notebook,dev,tensorrt
 
 .PHONY: setup demo test test-browser browser-deps test-gpu lab bench clean
 
-setup: $(STAMP)
+# JupyterLab settings the kit ships (widget state saved in the notebook, so a notebook reopened with a
+# fresh kernel shows its widgets' pictures, not "Error displaying widget"): JupyterLab reads every
+# `overrides.d/*.json` under its app dir, `<venv>/share/jupyter/lab/settings`; a user's own
+# `overrides.json` there still wins
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.d/kit.json
+
+setup: $(STAMP) $(LAB_OVERRIDES)
+
+$(LAB_OVERRIDES): jupyter/lab/settings/overrides.d/kit.json $(STAMP)
+	install -D -m 644 $< $@
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +38,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests --nbmake notebooks
 
 # JupyterLab in Debian's chromium, driven by Playwright (its own browser download is not used):
-# the widgets render, react to their controls and survive save + reload; screenshots in test-artifacts/browser/
+# the widgets render, react to their controls, survive save + reload and a reopen on a new server;
+# screenshots in test-artifacts/browser/
 BROWSER_STAMP := $(VENV)/.kit-browser-installed
 
 browser-deps: $(BROWSER_STAMP)
@@ -40,14 +50,14 @@ $(BROWSER_STAMP): $(STAMP)
 	$(PIP) install -q -e ".[$(EXTRAS),browser]"
 	touch $@
 
-test-browser: $(BROWSER_STAMP)
+test-browser: $(BROWSER_STAMP) $(LAB_OVERRIDES)
 	KIT_REQUIRE_BROWSER=1 KIT_CHROMIUM="$${KIT_CHROMIUM:-$$(command -v chromium || command -v chromium-browser)}" \
 		$(PY) -m pytest -q -m browser -rs tests/test_browser.py
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-lab: $(STAMP)
+lab: $(STAMP) $(LAB_OVERRIDES)
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)

@@ -7,7 +7,11 @@ and checks that each widget renders as a widget (not a text repr, no "Error disp
 widget"), that no red progress bar and no dead progress-bar widget is left, that every
 dropdown shows a visible value, and that moving one control of each widget changes its
 picture. Then it saves, reloads the page (the notebook is read back from disk) and checks
-again; the saved file must carry a PNG beside each widget view. Screenshots go to
+again; the saved file must carry a PNG beside each widget view. Last it stops the server
+and opens the notebook on a new one (a fresh kernel, no widget model alive): with the
+project's JupyterLab settings (`jupyter/lab/settings`, widget state saved in the notebook)
+each widget is restored from the notebook with the picture it was saved with, and no
+"Error displaying widget: model not found" appears. Screenshots go to
 `test-artifacts/browser/` (or `$KIT_BROWSER_ARTIFACTS`).
 
 Run with `make test-browser` (`pytest -m browser tests/test_browser.py`); skipped with the
@@ -15,6 +19,7 @@ reason when chromium, Playwright or JupyterLab is missing. Playwright's own brow
 is never used: `executable_path` points at the system chromium (`$KIT_CHROMIUM` to override).
 """
 
+import io
 import json
 import os
 import secrets
@@ -27,11 +32,16 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("KIT_BROWSER_ARTIFACTS", ROOT / "test-artifacts" / "browser"))
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+# the JupyterLab settings the project ships; `make setup` copies them into `<venv>/share/jupyter/lab/settings`
+LAB_SETTINGS = ROOT / "jupyter" / "lab" / "settings"
 
 
 def _chromium() -> str | None:
@@ -146,9 +156,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Lab:
+    """A JupyterLab server on 127.0.0.1 with a token, serving `root`; `restart()` starts a new one there.
+
+    Its settings are the project's own (`jupyter/lab/settings`, what `make setup` installs into
+    the venv) as the application settings dir, plus a temp user settings dir.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.proc, self.log, self.url, self.token = root, None, None, "", ""
+        app_settings = root / ".app-settings"
+        shutil.copytree(LAB_SETTINGS, app_settings)
+        self.app_settings = app_settings
+
+    def start(self) -> None:
+        port, self.token = _free_port(), secrets.token_hex(16)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "KIT_PROGRESS": "auto", "JUPYTER_CONFIG_DIR": str(self.root / ".config")}
+        root = self.root
+        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+               f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+               f"--LabApp.app_settings_dir={self.app_settings}", f"--LabApp.user_settings_dir={root / '.settings'}",
+               f"--LabApp.workspaces_dir={root / '.workspaces'}", "--ServerApp.allow_root=True"]
+        self.log = open(root / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=2).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("JupyterLab did not start:\n" + (root / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server and its kernels: every widget model in the kernel is gone."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server on 127.0.0.1 with a token, serving a temp dir with the notebook."""
+    """A JupyterLab server serving a temp dir with the notebook."""
     if (why := _missing()) is not None:
         pytest.fail(f"KIT_REQUIRE_BROWSER is set but {why}")
     root = tmp_path_factory.mktemp("lab")
@@ -159,34 +223,12 @@ def lab(tmp_path_factory):
         f = root / ".settings" / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(settings))
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "KIT_PROGRESS": "auto", "JUPYTER_CONFIG_DIR": str(root / ".config")}
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={root / '.settings'}",
-           f"--LabApp.workspaces_dir={root / '.workspaces'}", "--ServerApp.allow_root=True"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = _Lab(root)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("JupyterLab did not start:\n" + (root / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield {"url": url, "token": token, "root": root}
+        server.start()
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 JS_PAGE_STATE = """() => {
@@ -223,7 +265,7 @@ def _wait_all_ran(page, n_cells: int, timeout_s: float = 150) -> None:
 
 
 def _open(page, lab) -> None:
-    page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?token={lab['token']}")
+    page.goto(f"{lab.url}/lab/tree/widgets.ipynb?token={lab.token}")
     page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=90_000)
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
                            "&& window.jupyterapp.shell.currentWidget.sessionContext "
@@ -294,6 +336,29 @@ def _check_play_keeps_label_with_slider(page) -> None:
     assert {"1", "2", "3", "4"} >= seen and len(seen) >= 3, seen  # it played
 
 
+def _view_ids(nb: dict) -> list[str]:
+    """The model ids of the widget views a saved notebook's outputs show."""
+    return [o["data"][WIDGET_VIEW]["model_id"] for c in nb["cells"] for o in c.get("outputs", [])
+            if WIDGET_VIEW in o.get("data", {})]
+
+
+def _colours(png: bytes) -> int:
+    """How many distinct colours a screenshot has (a blank canvas has one)."""
+    return len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 20) or [])
+
+
+def _difference(a: bytes, b: bytes) -> float:
+    """How far apart two screenshots are: the mean over 4x4-pixel cells of the largest channel difference
+    (0-255; inf when their sizes differ). Cells average away anti-aliasing and resampling; a block,
+    bar or marker that changed colour or moved stays far apart."""
+    x, y = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64) for png in (a, b))
+    if x.shape != y.shape:
+        return float("inf")
+    h, w = x.shape[0] // 4 * 4, x.shape[1] // 4 * 4
+    x, y = (z[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3)) for z in (x, y))  # (H/4, W/4, 3)
+    return float(np.abs(x - y).max(axis=-1).mean())
+
+
 def _check_rendered(state, where: str) -> None:
     assert not state["errors"], f"{where}: {state['errors']}"
     assert state["danger"] == 0, f"{where}: a red progress bar"
@@ -333,11 +398,16 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
             for i, name in WIDGET_CELLS.items():
                 assert _changes_picture(page, i, MOVES[i], name), f"moving a control of {name} left its picture"
             _check_play_keeps_label_with_slider(page)
+            page.wait_for_timeout(2500)  # Play has reached the last step
+            live = {}
+            for i in WIDGET_CELLS:
+                _figure(page, i).scroll_into_view_if_needed()
+                live[i] = _figure(page, i).screenshot(path=str(ARTIFACTS / f"{WIDGET_CELLS[i]}-figure-saved.png"))
 
             page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
             page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
                                    timeout=30_000)
-            saved = json.loads((lab["root"] / "widgets.ipynb").read_text())
+            saved = json.loads((lab.root / "widgets.ipynb").read_text())
             for i, cell in enumerate(saved["cells"]):
                 views = [o for o in cell["outputs"] if WIDGET_VIEW in o.get("data", {})]
                 if i in WIDGET_CELLS:  # the live view and a PNG for readers without a kernel
@@ -358,5 +428,46 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
                 cell.scroll_into_view_if_needed()
                 cell.screenshot(path=str(ARTIFACTS / f"{name}-reopened.png"))
             assert not [m for m in console if "model not found" in m], console
+
+            # a new server: a fresh kernel holds no widget model; the views are restored from the
+            # widget state the notebook stored on save (`saveState` in the project's settings)
+            lab.restart()
+            _open(page, lab)
+            # each widget output settles as a figure or as the error text this test looks for
+            page.wait_for_function("() => document.querySelectorAll('.jupyter-matplotlib canvas').length >= 4 "
+                                   "|| document.body.innerText.includes('Error displaying widget')", timeout=60_000)
+            page.wait_for_timeout(2000)
+            state = _state(page)
+            page.screenshot(path=str(ARTIFACTS / "notebook-new-server.png"), full_page=True)
+            _check_rendered(state, "reopened on a new server")
+            for i, name in WIDGET_CELLS.items():
+                cell = page.locator(".jp-Notebook .jp-CodeCell").nth(i)
+                cell.scroll_into_view_if_needed()
+                cell.screenshot(path=str(ARTIFACTS / f"{name}-new-server.png"))
+                restored = _figure(page, i).screenshot(path=str(ARTIFACTS / f"{name}-figure-new-server.png"))
+                assert _colours(restored) >= 8, f"{name}'s restored figure is blank"
+                # NOTE: a figure stored one redraw behind (ipympl's own `_data_url`) is ~20 apart here
+                assert _difference(live[i], restored) < 6, f"{name} reopened with another picture than saved"
+            assert not [m for m in console if "model not found" in m], console
+            stored = saved["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+            assert set(_view_ids(saved)) <= set(stored), "the saved notebook lacks the state of a widget it shows"
         finally:
             browser.close()
+
+
+def test_make_setup_installs_the_lab_settings_where_jupyterlab_reads_them(tmp_path):
+    """`make setup` copies the shipped overrides into the venv's JupyterLab app dir, which reads them."""
+    from jupyterlab.commands import get_app_dir
+    from jupyterlab_server.settings_utils import _get_overrides
+
+    venv = tmp_path / "venv"
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "setup", f"VENV={venv}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    installed = venv / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "kit.json"
+    assert f"install -D -m 644 jupyter/lab/settings/overrides.d/kit.json {installed}" in dry, dry
+    # the venv's JupyterLab: app dir `<prefix>/share/jupyter/lab`, overrides in its `settings/`
+    if "JUPYTERLAB_DIR" not in os.environ:
+        assert Path(get_app_dir()) == Path(sys.prefix) / "share" / "jupyter" / "lab"
+    overrides, error = _get_overrides(str(LAB_SETTINGS))
+    assert not error
+    assert overrides == {"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}}
