@@ -23,7 +23,7 @@ from matplotlib.colors import to_hex, to_rgba  # noqa: E402
 from kit.builder import BuildConfig  # noqa: E402
 from kit.config import ModelConfig  # noqa: E402
 from kit.executor import KvCacheConfig  # noqa: E402
-from kit.kv_cache import _COLORS as kv_html_colors  # noqa: E402
+from kit.kv_cache_inspector import _COLORS as kv_html_colors  # noqa: E402
 from kit.kv_cache import KVCacheInspector, KVCacheManager  # noqa: E402
 from kit.llm import LLM  # noqa: E402
 from kit.loader import LoadedModel, random_weights  # noqa: E402
