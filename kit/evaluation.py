@@ -25,13 +25,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
-from kit.progress import tqdm
 
 from kit.backends.base import LayerHook
 from kit.batch import ForwardBatch, SequenceInput
 from kit.datasets import chunk_tokens, eval_text
 from kit.engine import Engine
 from kit.network import Layer
+from kit.progress import tqdm
+from kit.quantization.cache import ResultCache, code_version, digest_json, weights_digest
 
 __all__ = ["eval_windows", "perplexity", "logit_agreement", "layer_errors", "memory", "compare"]
 
@@ -122,11 +123,39 @@ def memory(engine: Engine) -> dict[str, float]:
             "kv_bytes_per_token": float(engine.kv_bytes_per_token)}
 
 
+# the code compare's numbers depend on (see kit.quantization.cache.code_version)
+_EVAL_CODE = ("quantization", "ops.py", "config.py", "batch.py", "network.py", "engine.py", "backends", "evaluation.py")
+_COMPARE_COLUMNS = ["scheme", "perplexity", "ppl_delta_pct", "kl_div", "top1_agreement", "linear_weight_mib",
+                    "weight_mib", "linear_weight_ratio", "kv_bytes_per_token", "num_tokens"]
+
+
+def _engine_identity(engine: Engine) -> dict[str, Any]:
+    """What an engine's outputs depend on: its build key, or its network's content."""
+    net = engine.network
+    qc = net.quant_config
+    return {"build_key": engine.build_key, "weights": None if engine.build_key else weights_digest(net.weights),
+            "layers": [(layer.name, layer.kind, layer.weights) for layer in net],
+            "config": net.config.to_hf_config(), "quant_config": qc.to_dict() if qc is not None else None,
+            "backend": type(engine.backend).__name__, "device": engine.device.type, "dtype": str(engine.dtype)}
+
+
 def compare(schemes: Mapping[str, Engine], reference: str, windows: list[list[int]], *,
-            progress: bool = True) -> pd.DataFrame:
-    """One row per scheme (engines by name; `reference` names the unquantized one)."""
+            progress: bool = True, use_cache: bool = True) -> pd.DataFrame:
+    """One row per scheme (engines by name; `reference` names the unquantized one).
+
+    The rows are cached (`ResultCache`, `$KIT_CACHE_DIR/results`) by the engines' identities
+    (build key, or the content of their weights), the windows and the kit's code.
+    """
     if reference not in schemes:
         raise ValueError(f"reference {reference!r} is not one of the schemes {list(schemes)}")
+    cache = ResultCache() if use_cache else None
+    key = None
+    if cache is not None:
+        key = "compare-" + digest_json({"engines": {n: _engine_identity(e) for n, e in schemes.items()},
+                                        "reference": reference, "windows": windows, "kit": code_version(_EVAL_CODE)})
+        hit = cache.get(key)
+        if isinstance(hit, list) and [r.get("scheme") for r in hit] == list(schemes):
+            return pd.DataFrame(hit, columns=_COMPARE_COLUMNS)
     ref = schemes[reference]
     rows = []
     for name, engine in tqdm(schemes.items(), desc="comparing schemes", disable=not progress, leave=False):
@@ -140,5 +169,7 @@ def compare(schemes: Mapping[str, Engine], reference: str, windows: list[list[in
     df["ppl_delta_pct"] = 100.0 * (df["perplexity"] / base["perplexity"] - 1.0)
     df["linear_weight_ratio"] = df["linear_weight_mib"] / base["linear_weight_mib"]
     df["num_tokens"] = sum(len(w) for w in windows)
-    return df[["scheme", "perplexity", "ppl_delta_pct", "kl_div", "top1_agreement", "linear_weight_mib",
-               "weight_mib", "linear_weight_ratio", "kv_bytes_per_token", "num_tokens"]]
+    df = df[_COMPARE_COLUMNS]
+    if cache is not None:
+        cache.put(key, df.to_dict(orient="records"))
+    return df

@@ -4,6 +4,7 @@ KV-cache helpers, and (marked gpu) the CUDA fast paths against the CPU reference
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,8 +15,9 @@ from kit.config import ModelConfig
 from kit.engine import Engine, ForwardBatch, SequenceInput
 from kit.loader import LoadedModel, random_weights
 from kit.network import NetworkBuilder
-from kit.quantization import (QUANT_PRESETS, FloatLinear, KVCacheQuantAlgo, QuantAlgo, QuantConfig, Quantizer,
-                              build_linear, dequantize_kv, kv_cache_dtype, quantize_kv)
+from kit.quantization import (QUANT_PRESETS, SCHEMES, FloatLinear, KVCacheQuantAlgo, QuantAlgo, QuantConfig,
+                              Quantizer, QuantScheme, build_linear, dequantize_kv, get_scheme, kv_cache_dtype,
+                              quantize_kv)
 from kit.quantization import awq, fp8, gptq, int4, int8_weight_only, smoothquant
 from kit.quantization.calibration import BlockRunner, embed, final_norm
 from kit.quantization.linear import TRITON_MAX_M
@@ -104,6 +106,68 @@ def test_exclude_patterns():
     assert not qc.is_excluded("model.layers.1.self_attn.q_proj")
     with pytest.raises(ValueError, match="unknown field"):
         QuantConfig.from_dict({"quant_algo": "FP8", "bits": 4})
+
+
+# ------------------------------------------------------------------ registry
+def test_registry_has_one_scheme_per_quant_algo():
+    assert list(SCHEMES) == list(QuantAlgo)  # every algo, in the enum's order, once
+    for algo, scheme in SCHEMES.items():
+        assert isinstance(scheme, QuantScheme) and scheme.algo is algo
+        assert get_scheme(algo) is scheme and get_scheme(algo.value.lower()) is scheme
+        assert QuantConfig(quant_algo=algo).scheme is scheme
+    assert {name: algo for name, (algo, _) in QUANT_PRESETS.items()} == {
+        s.preset: s.algo for s in SCHEMES.values() if s.preset is not None}
+    assert [a for a in QuantAlgo if SCHEMES[a].needs_calibration] == [
+        QuantAlgo.FP8, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A8_SQ_PER_CHANNEL]
+    assert [a for a in QuantAlgo if SCHEMES[a].sequential] == [QuantAlgo.W4A16_GPTQ]
+    assert {a: SCHEMES[a].bits for a in QuantAlgo} == {
+        QuantAlgo.NO_QUANT: 16, QuantAlgo.FP8: 8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN: 8, QuantAlgo.W8A16: 8,
+        QuantAlgo.W4A16: 4, QuantAlgo.W4A16_AWQ: 4, QuantAlgo.W4A16_GPTQ: 4, QuantAlgo.W8A8_SQ_PER_CHANNEL: 8,
+        QuantAlgo.W8A8: 8}
+    with pytest.raises(ValueError, match="'INT3'.*W4A16_AWQ"):
+        get_scheme("INT3")
+
+
+@pytest.mark.parametrize("algo", list(QuantAlgo), ids=str)
+def test_stored_format_round_trips_through_the_config(algo):
+    qc = QuantConfig(quant_algo=algo, group_size=32, has_zero_point=algo is QuantAlgo.W4A16)
+    d = json.loads(json.dumps(qc.to_dict()))  # as an engine directory's config.json holds it
+    assert d["stored_format"] == qc.stored_format and d["stored_format"]["scheme"] == algo.value
+    assert QuantConfig.from_dict(d) == qc
+    if qc.is_int4:
+        assert d["stored_format"]["group_size"] == 32
+        assert ("weight_zero" in d["stored_format"]["tensors"]) == qc.has_zero_point
+    bad = {**d, "stored_format": {**d["stored_format"], "version": 0}}
+    with pytest.raises(ValueError, match="stored_format"):
+        QuantConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("algo", ALL_ALGOS, ids=str)
+def test_quantized_tensors_are_what_the_stored_format_names(quantized_models, algo):
+    _, models = quantized_models
+    q = models[algo]
+    fmt = q.quant_config.stored_format
+    for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        names = {k[len(prefix) + 1:] for k in q.weights if k.startswith(prefix + ".")}
+        assert set(fmt["tensors"]) <= names <= set(fmt["tensors"]) | set(fmt["optional"])
+        for name, spec in fmt["tensors"].items():
+            assert spec.split()[0] == str(q.weights[f"{prefix}.{name}"].dtype).replace("torch.", "")
+    missing = {k: v for k, v in q.weights.items() if k != "model.layers.0.mlp.down_proj.weight_scale"}
+    with pytest.raises(ValueError, match="missing weight_scale"):
+        build_linear(missing, ["model.layers.0.mlp.down_proj"], q.quant_config, bias=False, device="cpu",
+                     dtype=torch.float32)
+
+
+def test_engine_directory_records_the_stored_format(quantized_models, tmp_path):
+    _, models = quantized_models
+    q = models[QuantAlgo.W4A16_AWQ]
+    engine = Engine.from_network(NetworkBuilder(q).build())
+    path = engine.save(tmp_path / "awq")
+    assert Engine.read_config(path)["quant_config"]["stored_format"] == q.quant_config.stored_format
+    again = Engine.from_dir(path)
+    assert again.network.quant_config == q.quant_config
+    torch.testing.assert_close(run_chunks(again, [SEQ], [[37]], block_size=16)[0],
+                               run_chunks(engine, [SEQ], [[37]], block_size=16)[0], rtol=0, atol=0)
 
 
 # -------------------------------------------------------- formats and errors

@@ -11,10 +11,17 @@ vocabulary):
    backend for every linear — swaps `x @ W^T` for the scheme's GEMM: a CPU reference,
    and FP8 / int8 tensor-core GEMMs or a Triton dequantizing kernel on a Hopper GPU.
 
+What differs between schemes lives in one scheme object per `QuantAlgo`, registered in
+`schemes.SCHEMES`; `get_scheme(algo)` is the one place an algorithm is dispatched.
+Quantized tensors are cached under `$KIT_CACHE_DIR/quantized` (see `cache.py`).
+
 | module                | what it holds                                                     |
 | --------------------- | ----------------------------------------------------------------- |
-| `config.py`           | `QuantAlgo`, `KVCacheQuantAlgo`, `QuantConfig` (+ `from_name`)     |
+| `algo.py`             | `QuantAlgo`, `KVCacheQuantAlgo`: the names of the schemes         |
+| `schemes.py`          | the registry: one `QuantScheme` per `QuantAlgo`; `build_linear`   |
+| `config.py`           | `QuantConfig` (+ `from_name`, `stored_format`)                    |
 | `quantizer.py`        | `Quantizer`: the block-by-block driver, calibration windows       |
+| `cache.py`            | `QuantCache` / `ResultCache` under `$KIT_CACHE_DIR`               |
 | `calibration.py`      | the float model block by block, capturing linear inputs           |
 | `fp8.py`              | FP8 e4m3 per-tensor / per-channel-per-token                       |
 | `int8_weight_only.py` | int8 per-channel weights (W8A16; also W8A8's weights)             |
@@ -22,20 +29,23 @@ vocabulary):
 | `awq.py`              | AWQ's activation-aware scale search                               |
 | `gptq.py`             | GPTQ's Hessian-based error compensation                           |
 | `smoothquant.py`      | SmoothQuant smoothing factors, the W8A8 reference GEMM            |
-| `linear.py`           | `build_linear` and the quantized linear layers                    |
+| `linear.py`           | the quantized linear layers                                       |
 | `triton_gemm.py`      | the weight-only Triton kernel (imported only on CUDA)             |
 | `kv_cache.py`         | int8 / fp8 KV-cache quantize / dequantize helpers                 |
 """
 
-from kit.quantization.config import QUANT_PRESETS, KVCacheQuantAlgo, QuantAlgo, QuantConfig
+from kit.quantization.algo import KVCacheQuantAlgo, QuantAlgo
+from kit.quantization.cache import QuantCache, ResultCache
+from kit.quantization.config import QUANT_PRESETS, QuantConfig
 from kit.quantization.kv_cache import dequantize_kv, kv_cache_dtype, quantize_kv
-from kit.quantization.linear import (ConcatLinear, FloatLinear, FP8Linear, Int8Linear, QuantLinear,
-                                     WeightOnlyLinear, build_linear)
+from kit.quantization.linear import ConcatLinear, FloatLinear, FP8Linear, Int8Linear, QuantLinear, WeightOnlyLinear
 from kit.quantization.quantizer import Quantizer, calibration_tokens
+from kit.quantization.schemes import SCHEMES, QuantScheme, build_linear, get_scheme
 
 __all__ = [
     "QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "QUANT_PRESETS",
-    "Quantizer", "calibration_tokens",
+    "Quantizer", "calibration_tokens", "QuantCache", "ResultCache",
+    "QuantScheme", "SCHEMES", "get_scheme",
     "build_linear", "QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8Linear", "ConcatLinear",
     "quantize_kv", "dequantize_kv", "kv_cache_dtype",
 ]

@@ -18,6 +18,11 @@ is named by what it stores and what it computes in:
 "A row" is one output channel of the linear (one row of the (out, in) weight); "a
 group" is `group_size` consecutive input channels of one row.
 
+Each `QuantAlgo` has one scheme object in `kit.quantization.schemes.SCHEMES`; the
+properties below (`is_int4`, `needs_calibration`, `stored_format`, ...) ask it. The
+stored format (tensor names, dtypes, shapes of a quantized linear) is part of
+`to_dict()`, so an engine directory records how to read its weights.
+
 `QuantConfig` is frozen and validates itself; `QuantConfig.from_name("int4_awq")`
 gives the presets that the CLI and the notebooks use.
 """
@@ -29,50 +34,14 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
 
+from kit.quantization.algo import KVCacheQuantAlgo, QuantAlgo
+from kit.quantization.schemes import SCHEMES, QuantScheme, get_scheme
+
 __all__ = ["QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "QUANT_PRESETS"]
 
-
-class QuantAlgo(str, Enum):
-    """How the linear layers' weights (and maybe activations) are quantized."""
-
-    NO_QUANT = "NO_QUANT"
-    FP8 = "FP8"
-    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
-    W8A16 = "W8A16"
-    W4A16 = "W4A16"
-    W4A16_AWQ = "W4A16_AWQ"
-    W4A16_GPTQ = "W4A16_GPTQ"
-    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
-    W8A8 = "W8A8"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class KVCacheQuantAlgo(str, Enum):
-    """How the KV cache is stored (see `kit.quantization.kv_cache`)."""
-
-    INT8 = "INT8"
-    FP8 = "FP8"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-# short name -> (algo, extra fields); `from_name` accepts these
+# short name -> (algo, extra fields); `from_name` accepts these (the registry's presets)
 QUANT_PRESETS: dict[str, tuple[QuantAlgo, dict[str, Any]]] = {
-    "fp8": (QuantAlgo.FP8, {}),
-    "fp8_pc_pt": (QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, {}),
-    "int8_wo": (QuantAlgo.W8A16, {}),
-    "int4_wo": (QuantAlgo.W4A16, {}),
-    "int4_awq": (QuantAlgo.W4A16_AWQ, {}),
-    "int4_gptq": (QuantAlgo.W4A16_GPTQ, {}),
-    "int8_sq": (QuantAlgo.W8A8_SQ_PER_CHANNEL, {}),
-    "w8a8": (QuantAlgo.W8A8, {}),
-}
-
-_INT4 = (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ)
-_CALIBRATED = (QuantAlgo.FP8, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A8_SQ_PER_CHANNEL)
+    s.preset: (s.algo, {}) for s in SCHEMES.values() if s.preset is not None}
 
 
 def _enum(cls: type[Enum], value: Any, field: str) -> Any:
@@ -134,22 +103,31 @@ class QuantConfig:
 
     # ----------------------------------------------------------------- derived
     @property
+    def scheme(self) -> QuantScheme:
+        """The registry's scheme object for `quant_algo` (the one place a QuantAlgo is dispatched)."""
+        return get_scheme(self.quant_algo)
+
+    @property
+    def stored_format(self) -> dict[str, Any]:
+        """What each quantized linear stores (tensor names, dtypes, shapes); saved by `to_dict`."""
+        return self.scheme.stored_format(self)
+
+    @property
     def is_int4(self) -> bool:
-        return self.quant_algo in _INT4
+        return self.scheme.bits == 4
 
     @property
     def is_weight_only(self) -> bool:
-        return self.quant_algo in (QuantAlgo.W8A16, *_INT4)
+        return self.scheme.weight_only
 
     @property
     def needs_calibration(self) -> bool:
         """Whether `Quantizer` must run the model on calibration text."""
-        return self.quant_algo in _CALIBRATED
+        return self.scheme.needs_calibration
 
     @property
     def weight_bits(self) -> int:
-        a = self.quant_algo
-        return 16 if a is QuantAlgo.NO_QUANT else 4 if a in _INT4 else 8
+        return self.scheme.bits
 
     def is_excluded(self, module: str) -> bool:
         """True if the linear named `module` (e.g. `model.layers.3.mlp.up_proj`) stays in float."""
@@ -166,17 +144,23 @@ class QuantConfig:
         d["quant_algo"] = self.quant_algo.value
         d["kv_cache_quant_algo"] = self.kv_cache_quant_algo.value if self.kv_cache_quant_algo else None
         d["exclude_modules"] = list(self.exclude_modules)
+        d["stored_format"] = self.stored_format
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
+        unknown = set(d) - set(cls.__dataclass_fields__) - {"stored_format"}
         if unknown:
             raise ValueError(f"QuantConfig: unknown field(s) {', '.join(sorted(unknown))}")
         d = dict(d)
+        stored = d.pop("stored_format", None)
         if "exclude_modules" in d:
             d["exclude_modules"] = tuple(d["exclude_modules"])
-        return cls(**d)
+        qc = cls(**d)
+        if stored is not None and stored != qc.stored_format:
+            raise ValueError(f"QuantConfig.stored_format {stored!r} is not the format this kit reads for "
+                             f"{qc.quant_algo.value}: {qc.stored_format!r} (re-quantize the model)")
+        return qc
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "QuantConfig":
@@ -195,7 +179,7 @@ class QuantConfig:
         parts = [self.quant_algo.value]
         if self.is_int4:
             parts.append(f"group {self.group_size}{', zero point' if self.has_zero_point else ''}")
-        if self.quant_algo is QuantAlgo.W8A8_SQ_PER_CHANNEL:
+        if self.scheme.calibration == "smoothquant":
             parts.append(f"alpha {self.smoothquant_alpha}")
         if self.kv_cache_quant_algo:
             parts.append(f"KV cache {self.kv_cache_quant_algo.value}")

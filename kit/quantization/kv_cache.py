@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kit.quantization.config import KVCacheQuantAlgo
+from kit.quantization.algo import KVCacheQuantAlgo
 
 __all__ = ["kv_cache_dtype", "quantize_kv", "dequantize_kv"]
 

@@ -1,6 +1,7 @@
 """Quantized linear layers: what the engine calls in place of `x @ W^T`.
 
-`build_linear(weights, prefixes, quant_config, ...)` reads the stored tensors of one or
+`build_linear(weights, prefixes, quant_config, ...)` (in `schemes.py`, which picks the
+class by the scheme registry) reads the stored tensors of one or
 several linears (q/k/v, or gate/up, fused: their outputs are concatenated along the
 output dim in the order given) and returns a callable `lin(x) -> y`, x (T, in) in the
 compute dtype, y (T, sum of out_features). Every layer object has:
@@ -34,28 +35,36 @@ paths against it).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kit.quantization import fp8 as fp8_mod
 from kit.quantization import int4 as int4_mod
-from kit.quantization.config import QuantAlgo, QuantConfig
 from kit.quantization.int8_weight_only import dequantize_weight as int8_dequantize
 from kit.quantization.smoothquant import int8_linear_reference
 
-__all__ = ["build_linear", "QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8Linear",
+try:  # NOTE: triton is optional (a CPU install has none); only the CUDA fast paths need its kernels
+    from kit.quantization.triton_gemm import dequantize as triton_dequantize
+    from kit.quantization.triton_gemm import weight_only_gemm
+    from kit.quantization.triton_quant import int8_epilogue, quantize_rows
+except ImportError:  # pragma: no cover - exercised where triton is not installed
+    triton_dequantize = weight_only_gemm = int8_epilogue = quantize_rows = None
+
+__all__ = ["QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8Linear",
            "ConcatLinear", "TRITON_MAX_M", "FP8_ROWWISE_MIN_M"]
 
 # Crossovers measured on an H100 (bench/quant_gpu.py, llama-3.2-1b and llama-3.1-8b shapes):
 TRITON_MAX_M = 64  # weight-only: above this many tokens, dequantize once and use cuBLAS
 FP8_ROWWISE_MIN_M = 17  # FP8 with row-wise scales: below this, tensor-wise GEMM + scaling epilogue
-_QUANT_NAMES = ("qweight", "weight_scale", "weight_zero", "input_scale", "pre_quant_scale")
 
 
 def _cap(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    """The CUDA compute capability, or (0, 0) off CUDA or without triton (no fast path then)."""
+    if device.type != "cuda" or quantize_rows is None:
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -164,13 +173,11 @@ class WeightOnlyLinear(QuantLinear):
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         if self.pqs is not None:
             x = x * self.pqs.to(x.dtype)
-        from kit.quantization.triton_gemm import dequantize, weight_only_gemm
-
         kw = dict(bits=self.bits, group_size=self.group_size, out_features=self.out_features)
         if x.shape[0] <= TRITON_MAX_M:
             return weight_only_gemm(x, self.qweight, self.scale, self.zero, **kw)
         # prefill: one pass dequantizes the weight to bf16, then cuBLAS (the GEMM outweighs the pass)
-        return F.linear(x, dequantize(self.qweight, self.scale, self.zero, in_features=self.in_features,
+        return F.linear(x, triton_dequantize(self.qweight, self.scale, self.zero, in_features=self.in_features,
                                       dtype=x.dtype, **kw))
 
 
@@ -216,8 +223,6 @@ class FP8Linear(QuantLinear):
         return (xq.float() @ self.qweight.float().T) * xs.float() * self.row_scale[None, :]
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        from kit.quantization.triton_quant import quantize_rows
-
         # one fused kernel: codes + a (T, 1) scale (the static scale repeated, or each token's own)
         xq, xs = quantize_rows(x, to_fp8=True, static_scale=None if self.per_channel else self.input_scale)
         if not self.per_channel and len(self.weight_scales) == 1:
@@ -226,8 +231,6 @@ class FP8Linear(QuantLinear):
         if xq.shape[0] <= FP8_ROWWISE_MIN_M - 1:
             # decode: the row-wise kernel is slow for a few rows (up to 1.7x bf16 on H100 at K=14336);
             # a tensor-wise GEMM with unit scales into float32, then the scaling epilogue, is not
-            from kit.quantization.triton_quant import int8_epilogue
-
             acc = torch._scaled_mm(xq, self._qw_t, scale_a=self._one, scale_b=self._one, out_dtype=torch.float32)
             return int8_epilogue(acc, xs, self.row_scale, None, self.dtype)
         # NOTE: row-wise scaling (cuBLASLt / CUTLASS) needs (T, 1) and (1, N) float32 scales and bf16 output
@@ -263,8 +266,6 @@ class Int8Linear(QuantLinear):
         return int8_linear_reference(xf, self.qweight, self.scale)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        from kit.quantization.triton_quant import int8_epilogue, quantize_rows
-
         xq, xs = quantize_rows(x, to_fp8=False, pre_quant_scale=self.pqs)  # int8 (T, in), (T, 1)
         m = xq.shape[0]
         if m <= 16:  # NOTE: _int_mm needs more than 16 rows: pad with zero tokens
@@ -289,47 +290,3 @@ class ConcatLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
-
-
-def _stored(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {n: weights[f"{prefix}.{n}"] for n in _QUANT_NAMES if f"{prefix}.{n}" in weights}
-
-
-def build_linear(weights: dict[str, torch.Tensor], prefixes: list[str], quant_config: QuantConfig, *,
-                 bias: bool, device: torch.device | str, dtype: torch.dtype,
-                 force_reference: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The linear(s) named by `prefixes` as one callable, outputs concatenated in order."""
-    device = torch.device(device)
-    biases = [weights[f"{p}.bias"] for p in prefixes] if bias else None
-    bias_t = torch.cat(biases, 0) if biases else None
-    floats = [f"{p}.weight" in weights for p in prefixes]
-    if all(floats):
-        return FloatLinear([weights[f"{p}.weight"] for p in prefixes], bias_t, device, dtype, prefixes)
-    if any(floats):  # mixed formats: one linear per prefix
-        return ConcatLinear([build_linear(weights, [p], quant_config, bias=bias, device=device, dtype=dtype,
-                                          force_reference=force_reference) for p in prefixes])
-    parts = []
-    for p in prefixes:
-        st = _stored(weights, p)
-        if "qweight" not in st:
-            raise ValueError(f"{p}: neither {p}.weight nor {p}.qweight is in the weights")
-        parts.append({k: v.to(device) for k, v in st.items()})
-    algo = quant_config.quant_algo
-    kw = dict(prefixes=list(prefixes), out_features=[st["qweight"].shape[0] for st in parts], bias=bias_t,
-              device=device, dtype=dtype, force_reference=force_reference)
-    qweight = torch.cat([st["qweight"] for st in parts], 0)
-    pqs = parts[0].get("pre_quant_scale")  # fused prefixes read the same x: one smoothing vector
-    if algo in (QuantAlgo.W8A16, QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ):
-        bits = 8 if algo is QuantAlgo.W8A16 else 4
-        zero = torch.cat([st["weight_zero"] for st in parts], 0) if "weight_zero" in parts[0] else None
-        scale = torch.cat([st["weight_scale"] for st in parts], 0)
-        return WeightOnlyLinear(qweight, scale, zero, pqs, bits=bits, group_size=quant_config.group_size, **kw)
-    if algo in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN):
-        per_channel = algo is QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
-        input_scale = None if per_channel else torch.stack([st["input_scale"].float() for st in parts]).amax(0)
-        return FP8Linear(qweight, [st["weight_scale"].float() for st in parts], input_scale,
-                         per_channel=per_channel, **kw)
-    if algo in (QuantAlgo.W8A8, QuantAlgo.W8A8_SQ_PER_CHANNEL):
-        scale = torch.cat([st["weight_scale"] for st in parts], 0)
-        return Int8Linear(qweight, scale, pqs, smoothed=algo is QuantAlgo.W8A8_SQ_PER_CHANNEL, **kw)
-    raise ValueError(f"build_linear: quant_algo {algo} stores no quantized linears")

@@ -22,6 +22,12 @@ decoder block at a time on `calib_size` windows of `calib_max_seq_len` tokens
 `block`, `scheme`, `out_features`, `in_features`, `weight_rel_error` (||Q(W) - W|| /
 ||W||, against the weight that was quantized, i.e. after AWQ / SmoothQuant scaling) and
 `alpha` (AWQ's chosen exponent; NaN for other schemes).
+
+What differs between schemes is asked of the scheme object (`QuantConfig.scheme`, from
+the registry in `schemes.py`): whether to calibrate, the smoothing scale, the stored
+tensors. The result is cached (`QuantCache`, under `$KIT_CACHE_DIR/quantized`) by the
+model's content, the config, the calibration tokens and the kit's code, so quantizing
+the same model the same way again loads the same tensors in seconds.
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ import pandas as pd
 import torch
 from kit.progress import tqdm
 
+from kit.datasets import calibration_texts
 from kit.loader import LoadedModel
-from kit.quantization import awq, fp8, gptq, int4, int8_weight_only, smoothquant
+from kit.quantization.cache import QuantCache, code_version, digest_json, tensor_digest, weights_digest
 from kit.quantization.calibration import LINEAR_GROUPS, BlockRunner, LinearGroup, embed, final_norm
-from kit.quantization.config import QuantAlgo, QuantConfig
+from kit.quantization.config import QuantConfig
 
-__all__ = ["Quantizer", "calibration_tokens"]
+__all__ = ["Quantizer", "calibration_tokens", "quant_cache_key"]
 
-_A = QuantAlgo
+_REPORT_COLUMNS = ["module", "block", "scheme", "out_features", "in_features", "weight_rel_error", "alpha"]
 
 
 def calibration_tokens(texts: Sequence[str | Sequence[int]] | None, tokenizer: Any, vocab_size: int,
@@ -57,8 +64,6 @@ def calibration_tokens(texts: Sequence[str | Sequence[int]] | None, tokenizer: A
             g = torch.Generator().manual_seed(seed)
             return (torch.randint(0, vocab_size, (num_windows, window), generator=g),
                     "calibrated on random tokens (the model has no tokenizer)")
-        from kit.datasets import calibration_texts
-
         texts = calibration_texts()
     stream: list[int] = []
     for t in texts:
@@ -81,17 +86,39 @@ def calibration_tokens(texts: Sequence[str | Sequence[int]] | None, tokenizer: A
     return torch.tensor(stream[:b * t_len]).view(b, t_len), note
 
 
-class Quantizer:
-    """`Quantizer(QuantConfig.from_name("int4_awq")).quantize(loaded)` -> quantized LoadedModel."""
+def quant_cache_key(loaded: LoadedModel, config: QuantConfig, tokens: torch.Tensor | None) -> str:
+    """sha256 of what a quantization depends on: model content, config, calibration ids, code."""
+    emb = loaded.weights.get("model.embed_tokens.weight")
+    return digest_json({
+        "model": {"identity": loaded.identity, "config": loaded.config.to_hf_config(),
+                  "weights": weights_digest(loaded.weights),
+                  "device": str(emb.device.type) if emb is not None else "cpu"},
+        "quant_config": config.to_dict(),
+        "calibration": None if tokens is None else tensor_digest(tokens),
+        "kit": code_version(),
+    })
 
-    def __init__(self, config: QuantConfig) -> None:
+
+class Quantizer:
+    """`Quantizer(QuantConfig.from_name("int4_awq")).quantize(loaded)` -> quantized LoadedModel.
+
+    After `quantize`: `report` (DataFrame), `cache_key` and `cache_hit` (whether the
+    tensors came from the quantization cache).
+    """
+
+    def __init__(self, config: QuantConfig, *, cache: QuantCache | None = None) -> None:
         self.config = config
+        self.cache = cache
         self.report: pd.DataFrame | None = None
+        self.cache_key: str | None = None
+        self.cache_hit = False
         self._rows: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- driving
     def _repr_html_(self) -> str:
         body = self.config._repr_html_()
+        if self.cache_key is not None:
+            body += f"<p>cache: {'hit' if self.cache_hit else 'stored'} <code>{self.cache_key[:16]}</code></p>"
         if self.report is not None and len(self.report):
             summary = self.report.groupby("module")["weight_rel_error"].mean().rename("mean weight_rel_error")
             body += "<p><b>Last run</b>: relative weight error by module</p>" + summary.to_frame().to_html(
@@ -99,26 +126,34 @@ class Quantizer:
         return f"<b>Quantizer</b>{body}"
 
     def quantize(self, loaded: LoadedModel, calib_texts: Sequence[str | Sequence[int]] | None = None, *,
-                 tokenizer: Any = None, progress: bool = True) -> LoadedModel:
+                 tokenizer: Any = None, progress: bool = True, use_cache: bool = True) -> LoadedModel:
+        """The quantized model; from the cache when this model, config and calibration were seen."""
         qc, cfg = self.config, loaded.config
-        self._rows = []
+        scheme = qc.scheme
+        self._rows, self.cache_key, self.cache_hit = [], None, False
         new: dict[str, dict[str, torch.Tensor]] = {}  # "<prefix>.weight" -> its replacement tensors
         changed: dict[str, torch.Tensor] = {}  # float tensors rewritten in place (norms, scaled weights)
         notes = [f"quantized: {qc}"]
-        hidden = None
-        if qc.needs_calibration:
+        tokens = None
+        if scheme.needs_calibration:
             tokens, note = calibration_tokens(calib_texts, tokenizer or loaded.tokenizer, cfg.vocab_size,
                                               qc.calib_size, qc.calib_max_seq_len)
             notes.append(note)
-            hidden = embed(loaded.weights, tokens)  # (B, T, hidden) float32
-        if qc.quant_algo is not _A.NO_QUANT:
-            for i in tqdm(range(cfg.num_hidden_layers), desc=f"quantizing {qc.quant_algo.value}",
-                          disable=not progress, leave=False):
-                hidden = self._quantize_block(loaded, i, hidden, new, changed)
-            if not cfg.tie_word_embeddings and "lm_head.weight" in loaded.weights and not qc.is_excluded("lm_head"):
-                x = final_norm(loaded.weights, cfg, hidden).reshape(-1, cfg.hidden_size) if hidden is not None else None
-                w = {"lm_head": loaded.weights["lm_head.weight"].float()}
-                self._quantize_group(LinearGroup("lm_head", ("lm_head",), None), w, x, new, changed, None)
+        cache = None
+        if use_cache and scheme.quantizes_weights and loaded.quant_config is None:
+            cache = self.cache or QuantCache()
+            self.cache_key = quant_cache_key(loaded, qc, tokens)
+            hit = cache.get(self.cache_key)
+            unpacked = _unpack(*hit) if hit is not None else None
+            if unpacked is not None:
+                self.cache_hit = True
+                new, changed, self._rows = unpacked
+            elif hit is not None:  # whole files, inconsistent content: rebuild it
+                cache.discard(self.cache_key)
+        if scheme.quantizes_weights and not self.cache_hit:
+            self._run(loaded, tokens, new, changed, progress)
+            if cache is not None:
+                cache.put(self.cache_key, *_pack(new, changed, self._rows))
         weights: dict[str, torch.Tensor] = {}
         for name, t in loaded.weights.items():
             if name in new:
@@ -127,18 +162,31 @@ class Quantizer:
                     weights[f"{prefix}.{suffix}"] = q.to(t.device)
             else:
                 weights[name] = changed[name].to(device=t.device, dtype=t.dtype) if name in changed else t
-        self.report = pd.DataFrame(self._rows, columns=["module", "block", "scheme", "out_features", "in_features",
-                                                        "weight_rel_error", "alpha"])
+        self.report = pd.DataFrame(self._rows, columns=_REPORT_COLUMNS)
         kept = sum(1 for r in self._rows if r["scheme"] == "float")
-        notes.append(f"{len(self._rows) - kept} linears quantized, {kept} excluded (kept in float)")
+        notes.append(f"{len(self._rows) - kept} linears quantized, {kept} excluded (kept in float)"
+                     + (" (from the quantization cache)" if self.cache_hit else ""))
         return LoadedModel(cfg, weights, loaded.tokenizer, loaded.name, loaded.source, dict(loaded.identity),
                            qc, loaded.source_format, list(loaded.notes) + notes)
+
+    def _run(self, loaded: LoadedModel, tokens: torch.Tensor | None, new: dict, changed: dict,
+             progress: bool) -> None:
+        """Quantize every block (and an untied lm_head), calibrating on `tokens` if given."""
+        qc, cfg = self.config, loaded.config
+        hidden = embed(loaded.weights, tokens) if tokens is not None else None  # (B, T, hidden) float32
+        for i in tqdm(range(cfg.num_hidden_layers), desc=f"quantizing {qc.quant_algo.value}", unit="block",
+                      disable=not progress, leave=False):
+            hidden = self._quantize_block(loaded, i, hidden, new, changed)
+        if not cfg.tie_word_embeddings and "lm_head.weight" in loaded.weights and not qc.is_excluded("lm_head"):
+            x = final_norm(loaded.weights, cfg, hidden).reshape(-1, cfg.hidden_size) if hidden is not None else None
+            w = {"lm_head": loaded.weights["lm_head.weight"].float()}
+            self._quantize_group(LinearGroup("lm_head", ("lm_head",), None), w, x, new, changed, None)
 
     def _quantize_block(self, loaded: LoadedModel, i: int, hidden: torch.Tensor | None,
                         new: dict, changed: dict) -> torch.Tensor | None:
         runner = BlockRunner(loaded.config, loaded.weights, i)
         p = f"model.layers.{i}."
-        sequential = self.config.quant_algo is _A.W4A16_GPTQ
+        sequential = self.config.scheme.sequential
         acts: dict[str, torch.Tensor] = {}
         if hidden is not None and not sequential:  # one float forward captures every group's input
             _, acts = runner.run(hidden, want={g.name for g in LINEAR_GROUPS})
@@ -160,7 +208,8 @@ class Quantizer:
                         new: dict, changed: dict, norm: torch.Tensor | None,
                         runner: BlockRunner | None = None, block: int | None = None) -> None:
         """Quantize the linears of `group` (prefix -> float32 weight) that read activations x (T, in)."""
-        qc, algo = self.config, self.config.quant_algo
+        qc = self.config
+        scheme = qc.scheme
         todo = [p for p in group.members if not qc.is_excluded(p)]
         for p in group.members:
             if p not in todo:
@@ -169,13 +218,10 @@ class Quantizer:
             return
         alpha = math.nan
         pqs = None
-        if algo in (_A.W4A16_AWQ, _A.W8A8_SQ_PER_CHANNEL):
+        smoothing = scheme.smooth(x, [w[p] for p in todo], qc)
+        if smoothing is not None:
             # per-input-channel s: W * s, x / s (folded into the norm, or stored as pre_quant_scale)
-            if algo is _A.W4A16_AWQ:
-                res = awq.search_scale(x, [w[p] for p in todo], qc.group_size, qc.has_zero_point)
-                s, alpha = res.scale, res.alpha
-            else:
-                s = smoothquant.smooth_scales(x.abs().amax(0), [w[p] for p in todo], qc.smoothquant_alpha)
+            s, alpha = smoothing
             if norm is not None:
                 changed[group.norm + ".weight"] = norm / s
                 for p in group.members:  # excluded members read the same norm: scale them too (exact)
@@ -185,42 +231,40 @@ class Quantizer:
             else:
                 pqs = 1.0 / s
                 w = {p: w[p] * s for p in w}
-        if algo is _A.W4A16_GPTQ:
-            stacked = torch.cat([w[p] for p in todo], 0)
-            stored, deq = gptq.gptq_quantize(stacked, gptq.hessian(x), qc.group_size, qc.has_zero_point)
-            row = 0
-            for p in todo:
-                n = w[p].shape[0]
-                new[p + ".weight"] = {k: v[row:row + n] for k, v in stored.items()}
-                self._row(p, block, "W4A16_GPTQ", w[p], deq[row:row + n], alpha)
-                if runner is not None:  # later groups of this block see the quantized weight
-                    runner.set_weight(p[len(f"model.layers.{block}."):], deq[row:row + n])
-                row += n
-            return
-        for p in todo:
-            stored, deq = self._quantize_one(w[p], x)
+        for p, (stored, deq) in zip(todo, scheme.quantize([w[p] for p in todo], x, qc)):
             if pqs is not None:
                 stored["pre_quant_scale"] = pqs.float()
             new[p + ".weight"] = stored
-            self._row(p, block, algo.value, w[p], deq, alpha)
-
-    def _quantize_one(self, w: torch.Tensor, x: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(stored tensors, dequantized float32 weight) of one linear's (scaled) weight."""
-        qc, algo = self.config, self.config.quant_algo
-        if algo in (_A.W8A16, _A.W8A8, _A.W8A8_SQ_PER_CHANNEL):
-            st = int8_weight_only.quantize_linear(w)
-            return st, int8_weight_only.dequantize_weight(st["qweight"], st["weight_scale"])
-        if algo in (_A.W4A16, _A.W4A16_AWQ):
-            st = int4.quantize_linear(w, qc.group_size, qc.has_zero_point)
-            return st, int4.dequantize_weight(st["qweight"], st["weight_scale"], st.get("weight_zero"), qc.group_size)
-        if algo in (_A.FP8, _A.FP8_PER_CHANNEL_PER_TOKEN):
-            per_channel = algo is _A.FP8_PER_CHANNEL_PER_TOKEN
-            st = fp8.quantize_linear(w, per_channel=per_channel, input_amax=None if x is None else x.abs().amax())
-            return st, fp8.dequantize(st["qweight"], st["weight_scale"])
-        raise ValueError(f"Quantizer: no weight quantization for {algo}")
+            self._row(p, block, qc.quant_algo.value, w[p], deq, alpha)
+            if scheme.sequential and runner is not None:  # later groups of this block see the quantized weight
+                runner.set_weight(p[len(f"model.layers.{block}."):], deq)
 
     def _row(self, module: str, block: int | None, scheme: str, w: torch.Tensor, deq: torch.Tensor | None,
              alpha: float) -> None:
         err = 0.0 if deq is None else ((deq.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)).item()
         self._rows.append({"module": module, "block": block, "scheme": scheme, "out_features": w.shape[0],
                            "in_features": w.shape[1], "weight_rel_error": err, "alpha": alpha})
+
+
+def _pack(new: dict[str, dict[str, torch.Tensor]], changed: dict[str, torch.Tensor],
+          rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) for the cache: replaced weights' parts, rewritten float tensors, the report."""
+    tensors = {f"q/{name}/{suffix}": t for name, parts in new.items() for suffix, t in parts.items()}
+    tensors.update({f"f/{name}": t for name, t in changed.items()})
+    meta = {"replaced": {name: list(parts) for name, parts in new.items()}, "changed": list(changed), "report": rows}
+    return tensors, meta
+
+
+def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict, dict, list[dict[str, Any]]] | None:
+    """The inverse of `_pack`, or None if the entry does not hold what its meta names."""
+    try:
+        return _unpack_entry(tensors, meta)
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def _unpack_entry(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict, dict, list[dict[str, Any]]]:
+    new = {name: {suffix: tensors[f"q/{name}/{suffix}"] for suffix in suffixes}
+           for name, suffixes in meta["replaced"].items()}
+    changed = {name: tensors[f"f/{name}"] for name in meta["changed"]}
+    return new, changed, [dict(r) for r in meta["report"]]

@@ -27,7 +27,8 @@ shape times the candidates, so run one eager call before capturing a CUDA graph.
 `dequantize` is the same unpacking as a standalone kernel: for large M the weight is
 dequantized to bf16 once per call and cuBLAS does the GEMM.
 
-Imported lazily, only on CUDA (`import triton` fails on a CPU-only install).
+Imported by `linear.py` when triton is installed (a CPU-only install has none: then the
+reference paths run).
 """
 
 from __future__ import annotations
