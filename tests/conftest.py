@@ -1,4 +1,8 @@
+"""Session fixtures shared by the tests (the embedded model, tiny checkpoints), GPU skipping, and
+the suite's wall time printed at the end of every run."""
+
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,3 +36,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# NOTE: set when this conftest is imported (the start of collection) and reset at session start
+# when pytest calls that hook here, so the figure covers collection, every test and every notebook.
+_SUITE_START = time.perf_counter()
+
+
+def pytest_sessionstart(session):
+    global _SUITE_START
+    _SUITE_START = time.perf_counter()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"suite wall time: {time.perf_counter() - _SUITE_START:.0f} s")
