@@ -42,6 +42,7 @@ PLACEHOLDERS = {
     "PATH": lambda tmp: str(registered_model_path("smollm2-135m")),
     "DIR": lambda tmp: str(tmp / "out-dir"),
     "FILE": lambda tmp: str(tmp / "out-file"),
+    "KEY": lambda tmp: "sk-readme-test",
 }
 OUTPUT_FLAGS = ("--output", "--out")
 COMMAND_START = re.compile(r"^(kit|make|python|python3|pip)\s")
