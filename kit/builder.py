@@ -79,8 +79,12 @@ class Builder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def _dtype(self, build_config: BuildConfig | None, network: Network) -> torch.dtype:
+        own = network.weights["model.embed_tokens.weight"].dtype  # never quantized
+        return self._build_dtype(build_config, own)
+
+    def _build_dtype(self, build_config: BuildConfig | None, own: torch.dtype) -> torch.dtype:
+        """The engine's dtype for a model whose weights are `own`: the build key names this one."""
         if build_config is None or build_config.dtype == "auto":
-            own = network.weights["model.embed_tokens.weight"].dtype  # never quantized
             # NOTE: TensorRT-RTX cannot compile float32 GEMMs: an "auto" TensorRT build of a float32
             # network is a float16 plan, and the build key must say so (or the saved engine's key,
             # computed from the plan's dtype, would not match on load)
@@ -114,7 +118,8 @@ class Builder:
         identity, mcfg = loader.peek()
         bc = fit_build_config(bc, mcfg)
         qc = _quant_config(quantization, mcfg)
-        key = build_key(identity, mcfg, bc, qc, self.backend, str(loader.dtype).replace("torch.", ""))
+        key = build_key(identity, mcfg, bc, qc, self.backend,
+                        str(self._build_dtype(bc, loader.dtype)).replace("torch.", ""))
         cache = BuildCache() if enable_build_cache else None
         if cache is not None and not skip_build_cache:
             t0 = time.perf_counter()

@@ -137,3 +137,29 @@ def test_the_kit_process_prints_one_line_and_exits_2():
     assert proc.returncode == 2
     assert proc.stderr == "kit: error: --concurrency must be an integer >= 1, got 0 (see 'kit bench --help')\n"
     assert proc.stdout == ""
+
+
+def test_tensorrt_build_of_a_float32_model_writes_a_plan_the_inspector_opens(tmp_path, monkeypatch, capsys):
+    """`kit build --backend tensorrt --output DIR` with the CPU's default dtype (float32): TensorRT-RTX
+    cannot compile float32 GEMMs, so the plan is built in float16, says why, and opens again."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install .[tensorrt])")
+    from helpers import make_hf_checkpoint
+
+    from kit.backends.tensorrt_backend import TensorRTPlan
+    from kit.engine_dir import load_engine
+
+    monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "trt"
+    make_hf_checkpoint("llama", ckpt)
+    argv = ["build", "--model", str(ckpt), "--backend", "tensorrt", "--max-seq-len", "64", "--max-input-len", "32",
+            "--max-batch-size", "2", "--output", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    plan = TensorRTPlan.load(out)
+    assert plan.dtype == "float16" and plan.requested_dtype == "float32" and "float32" in plan.precision_reason
+    assert {io["name"] for io in plan.inputs} >= {"input_ids"} and plan.outputs and plan.profiles
+    assert set(plan.profiles[0]) and all(len(shapes) == 3 for shapes in plan.profiles[0].values())
+    layers = plan.to_frame()  # the inspector's view: one row a TensorRT layer, mapped back to kit layers
+    assert len(layers) == plan.num_layers and layers["kit_layer"].str.startswith("layers.0.").any()
+    engine = load_engine(out, device="cpu")  # the engine directory reopens (its key names the float16 plan)
+    assert engine.backend.name == "tensorrt" and not engine.backend.can_execute
+    capsys.readouterr()
