@@ -60,6 +60,15 @@ test-gpu: $(STAMP)
 lab: $(STAMP) $(LAB_OVERRIDES)
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Re-executes every chapter in place on the CPU (fixed hash seed; each notebook seeds torch itself) so
+# that the committed notebooks carry their outputs; tests/test_notebooks.py checks they stay fresh.
+.PHONY: notebooks
+notebooks: $(STAMP)
+	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do echo "executing $$nb"; \
+	  PYTHONHASHSEED=0 PYTHONPATH=$(CURDIR) CUDA_VISIBLE_DEVICES= $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
+	    --execute --inplace --ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.record_timing=False "$$nb" \
+	    || exit 1; done
+
 bench: $(STAMP)
 	$(VENV)/bin/kit bench --model smollm2-135m --out bench/results/bench_local.json
 

@@ -1,0 +1,73 @@
+"""Freshness of the committed chapters, checked inside nbmake's own run (one execution per notebook).
+
+`pytest --nbmake notebooks` executes each chapter once. This hook wraps that run: after a
+successful execution, every code cell tagged `deterministic` must print the same text as the
+outputs stored in the committed notebook (`text/plain` results and stdout, addresses masked).
+A mismatch fails the notebook's test with the cell and both texts, and `make notebooks`
+regenerates the stored outputs. Cells whose output depends on timing stay untagged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+from nbmake.nb_result import NotebookError, NotebookResult
+from nbmake.nb_run import NotebookRun
+
+__all__ = ["cell_text", "stale_cells"]
+
+DETERMINISTIC = "deterministic"
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def cell_text(cell) -> str:
+    """The text a reader sees under a code cell: stdout and text/plain results, in order."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream" and out.get("name") == "stdout":
+            parts.append(out["text"] if isinstance(out["text"], str) else "".join(out["text"]))
+        elif out["output_type"] in ("execute_result", "display_data"):
+            if "application/vnd.jupyter.widget-view+json" in out.get("data", {}):
+                continue  # a widget (a progress bar, a figure): its text/plain is only a placeholder
+            text = out.get("data", {}).get("text/plain")
+            if text is not None:
+                parts.append((text if isinstance(text, str) else "".join(text)) + "\n")
+    return _ADDRESS.sub("0x…", "".join(parts)).rstrip()
+
+
+def stale_cells(stored, executed) -> list[tuple[int, str, str]]:
+    """(cell index, stored text, new text) of every `deterministic` cell whose text changed."""
+    if len(stored.cells) != len(executed.cells):
+        raise ValueError(f"stored notebook has {len(stored.cells)} cells, executed {len(executed.cells)}")
+    stale = []
+    for i, (old, new) in enumerate(zip(stored.cells, executed.cells)):
+        if old.cell_type == "code" and DETERMINISTIC in old.get("metadata", {}).get("tags", []):
+            if cell_text(old) != cell_text(new):
+                stale.append((i, cell_text(old), cell_text(new)))
+    return stale
+
+
+_execute = NotebookRun.execute
+
+
+def _execute_and_compare(self: NotebookRun) -> NotebookResult:
+    stored = nbformat.read(str(self.filename), 4)
+    result = _execute(self)
+    if result.error is not None:
+        return result
+    stale = stale_cells(stored, result.nb)
+    if stale:
+        i, old, new = stale[0]
+        trace = "\n\n".join(f"cell {j}: stored output\n{o}\n--- now\n{n}" for j, o, n in stale)
+        result.error = NotebookError(
+            summary=f"{Path(self.filename).name}: {len(stale)} deterministic cell(s) no longer print their stored "
+                    f"output (first: cell {i}); run `make notebooks` and commit the result",
+            trace=trace, failing_cell_index=i)
+    return result
+
+
+# NOTE: nbmake has no hook between executing a notebook and reporting it, so the check wraps its
+# runner: the notebook still executes exactly once per `pytest --nbmake` run.
+NotebookRun.execute = _execute_and_compare
