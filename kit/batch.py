@@ -20,6 +20,7 @@ whole prompt, a chunk of one, or a single decode token).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Sequence
 
 import torch
@@ -73,32 +74,39 @@ class ForwardBatch:
         starts = [0]
         seq_lens: list[int] = []
         logits_idx: list[int] = []
+        tables: list[int] = []  # (num_seqs * max_blocks,) each table padded with block 0
         max_blocks = max(len(s.block_table) for s in seqs)
         for i, s in enumerate(seqs):
-            n = len(s.token_ids)
+            n, start, table = len(s.token_ids), s.num_computed_tokens, s.block_table
             if n == 0:
                 raise ValueError(f"sequence {i} has no tokens to compute")
-            total = s.num_computed_tokens + n
-            if len(s.block_table) * block_size < total:
-                raise ValueError(f"sequence {i}: {len(s.block_table)} blocks of {block_size} cannot hold "
+            total = start + n
+            if len(table) * block_size < total:
+                raise ValueError(f"sequence {i}: {len(table)} blocks of {block_size} cannot hold "
                                  f"{total} tokens")
             first = len(input_ids)
-            input_ids.extend(int(t) for t in s.token_ids)
-            for p in range(s.num_computed_tokens, total):
-                positions.append(p)
-                slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+            if n == 1:  # NOTE: a decode token, the common case: plain appends, no per-position loop
+                input_ids.append(int(s.token_ids[0]))
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                input_ids.extend(map(int, s.token_ids))
+                positions.extend(range(start, total))
+                slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, total))
             if s.logits == "last":
                 logits_idx.append(first + n - 1)
             elif s.logits == "all":
                 logits_idx.extend(range(first, first + n))
             elif s.logits != "none":
                 raise ValueError(f"SequenceInput.logits must be 'last', 'all' or 'none', got {s.logits!r}")
-            starts.append(len(input_ids))
+            starts.append(first + n)
             seq_lens.append(total)
-        tables = [b for s in seqs for b in list(s.block_table) + [0] * (max_blocks - len(s.block_table))]
+            tables.extend(table)
+            if len(table) < max_blocks:
+                tables.extend([0] * (max_blocks - len(table)))
         # NOTE: one host->device copy for all seven index tensors, then views into it
         parts = (input_ids, positions, starts, seq_lens, tables, slots, logits_idx)
-        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        flat = torch.tensor(list(chain.from_iterable(parts)), dtype=torch.long)
         if torch.device(device).type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
         views = flat.split([len(part) for part in parts])

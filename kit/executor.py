@@ -313,27 +313,31 @@ class Executor:
         sampled: dict[str, int] = {}
         verdicts: dict[str, RequestStatus] = {}
         touched: dict[str, RequestState] = {}
+        live, failed = self.output_processor.states, False
         for (rid, state, comp, _), tok in zip(picks, tokens):
-            if tok is None or state.greq.request_id not in self.output_processor.states:
+            if tok is None or state.greq.request_id not in live:
                 continue  # failed earlier in this step
             try:
                 verdict = self.output_processor.add_token(state, comp, *tok)
             except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: this request fails alone
                 self._fail(state, e)
+                failed = True
                 continue
             touched[state.greq.request_id] = state
-            req = self.scheduler.get(rid)
-            if comp.index == 0 and len(comp.token_ids) == 1 and req is not None:
-                state.num_cached_tokens = req.num_cached_tokens  # prefix-cache hit of its first admission
+            if comp.index == 0 and len(comp.token_ids) == 1:  # its first token
+                req = self.scheduler.get(rid)
+                if req is not None:
+                    state.num_cached_tokens = req.num_cached_tokens  # prefix-cache hit of its first admission
             if comp.request_id == rid:
                 sampled[rid] = tok[0]
                 if verdict is not None:
                     verdicts[rid] = verdict
-        for rid in list(sampled):  # drop tokens of requests failed after their token was taken
-            if self.output_processor.owner(rid) is None:
-                del sampled[rid]
-                verdicts.pop(rid, None)
-                self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)
+        if failed:  # drop tokens of requests failed after their token was taken (n > 1 siblings)
+            for rid in list(sampled):
+                if self.output_processor.owner(rid) is None:
+                    del sampled[rid]
+                    verdicts.pop(rid, None)
+                    self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)
         return sampled, verdicts, touched
 
     def _output(self, touched: dict[str, RequestState]) -> None:

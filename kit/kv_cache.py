@@ -96,6 +96,9 @@ class KVCacheBlocks:
         return bool(self.blocks)
 
 
+_NO_BLOCKS = KVCacheBlocks()  # frozen: one instance serves every "nothing new was allocated"
+
+
 class KVCacheManager:
     """Owns the block pool and every request's block table. No tensors, no threads.
 
@@ -240,6 +243,11 @@ class KVCacheManager:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         rid = request.request_id
         table = self._tables.get(rid)
+        num_slots = request.num_computed_tokens + num_new_tokens
+        if table and not computed_blocks and num_slots <= len(table) * self.block_size:
+            # NOTE: the decode fast path: a step inside the blocks it holds takes nothing from the pool
+            self._num_slots[rid] = max(self._num_slots[rid], num_slots)
+            return _NO_BLOCKS
         computed = list(computed_blocks or ())
         if computed:
             if table:

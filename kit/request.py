@@ -96,6 +96,16 @@ class Request:
         """Prompt followed by the generated tokens (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_between(self, start: int, stop: int) -> list[int]:
+        """`all_token_ids[start:stop]` (0 <= start <= stop), without building the whole list."""
+        # NOTE: the scheduler asks for every step's tokens; a decode step wants only the newest one
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

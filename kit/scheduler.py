@@ -49,6 +49,7 @@ config and the per-step output types are in kit/scheduler_output.py.
 from __future__ import annotations
 
 from collections import deque
+from operator import itemgetter
 from typing import Mapping
 
 from kit.kv_cache import KVCacheManager
@@ -199,7 +200,8 @@ class Scheduler:
         preempted: list[str] = []
         starved = False  # a running request got no tokens: admit nobody, so it is served next
         # 1. running requests: decodes first, then continuing prefills, each in admission order
-        for req in sorted(self.running, key=lambda r: r.is_prefill):
+        # NOTE: is_prefill is read once per request (the sort key), and carried into the entry
+        for was_prefill, req in sorted([(r.is_prefill, r) for r in self.running], key=itemgetter(0)):
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self._num_tokens_to_schedule(req, req.num_computed_tokens, budget)
@@ -218,7 +220,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                entries[req.request_id] = (req, n, req.is_prefill)
+                entries[req.request_id] = (req, n, was_prefill)
                 budget -= n
         # 2. waiting requests (not in a step that preempted: the pool is short already)
         if not preempted and not starved:
@@ -246,6 +248,9 @@ class Scheduler:
 
     def _admit(self, budget: int, entries: dict[str, tuple[Request, int, bool]]) -> int:
         cfg, kv = self.config, self.kv_cache_manager
+        if not self.waiting or len(self.running) >= cfg.max_batch_size or budget == 0:
+            self._blocked = None  # nobody can be admitted this step, so nobody is bypassed
+            return budget
         guaranteed = cfg.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
         # blocks the running requests may still allocate for their whole budgets
         reserved = sum(self._num_budget_blocks(r) - len(kv.block_table(r.request_id)) for r in self.running)
@@ -315,7 +320,7 @@ class Scheduler:
             start = req.num_computed_tokens
             seqs.append(ScheduledSequence(
                 request_id=req.request_id,
-                token_ids=tuple(req.all_token_ids[start:start + n]),
+                token_ids=tuple(req.token_ids_between(start, start + n)),
                 num_computed_tokens=start,
                 block_table=tuple(kv.block_table(req.request_id)),
                 is_last_chunk=start + n == req.num_tokens,

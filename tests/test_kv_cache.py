@@ -65,6 +65,21 @@ def test_incremental_allocation_only_adds_missing_blocks():
         kv.allocate_slots(r, -1)
 
 
+def test_decode_inside_the_last_block_allocates_nothing_even_from_a_full_pool():
+    kv = KVCacheManager(2, 4)
+    r = make("r", range(5))
+    assert kv.allocate_slots(r, 5).block_ids == [0, 1] and kv.num_free_blocks == 0
+    for computed in (5, 6, 7):  # slots 5, 6, 7 live in block 1: no block is needed, none is free
+        r.num_computed_tokens = computed
+        new = kv.allocate_slots(r, 1)
+        assert new is not None and new.block_ids == [] and kv.block_table("r") == [0, 1]
+        kv.check_invariants()
+    r.num_computed_tokens = 8
+    assert kv.allocate_slots(r, 1) is None  # slot 8 needs a third block
+    assert kv.block_table("r") == [0, 1]
+    kv.check_invariants()
+
+
 def test_not_enough_blocks_returns_none_and_changes_nothing():
     kv = KVCacheManager(4, 4)
     a = make("a", range(12))

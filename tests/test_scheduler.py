@@ -432,6 +432,13 @@ def test_request_properties():
     assert RequestStatus.PREEMPTED.finish_reason is None
 
 
+def test_token_ids_between_is_the_slice_of_all_token_ids():
+    r = Request("r", [1, 2, 3], max_tokens=4, output_token_ids=[7, 8])
+    for start in range(6):
+        for stop in range(start, 7):
+            assert r.token_ids_between(start, stop) == r.all_token_ids[start:stop], (start, stop)
+
+
 def test_waiting_forked_children_never_deadlock():
     # two parents fill the pool; their children (6 blocks each, 3 shared) cannot both wait on blocks
     # the other holds: with nothing running, the last child's blocks are released and it is recomputed
