@@ -124,6 +124,11 @@ class BuildCache:
     def path(self, key: str) -> Path:
         return self.root / key[:32]
 
+    def _sweep(self) -> None:
+        """Remove the temp dirs of dead builds, and the blobs only they linked."""
+        if sweep_temp_dirs(self.root):
+            sweep_blobs(self.root / BLOBS_DIR)
+
     # ------------------------------------------------------------------ lookups
     def _check(self, key: str, p: Path) -> None:
         cfg = read_engine_config(p)
@@ -145,7 +150,7 @@ class BuildCache:
 
     def load(self, key: str, *, device: torch.device | str | None = None) -> Engine | None:
         """The cached engine of `key`, checked and loaded in one pass; None on a miss or a damaged entry."""
-        sweep_temp_dirs(self.root)
+        self._sweep()
         p = self.path(key)
         if not p.exists():
             return None
@@ -166,7 +171,7 @@ class BuildCache:
         target = self.path(key)
         try:
             with _in_use(target):
-                sweep_temp_dirs(self.root)
+                self._sweep()
                 staging = make_temp_dir(self.root, key[:32])
                 write_engine_files(engine, staging)
                 share_blobs(staging, self.root / BLOBS_DIR)

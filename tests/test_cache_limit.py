@@ -11,6 +11,7 @@ import pytest
 from kit.build_cache import BuildCache
 from kit.build_config import BuildConfig
 from kit.cache_entry import BLOBS_DIR, file_digest
+from kit.cli import main
 from kit.engine_dir import save_engine
 from kit.llm import LLM, SamplingParams
 
@@ -99,7 +100,8 @@ def test_ten_build_configs_stay_under_the_limit_and_evicted_entries_are_rebuilt(
     again2, hit = _tokens(path, configs[0])
     assert hit and again2 == first
     df = BuildCache().list()
-    assert df.sort_values("last_used").iloc[-1]["dtype"] == "float32"
+    newest = df[(df["dtype"] == "float32") & (df["max_batch_size"] == 1)]["last_used"].iloc[0]
+    assert (df["last_used"] <= newest).all()  # (stamps are to the second: ties are possible)
 
 
 def test_a_damaged_shared_blob_is_detected_and_healed(cache_dir, tiny_checkpoints):
@@ -140,3 +142,30 @@ def test_an_entry_in_use_is_never_evicted_and_bad_limits_are_refused(cache_dir, 
         BuildCache(max_bytes=0)
     monkeypatch.delenv("KIT_CACHE_MAX_GB")
     assert BuildCache(max_bytes=10**9).max_bytes == 10**9 and BuildCache().max_bytes is None
+
+
+def test_kit_cache_list_shows_size_last_use_and_limit(cache_dir, tiny_checkpoints, monkeypatch, capsys):
+    _tokens(tiny_checkpoints["llama"][0], BuildConfig(max_batch_size=2, **SMALL))
+    monkeypatch.setenv("KIT_CACHE_MAX_GB", "0.5")
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    header, row = out.splitlines()[:2]
+    assert "size_mb" in header and "last_used" in header
+    stamp = BuildCache().list()["last_used"][0]
+    assert stamp in row
+    assert out.rstrip().splitlines()[-1] == (f"on disk: {_du(cache_dir) / 1e6:.1f} MB (shared weight files "
+                                             "counted once), limit 500.0 MB")
+
+
+def test_eviction_follows_last_use_not_creation(cache_dir, tiny_checkpoints, monkeypatch):
+    path = tiny_checkpoints["qwen2"][0]
+    a, b, c = (BuildConfig(max_batch_size=2, dtype=d, **SMALL) for d in ("float32", "float16", "bfloat16"))
+    ta, _ = _tokens(path, a)
+    fp32 = _weights(next(p for p in (cache_dir / "engines").iterdir() if not p.name.startswith("."))).stat().st_size
+    monkeypatch.setenv("KIT_CACHE_MAX_GB", str(int(fp32 * 1.5 + 96 * 1024) / 1e9))  # a and b fit, not c too
+    _tokens(path, b)
+    assert len(BuildCache().list()) == 2
+    assert _tokens(path, a) == (ta, True)  # a used after b was made
+    _tokens(path, c)
+    assert sorted(BuildCache().list()["dtype"]) == ["bfloat16", "float32"]  # b, least recently used, went
+    assert _tokens(path, a) == (ta, True)
