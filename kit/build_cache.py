@@ -182,6 +182,7 @@ class BuildCache:
                         if self.get(key) is None:  # not a lost race: a real failure
                             raise
                     touch_last_used(target)
+                shutil.rmtree(staging, ignore_errors=True)  # NOTE: before evict, which measures the disk
                 self.evict()
             return target
         except (OSError, SafetensorError) as e:  # NOTE: safetensors reports I/O errors as SafetensorError
@@ -215,7 +216,12 @@ class BuildCache:
         used = self.disk_bytes()
         while used > self.max_bytes and candidates:
             p = candidates.pop(0)
-            shutil.rmtree(p, ignore_errors=True)
+            try:  # NOTE: renamed away first, so a reader never sees half an entry
+                doomed = make_temp_dir(self.root, p.name + ".evicted")
+                os.rename(p, doomed / "entry")
+            except OSError:
+                doomed = p
+            shutil.rmtree(doomed, ignore_errors=True)
             sweep_blobs(self.root / BLOBS_DIR)
             evicted.append(p.name)
             used = self.disk_bytes()
