@@ -10,15 +10,16 @@ engine built but not cached, with a warning.
 `list()`, `verify()` and `clear()` cover both caches of the kit: built engines and
 converted GGUF models (`$KIT_CACHE_DIR/models`), and survive malformed entries.
 
-Size limit: `BuildCache(max_bytes=...)` or `KIT_CACHE_MAX_GB` (decimal GB, 10**9 bytes). Every hit
-stamps the entry's last use; after every store the least recently used engine entries are
-evicted until the cache is under the limit (an evicted engine is rebuilt on its next request).
-What counts is the real disk usage (hard links once) of everything under the default cache
-roots: built engines (with their shared weight blobs and quarantined entries), converted GGUF
-models and quantized models. Only engine entries are evicted: a converted or quantized model is
-the input of every build of its model, and is small beside the engines built from it. An entry
-in use by a build or load of this process is never evicted; when what cannot be evicted alone
-exceeds the limit, a warning says so.
+Size limit: `BuildCache(max_bytes=...)` or `KIT_CACHE_MAX_GB` (decimal GB, 10**9 bytes) bounds the
+build cache: the real disk usage (hard links once) of `engines/` with its shared weight blobs,
+quarantined entries and temp dirs. Every hit stamps the entry's last use; after every store the
+least recently used engine entries are evicted until it is under the limit (an evicted engine
+is rebuilt on its next request). An entry in use by a build or load of this process is never
+evicted; when that alone exceeds the limit, a warning says so. NOTE: converted GGUF models
+(`models/`) and quantized models (`quantized/`) do not count and are never evicted: they grow
+with the number of models, not of build configs, are the input of every build of their model,
+and counting them could make a limit unreachable (SmolLM2: a 0.54 GB converted model beside a
+0.54 GB float32 engine under a 1 GB limit). `disk_bytes(all_roots=True)` reports them too.
 
 Engines with identical weight files share them: each large file is a hard link to a
 content-addressed blob under `engines/.blobs` (see `cache_entry.share_blobs`), so ten configs
@@ -194,8 +195,11 @@ class BuildCache:
                 shutil.rmtree(staging, ignore_errors=True)
 
     # ---------------------------------------------------------------- size limit
-    def disk_bytes(self) -> int:
-        """Real disk usage of the cache roots (hard-linked blobs counted once)."""
+    def disk_bytes(self, *, all_roots: bool = False) -> int:
+        """Real disk usage of the build cache (hard-linked blobs counted once): what `max_bytes`
+        bounds; with `all_roots`, converted and quantized models added."""
+        if not all_roots:
+            return disk_usage(self.root)
         return disk_usage(*(r for _, r in self._roots()), *([self.quantized_root] if self.quantized_root else []))
 
     def evict(self) -> list[str]:
@@ -226,9 +230,8 @@ class BuildCache:
             evicted.append(p.name)
             used = self.disk_bytes()
         if used > self.max_bytes:
-            warnings.warn(f"the kit cache uses {used / 1e6:.1f} MB, over its limit of {self.max_bytes / 1e6:.1f} MB "
-                          f"({MAX_GB_ENV}), with nothing left to evict: entries in use, converted and quantized "
-                          "models are kept", stacklevel=3)
+            warnings.warn(f"the build cache uses {used / 1e6:.1f} MB, over its limit of {self.max_bytes / 1e6:.1f} MB "
+                          f"({MAX_GB_ENV}), with nothing left to evict: the entries left are in use", stacklevel=3)
         return evicted
 
     # -------------------------------------------------------------- repair tools

@@ -284,16 +284,16 @@ def sweep_blobs(blobs: Path) -> int:
 
 
 def disk_usage(*paths: Path) -> int:
-    """Bytes allocated on disk by every file under `paths`, each hard-linked file counted once."""
+    """Bytes allocated on disk under `paths` (directories and files), each hard-linked file counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for root in paths:
         if root is None:
             continue
         for dirpath, _, filenames in os.walk(root):
-            for fn in filenames:
+            for fn in [None, *filenames]:  # the directory itself, then its files (as `du` counts)
                 try:
-                    st = os.lstat(os.path.join(dirpath, fn))
+                    st = os.lstat(dirpath if fn is None else os.path.join(dirpath, fn))
                 except OSError:
                     continue
                 if (st.st_dev, st.st_ino) in seen:

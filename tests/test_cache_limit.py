@@ -59,6 +59,7 @@ def test_identical_weights_share_one_blob_and_saved_engines_stay_self_contained(
     assert weight_bytes > 256 * 1024
     # two configs of one model cost one weight file plus their small files
     assert _du(cache_dir) < weight_bytes + 128 * 1024
+    assert BuildCache().disk_bytes() == _du(cache_dir / "engines")  # the limit measures what `du` does
     df = BuildCache().list()
     assert list(df["size_mb"].round(3)) == [round(_du_apparent(e) / 1e6, 3) for e in entries]
     # an engine saved outside the cache is plain files
@@ -87,7 +88,7 @@ def test_ten_build_configs_stay_under_the_limit_and_evicted_entries_are_rebuilt(
     expected = {0: first}
     for i, bc in enumerate(configs[1:], 1):
         expected[i], _ = _tokens(path, bc)
-        assert _du(cache_dir) <= limit, i
+        assert _du(cache_dir / "engines") <= limit, i
     df = BuildCache().list()
     assert 0 < len(df) < 10  # entries were evicted
     assert all(df["size_mb"] > 0) and all(df["last_used"] != "")
@@ -95,7 +96,7 @@ def test_ten_build_configs_stay_under_the_limit_and_evicted_entries_are_rebuilt(
     assert not ((df["dtype"] == "float32") & (df["max_batch_size"] == 1)).any()
     again, hit = _tokens(path, configs[0])
     assert not hit and again == first
-    assert _du(cache_dir) <= limit
+    assert _du(cache_dir / "engines") <= limit
     # the entry just built is used (hit) and its stamp is the newest
     again2, hit = _tokens(path, configs[0])
     assert hit and again2 == first
@@ -153,8 +154,9 @@ def test_kit_cache_list_shows_size_last_use_and_limit(cache_dir, tiny_checkpoint
     assert "size_mb" in header and "last_used" in header
     stamp = BuildCache().list()["last_used"][0]
     assert stamp in row
-    assert out.rstrip().splitlines()[-1] == (f"on disk: {_du(cache_dir) / 1e6:.1f} MB (shared weight files "
-                                             "counted once), limit 500.0 MB")
+    assert out.rstrip().splitlines()[-1] == (
+        f"on disk: engines {_du(cache_dir / 'engines') / 1e6:.1f} MB (shared weight files counted once), "
+        f"limit 500.0 MB; with converted and quantized models {_du(cache_dir) / 1e6:.1f} MB")
 
 
 def test_eviction_follows_last_use_not_creation(cache_dir, tiny_checkpoints, monkeypatch):
