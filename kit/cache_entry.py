@@ -6,6 +6,11 @@ of a complete temp directory. Each carries `manifest.json`: the size and xxh3-64
 every other file. A reader checks it before using anything; an entry that fails is moved
 aside (quarantined) and rebuilt, never served.
 
+Large files of an entry can be shared between entries (`share_blobs`): a content-addressed
+blob `<root>/.blobs/<xxh3_64>-<size>` hard-linked into every entry that holds those bytes, so
+two engines of one model with the same weights cost one weight file on disk. A link is the
+same file as its blob, so the entry's manifest check verifies the blob's content too.
+
 Temp directories are named `.tmp-<pid>-<host>-<stem>-<random>`: one whose process is gone
 (same host) or that is older than a day (another host) belongs to a build that died and is
 swept; one of a live process is left alone.
@@ -28,10 +33,14 @@ import xxhash
 
 __all__ = ["MANIFEST", "CacheEntryError", "cache_dir", "file_digest", "write_manifest", "read_manifest",
            "verify_manifest", "write_json_atomic", "make_temp_dir", "sweep_temp_dirs", "quarantine",
-           "QUARANTINE_DIR", "entry_dirs"]
+           "QUARANTINE_DIR", "entry_dirs", "BLOBS_DIR", "share_blobs", "sweep_blobs", "disk_usage",
+           "touch_last_used", "last_used_ns", "LAST_USED"]
 
 MANIFEST = "manifest.json"
 QUARANTINE_DIR = ".quarantine"
+BLOBS_DIR = ".blobs"
+LAST_USED = ".last_used"  # NOTE: its mtime is the stamp; a dot file, so no manifest lists it
+_SHARE_MIN_BYTES = 64 * 2**10  # smaller files are not worth a blob
 _MANIFEST_FORMAT = 1
 _KEEP_QUARANTINED = 2  # NOTE: quarantined entries can be large: keep only the newest few, for inspection
 _FOREIGN_TEMP_AGE_S = 24 * 3600
@@ -205,3 +214,109 @@ def entry_dirs(root: Path) -> list[Path]:
         return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
     except OSError:
         return []
+
+
+# ----------------------------------------------------------------- shared blobs
+def _link_over(src: Path, dst: Path) -> None:
+    """Make `dst` a hard link of `src`, atomically replacing what `dst` was."""
+    tmp = dst.with_name(f".{dst.name}.link-{os.getpid()}-{time.time_ns()}")
+    os.link(src, tmp)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def share_blobs(directory: Path, blobs: Path) -> list[str]:
+    """Hard-link every large file of the (manifested) `directory` to its blob in `blobs`.
+
+    An existing blob is used only after its content hash is checked: a damaged one is replaced
+    by this directory's file (healed, with a warning) and the entries still linked to the
+    damaged bytes fail their own manifest check on their next load. Where links cannot be made
+    (another file system, no link support) the files stay plain copies. Returns the names shared.
+    """
+    directory = Path(directory)
+    shared: list[str] = []
+    try:
+        blobs.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return shared
+    for name, meta in read_manifest(directory).items():
+        if meta["size"] < _SHARE_MIN_BYTES:
+            continue
+        f = directory / name
+        blob = blobs / f"{meta['xxh3_64']}-{meta['size']}"
+        try:
+            if blob.is_file():
+                if blob.stat().st_size == meta["size"] and file_digest(blob) == meta["xxh3_64"]:
+                    _link_over(blob, f)
+                    shared.append(name)
+                    continue
+                warnings.warn(f"damaged shared blob {blob} (its content hash differs from its name): "
+                              "replaced by freshly built bytes", stacklevel=3)
+                blob.unlink()
+            os.link(f, blob)
+            shared.append(name)
+        except FileExistsError:  # another process stored the same blob meanwhile: keep our copy
+            continue
+        except OSError:
+            continue
+    return shared
+
+
+def sweep_blobs(blobs: Path) -> int:
+    """Remove blobs no entry links any more (link count 1); return the bytes freed."""
+    freed = 0
+    try:
+        children = list(blobs.iterdir())
+    except OSError:
+        return 0
+    for b in children:
+        try:
+            st = b.stat()
+            if b.is_file() and st.st_nlink == 1:
+                b.unlink()
+                freed += st.st_size
+        except OSError:
+            continue
+    return freed
+
+
+def disk_usage(*paths: Path) -> int:
+    """Bytes allocated on disk under `paths` (directories and files), each hard-linked file counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root in paths:
+        if root is None:
+            continue
+        for dirpath, _, filenames in os.walk(root):
+            for fn in [None, *filenames]:  # the directory itself, then its files (as `du` counts)
+                try:
+                    st = os.lstat(dirpath if fn is None else os.path.join(dirpath, fn))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def touch_last_used(entry: Path) -> None:
+    """Stamp `entry` as used now (best effort: a read-only cache keeps its old stamp)."""
+    try:
+        (Path(entry) / LAST_USED).touch()
+    except OSError:
+        pass
+
+
+def last_used_ns(entry: Path) -> int:
+    """When `entry` was last used (its stamp; the directory's mtime when it has none)."""
+    try:
+        return (Path(entry) / LAST_USED).stat().st_mtime_ns
+    except OSError:
+        try:
+            return Path(entry).stat().st_mtime_ns
+        except OSError:
+            return 0

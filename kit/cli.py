@@ -225,7 +225,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache = BuildCache()
     if args.action == "list":
         df = cache.list()
-        print(df.to_string(index=False) if len(df) else f"(empty) {cache.root}")
+        print(df.to_string(index=False, float_format="%.1f") if len(df) else f"(empty) {cache.root}")
+        limit = f"limit {cache.max_bytes / 1e6:.1f} MB" if cache.max_bytes else "no limit (set KIT_CACHE_MAX_GB)"
+        print(f"on disk: engines {cache.disk_bytes() / 1e6:.1f} MB (shared weight files counted once), {limit}; "
+              f"with converted and quantized models {cache.disk_bytes(all_roots=True) / 1e6:.1f} MB")
     elif args.action == "verify":
         df = cache.verify()
         print(df.to_string(index=False) if len(df) else f"(empty) {cache.root}")

@@ -20,9 +20,12 @@ loop goes on serving new ones. `stats()` is a bounded ring of one row per iterat
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
 import time
+import warnings
+import weakref
 from collections import deque
 from typing import Any
 
@@ -47,6 +50,21 @@ _ids = itertools.count()
 STATS_COLUMNS = ("iteration", "time_s", "duration_ms", "request_ids", "num_prefill_tokens", "num_decode_tokens",
                  "batch_size", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "preempted_request_ids",
                  "num_waiting")
+
+_EXIT_JOIN_S = 120.0  # at interpreter exit, wait this long for an iteration in progress to end
+_LIVE: "weakref.WeakSet[Executor]" = weakref.WeakSet()  # loops that may still run
+
+
+def _shutdown_live_executors() -> None:
+    """atexit: join every loop still running (an LLM's finalizer stops its own; this covers executors
+    made directly). NOTE: a loop still inside torch at interpreter teardown aborts the process (rc 134)."""
+    for ex in list(_LIVE):
+        ex.shutdown(timeout=_EXIT_JOIN_S)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # pending kernels end before the CUDA context is torn down
+
+
+atexit.register(_shutdown_live_executors)
 
 # one sampling row: (scheduler request id, its state, the completion that samples, logits row)
 _Row = tuple[str, RequestState, CompletionState, int]
@@ -103,6 +121,7 @@ class Executor:
         # NOTE: the thread holds the executor only, never an LLM, so an LLM can be collected (its
         # finalizer then shuts this loop down)
         self._thread = threading.Thread(target=self._loop, name="kit-executor", daemon=True)
+        _LIVE.add(self)
         self._thread.start()
 
     # -------------------------------------------------------------------- API
@@ -156,6 +175,11 @@ class Executor:
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                warnings.warn(f"the executor loop did not stop within {timeout} s (an iteration is still "
+                              "running); it stops after that iteration", stacklevel=2)
+        if not self._thread.is_alive():
+            _LIVE.discard(self)
 
     @property
     def is_alive(self) -> bool:

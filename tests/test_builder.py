@@ -9,6 +9,7 @@ import torch
 
 from helpers import run_chunks
 from kit.builder import BuildCache, BuildConfig, Builder
+from kit.cache_entry import BLOBS_DIR
 from kit.engine_dir import load_engine, save_engine
 from kit.llm import LLM, SamplingParams
 from kit.loader import ModelLoader
@@ -93,7 +94,10 @@ def test_a_build_killed_half_way_leaves_no_entry(cache_dir, tiny_checkpoints, mo
     assert not [p for p in root.iterdir()] if root.exists() else True  # no entry, no temp dir
     with LLM(path, device="cpu", build_config=BuildConfig(**SMALL)) as llm:
         assert not llm.build_cache_hit
-    assert len(BuildCache().list()) == 1 and not [p for p in root.iterdir() if p.name.startswith(".")]
+    # no temp dir left; the one other dot directory is the weight-blob store, each blob linked by the entry
+    assert len(BuildCache().list()) == 1
+    assert not [p for p in root.iterdir() if p.name.startswith(".") and p.name != BLOBS_DIR]
+    assert all(b.stat().st_nlink == 2 for b in (root / BLOBS_DIR).iterdir())
 
 
 def test_concurrent_builders_of_one_key(cache_dir, tiny_checkpoints):

@@ -18,7 +18,7 @@ import torch
 
 from kit.build_cache import BuildCache
 from kit.builder import BuildConfig
-from kit.cache_entry import QUARANTINE_DIR, entry_dirs, make_temp_dir
+from kit.cache_entry import BLOBS_DIR, QUARANTINE_DIR, entry_dirs, make_temp_dir
 from kit.cli import build_parser, main
 from kit.engine_dir import load_engine, save_engine
 from kit.gguf import converted_entry
@@ -165,7 +165,9 @@ def test_sigkill_during_store_leaves_no_entry_and_the_temp_dir_is_swept(tiny, ca
     root = cache_dir / "engines"
     assert not entry_dirs(root) and [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
     assert start(tiny) == (False, ref)
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # swept: its process is gone
+    # swept: its process is gone; the weight-blob store holds only blobs an entry links
+    assert not [p for p in root.iterdir() if p.name.startswith(".") and p.name != BLOBS_DIR]
+    assert all(b.stat().st_nlink == 2 for b in (root / BLOBS_DIR).iterdir())
     assert start(tiny) == (True, ref)
 
 
