@@ -8,7 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import kit.backends.tensorrt_backend as trt_backend
+import kit.backends.tensorrt_common as trt_common
+import kit.backends.tensorrt_lowering as trt_lowering
 import kit.bench
 import kit.builder
 import kit.evaluation
@@ -60,8 +61,8 @@ def test_tensorrt_monitor_completes_a_phase_that_ends_early(monkeypatch):
         return bar
 
     monkeypatch.setenv("KIT_PROGRESS", "text")
-    monkeypatch.setattr(trt_backend, "tqdm", recording_tqdm)
-    mon = trt_backend._progress_monitor(_fake_trt())
+    monkeypatch.setattr(trt_common, "tqdm", recording_tqdm)
+    mon = trt_common.progress_monitor(_fake_trt())
     mon.phase_start("Building engine", None, 6)
     mon.phase_start("Timing tactics", "Building engine", 3)
     assert [(b.total, pos) for b, pos in made] == [(6, 0), (3, 1)]  # nested by depth
@@ -82,9 +83,9 @@ KERNEL_CELLS = [
     "for _ in tqdm(range(3), desc='quiet', leave=False): pass",
     "for _ in tqdm(range(3), desc='kept'): pass",
     "bar = tqdm(total=5, desc='broken')\nbar.update(2)\nbar.close()",
-    "import types\nimport kit.backends.tensorrt_backend as b\n"
+    "import types\nimport kit.backends.tensorrt_common as b\n"
     "class M:\n    def __init__(self): pass\n"
-    "mon = b._progress_monitor(types.SimpleNamespace(IProgressMonitor=M))\n"
+    "mon = b.progress_monitor(types.SimpleNamespace(IProgressMonitor=M))\n"
     "mon.phase_start('Building engine', None, 6)\nmon.phase_start('Timing tactics', 'Building engine', 3)\n"
     "for i in range(2): mon.step_complete('Timing tactics', i)\nmon.phase_finish('Timing tactics')\n"
     "for i in range(5): mon.step_complete('Building engine', i)\nmon.phase_finish('Building engine')",
@@ -109,5 +110,6 @@ def test_notebook_bars_leave_only_text_in_a_real_kernel(tmp_path):
 
 
 def test_tqdm_module_imports_point_at_kit_progress():
-    for mod in (kit.bench, kit.builder, kit.evaluation, kit.llm, kit.loader, kit.quantization.quantizer, trt_backend):
+    for mod in (kit.bench, kit.builder, kit.evaluation, kit.llm, kit.loader, kit.quantization.quantizer, trt_common,
+                trt_lowering):
         assert mod.tqdm is tqdm, mod.__name__
