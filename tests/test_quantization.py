@@ -13,6 +13,7 @@ import torch
 from helpers import run_chunks
 from kit.config import ModelConfig
 from kit.engine import Engine, ForwardBatch, SequenceInput
+from kit.engine_dir import load_engine, read_engine_config, save_engine
 from kit.loader import LoadedModel, random_weights
 from kit.network import NetworkBuilder
 from kit.quantization import (QUANT_PRESETS, SCHEMES, FloatLinear, KVCacheQuantAlgo, QuantAlgo, QuantConfig,
@@ -162,9 +163,9 @@ def test_engine_directory_records_the_stored_format(quantized_models, tmp_path):
     _, models = quantized_models
     q = models[QuantAlgo.W4A16_AWQ]
     engine = Engine.from_network(NetworkBuilder(q).build())
-    path = engine.save(tmp_path / "awq")
-    assert Engine.read_config(path)["quant_config"]["stored_format"] == q.quant_config.stored_format
-    again = Engine.from_dir(path)
+    path = save_engine(engine, tmp_path / "awq")
+    assert read_engine_config(path)["quant_config"]["stored_format"] == q.quant_config.stored_format
+    again = load_engine(path, device="cpu")
     assert again.network.quant_config == q.quant_config
     torch.testing.assert_close(run_chunks(again, [SEQ], [[37]], block_size=16)[0],
                                run_chunks(engine, [SEQ], [[37]], block_size=16)[0], rtol=0, atol=0)
