@@ -2,11 +2,19 @@
 the suite's wall time printed at the end of every run."""
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # NOTE: Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when a kit module that
+    # defines kernels is first imported; any test module may import one first, so the CPU suite
+    # sets it here, before every test module, for the interpreter tests of the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
