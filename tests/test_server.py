@@ -330,10 +330,11 @@ def test_bench_serve_cli_writes_the_bench_json_layout(server, tmp_path, capsys):
     assert data["model"] == MODEL and [r["kit"]["concurrency"] for r in data["runs"]] == [1, 2]
     assert all(r["kit"]["output_tokens"] == 9 and r["kit"]["num_requests"] == 3 for r in data["runs"])
     assert "TTFT p50 ms" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="concurrency must be ints >= 1"):
-        main(["bench-serve", "--endpoint", server.url, "--concurrency", "0"])
-    with pytest.raises(ValueError, match="request-rate must be > 0"):
-        main(["bench-serve", "--endpoint", server.url, "--request-rate", "0"])
+    # user errors: one line on stderr, exit status 2 (kit.cli.main)
+    assert main(["bench-serve", "--endpoint", server.url, "--concurrency", "0"]) == 2
+    assert "concurrency must be ints >= 1" in capsys.readouterr().err
+    assert main(["bench-serve", "--endpoint", server.url, "--request-rate", "0"]) == 2
+    assert "request-rate must be > 0" in capsys.readouterr().err
 
 
 def test_serve_refuses_tensor_parallelism_and_bad_configs(capsys):
