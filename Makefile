@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kit demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests --nbmake notebooks
+	$(PY) -m pytest -q tests --nbmake --nbmake-timeout=1500 notebooks
 
 # JupyterLab in Debian's chromium, driven by Playwright (its own browser download is not used):
 # the widgets render, react to their controls, survive save + reload and a reopen on a new server;
