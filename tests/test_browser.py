@@ -77,7 +77,7 @@ pytestmark = [pytest.mark.browser,
 SETUP = """%matplotlib widget
 import json, time, types
 import pandas as pd
-import kit.backends.tensorrt_backend as trt_backend
+import kit.backends.tensorrt_common as trt_common
 from kit.progress import tqdm
 from widgets.batching import BatchingTimeline
 from widgets.kv_cache import KVCacheMap
@@ -93,7 +93,7 @@ class _Monitor:  # stands in for tensorrt.IProgressMonitor: phases announce more
     def __init__(self):
         pass
 
-mon = trt_backend._progress_monitor(types.SimpleNamespace(IProgressMonitor=_Monitor))
+mon = trt_common.progress_monitor(types.SimpleNamespace(IProgressMonitor=_Monitor))
 mon.phase_start("Building engine", None, 6)
 mon.phase_start("Timing tactics", "Building engine", 3)
 for i in range(2):
