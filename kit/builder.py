@@ -121,13 +121,9 @@ class Builder:
         key = build_key(identity, mcfg, bc, qc, self.backend,
                         str(self._build_dtype(bc, loader.dtype)).replace("torch.", ""))
         cache = BuildCache() if enable_build_cache else None
-        if cache is not None and not skip_build_cache:
-            t0 = time.perf_counter()
-            engine = cache.load(key, device=self.device)
-            if engine is not None:
-                engine.build_log.insert(0, {"step": "build cache hit", "seconds": time.perf_counter() - t0,
-                                            "detail": str(cache.path(key))})
-                return EngineResult(engine, None, True)
+        engine = self._from_cache(cache, key) if cache is not None and not skip_build_cache else None
+        if engine is not None:
+            return EngineResult(engine, None, True)
         engine, loaded = self._build_loaded(loader.load(), bc, qc, key, cache, progress)
         return EngineResult(engine, loaded, False)
 
@@ -148,14 +144,19 @@ class Builder:
         key = self.key(loaded, build_config, dtype) if loaded is not None else None
         use_cache = enable_build_cache and loaded is not None and bool(loaded.identity)
         cache = BuildCache() if use_cache else None
-        if cache is not None and not skip_build_cache:
-            t0 = time.perf_counter()
-            engine = cache.load(key, device=self.device)
-            if engine is not None:
-                engine.build_log.insert(0, {"step": "build cache hit", "seconds": time.perf_counter() - t0,
-                                            "detail": str(cache.path(key))})
-                return engine
+        engine = self._from_cache(cache, key) if cache is not None and not skip_build_cache else None
+        if engine is not None:
+            return engine
         return self._build(network, build_config, loaded, dtype, key, cache, progress)
+
+    def _from_cache(self, cache: BuildCache, key: str) -> Engine | None:
+        """The cached engine for `key` (its build log opening with the hit), or None on a miss."""
+        t0 = time.perf_counter()
+        engine = cache.load(key, device=self.device)
+        if engine is not None:
+            engine.build_log.insert(0, {"step": "build cache hit", "seconds": time.perf_counter() - t0,
+                                        "detail": str(cache.path(key))})
+        return engine
 
     def _build(self, network: Network, build_config: BuildConfig, loaded: LoadedModel | None, dtype: torch.dtype,
                key: str | None, cache: BuildCache | None, progress: bool) -> Engine:
