@@ -34,7 +34,8 @@ from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.sampling import SamplingParams
 
-__all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "check_arguments", "main"]
+__all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "check_arguments", "main",
+           "write_results"]
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -220,8 +221,13 @@ def main(args: argparse.Namespace) -> int:
         hf = run.get("hf", {}).get("output_tokens_per_s", float("nan"))
         print(f"{k['concurrency']:>11} {k['output_tokens_per_s']:>10.1f} {hf:>9.1f} "
               f"{run.get('speedup_vs_hf', float('nan')):>6.2f} {k['ttft_ms']['p50']:>12.1f} {k['tpot_ms']['p50']:>12.2f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
     return 0
+
+
+def write_results(results: dict[str, Any], out: str | None) -> None:
+    """Write a benchmark's JSON to `out` (if given): the layout `kit bench` and `kit bench-serve` share."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")

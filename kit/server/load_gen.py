@@ -17,14 +17,13 @@ import json
 import platform
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 from kit.progress import tqdm
 
 # NOTE: the offline benchmark's own prompt maker and percentiles, so both report the same statistics
-from kit.bench import _percentiles, make_prompts
+from kit.bench import _percentiles, make_prompts, write_results
 from kit.server.metrics import parse_metrics
 
 __all__ = ["add_arguments", "run_online_benchmark", "main"]
@@ -168,8 +167,5 @@ def main(args: argparse.Namespace) -> int:
         k = run["kit"]
         print(f"{k['concurrency']:>11} {k['output_tokens_per_s']:>10.1f} {k['requests_per_s']:>8.2f} "
               f"{k['ttft_ms']['p50']:>12.1f} {k['tpot_ms']['p50']:>12.2f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
     return 0
