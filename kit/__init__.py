@@ -21,7 +21,8 @@ from kit.llm import LLM
 from kit.loader import LoadedModel, ModelLoader
 from kit.network import Layer, Network, NetworkBuilder
 from kit.outputs import CompletionOutput, RequestOutput
-from kit.sampling import Sampler, SamplingParams
+from kit.sampling import Sampler
+from kit.sampling_params import SamplingParams
 from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerPolicy
 from kit.tokenizer import Tokenizer
 from kit.version import __version__

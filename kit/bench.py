@@ -32,7 +32,7 @@ from kit.progress import tqdm
 from kit.builder import BuildConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 __all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "check_arguments", "main",
            "write_results"]

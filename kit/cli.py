@@ -25,7 +25,7 @@ from kit.build_cache import BuildCache
 from kit.builder import BuildConfig, Builder
 from kit.engine_dir import is_engine_dir, save_engine
 from kit.llm import LLM
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 from kit.server.load_gen import add_arguments as add_bench_serve_arguments
 from kit.server.load_gen import main as bench_serve_main
 from kit.server.serve import add_arguments as add_serve_arguments

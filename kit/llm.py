@@ -29,7 +29,7 @@ from kit.kv_cache_config import KvCacheConfig
 from kit.loader import LoadedModel, ModelLoader
 from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
 from kit.request import GenerationRequest, prompt_token_ids_of
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "SamplingParams", "BuildConfig", "KvCacheConfig"]
 

@@ -33,7 +33,8 @@ import torch
 
 from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
 from kit.request import GenerationRequest, Request, RequestStatus, length_finished
-from kit.sampling import Sampler, SamplingContext, SamplingParams, find_stop, prompt_logprobs
+from kit.sampling import Sampler, SamplingContext, find_stop, prompt_logprobs
+from kit.sampling_params import SamplingParams
 
 __all__ = ["CompletionState", "OutputProcessor", "RequestState"]
 

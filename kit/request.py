@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 __all__ = ["GenerationRequest", "Request", "RequestStatus", "length_finished", "prompt_token_ids_of"]
 

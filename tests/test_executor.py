@@ -15,7 +15,7 @@ from kit.executor import Executor, KvCacheConfig
 from kit.network import NetworkBuilder
 from kit.request import GenerationRequest
 from kit.llm import LLM
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 BC = dict(max_batch_size=16, max_input_len=48, max_seq_len=80, max_num_tokens=128, block_size=4)
 

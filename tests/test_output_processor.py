@@ -6,7 +6,7 @@ import torch
 from kit.output_processor import OutputProcessor
 from kit.outputs import GenerationResult
 from kit.request import GenerationRequest, RequestStatus
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 EOS = 2
 

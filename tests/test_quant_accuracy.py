@@ -26,7 +26,7 @@ from kit.evaluation import eval_windows, logit_agreement, memory, perplexity
 from kit.llm import LLM
 from kit.network import NetworkBuilder
 from kit.quantization import QuantConfig, Quantizer
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

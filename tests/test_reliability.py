@@ -21,7 +21,7 @@ from kit.kv_cache_config import KvCacheConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.request import GenerationRequest
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 BC = dict(max_batch_size=16, max_input_len=48, max_seq_len=80, max_num_tokens=128, block_size=4)
 FIXED = [5, 6, 7, 8, 9]

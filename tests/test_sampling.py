@@ -10,10 +10,10 @@ import torch
 from kit.sampling import (
     Sampler,
     SamplingContext,
-    SamplingParams,
     find_stop,
     prompt_logprobs,
 )
+from kit.sampling_params import SamplingParams
 
 EOS = 3
 

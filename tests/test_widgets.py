@@ -28,7 +28,7 @@ from kit.kv_cache import KVCacheInspector, KVCacheManager  # noqa: E402
 from kit.llm import LLM  # noqa: E402
 from kit.loader import LoadedModel, random_weights  # noqa: E402
 from kit.request import Request  # noqa: E402
-from kit.sampling import SamplingParams  # noqa: E402
+from kit.sampling_params import SamplingParams  # noqa: E402
 from widgets.batching import NONE, BatchingTimeline, runs  # noqa: E402
 from widgets.figure import figure_png  # noqa: E402
 from widgets.kv_cache import CACHED_COLOR, FREE_COLOR, REQUEST_PALETTE, KVCacheMap  # noqa: E402

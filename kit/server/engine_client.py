@@ -12,7 +12,7 @@ from typing import Any
 
 from kit.executor import GenerationResult
 from kit.llm import LLM
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 __all__ = ["EngineClient", "EngineLimits", "EngineLoad"]
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from kit.outputs import CompletionOutput
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "error_body",
            "new_id", "usage", "completion_logprobs", "chat_logprobs", "model_card"]

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable
 
 from kit.executor import GenerationResult
 from kit.outputs import RequestOutput
-from kit.sampling import SamplingParams
+from kit.sampling_params import SamplingParams
 from kit.server.engine_client import EngineClient
 from kit.server.metrics import ServerMetrics
 from kit.server.protocol import (ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs,
