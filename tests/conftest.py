@@ -31,6 +31,15 @@ collect_ignore = [name for name, modules in _NEEDS.items()
                   if any(importlib.util.find_spec(m) is None for m in modules)]
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty build cache of this test's own (KIT_CACHE_DIR), with no size limit."""
+    d = tmp_path / "kit-cache"
+    monkeypatch.setenv("KIT_CACHE_DIR", str(d))
+    monkeypatch.delenv("KIT_CACHE_MAX_GB", raising=False)
+    return d
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M model, loaded once in float32 on the CPU."""

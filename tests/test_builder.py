@@ -18,13 +18,6 @@ from kit.network import NetworkBuilder
 SMALL = dict(max_batch_size=4, max_input_len=32, max_seq_len=64, max_num_tokens=64, block_size=4)
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "kit-cache"
-    monkeypatch.setenv("KIT_CACHE_DIR", str(d))
-    return d
-
-
 @pytest.mark.parametrize("field,value", [("max_batch_size", 0), ("max_input_len", 4096), ("opt_batch_size", 99),
                                          ("dtype", "int3"), ("profiling_verbosity", "loud"), ("max_beam_width", 2),
                                          ("kv_cache_type", "contiguous"), ("cuda_graph_batch_sizes", (0,))])

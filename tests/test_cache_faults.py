@@ -31,13 +31,6 @@ SP = SamplingParams(max_tokens=6, temperature=0)
 PROMPT = [5, 6, 7, 8]
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "kit-cache"
-    monkeypatch.setenv("KIT_CACHE_DIR", str(d))
-    return d
-
-
 def run_cli(argv):
     """The sub-command itself (its exceptions reach the test; `main` reports them as one line)."""
     args = build_parser().parse_args(argv)

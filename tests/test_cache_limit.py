@@ -20,14 +20,6 @@ SP = SamplingParams(max_tokens=6, temperature=0)
 PROMPT = [5, 6, 7, 8]
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "kit-cache"
-    monkeypatch.setenv("KIT_CACHE_DIR", str(d))
-    monkeypatch.delenv("KIT_CACHE_MAX_GB", raising=False)
-    return d
-
-
 def _du(path: Path) -> int:
     """Bytes on disk under `path` as `du` measures them (hard links counted once)."""
     return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True)

@@ -143,25 +143,22 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         lim = engine.limits
         return {"object": "list", "data": [model_card(config.model_name, lim.max_seq_len, lim.vocab_size, created)]}
 
-    @v1.post("/completions")
-    async def completions(request: Request):
+    async def _generate(request: Request, schema: Any, start: Any, body: Any):
         arrival = time.monotonic()
-        req = await _read_body(request, CompletionRequest, config.max_body_bytes)
-        runs = serving.start_completion(req)
+        req = await _read_body(request, schema, config.max_body_bytes)
+        runs = start(req)
         if req.stream:
             return StreamingResponse(serving.stream(req, runs, arrival), media_type="text/event-stream")
         outs = await serving.collect(runs, arrival, request.is_disconnected)
-        return serving.completion_body(req, runs, outs)
+        return body(req, runs, outs)
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        return await _generate(request, CompletionRequest, serving.start_completion, serving.completion_body)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        arrival = time.monotonic()
-        req = await _read_body(request, ChatCompletionRequest, config.max_body_bytes)
-        runs = serving.start_chat(req)
-        if req.stream:
-            return StreamingResponse(serving.stream(req, runs, arrival), media_type="text/event-stream")
-        outs = await serving.collect(runs, arrival, request.is_disconnected)
-        return serving.chat_body(req, runs, outs)
+        return await _generate(request, ChatCompletionRequest, serving.start_chat, serving.chat_body)
 
     app.include_router(v1)
     return app
