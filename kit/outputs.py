@@ -92,6 +92,17 @@ class GenerationResult:
         self._done = False
         self._error: BaseException | None = None
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._listeners: list[Callable[[RequestOutput | None, BaseException | None], None]] = []
+
+    def add_listener(self, fn: Callable[[RequestOutput | None, BaseException | None], None]) -> None:
+        """Call `fn(snapshot, error)` for every snapshot published so far and from now on (in the
+        publishing thread; keep it short). The end comes as a finished snapshot or an error."""
+        with self._cond:
+            for out in self._history:
+                fn(out, None)
+            if self._error is not None:
+                fn(None, self._error)
+            self._listeners.append(fn)
 
     def publish(self, out: RequestOutput | None, error: BaseException | None = None) -> None:
         """Add a snapshot (the executor's thread), or end the request with `error`."""
@@ -105,6 +116,8 @@ class GenerationResult:
                 self._error, self._done = error, True
             self._cond.notify_all()
             waiters = list(self._async_waiters)
+            for fn in self._listeners:
+                fn(out, error)
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)

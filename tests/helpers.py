@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from kit.build_config import BuildConfig
 from kit.engine import Engine, ForwardBatch, SequenceInput
+from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.network import NetworkBuilder
 
@@ -110,3 +112,9 @@ def complete_schedule(schedule: list[list[int]], seqs: list[list[int]]) -> list[
 def hf_logits(model, seq: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([seq])).logits[0].float()
+
+
+def tiny_llm(path, **build):
+    """An LLM over the checkpoint at `path` on the CPU (importable by name: engine-process tests spawn it)."""
+    bc = BuildConfig(**{"max_batch_size": 8, "max_seq_len": 128, "max_input_len": 64, "max_num_tokens": 256, **build})
+    return LLM(str(path), device="cpu", build_config=bc)

@@ -90,9 +90,11 @@ async def _read_body(request: Request, model: type[BaseModel], limit: int) -> An
         raise APIError(400, message, param=param) from None
 
 
-def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
-    """An app serving `llm` under `config.model_name`; `app.state.serving` holds its state."""
-    engine = EngineClient(llm)
+def create_app(llm: LLM | EngineClient, config: ServerConfig) -> FastAPI:
+    """An app serving `llm` (an `LLM` in this process, or an `EngineClient` such as the
+    `ProcessEngineClient` of an engine process) under `config.model_name`; `app.state.serving`
+    holds its state."""
+    engine = llm if isinstance(llm, EngineClient) else EngineClient(llm)
     metrics = ServerMetrics(engine, config.model_name)
     serving = OpenAIServing(engine, metrics, config.model_name, config.max_queue)
     created = int(time.time())
@@ -132,7 +134,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if engine.alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

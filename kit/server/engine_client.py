@@ -52,6 +52,11 @@ class EngineClient:
     def tokenizer(self) -> Any:
         return self.llm.tokenizer
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine can serve no more (its loop has stopped)."""
+        return self.llm.executor.is_alive
+
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")

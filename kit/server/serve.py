@@ -2,6 +2,8 @@
 
 * `build_llm(args)` makes the `LLM` the way `kit bench` does (same loader, same BuildConfig
   fields), so online and offline numbers come from the same engine.
+* `kit serve` runs the `LLM` in an engine process of its own (`ProcessEngineClient`,
+  kit/server/engine_process.py) and uvicorn in this one; `--no-engine-process` keeps both here.
 * `run_server(llm, config, host, port)` serves until SIGINT/SIGTERM; on either, uvicorn
   stops accepting connections, lets the requests in flight finish (up to
   `drain_timeout` seconds), then the app's shutdown stops the executor.
@@ -32,6 +34,8 @@ from kit.builder import BuildConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.server.app import ServerConfig, create_app
+from kit.server.engine_client import EngineClient
+from kit.server.engine_process import ProcessEngineClient
 
 __all__ = ["add_arguments", "build_llm", "main", "run_server", "free_port", "ServerThread", "ServerProcess"]
 
@@ -63,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights seed of a synthetic:<preset> model")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own (default), so HTTP work never slows its loop")
 
 
 def build_llm(args: argparse.Namespace) -> LLM:
@@ -106,9 +112,10 @@ def _uvicorn_config(app: Any, host: str, port: int, drain_timeout: float | None,
                           lifespan="on", access_log=False)
 
 
-def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+def run_server(llm: LLM | EngineClient, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
                drain_timeout: float | None = 60.0, log_level: str = "warning") -> None:
-    """Serve in the foreground until SIGINT/SIGTERM (drains, then shuts the LLM down)."""
+    """Serve `llm` (an `LLM` or an `EngineClient`) in the foreground until SIGINT/SIGTERM (drains,
+    then shuts the engine down)."""
     server = _Server(_uvicorn_config(create_app(llm, config), host, port, drain_timeout, log_level))
     print(f"kit serve: {config.model_name} on http://{host}:{port}/v1", flush=True)
     server.run()
@@ -121,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
                           max_queue=args.max_queue)
-    run_server(build_llm(args), config, args.host, args.port, args.drain_timeout, args.log_level)
+    engine = ProcessEngineClient(build_llm, (args,)) if args.engine_process else build_llm(args)
+    run_server(engine, config, args.host, args.port, args.drain_timeout, args.log_level)
     return 0
 
 
