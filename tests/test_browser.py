@@ -457,6 +457,73 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
             browser.close()
 
 
+# outputs that show a picture: a widget view that rendered a widget (a trusted notebook), or an image that
+# loaded (a notebook not run here yet is untrusted, so JupyterLab shows each widget's stored PNG, or
+# ipympl's own HTML with the figure as an <img>)
+JS_RESTORED = """() => [...document.querySelectorAll('.jp-Notebook .jp-OutputArea-output')].filter(o =>
+    (o.getAttribute('data-mime-type') === 'application/vnd.jupyter.widget-view+json'
+     && o.querySelector('.jupyter-widgets'))
+    || [...o.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 100)).length"""
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _shutdown_kernels(lab) -> None:
+    """End every kernel of the server (opening a notebook starts one)."""
+    base = f"{lab.url}/api/kernels?token={lab.token}"
+    for k in json.loads(urllib.request.urlopen(base, timeout=10).read()):
+        req = urllib.request.Request(f"{lab.url}/api/kernels/{k['id']}?token={lab.token}", method="DELETE")
+        urllib.request.urlopen(req, timeout=10).read()
+
+
+def test_every_chapter_reopens_as_stored_with_its_widgets_and_no_dead_outputs(lab):
+    """Each chapter as committed (what a save wrote; no cell is run), as a student first opens it:
+    every picture it stores shows (a widget's stored PNG, since a notebook not run here is untrusted),
+    no "Error displaying widget", no red or left-over progress bar, every dropdown shows a value;
+    a screenshot of each chapter."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "notebooks", lab.root / "chapters", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        console = []
+        page.on("console", lambda m: console.append(m.text))
+        try:
+            for path in CHAPTERS:
+                nb = json.loads(path.read_text())
+                views = _view_ids(nb)
+                pngs = sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+                assert all("image/png" in o["data"] for c in nb["cells"] for o in c.get("outputs", [])
+                           if WIDGET_VIEW in o.get("data", {})), f"{path.name}: a widget view without its PNG"
+                page.close()  # one page and a fresh workspace per chapter: only this notebook is open
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.on("console", lambda m: console.append(m.text))
+                page.goto(f"{lab.url}/lab/workspaces/{path.stem}/tree/chapters/{path.name}?reset&token={lab.token}")
+                page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=90_000)
+                # each stored widget view settles as a restored figure, or as the error text looked for
+                page.wait_for_function(f"(n) => ({JS_RESTORED})() >= n "
+                                       "|| document.body.innerText.includes('Error displaying widget')",
+                                       arg=pngs, timeout=60_000)
+                page.wait_for_timeout(1000)
+                state = _state(page)
+                page.screenshot(path=str(ARTIFACTS / f"chapter-{path.stem}.png"), full_page=True)
+                where = f"{path.name} reopened"
+                assert not state["errors"], f"{where}: {state['errors']}"
+                assert state["danger"] == 0, f"{where}: a red progress bar"
+                assert state["progress"] == 0, f"{where}: a progress-bar widget left in the outputs"
+                shown = page.evaluate(JS_RESTORED)
+                assert shown >= pngs, f"{where}: {shown} pictures shown of {pngs} stored ({len(views)} widgets)"
+                for i, cell in enumerate(state["cells"]):
+                    assert "Error displaying" not in cell["text"], f"{where}, code cell {i}: {cell['text'][:200]}"
+                    assert all(cell["dropdowns"]), f"{where}, code cell {i} has a blank dropdown"
+                _shutdown_kernels(lab)
+            assert not [m for m in console if "model not found" in m], console
+        finally:
+            browser.close()
+
+
 def test_make_setup_installs_the_lab_settings_where_jupyterlab_reads_them(tmp_path):
     """`make setup` copies the shipped overrides into the venv's JupyterLab app dir, which reads them."""
     from jupyterlab.commands import get_app_dir
