@@ -44,6 +44,74 @@ tl: Any = None
 __all__ = ["paged_prefill_attention", "reference_prefill_attention", "default_prefill_config"]
 
 
+def _prefill_tiles(
+    acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, kvh, qk_scale, window, lo, hi,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_sb, stride_st, stride_sh, stride_btn,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, USE_WINDOW: tl.constexpr, KV_QUANT: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """The online softmax over key tiles [lo, hi); MASK=False for tiles every query sees in full."""
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + n  # (BLOCK_N,)
+        ok = pos < hi
+        if MASK:
+            blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btn, mask=ok, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btn).to(tl.int64)
+        tok = pos % BLOCK_SIZE
+        k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # (BLOCK_N,)
+        if MASK:
+            k = tl.load(k_ptr + k_off[None, :] + d[:, None] * stride_kd, mask=ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptr + k_off[None, :] + d[:, None] * stride_kd)  # (HEAD_DIM, BLOCK_N)
+        if KV_QUANT:
+            k = k.to(q.dtype)
+        if IEEE_DOT:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s_off = blk * stride_sb + tok * stride_st + kvh * stride_sh
+        if KV_QUANT:
+            ks = tl.load(ks_ptr + s_off, mask=ok, other=0.0)
+            s = s * (ks * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
+        if MASK:
+            visible = ok[None, :] & (pos[None, :] <= q_pos[:, None])  # causal
+            if USE_WINDOW:
+                visible = visible & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))  # (BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # NOTE: a row may see no key of this tile (padding rows, window starts, the causal
+        # corner): keep its max finite so exp2 gives 0, never -inf - -inf = nan
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh
+        if MASK:
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :] * stride_vd, mask=ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :] * stride_vd)  # (BLOCK_N, HEAD_DIM)
+        if KV_QUANT:
+            vs = tl.load(vs_ptr + s_off, mask=ok, other=0.0)
+            pw = (p * vs[None, :]).to(q.dtype)
+            v = v.to(q.dtype)
+        else:
+            pw = p.to(v.dtype)
+        if IEEE_DOT:
+            pv = tl.dot(pw, v, input_precision="ieee")
+        else:
+            pv = tl.dot(pw, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 def _varlen_prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, qsl_ptr, sl_ptr, bt_ptr, out_ptr,
     qk_scale, window, num_seqs,
@@ -80,7 +148,6 @@ def _varlen_prefill_kernel(
 
         r = tl.arange(0, BLOCK_M)
         d = tl.arange(0, HEAD_DIM)
-        n = tl.arange(0, BLOCK_N)
         qi = q_block * BLOCK_Q + r // GROUP  # (BLOCK_M,) query index within the sequence
         head = kvh * GROUP + r % GROUP  # (BLOCK_M,) query head
         row_ok = (r < BLOCK_Q * GROUP) & (qi < q_len)
@@ -90,65 +157,35 @@ def _varlen_prefill_kernel(
 
         first_q = context + q_block * BLOCK_Q
         hi = tl.minimum(first_q + BLOCK_Q, seq_len)  # keys [lo, hi): up to the last query's position
-        lo = 0
-        if USE_WINDOW:
+        if USE_WINDOW:  # every tile masked (the window's start moves with the row)
             lo = tl.maximum(first_q - window + 1, 0)
             lo = (lo // BLOCK_N) * BLOCK_N
+            full = lo
+        else:  # whole tiles before the first query are seen by every row: no mask there
+            lo = 0
+            full = (first_q // BLOCK_N) * BLOCK_N
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 domain)
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running unnormalised output
         bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + n  # (BLOCK_N,)
-            ok = pos < hi
-            blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btn, mask=ok, other=0).to(tl.int64)
-            tok = pos % BLOCK_SIZE
-            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # (BLOCK_N,)
-            k = tl.load(k_ptr + k_off[None, :] + d[:, None] * stride_kd,
-                        mask=ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
-            if KV_QUANT:
-                k = k.to(q.dtype)
-            if IEEE_DOT:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            if KV_QUANT:
-                s_off = blk * stride_sb + tok * stride_st + kvh * stride_sh
-                ks = tl.load(ks_ptr + s_off, mask=ok, other=0.0)
-                s = s * (ks * qk_scale)[None, :]
-            else:
-                s = s * qk_scale
-            visible = ok[None, :] & (pos[None, :] <= q_pos[:, None])  # causal
-            if USE_WINDOW:
-                visible = visible & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))  # (BLOCK_M, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # NOTE: a row may see no key of this tile (padding rows, window starts, the causal
-            # corner): keep its max finite so exp2 gives 0, never -inf - -inf = nan
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh
-            v = tl.load(v_ptr + v_off[:, None] + d[None, :] * stride_vd,
-                        mask=ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
-            if KV_QUANT:
-                vs = tl.load(vs_ptr + s_off, mask=ok, other=0.0)
-                pw = (p * vs[None, :]).to(q.dtype)
-                v = v.to(q.dtype)
-            else:
-                pw = p.to(v.dtype)
-            if IEEE_DOT:
-                pv = tl.dot(pw, v, input_precision="ieee")
-            else:
-                pv = tl.dot(pw, v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        acc, m_i, l_i = _prefill_tiles(
+            acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, kvh, qk_scale, window, lo, full,
+            stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+            stride_sb, stride_st, stride_sh, stride_btn,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, USE_WINDOW, KV_QUANT, IEEE_DOT)
+        acc, m_i, l_i = _prefill_tiles(
+            acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_row, kvh, qk_scale, window, full, hi,
+            stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+            stride_sb, stride_st, stride_sh, stride_btn,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, USE_WINDOW, KV_QUANT, IEEE_DOT)
 
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + qi)[:, None] * stride_ot + head[:, None] * stride_oh
                  + d[None, :] * stride_od, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+_PREFILL_TILES = _prefill_tiles  # the plain function, JIT-decorated by `_kernel()`
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,6 +195,8 @@ def _kernel() -> Any:
     if mods is None:
         raise RuntimeError("paged_prefill_attention needs Triton: pip install triton")
     triton, tl = mods
+    # NOTE: the kernel calls `_prefill_tiles` by its global name, so the name must hold the JIT function
+    globals()["_prefill_tiles"] = triton.jit(_PREFILL_TILES)
     return triton.jit(_varlen_prefill_kernel)
 
 
