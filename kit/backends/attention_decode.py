@@ -211,8 +211,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     of them. Returns (B, H, D) in q's dtype (into `out` when given). Any strides are accepted.
 
     `num_splits` (default: `choose_num_splits` from the shapes), `block_n` (tokens per tile,
-    default 64 for 16-bit q and 32 for float32), `num_warps` and `num_stages` are tuning
-    knobs; all are fixed by shapes, so a CUDA graph replays with any seq_lens.
+    default 64 for a 16-bit cache, 128 for an 8-bit one, 32 for float32), `num_warps` and
+    `num_stages` are tuning knobs; all are fixed by shapes, so a CUDA graph replays with any
+    seq_lens.
     """
     check_paged_cache(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, k_scale, v_scale)
     num_seqs, num_heads, head_dim = q.shape
@@ -228,7 +229,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     decode_kernel, merge_kernel = _kernels()
     group = num_heads // num_kv_heads
-    block_n = block_n or (64 if q.element_size() <= 2 else 32)
+    quant = k_cache.dtype in QUANTIZED_KV_DTYPES
+    if block_n is None:  # tiles of ~16 KiB of K per load: 64 tokens of 16-bit, 128 of 8-bit values
+        block_n = 32 if q.element_size() > 2 else 128 if quant else 64
     if not is_pow2(block_n) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     max_context = block_tables.shape[1] * block_size
@@ -241,7 +244,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     split_size = -(-split_size // block_n) * block_n
     num_splits = -(-max_context // split_size)
 
-    quant = k_cache.dtype in QUANTIZED_KV_DTYPES
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers when not quantized
     scale_strides = k_scale.stride() if quant else (0, 0, 0)
     split = num_splits > 1
