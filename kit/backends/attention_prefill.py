@@ -10,9 +10,10 @@ the blocks in place and does no work for padding. How it blocks the work:
 
 * grid (num_q_blocks, num_kv_heads) with num_q_blocks = num_tokens // BLOCK_Q + num_seqs,
   an upper bound on sum_s ceil(q_len_s / BLOCK_Q) that needs no host sync. A program
-  finds its sequence by a binary search over query_start_loc (sequence s owns the program
+  finds its sequence by a binary search over query_start_loc (sequence s owns the q-block
   ids from query_start_loc[s] // BLOCK_Q + s on) and exits if it is past that sequence's
-  queries (vLLM's unified attention does the same);
+  queries (vLLM's unified attention does the same). Programs take the q blocks in reverse
+  order, so the long causal rows (late query blocks) are scheduled first;
 * GQA packing: the program's BLOCK_M tile rows are (query token, query head of the kv
   head's group) pairs, row r = token r // GROUP, head r % GROUP, so BLOCK_Q = BLOCK_M // GROUP
   tokens share each K/V tile: a K/V element is loaded once for the whole group;
@@ -126,7 +127,9 @@ def _varlen_prefill_kernel(
     USE_WINDOW: tl.constexpr, KV_QUANT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
-    pid = tl.program_id(0)
+    # NOTE: reversed, so the last query blocks of each sequence (the most keys, causal) start first
+    # and the short ones fill the tail of the launch
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     # which sequence owns program `pid`: the last s with query_start_loc[s] // BLOCK_Q + s <= pid
     left: tl.int32 = 0
