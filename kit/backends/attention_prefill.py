@@ -123,10 +123,10 @@ def _varlen_prefill_kernel(
     stride_btb, stride_btn,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, KV_QUANT: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
+    # BLOCK_Q = BLOCK_M // GROUP query tokens per program
     # NOTE: reversed, so the last query blocks of each sequence (the most keys, causal) start first
     # and the short ones fill the tail of the launch
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -273,7 +273,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, ks, vs, query_start_loc, seq_lens, block_tables, out,
         float(scale) * LOG2E, int(sliding_window or 0), num_seqs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides, *block_tables.stride(), *out.stride(),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None, KV_QUANT=quant, IEEE_DOT=q.dtype == torch.float32,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
