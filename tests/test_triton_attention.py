@@ -1,5 +1,6 @@
-"""The Triton paged decode attention kernel against PyTorch, on the CPU through the
-Triton interpreter (small shapes: it runs every program in Python) and on a GPU."""
+"""The Triton paged decode attention kernel (`kit/backends/attention_decode.py`) against PyTorch and
+`kit.ops.paged_attention`, with bf16/fp16/fp32 and int8/fp8 caches, on the CPU through the Triton
+interpreter (small shapes: it runs every program in Python) and on a GPU."""
 
 import os
 import subprocess
@@ -21,6 +22,7 @@ from kit.backends.triton_attention import (  # noqa: E402
     triton_available,
 )
 from kit.engine import ForwardBatch, SequenceInput  # noqa: E402
+from kit.quantization.kv_cache import quantize_kv  # noqa: E402
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton)")
 
@@ -159,6 +161,62 @@ def test_layer_of_a_pool_strided_q_int32_tables_and_out():
     _close(out, _run(reference_decode_attention, c))
 
 
+def _quantized(c, kv):
+    """The case's caches quantized to int8 / fp8, with their (num_blocks, block_size, KVH) scales."""
+    (k, ks), (v, vs) = quantize_kv(c["k_cache"], kv), quantize_kv(c["v_cache"], kv)
+    return {**c, "k_cache": k, "v_cache": v, "k_scale": ks, "v_scale": vs}
+
+
+def _run_q(fn, c, window=None, **kw):
+    return _run(fn, c, window, k_scale=c["k_scale"], v_scale=c["v_scale"], **kw)
+
+
+@requires_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_cache_matches_ops_paged_attention(kv, window, num_splits):
+    c = _quantized(_case(MIXED_LENS, group=4, block_size=16, seed=21), kv)
+    batch = ForwardBatch.build([SequenceInput([1], n - 1, t) for n, t in zip(MIXED_LENS, c["tables"])], 16)
+    expected = paged_attention(c["q"], c["k_cache"], c["v_cache"], batch, c["scale"], window,
+                               kv_scales=(c["k_scale"], c["v_scale"]))
+    out = paged_decode_attention(c["q"], c["k_cache"], c["v_cache"], batch.block_tables, batch.seq_lens,
+                                 c["scale"], window, k_scale=c["k_scale"], v_scale=c["v_scale"],
+                                 num_splits=num_splits, block_n=16)
+    _close(out, expected)
+    _close(_run_q(reference_decode_attention, c, window), expected)
+
+
+@requires_triton
+@pytest.mark.parametrize("group,block_size", [(1, 32), (8, 16), (8, 32)])
+def test_gqa_ratios_and_block_sizes_match_ops_paged_attention(group, block_size):
+    c = _case(MIXED_LENS, group=group, block_size=block_size, seed=group * block_size)
+    batch = ForwardBatch.build([SequenceInput([1], n - 1, t) for n, t in zip(MIXED_LENS, c["tables"])],
+                               block_size)
+    expected = paged_attention(c["q"], c["k_cache"], c["v_cache"], batch, c["scale"])
+    _close(_run(paged_decode_attention, c), expected)
+
+
+@requires_triton
+def test_quantized_empty_and_padding_rows():
+    c = _quantized(_case((0, 1, 40), group=2, block_size=4, seed=12), "int8")
+    c["block_tables"][1] = 0
+    out = _run_q(paged_decode_attention, c, num_splits=2, block_n=16)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    _close(out[1], (c["v_cache"][0, 0].float() * c["v_scale"][0, 0, :, None]).repeat_interleave(2, dim=0))
+
+
+def test_rejects_a_quantized_cache_without_scales():
+    q = torch.randn(2, 4, 16)
+    k = torch.zeros(4, 4, 2, 16, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="needs k_scale and v_scale"):
+        paged_decode_attention(q, k, k, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long), 1.0)
+    bad = torch.ones(4, 4, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="k_scale must be"):
+        paged_decode_attention(q, k, k, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long), 1.0,
+                               k_scale=bad, v_scale=bad)
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(head_dim=48), "head_dim must be a power of two"),
     (dict(q_heads=5), "multiple of num_kv_heads"),
@@ -253,3 +311,46 @@ def test_gpu_cuda_graph_replays_with_new_seq_lens(num_seqs):
         graph.replay()
         expected = reference_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
         _close(out, expected, atol=1e-2, rtol=2e-2)
+
+
+@requires_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_quantized_cache_matches_reference(dtype, kv, num_splits):
+    lens = (1, 17, 64, 300, 1025, 8000, 0, 2222)
+    c = _quantized(_case(lens, num_kv_heads=8, group=4, head_dim=128, block_size=16, dtype=dtype, seed=31,
+                         device="cuda"), kv)
+    for window in (None, 500):
+        out = _run_q(paged_decode_attention, c, window, num_splits=num_splits)
+        _close(out, _run_q(reference_decode_attention, c, window), atol=2e-2, rtol=2e-2)
+
+
+@requires_triton
+@pytest.mark.gpu
+def test_gpu_quantized_cuda_graph_replays_with_new_seq_lens():
+    c = _quantized(_case((1, 2, 3), num_kv_heads=8, group=4, head_dim=128, block_size=16, dtype=torch.bfloat16,
+                         extra_blocks=600, device="cuda"), "int8")
+    tables = torch.randperm(c["k_cache"].shape[0], device="cuda")[:3 * 200].view(3, 200).contiguous()
+    seq_lens = torch.ones(3, dtype=torch.long, device="cuda")
+    out = torch.empty_like(c["q"])
+
+    def step():
+        paged_decode_attention(c["q"], c["k_cache"], c["v_cache"], tables, seq_lens, c["scale"], None, out,
+                               k_scale=c["k_scale"], v_scale=c["v_scale"])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for lens in ([1, 2, 3], [3200, 17, 0], [3200, 3200, 3200]):
+        seq_lens.copy_(torch.tensor(lens, device="cuda"))
+        graph.replay()
+        ref = reference_decode_attention(c["q"], c["k_cache"], c["v_cache"], tables, seq_lens, c["scale"],
+                                         k_scale=c["k_scale"], v_scale=c["v_scale"])
+        _close(out, ref, atol=2e-2, rtol=2e-2)

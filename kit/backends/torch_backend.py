@@ -9,17 +9,19 @@ named tensors, so the profiler can time and name each of them.
 The math is `kit/ops.py`'s; the kinds of layer and what each computes are
 `kit/layer_kinds.py`'s (`_PREPARE` below has one entry per kind). Attention reads the
 paged KV cache through the block tables with `ops.paged_attention` (the reference), or
-on a GPU for decode steps with the Triton paged kernel (`triton_attention.py`).
+on a GPU with the Triton paged kernels (`triton_attention.py`: decode, and varlen prefill
+for prompt chunks and mixed batches), for bf16/fp16/fp32 and int8/fp8 caches alike.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from kit.backends.triton_attention import paged_decode_attention, triton_available
+from kit.backends.triton_attention import paged_decode_attention, paged_prefill_attention, triton_available
 from kit.backends.base import LayerHook
 from kit.batch import ForwardBatch, KVCache
 from kit.layer_kinds import check_covers
@@ -65,14 +67,19 @@ class TorchBackend:
         self.config = network.config
         self.device = torch.device(device)
         self.dtype = dtype or network.weights["model.embed_tokens.weight"].dtype  # never quantized
-        # decode steps (one query per sequence) use the Triton paged kernel on a GPU: it reads only
-        # each sequence's own blocks instead of gathering a padded copy of every context
-        self.decode_kernel = None
-        if attention != "reference" and self.device.type == "cuda":
+        # on a GPU attention runs in the Triton paged kernels (decode steps; prompt chunks and mixed
+        # batches): they read only each sequence's own blocks (8-bit ones too) instead of gathering a
+        # padded copy of every context
+        # (attention='triton' on the CPU runs them through Triton's interpreter, for tests)
+        self.decode_kernel = self.prefill_kernel = None
+        if attention == "triton" or (attention == "auto" and self.device.type == "cuda"):
             if triton_available():
-                self.decode_kernel = paged_decode_attention
+                self.decode_kernel, self.prefill_kernel = paged_decode_attention, paged_prefill_attention
             elif attention == "triton":
                 raise RuntimeError("attention='triton' needs the triton package")
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"attention='triton' on {self.device} needs TRITON_INTERPRET=1 (Triton's "
+                                 f"interpreter); use attention='auto' or 'reference' there")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
         self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
                                                  for layer in network.layers]
@@ -88,7 +95,7 @@ class TorchBackend:
 
     def describe(self) -> str:
         mode = f"CUDA graphs for decode batch sizes {list(self.graphs.batch_sizes)}" if self.graphs else "eager"
-        attn = "Triton paged decode attention" if self.decode_kernel is not None else "reference attention"
+        attn = "Triton paged attention" if self.decode_kernel is not None else "reference attention"
         return f"PyTorch {torch.__version__} ({self.device.type}, {mode}, {attn})"
 
     # --------------------------------------------------------------- preparing
@@ -153,25 +160,30 @@ class TorchBackend:
         def attention(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
             kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
             kvh, d = kc.shape[2], kc.shape[3]
-            if kv.is_quantized:  # 8-bit cache: quantize on write, dequantize after the gather
-                ks, vs = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
+            q = env["q"]  # (T, H, D)
+            scales = None
+            if kv.is_quantized:  # 8-bit cache: quantize on write; the kernels (or the reference) dequantize
+                scales = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
                 qk, sk = quantize_kv(env["k"], kv.quant_algo)
                 qv, sv = quantize_kv(env["v"], kv.quant_algo)
                 kc.view(-1, kvh, d)[batch.slot_mapping] = qk
                 vc.view(-1, kvh, d)[batch.slot_mapping] = qv
-                ks.view(-1, kvh)[batch.slot_mapping] = sk
-                vs.view(-1, kvh)[batch.slot_mapping] = sv
-                out = paged_attention(env["q"], kc, vc, batch, scale, window, kv_scales=(ks, vs))
-                env["attn"] = out.reshape(out.shape[0], -1)
-                return
-            kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
-            vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
-            if self.decode_kernel is not None and batch.max_query_len == 1:
-                out = self.decode_kernel(env["q"].to(kc.dtype), kc, vc, batch.block_tables, batch.seq_lens,
-                                         scale, window).to(env["q"].dtype)
+                scales[0].view(-1, kvh)[batch.slot_mapping] = sk
+                scales[1].view(-1, kvh)[batch.slot_mapping] = sv
             else:
-                out = paged_attention(env["q"], kc, vc, batch, scale, window)
-            env["attn"] = out.reshape(out.shape[0], -1)  # (T, H*D)
+                kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
+                vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
+                q = q.to(kc.dtype)
+            ks, vs = scales if scales is not None else (None, None)
+            if self.decode_kernel is not None and batch.max_query_len == 1:
+                out = self.decode_kernel(q, kc, vc, batch.block_tables, batch.seq_lens, scale, window,
+                                         k_scale=ks, v_scale=vs)
+            elif self.prefill_kernel is not None:  # prompt chunks and mixed batches: varlen, no padding
+                out = self.prefill_kernel(q, kc, vc, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                                          scale, window, k_scale=ks, v_scale=vs)
+            else:
+                out = paged_attention(env["q"], kc, vc, batch, scale, window, kv_scales=scales)
+            env["attn"] = out.to(env["q"].dtype).reshape(out.shape[0], -1)  # (T, H*D)
         return attention
 
     def _o_proj(self, layer: Layer) -> LayerFn:
