@@ -94,8 +94,10 @@ class Executor:
         self.build_config = bc
         self.tokenizer = tokenizer
         self.vocab_size = engine.config.vocab_size
+        # NOTE: every beam of a beam-search request holds blocks of its own (kit/beam_search.py)
         num_blocks = num_kv_blocks(kvc, bytes_per_token=engine.kv_bytes_per_token, block_size=bc.block_size,
-                                   max_batch_size=bc.max_batch_size, max_seq_len=bc.max_seq_len, device=engine.device)
+                                   max_batch_size=bc.max_batch_size * bc.max_beam_width, max_seq_len=bc.max_seq_len,
+                                   device=engine.device)
         self.kv_cache_manager = KVCacheManager(num_blocks, bc.block_size, kvc.enable_block_reuse,
                                                bytes_per_token=engine.kv_bytes_per_token)
         self.kv_cache = engine.allocate_kv_cache(num_blocks, bc.block_size)
