@@ -246,15 +246,16 @@ class BeamSearch:
     def owns(self, request_id: str) -> bool:
         return request_id in self.groups
 
-    def add(self, greq: GenerationRequest, request: Request) -> None:
-        """Register a beam request (others are ignored); its scheduler `request` budgets for every beam."""
+    def add(self, greq: GenerationRequest, request: Request) -> Request:
+        """Register a beam request (others pass through); its scheduler `request` budgets for every beam."""
         sp = greq.sampling_params
         if not sp.use_beam_search:
-            return
+            return request
         end_ids = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.eos_token_ids)
         decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else str
         request.beam_width = sp.beam_width
         self.groups[request.request_id] = _Group(BeamState(sp, end_ids, decode), greq)
+        return request
 
     def extra_inputs(self, seq: Any) -> list[SequenceInput]:
         """The other beams' rows for a scheduled leader `seq` (a ScheduledSequence); allocates their slots."""

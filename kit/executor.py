@@ -94,10 +94,9 @@ class Executor:
         self.build_config = bc
         self.tokenizer = tokenizer
         self.vocab_size = engine.config.vocab_size
-        # NOTE: every beam of a beam-search request holds blocks of its own (kit/beam_search.py)
         num_blocks = num_kv_blocks(kvc, bytes_per_token=engine.kv_bytes_per_token, block_size=bc.block_size,
-                                   max_batch_size=bc.max_batch_size * bc.max_beam_width, max_seq_len=bc.max_seq_len,
-                                   device=engine.device)
+                                   max_batch_size=bc.max_batch_size * bc.max_beam_width,  # each beam holds blocks
+                                   max_seq_len=bc.max_seq_len, device=engine.device)
         self.kv_cache_manager = KVCacheManager(num_blocks, bc.block_size, kvc.enable_block_reuse,
                                                bytes_per_token=engine.kv_bytes_per_token)
         self.kv_cache = engine.allocate_kv_cache(num_blocks, bc.block_size)
@@ -248,9 +247,8 @@ class Executor:
             aborts, self._aborts = self._aborts, []
         for greq, result in inbox:
             try:  # NOTE: a request that cannot be admitted fails alone; the others go on
-                req = self.output_processor.add(greq, result)
-                self.beam_search.add(greq, req)  # beam search: budgets for every beam (kit/beam_search.py)
-                self.scheduler.add_request(req)
+                # beam search (kit/beam_search.py): the request budgets for every beam
+                self.scheduler.add_request(self.beam_search.add(greq, self.output_processor.add(greq, result)))
             except Exception as e:  # noqa: BLE001
                 state = self.output_processor.states.get(greq.request_id)
                 if state is not None:
@@ -305,8 +303,7 @@ class Executor:
             mode = "all" if want_prompt else ("last" if s.is_last_chunk else "none")
             n = len(s.token_ids) if mode == "all" else int(mode == "last")
             seqs.append(SequenceInput(s.token_ids, s.num_computed_tokens, s.block_table, mode))
-            extra = self.beam_search.extra_inputs(s)  # beam search: the other beams' rows (kit/beam_search.py)
-            seqs.extend(extra)
+            seqs.extend(extra := self.beam_search.extra_inputs(s))  # beam search: the other beams' rows
             n += len(extra)
             rows.append((row, n, want_prompt))
             row += n
