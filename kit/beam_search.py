@@ -29,6 +29,7 @@ leader's new token to the scheduler. A beam request is decided whole within one 
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from dataclasses import dataclass, field
@@ -141,6 +142,12 @@ class BeamHistory:
             r = self.rows[i]
         return chain[::-1]
 
+    def _repr_html_(self) -> str:
+        f = self.frame()
+        head = (f"<b>BeamHistory</b> &middot; beam width {self.beam_width}, length penalty {self.length_penalty} &middot; "
+                f"{int(f['step'].max()) if len(f) else 0} steps, {int((f['kind'] == 'finished').sum())} finished")
+        return head + f.loc[f["rank"] >= 0].to_html(index=False, border=0)
+
 
 class BeamState:
     """The search of one request, on logits rows: `step(logits)` once per generated position."""
@@ -217,6 +224,16 @@ class BeamState:
     def outputs(self) -> list[Hypothesis]:
         """The best `n` finished hypotheses, best first."""
         return self.finished[:self.num_return]
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{i}</td><td>{float(sc):.4f}</td><td>{html.escape(str(toks[-8:]))}</td></tr>"
+                       for i, (sc, toks) in enumerate(zip(self.scores.tolist(), self.tokens)))
+        fin = "".join(f"<tr><td>{h.score:.4f}</td><td>{h.cumulative_logprob:.4f}</td><td>{len(h.tokens)}</td></tr>"
+                      for h in self.finished)
+        return (f"<b>BeamState</b> &middot; width {self.beam_width}, step {self.num_generated}/{self.max_tokens}, "
+                f"{'done' if self.done else 'running'} &middot; length_penalty {self.length_penalty}, early_stopping "
+                f"{self.early_stopping!r}<table><tr><th>beam</th><th>logprob sum</th><th>last tokens</th></tr>{rows}"
+                f"</table><table><tr><th>finished score</th><th>logprob sum</th><th>tokens</th></tr>{fin}</table>")
 
     def _record(self, step: int, beam: int, parent: int, token: int, cum: float, score: float | None) -> None:
         self.history.rows.append({"step": step, "beam": beam, "parent": parent if step > 1 else -1, "token": token,
@@ -342,3 +359,7 @@ class BeamSearch:
 
     def __repr__(self) -> str:
         return f"BeamSearch({len(self.groups)} beam requests in flight)"
+
+    def _repr_html_(self) -> str:
+        return f"<b>BeamSearch</b> &middot; {len(self.groups)} beam requests in flight" + "".join(
+            g.state._repr_html_() for g in list(self.groups.values())[:4])

@@ -220,6 +220,7 @@ def test_early_stopping_true_ends_once_beam_width_hypotheses_finished():
         chain = s.history.path(rank)
         assert [s.history.rows[i]["token"] for i in chain] == s.outputs()[rank].tokens
         assert s.history.rows[chain[0]]["parent"] == -1
+    assert "BeamState" in s._repr_html_() and "done" in s._repr_html_() and "BeamHistory" in s.history._repr_html_()
 
 
 # ------------------------------------------------------------------ refusals
