@@ -76,24 +76,34 @@ def test_token_identical_to_hf_on_tiny_checkpoints(family, tiny_checkpoints):
         assert llm.kv_cache_manager.num_used_blocks == 0
 
 
-def test_token_identical_to_hf_on_smollm2(smollm2):
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2):
+    """The embedded SmolLM2 as a Hugging Face model (fp32) and as a kit LLM with beam width 4."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = {k: v for k, v in smollm2.config.to_hf_config().items() if k != "architectures"}
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), attn_implementation="eager").eval()
     hf.load_state_dict(smollm2.weights, strict=False)  # lm_head is tied to the embedding
     hf.tie_weights()
-    tok = smollm2.tokenizer
-    stop = tok.encode(".")[-1]
     bc = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128, max_num_tokens=16, block_size=16,
                      max_beam_width=4)
     with LLM(smollm2, device="cpu", build_config=bc) as llm:
-        for text in ("The capital of France is", "def fibonacci(n):"):
-            prompt = tok.encode(text)
-            for lp, es, n in [(1.0, False, 4), (0.0, True, 2)]:
-                out = check_against_hf(llm, hf, prompt, lp, es, n, stop)
-                assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)
-        assert llm.kv_cache_manager.num_used_blocks == 0
+        yield hf, llm
+
+
+@pytest.mark.parametrize("text,lp,es,n", [
+    ("The capital of France is", 1.0, False, 4),
+    pytest.param("The capital of France is", 0.0, True, 2, marks=pytest.mark.slow),
+    pytest.param("def fibonacci(n):", 1.0, False, 4, marks=pytest.mark.slow),
+    pytest.param("def fibonacci(n):", 2.0, "never", 3, marks=pytest.mark.slow),
+])
+def test_token_identical_to_hf_on_smollm2(smollm2_pair, text, lp, es, n):
+    hf, llm = smollm2_pair
+    tok = llm.tokenizer
+    stop = tok.encode(".")[-1]  # an extra end token, so that hypotheses finish before 24 tokens
+    out = check_against_hf(llm, hf, tok.encode(text), lp, es, n, stop)
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)
+    assert llm.kv_cache_manager.num_used_blocks == 0
 
 
 @pytest.mark.parametrize("prefix", [False, True])
