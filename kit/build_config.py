@@ -50,8 +50,7 @@ class BuildConfig:
         if self.opt_batch_size is not None and not 1 <= self.opt_batch_size <= self.max_batch_size:
             raise ValueError(f"BuildConfig.opt_batch_size must be in [1, max_batch_size={self.max_batch_size}], "
                              f"got {self.opt_batch_size}")
-        if self.max_beam_width != 1:
-            raise ValueError(f"BuildConfig.max_beam_width: only 1 (no beam search) is supported, got {self.max_beam_width}")
+        # max_beam_width > 1 enables beam search (SamplingParams(use_beam_search=True, best_of=<= this))
         if self.kv_cache_type != "paged":
             raise ValueError(f"BuildConfig.kv_cache_type must be 'paged', got {self.kv_cache_type!r}")
         if self.dtype not in _DTYPES:

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from kit.batch import ForwardBatch, SequenceInput
+from kit.beam_search import BeamSearch, check_beam_request
 from kit.engine import Engine
 from kit.kv_cache import KVCacheManager
 from kit.kv_cache_config import KvCacheConfig, num_kv_blocks
@@ -94,7 +95,8 @@ class Executor:
         self.tokenizer = tokenizer
         self.vocab_size = engine.config.vocab_size
         num_blocks = num_kv_blocks(kvc, bytes_per_token=engine.kv_bytes_per_token, block_size=bc.block_size,
-                                   max_batch_size=bc.max_batch_size, max_seq_len=bc.max_seq_len, device=engine.device)
+                                   max_batch_size=bc.max_batch_size * bc.max_beam_width,  # each beam holds blocks
+                                   max_seq_len=bc.max_seq_len, device=engine.device)
         self.kv_cache_manager = KVCacheManager(num_blocks, bc.block_size, kvc.enable_block_reuse,
                                                bytes_per_token=engine.kv_bytes_per_token)
         self.kv_cache = engine.allocate_kv_cache(num_blocks, bc.block_size)
@@ -106,6 +108,7 @@ class Executor:
         self.eos_token_ids = tuple(engine.config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ())
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device)
+        self.beam_search = BeamSearch(self.kv_cache_manager, self.kv_cache, self.eos_token_ids, tokenizer)
         self.record_kv_cache = record_kv_cache
         self._stats: deque[dict[str, Any]] = deque(maxlen=max_stats_rows)
         self._kv_snapshots: deque[pd.DataFrame] = deque(maxlen=max_stats_rows)
@@ -144,6 +147,7 @@ class Executor:
         if bad:
             raise ValueError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         sp.check_vocab(self.vocab_size)
+        check_beam_request(request, bc.max_beam_width, cfg.policy)  # beam search (kit/beam_search.py)
 
     def submit(self, request: GenerationRequest) -> GenerationResult:
         """Queue a request; raises TypeError / ValueError at once for one the engine cannot take."""
@@ -243,7 +247,8 @@ class Executor:
             aborts, self._aborts = self._aborts, []
         for greq, result in inbox:
             try:  # NOTE: a request that cannot be admitted fails alone; the others go on
-                self.scheduler.add_request(self.output_processor.add(greq, result))
+                # beam search (kit/beam_search.py): the request budgets for every beam
+                self.scheduler.add_request(self.beam_search.add(greq, self.output_processor.add(greq, result)))
             except Exception as e:  # noqa: BLE001
                 state = self.output_processor.states.get(greq.request_id)
                 if state is not None:
@@ -258,6 +263,7 @@ class Executor:
             for sid in self.output_processor.live_request_ids(state):
                 self.scheduler.finish(sid, RequestStatus.FINISHED_ABORTED)
                 self.output_processor.end(sid, RequestStatus.FINISHED_ABORTED)
+            self.beam_search.release(rid)  # beam search: the other beams' blocks
             self._publish(state, final=True)
 
     # ------------------------------------------------------------------- step
@@ -273,6 +279,8 @@ class Executor:
         sampling_rows = self._collect_rows(out, logits, rows)
         tokens = self._sample(logits, sampling_rows)
         sampled, verdicts, touched = self._apply_tokens(sampling_rows, tokens)
+        # beam search (kit/beam_search.py): beam requests take their rows here, in this synchronous step
+        self.beam_search.advance(out, logits, rows, self.scheduler, self.output_processor, sampled, verdicts, touched)
         finished = self.scheduler.update(out, sampled, verdicts)
         for rid in finished:  # verdicts are already applied; this only covers the scheduler's length guard
             self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
@@ -295,6 +303,8 @@ class Executor:
             mode = "all" if want_prompt else ("last" if s.is_last_chunk else "none")
             n = len(s.token_ids) if mode == "all" else int(mode == "last")
             seqs.append(SequenceInput(s.token_ids, s.num_computed_tokens, s.block_table, mode))
+            seqs.extend(extra := self.beam_search.extra_inputs(s))  # beam search: the other beams' rows
+            n += len(extra)
             rows.append((row, n, want_prompt))
             row += n
         return ForwardBatch.build(seqs, self.kv_cache_manager.block_size, device=self.engine.device), rows
@@ -306,7 +316,7 @@ class Executor:
         for s, (first, n, prompt_rows) in zip(out.scheduled, rows):
             if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
                 self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)])
-            if s.is_last_chunk:
+            if s.is_last_chunk and not self.beam_search.owns(s.request_id):  # beam rows: BeamSearch.advance
                 state, _ = self.output_processor.owner(s.request_id)
                 for c in self.output_processor.sampling_rows(s.request_id):
                     picks.append((s.request_id, state, c, first + n - 1))
@@ -412,6 +422,7 @@ class Executor:
         """End one request with `error`: free its blocks, raise the error from its result."""
         for sid in self.output_processor.live_request_ids(state):
             self.scheduler.finish(sid, RequestStatus.FINISHED_ERROR)
+        self.beam_search.release(state.greq.request_id)  # beam search: the other beams' blocks
         self.output_processor.fail(state, error)
         self._forget(state.greq.request_id)
 

@@ -72,6 +72,7 @@ class RequestState:
         self.first_token_time: float | None = None
         self.num_cached_tokens = 0
         self.error: str | None = None
+        self.beam_history: Any = None  # beam search: a kit.beam_search.BeamHistory once finished
 
     @property
     def finished(self) -> bool:
@@ -245,6 +246,8 @@ class OutputProcessor:
         metrics = {"arrival_time": state.arrival, "first_token_time": state.first_token_time,
                    "finished_time": time.monotonic() if final else None,
                    "num_cached_tokens": state.num_cached_tokens}
+        if state.beam_history is not None:  # beam search (kit/beam_search.py): parent pointers of every step
+            metrics["beam_history"] = state.beam_history
         state.result.publish(RequestOutput(state.greq.request_id, state.greq.prompt, list(state.greq.prompt_token_ids),
                                            outputs, final, state.prompt_logprobs, metrics, error=state.error))
 

@@ -86,6 +86,7 @@ class Request:
     # NOTE: a request that needs the logits of every prompt position (prompt_logprobs) must
     # compute its whole prompt, so it opts out of prefix-cache hits (as vLLM does)
     use_prefix_cache: bool = True
+    beam_width: int = 1  # beams decoded together (kit/beam_search.py): the scheduler budgets tokens and blocks for all
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

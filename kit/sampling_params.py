@@ -84,6 +84,13 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs per generated token; 0 = sampled token only
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # ---- beam search (TensorRT-LLM names; kit/beam_search.py runs it) ----
+    use_beam_search: bool = False
+    best_of: int | None = None  # beams (use_beam_search) of which the best n are returned; None: n
+    length_penalty: float | None = None  # score = sum logprobs / generated_len ** length_penalty; None: 0.0
+    early_stopping: bool | int | str | None = None  # True/1: stop once best_of hypotheses end; False/0:
+    # stop when no running beam can still beat them (HF heuristic); "never": canonical; None: 1 (TensorRT-LLM)
+    beam_search_diversity_rate: float | None = None  # None or 0 only (diverse beam search is not supported)
 
     def __post_init__(self) -> None:
         # NOTE: frozen, so normalisation goes through object.__setattr__. Every field is checked for
@@ -119,6 +126,35 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 put(name, _int(name, getattr(self, name), f"None or an int in [0, {MAX_LOGPROBS}]", 0, MAX_LOGPROBS))
+        self._check_beam_fields(put)
+
+    def _check_beam_fields(self, put) -> None:
+        """The beam-search fields (types and ranges; what beam search can combine with is checked at submit)."""
+        if not isinstance(self.use_beam_search, (bool, np.bool_)):
+            raise _bad("use_beam_search", "a bool", self.use_beam_search)
+        put("use_beam_search", bool(self.use_beam_search))
+        if self.best_of is not None:
+            put("best_of", _int("best_of", self.best_of, f"None or an int >= n={self.n}", self.n))
+            if self.best_of > self.n and not self.use_beam_search:
+                raise _bad("best_of", f"None or n={self.n} without use_beam_search=True (the kit returns every "
+                           "sample it draws; best_of > n is the beam width of a beam search)", self.best_of)
+        if self.length_penalty is not None:
+            put("length_penalty", _real("length_penalty", self.length_penalty, "None or a finite float",
+                                        lambda v: True))
+        es = self.early_stopping
+        if not (es is None or isinstance(es, (bool, np.bool_)) or es == "never" or (is_int(es) and es in (0, 1))):
+            raise _bad("early_stopping", "None, True/1, False/0 or 'never'", es)
+        if es is not None and es != "never":
+            put("early_stopping", bool(es))
+        rate = self.beam_search_diversity_rate
+        if rate is not None and (isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real)
+                                 or float(rate) != 0.0):
+            raise _bad("beam_search_diversity_rate", "None or 0.0 (diverse beam search is not supported)", rate)
+
+    @property
+    def beam_width(self) -> int:
+        """Beams searched together: best_of (or n) with use_beam_search, else 1."""
+        return (self.best_of or self.n) if self.use_beam_search else 1
 
     def check_vocab(self, vocab_size: int) -> None:
         """Refuse token ids outside the vocabulary (checked at submit, when the vocabulary is known)."""

@@ -52,6 +52,7 @@ from collections import deque
 from operator import itemgetter
 from typing import Mapping
 
+from kit.beam_search import beam_extra_blocks, beam_tokens
 from kit.kv_cache import KVCacheManager
 from kit.request import Request, RequestStatus, length_finished
 from kit.scheduler_output import ScheduledSequence, SchedulerConfig, SchedulerOutput, SchedulerPolicy
@@ -188,7 +189,8 @@ class Scheduler:
         return max(total, request.num_tokens + 1) - 1
 
     def _num_budget_blocks(self, request: Request) -> int:
-        return self.kv_cache_manager.num_blocks_for(self._max_kv_tokens(request))
+        max_kv = self._max_kv_tokens(request)  # beam search: plus the other beams' blocks (kit/beam_search.py)
+        return self.kv_cache_manager.num_blocks_for(max_kv) + beam_extra_blocks(request, self.kv_cache_manager.block_size, max_kv)
 
     # ---- one step -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -205,7 +207,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = self._num_tokens_to_schedule(req, req.num_computed_tokens, budget)
-            if n == 0:
+            cost = beam_tokens(req, n)  # beam search: every beam computes its token (kit/beam_search.py)
+            if n == 0 or cost > budget:
                 starved = True
                 continue
             while kv.allocate_slots(req, n) is None:
@@ -221,7 +224,7 @@ class Scheduler:
                     break
             else:
                 entries[req.request_id] = (req, n, was_prefill)
-                budget -= n
+                budget -= cost
         # 2. waiting requests (not in a step that preempted: the pool is short already)
         if not preempted and not starved:
             budget = self._admit(budget, entries)
@@ -271,6 +274,7 @@ class Scheduler:
                 break  # token budget: strict FCFS
             if guaranteed:
                 need = kv.get_num_blocks_to_allocate(req, self._max_kv_tokens(req), computed)
+                need += beam_extra_blocks(req, kv.block_size, self._max_kv_tokens(req))  # beam search
                 if reserved + need > kv.num_free_blocks:
                     break  # head-of-line blocking
             if kv.allocate_slots(req, n, computed) is None:
@@ -328,7 +332,7 @@ class Scheduler:
             if was_prefill:
                 num_prefill += n
             else:
-                num_decode += n
+                num_decode += beam_tokens(req, n)  # beam search: one token per beam
         rejected, self._rejected = tuple(self._rejected), []
         return SchedulerOutput(
             scheduled=tuple(seqs), num_prefill_tokens=num_prefill, num_decode_tokens=num_decode,

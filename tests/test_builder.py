@@ -19,7 +19,7 @@ SMALL = dict(max_batch_size=4, max_input_len=32, max_seq_len=64, max_num_tokens=
 
 
 @pytest.mark.parametrize("field,value", [("max_batch_size", 0), ("max_input_len", 4096), ("opt_batch_size", 99),
-                                         ("dtype", "int3"), ("profiling_verbosity", "loud"), ("max_beam_width", 2),
+                                         ("dtype", "int3"), ("profiling_verbosity", "loud"), ("max_beam_width", 0),
                                          ("kv_cache_type", "contiguous"), ("cuda_graph_batch_sizes", (0,))])
 def test_build_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -79,7 +79,7 @@ def test_is_greedy_to_dict_and_html():
     assert not SamplingParams(temperature=0.7).is_greedy
     assert not SamplingParams(temperature=0.7, top_k=-1).is_greedy
     p = SamplingParams(temperature=0.5, stop="END")
-    assert p.to_dict()["stop"] == ("END",) and len(p.to_dict()) == 17
+    assert p.to_dict()["stop"] == ("END",) and len(p.to_dict()) == 22  # 17 + 5 beam-search fields
     html = p._repr_html_()
     assert "temperature" in html and "stop" in html and "top_p" not in html
 
