@@ -22,12 +22,12 @@ int4, per group g of G input channels (G = group_size, the loop's step):
 
     p    = packed bytes (BLOCK_N, G/2)          <- HBM, once
     lo   = p & 0xF,  hi = p >> 4                columns k0 .. k0+G/2, k0+G/2 .. k0+G (half-split)
-    bf16 = bitcast(0x4300 | code) = 128 + code  (exact: no int->float conversion instruction)
-    part = lo @ x[k0 : k0+G/2]^T + hi @ x[k0+G/2 : k0+G]^T        (tensor cores, fp32)
-    acc += s_g * (part - (z_g + 128) * sum(x[k0 : k0+G]))          (per (n, m), not per weight)
+    w    = bitcast(0x4300 | code) - (128 + z)  = code - z, exactly, in bf16 (no int->float convert)
+    part = w_lo @ x[k0 : k0+G/2]^T + w_hi @ x[k0+G/2 : k0+G]^T    (tensor cores, fp32)
+    acc += s_g * part                                              (per (n, m), not per weight)
 
-i.e. (code - z) * s is never formed per weight: the zero point and the scale act on
-the group's partial sum. int8 / fp8 codes convert exactly to bf16; their per-row scale
+i.e. (code - z) * s is never formed per weight: the scale acts on the group's partial
+sum (z = 8 without zero points). int8 / fp8 codes convert exactly to bf16; their per-row scale
 (and fp8's activation scale) multiply the accumulator once at the end. Every variant
 computes the same dequantized product as the reference, up to float32 summation order.
 
@@ -55,7 +55,6 @@ __all__ = ["stream_gemm", "new_counters", "m_bucket", "STREAM_MAX_M", "KINDS", "
 
 STREAM_MAX_M = 64  # the kernel's largest token count (BLOCK_M up to 64)
 KINDS = {"int8": 0, "int4": 1, "fp8": 2}
-FP8_MAX = 448.0
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's tile
 
 
@@ -71,6 +70,15 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr):
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _sub(a, b, DOT_F32: tl.constexpr):
+    """a - b in their 16-bit dtype (exact here: small integers). NOTE: the interpreter computes bf16
+    arithmetic wrongly, so on the CPU (DOT_F32) it is done in float32, with the same result."""
+    if DOT_F32:
+        return a.to(tl.float32) - b.to(tl.float32)
+    return a - b
 
 
 @triton.jit
@@ -126,7 +134,7 @@ def _stream_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_cols + offs_k[:, None], mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=0))
-        xs = tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)  # (BLOCK_M,)
+        xs = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # (BLOCK_M,)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     if WKIND == 1:
@@ -140,21 +148,22 @@ def _stream_kernel(
             if HAS_PQS:  # AWQ's pre_quant_scale, rounded to the compute dtype as a separate multiply would be
                 x_lo = (x_lo.to(tl.float32) * tl.load(pqs_ptr + k0 + offs_h).to(tl.float32)[:, None]).to(DT)
                 x_hi = (x_hi.to(tl.float32) * tl.load(pqs_ptr + k0 + HALF + offs_h).to(tl.float32)[:, None]).to(DT)
-            if MAGIC != 0:  # 0x4300 | u is bf16 128 + u (0x6400 | u: fp16 1024 + u)
-                w_lo = ((p & 0xF).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True)
-                w_hi = ((p >> 4).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True)
-            else:
-                w_lo = (p & 0xF).to(tl.float32).to(DT)
-                w_hi = (p >> 4).to(tl.float32).to(DT)
-            part = _mma(w_lo, x_lo, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)
-            part = _mma(w_hi, x_hi, part, DOT_F32)  # (BLOCK_N, BLOCK_M): sum of (code + MAGIC_BIAS) * x
-            xsum = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)  # (BLOCK_M,)
-            s = tl.load(s_ptr + st * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            # code - zero, exactly, in the compute dtype: small integers (-15 .. 15) are exact in bf16
             if HAS_ZERO:
-                z = tl.load(z_ptr + st * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC_BIAS
-                acc += s[:, None] * (part - z[:, None] * xsum[None, :])
+                zc = (tl.load(z_ptr + st * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC_BIAS).to(DT)
+                zc = zc[:, None]
             else:
-                acc += s[:, None] * (part - (8.0 + MAGIC_BIAS) * xsum[None, :])
+                zc = tl.full((1, 1), 8.0 + MAGIC_BIAS, DT)
+            if MAGIC != 0:  # 0x4300 | u is bf16 128 + u (0x6400 | u: fp16 1024 + u): no int -> float convert
+                w_lo = _sub(((p & 0xF).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
+                w_hi = _sub(((p >> 4).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
+            else:
+                w_lo = _sub((p & 0xF).to(tl.float32).to(DT), zc, DOT_F32)
+                w_hi = _sub((p >> 4).to(tl.float32).to(DT), zc, DOT_F32)
+            part = _mma(w_lo, x_lo, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)
+            part = _mma(w_hi, x_hi, part, DOT_F32)  # (BLOCK_N, BLOCK_M): sum of (code - zero) * x
+            s = tl.load(s_ptr + st * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += s[:, None] * part  # the group's scale, once per output instead of once per weight
     else:
         offs_kb = tl.arange(0, BLOCK_K)
         for st in range(s_lo, s_hi):
@@ -163,9 +172,9 @@ def _stream_kernel(
             w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             xt = tl.load(x_cols + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None], other=0.0)
             if XQ == 1:
-                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs), -FP8_MAX, FP8_MAX), DT, DOT_F32)
+                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs), -448.0, 448.0), DT, DOT_F32)
             elif XQ == 2:
-                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs[None, :]), -FP8_MAX, FP8_MAX), DT,
+                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs[None, :]), -448.0, 448.0), DT,
                                 DOT_F32)
             if WKIND == 0:  # NOTE: int8 -> float32 -> bf16 (both exact; a direct cast is wrong in the interpreter)
                 w = w.to(tl.float32)
