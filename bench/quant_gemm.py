@@ -1,6 +1,6 @@
 """Quantized GEMMs and quantized decode steps against bf16, on one CUDA GPU in one run; writes JSON.
 
-    python bench/quant_gemm.py --out bench/results/quant_gemm_h100.json      # H100: within --budget-s 150
+    python bench/quant_gemm.py --out bench/results/quant_stream_h100.json    # H100: within --budget-s 150
     python bench/quant_gemm.py --smoke --out /tmp/quant_gemm_smoke.json       # CPU, Triton interpreter
 
 1. `copy_GBps`: a device-to-device copy of 1 GiB (read + write bytes / time), the bandwidth

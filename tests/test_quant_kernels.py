@@ -6,6 +6,11 @@ shapes and explicit tiles; on a GPU (marked gpu) with the autotuned ones."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,6 +219,48 @@ def test_fp8_layer_streams_small_m_with_the_references_numerics(fast_on_cpu, alg
     for m in (1, 3, fast.stream_max_m):
         x = acts(m, k=64)
         assert_rounded_once(fast(x), ref.forward_reference(x))
+
+
+# ------------------------------------------------------------------ compiled for Hopper, without a GPU
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kit.quantization.stream_gemm import _stream_kernel
+from kit.quantization.triton_gemm import _dequantize_kernel
+
+def compile(fn, sig, consts, warps, stages):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return "wgmma" if "wgmma" in k.asm["ptx"] else "mma.sync" if "mma.sync" in k.asm["ptx"] else "none"
+
+for wkind, xq, zero, split, bm, bn, warps in [(1, 0, True, 4, 16, 64, 4), (1, 0, False, 1, 16, 16, 4),
+                                              (0, 0, False, 8, 16, 128, 8), (2, 2, False, 2, 64, 128, 8)]:
+    w = {0: "*i8", 1: "*u8", 2: "*fp8e4nv"}[wkind]
+    s = "*fp16" if wkind == 1 else "*fp32"
+    sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "z_ptr": "*u8", "xs_ptr": "*fp32", "pqs_ptr": "*bf16",
+           "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{a: "i32" for a in (
+           "M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym")}}
+    consts = dict(WKIND=wkind, GROUP=128 if wkind == 1 else 0, HAS_ZERO=zero, HAS_PQS=wkind == 1, XQ=xq,
+                  MAGIC=0x4300 if wkind == 1 else 0, MAGIC_BIAS=128.0 if wkind == 1 else 0.0, DOT_F32=False,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split)
+    print(wkind, bn, compile(_stream_kernel, sig, consts, warps, 3))
+sig = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
+print("dequant", compile(_dequantize_kernel, sig, dict(INT4=True, GROUP=128, HAS_ZERO=True, BLOCK_N=64, BLOCK_K=128), 4, 1))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU run compiles the kernels for real")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Triton's compiler and ptxas build sm_90 code on the CPU: the interpreter accepts things the
+    compiler does not (globals, dtypes), so the CPU suite checks the real compile too."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    res = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.split("\n")
+    assert lines[:5] == ["1 64 wgmma", "1 16 mma.sync", "0 128 wgmma", "2 128 wgmma", "dequant none"], res.stdout
 
 
 # ------------------------------------------------------------------ GPU
