@@ -7,9 +7,9 @@
    the fractions below are taken of.
 2. `gemm`: Llama-3.1-8B's (then Llama-3.2-1B's) linears (fused qkv, o, fused gate/up, down,
    and the 8B's lm_head) at M = 1, 4, 16, 64, 256 tokens, one row per scheme and variant:
-   bf16 `F.linear` (cuBLAS); FP8 per tensor and FP8 per channel/token as `stream` (the
-   Triton weight-streaming kernel, activations quantized in its prologue) and `scaled_mm`
-   (`quantize_rows` + `torch._scaled_mm`); W8A16 and W4A16 (AWQ layout: with
+   bf16 `F.linear` (cuBLAS); FP8 per tensor (and with `--fp8-per-token` FP8 per channel/token)
+   as `stream` (the Triton weight-streaming kernel, activations quantized in its prologue) and
+   `scaled_mm` (`quantize_rows` + `torch._scaled_mm`); W8A16 and W4A16 (AWQ layout: with
    `pre_quant_scale` on o/down; GPTQ layout: with zero points) as `stream` and, from M=16,
    `dequant` (dequantize to bf16 + cuBLAS). Columns: `us` (median of CUDA-graph replays,
    autotuning done before), `weight_GBps`, `frac_copy_bw`, `speedup_vs_bf16`, `path`,
@@ -63,8 +63,6 @@ L2_BYTES = 50 * 2**20
 GEMM_VARIANTS: list[tuple[str, QuantAlgo | None, str | None, dict]] = [
     ("bf16", None, None, {}),
     ("FP8", QuantAlgo.FP8, "stream", {}), ("FP8", QuantAlgo.FP8, "scaled_mm", {}),
-    ("FP8_PC_PT", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "stream", {}),
-    ("FP8_PC_PT", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, "scaled_mm", {}),
     ("W8A16", QuantAlgo.W8A16, "stream", {}), ("W8A16", QuantAlgo.W8A16, "dequant", {}),
     ("W4A16_AWQ", QuantAlgo.W4A16_AWQ, "stream", {}), ("W4A16_AWQ", QuantAlgo.W4A16_AWQ, "dequant", {}),
     ("W4A16_GPTQ", QuantAlgo.W4A16_GPTQ, "stream", {"has_zero_point": True}),
@@ -74,6 +72,7 @@ DECODE_SCHEMES: dict[str, dict | None] = {
     "int4_awq": {"quant_algo": QuantAlgo.W4A16_AWQ},
     "int4_awq+lm_head": {"quant_algo": QuantAlgo.W4A16_AWQ, "quantize_lm_head": True},
 }
+FP8_PER_TOKEN_VARIANTS = [("FP8_PC_PT", QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, v, {}) for v in ("stream", "scaled_mm")]
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -123,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--parts", nargs="+", default=["gemm", "decode"], choices=["gemm", "decode"])
     p.add_argument("--budget-s", type=float, default=150.0, help="start no new part after this many seconds")
-    p.add_argument("--rep", type=int, default=20, help="ms of CUDA-graph replays per measurement")
+    p.add_argument("--rep", type=int, default=10, help="ms of CUDA-graph replays per measurement")
+    p.add_argument("--fp8-per-token", action="store_true", help="also time FP8_PER_CHANNEL_PER_TOKEN's variants")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter): a dry run")
     return p.parse_args(argv)
 
@@ -181,10 +181,14 @@ class Runner:
         shapes = linear_shapes(config, not config.tie_word_embeddings)
         if self.args.smoke:  # a dry run: one linear with and one without AWQ's pre_quant_scale
             shapes = {s: shapes[s] for s in ("qkv_proj", "down_proj")}
+        variants = GEMM_VARIANTS + (FP8_PER_TOKEN_VARIANTS if self.args.fp8_per_token or self.args.smoke else [])
         for lin_name, (n, k, pqs) in shapes.items():
+            if self.left() <= 0:
+                self.out["skipped"].append(f"gemm {model} {lin_name}")
+                continue
             w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
             base: dict[int, float] = {}
-            for name, algo, variant, extra in GEMM_VARIANTS:
+            for name, algo, variant, extra in variants:
                 if algo is None:
                     copies = max(1, min(32, math.ceil(4 * L2_BYTES / (2 * n * k)))) if self.cuda else 1
                     ws = [w] + [w.clone() for _ in range(copies - 1)]

@@ -21,7 +21,8 @@ from kit.quantization import linear as linear_mod
 from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
 
 triton = pytest.importorskip("triton")
-from kit.quantization.stream_gemm import STREAM_MAX_M, new_counters, stream_gemm  # noqa: E402
+from kit.quantization.stream_gemm import (_CONFIGS, STREAM_MAX_M, _max_split, _prune, new_counters,  # noqa: E402
+                                          stream_gemm)
 from kit.quantization.triton_gemm import dequantize  # noqa: E402
 
 N, K = 48, 128
@@ -154,6 +155,17 @@ def test_stream_gemm_rejects_what_it_cannot_run():
         stream_gemm(acts(1), q, s, kind="fp8", out_features=N, counters=c)
     with pytest.raises(ValueError, match="kind 'int2'"):
         stream_gemm(acts(1), q, s, kind="int2", out_features=N, counters=c)
+
+
+def test_autotuning_candidates_split_k_only_where_the_tiles_do_not_fill_the_gpu():
+    def kept(n, k, wkind, group=128, bm=16):
+        return {(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in _prune(_CONFIGS[bm], {"N": n, "K": k},
+                                                                           WKIND=wkind, GROUP=group)}
+    lm_head = kept(128256, 4096, 1)  # 8016 tiles of 16 rows: plenty of programs
+    assert {s for _, s in lm_head} == {1} and _max_split(16, 128256, 4096, 1, 128) == 1
+    down = kept(4096, 14336, 1)  # Llama-3.1-8B down_proj: 64 tiles of 64 rows for 132 SMs
+    assert (64, 4) in down and (128, 8) in down and _max_split(16, 4096, 14336, 1, 128) == 8
+    assert max(s for _, s in kept(4096, 256, 0)) == 1  # 2 steps of K: nothing to split
 
 
 # ------------------------------------------------------------------ dequantize (prefill), interpreter

@@ -221,7 +221,6 @@ _CONFIGS = {
     64: [_cfg(64, 64, 1, stages=3), _cfg(64, 64, 2, stages=3), _cfg(64, 128, 1, warps=8, stages=3),
          _cfg(64, 128, 2, warps=8, stages=3), _cfg(64, 128, 4, warps=8, stages=3)],
 }
-MAX_SPLIT = max(c.kwargs["SPLIT_K"] for cs in _CONFIGS.values() for c in cs)
 _NUM_SMS = 132  # H100 SXM; the pruning only needs its order of magnitude
 
 
@@ -241,6 +240,12 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             seen.add(sig)
             out.append(c)
     return out or configs[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _max_split(bm: int, n: int, k: int, wkind: int, group: int) -> int:
+    """The largest SPLIT_K the autotuner may pick for this shape: what the workspace must hold."""
+    return max(c.kwargs["SPLIT_K"] for c in _prune(_CONFIGS[bm], {"N": n, "K": k}, WKIND=wkind, GROUP=group))
 
 
 _KEY = ["M_BUCKET", "N", "K", "WKIND", "GROUP", "XQ"]
@@ -295,13 +300,17 @@ def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: 
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     bucket = m_bucket(M)
     bm = 16 if bucket <= 16 else bucket
-    split_max = (config or {}).get("SPLIT_K", MAX_SPLIT)
+    group = group_size if kind == "int4" else 0
+    if config is None and x.is_cuda:
+        split_max = _max_split(bm, N, K, KINDS[kind], group)
+    else:
+        split_max = dict(DEFAULT_CONFIG, **(config or {}))["SPLIT_K"]
     ws = torch.empty(split_max * M * N if split_max > 1 else 1, device=x.device, dtype=torch.float32)
     z = zero if zero is not None else scale  # any pointer where unused
     pqs = pre_quant_scale if pre_quant_scale is not None else scale
     xs = x_scale if x_scale is not None else scale
     args = (x, w, scale, z, xs, pqs, y, ws, counters, M, N, K, bucket, x.stride(0), w.stride(0), y.stride(0))
-    consts = dict(WKIND=KINDS[kind], GROUP=group_size if kind == "int4" else 0, HAS_ZERO=zero is not None,
+    consts = dict(WKIND=KINDS[kind], GROUP=group, HAS_ZERO=zero is not None,
                   HAS_PQS=pre_quant_scale is not None, XQ=xq, MAGIC=magic_word, MAGIC_BIAS=magic_bias,
                   DOT_F32=not x.is_cuda)
 
