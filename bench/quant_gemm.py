@@ -205,12 +205,14 @@ class Runner:
                     for lin in layers:
                         lin.stream_max_m = 64 if variant == "stream" else 0
                     ref = build_linear({f"l.{s}": t for s, t in st.items()}, ["l"], qc, force_reference=True, **kw)
-                    path, nbytes = first.path, first.weight_bytes
+                    path = {"stream": "triton stream_gemm", "dequant": "triton dequantize + cuBLAS"}.get(
+                        variant, first.path.split(" / ")[-1])
+                    nbytes = first.weight_bytes
                 for m in self.args.ms:
                     if (variant == "stream" and m > 64) or (variant == "dequant" and m < 16):
                         continue
                     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                    us = self.time_ms(lambda: [lin(x) for lin in layers]) * 1e3 / len(layers)
+                    us = self.time_ms(lambda ls=layers, x=x: [lin(x) for lin in ls]) * 1e3 / len(layers)
                     if algo is None:
                         base[m] = us
                     gbps = nbytes / us / 1e3
