@@ -7,6 +7,8 @@ the measured batch sizes, and time `steps` decode steps of `batch` sequences wit
 run cut short keeps what it measured.
 
     python bench/quant_decode.py --models llama-3.2-1b llama-3.1-8b --out quant_decode.json
+
+`build_engine` and `time_decode` are also what `bench/quant_gemm.py` times its decode steps with.
 """
 
 from __future__ import annotations
@@ -16,19 +18,40 @@ import gc
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from kit.builder import BuildConfig, Builder
-from kit.loader import ModelLoader
-from kit.network import NetworkBuilder
-from kit.quantization import QuantConfig, Quantizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SCHEMES = {"bf16": None, "fp8": "fp8", "int8_wo": "int8_wo", "int4_wo": "int4_wo"}
+from kit.batch import ForwardBatch, SequenceInput  # noqa: E402
+from kit.builder import BuildConfig, Builder  # noqa: E402
+from kit.loader import ModelLoader  # noqa: E402
+from kit.network import NetworkBuilder  # noqa: E402
+from kit.quantization import QuantConfig, Quantizer  # noqa: E402
+
+__all__ = ["SCHEMES", "BLOCK_SIZE", "build_engine", "time_decode", "main"]
+
+SCHEMES = {"bf16": None, "fp8": "fp8", "int8_wo": "int8_wo", "int4_wo": "int4_wo", "int4_awq": "int4_awq"}
+BLOCK_SIZE = 16
 
 
-def time_decode(engine, kv, batch: int, context: int, steps: int, bs: int) -> float:
-    from kit.batch import ForwardBatch, SequenceInput
+def build_engine(loaded, batch_sizes: list[int], context: int, steps: int, device: str):
+    """(engine, kv cache) for decoding `batch_sizes` sequences of `context` + `steps` tokens, graphs captured."""
+    bs = BLOCK_SIZE
+    max_seq = context + steps + bs
+    bc = BuildConfig(max_batch_size=max(batch_sizes), max_seq_len=max_seq, max_input_len=max_seq // 2,
+                     cuda_graph_batch_sizes=tuple(batch_sizes), block_size=bs)
+    engine = Builder("torch", device=device).build(NetworkBuilder(loaded).build(), bc, loaded=loaded,
+                                                  enable_build_cache=False, progress=False)
+    kv = engine.allocate_kv_cache(max(batch_sizes) * -(-max_seq // bs) + 1, bs)
+    engine.capture_cuda_graphs(kv)
+    return engine, kv
 
+
+def time_decode(engine, kv, batch: int, context: int, steps: int, bs: int = BLOCK_SIZE) -> float:
+    """Decode steps per second of `batch` sequences with `context` cached tokens (CUDA graphs if captured)."""
     per_seq = -(-(context + steps) // bs)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     batches = [ForwardBatch.build([SequenceInput([7], context + k, t) for t in tables], bs, device=engine.device)
@@ -68,13 +91,7 @@ def main() -> None:
                 qc = QuantConfig.from_name(SCHEMES[scheme], calib_size=4, calib_max_seq_len=64)
                 loaded = Quantizer(qc).quantize(base, progress=False)
             quant_s = time.perf_counter() - t0
-            max_seq = args.context + args.steps + bs
-            bc = BuildConfig(max_batch_size=max(args.batch_sizes), max_seq_len=max_seq, max_input_len=max_seq // 2,
-                             cuda_graph_batch_sizes=tuple(args.batch_sizes), block_size=bs)
-            engine = Builder("torch", device=device).build(NetworkBuilder(loaded).build(), bc, loaded=loaded,
-                                                          enable_build_cache=False, progress=False)
-            kv = engine.allocate_kv_cache(max(args.batch_sizes) * -(-max_seq // bs) + 1, bs)
-            engine.capture_cuda_graphs(kv)
+            engine, kv = build_engine(loaded, args.batch_sizes, args.context, args.steps, device)
             lin = engine.network.to_frame()
             lin_bytes = int(lin[lin.kind.isin(["qkv_proj", "o_proj", "mlp"])]["weight_bytes"].sum())
             for b in args.batch_sizes:

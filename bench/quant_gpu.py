@@ -12,8 +12,9 @@ q/k/v, o_proj, fused gate/up, down_proj), for each token count M:
   `do_bench_cudagraph` (replayed from a CUDA graph, as the engine decodes); with the
   path taken, the weight bytes, effective weight bandwidth (from graph_ms) and the
   relative error of the fast path against the scheme's float32 reference;
-* `weight_only_paths`: for W8A16 / W4A16, the Triton GEMM and Triton dequantize +
-  cuBLAS side by side (graph replay) at every M, to choose `TRITON_MAX_M` from;
+* `weight_only_paths`: for W8A16 / W4A16, the Triton weight-streaming kernel (M <= 64) and
+  Triton dequantize + cuBLAS side by side (graph replay), to choose `TRITON_MAX_M` from
+  (`bench/quant_gemm.py` measures every scheme's two variants with cold L2 and the decode steps);
 * `fp8_decode_variants`: at M <= 64, FP8 with per-token scales as one row-wise
   `_scaled_mm`, or as a tensor-wise one (unit scales, float32 out) + a scaling epilogue;
 * `large_m`: FP8 vs bf16 GEMM at large M (prefill), bare `torch._scaled_mm` on already
@@ -86,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from kit.quantization.triton_gemm import dequantize, weight_only_gemm
     from kit.quantization.triton_quant import int8_epilogue, quantize_rows
 
     def bench(fn) -> float:
@@ -110,10 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if name not in layers:
                 continue
             lin = layers[name][0]
-            kw = dict(bits=lin.bits, group_size=lin.group_size, out_features=lin.out_features)
-            t_tri = bench_graph(lambda: weight_only_gemm(x, lin.qweight, lin.scale, lin.zero, **kw))
-            t_deq = bench_graph(lambda: F.linear(x, dequantize(lin.qweight, lin.scale, lin.zero, dtype=x.dtype,
-                                                               in_features=lin.in_features, **kw)))
+            t_tri = None
+            if x.shape[0] <= 64:  # the streaming kernel's range
+                lin.stream_max_m = 64
+                t_tri = bench_graph(lambda: lin(x))
+            lin.stream_max_m = 0
+            t_deq = bench_graph(lambda: lin(x))
+            lin.stream_max_m = TRITON_MAX_M
             out["weight_only_paths"].append({**row0, "scheme": name, "triton_graph_ms": t_tri,
                                              "dequant_cublas_graph_ms": t_deq, "bf16_graph_ms": t_bf16})
 

@@ -389,6 +389,35 @@ def test_lm_head_can_be_quantized_when_untied():
     assert rel(logits(q), logits(loaded)) < LOGIT_BOUNDS[QuantAlgo.W8A16]
 
 
+@pytest.mark.parametrize("algo", [QuantAlgo.W4A16_AWQ, QuantAlgo.FP8], ids=str)
+def test_quantize_lm_head_quantizes_the_untied_head_despite_the_default_exclusion(algo):
+    loaded = tiny_model()
+    qc = qconfig(algo, quantize_lm_head=True)
+    assert qc.exclude_modules == ("lm_head",) and not qc.is_excluded("lm_head") and qc.is_excluded("x.lm_head")
+    assert "lm_head quantized" in str(qc) and QuantConfig.from_dict(qc.to_dict()) == qc
+    q = Quantizer(qc).quantize(loaded, calib_tokens(), progress=False)
+    assert "lm_head.qweight" in q.weights and "lm_head.weight" not in q.weights
+    head = build_linear(q.weights, ["lm_head"], qc, bias=False, device="cpu", dtype=torch.float32)
+    assert head.scheme != "float" and head.out_features == TINY["vocab_size"]
+    assert head.weight_bytes < loaded.weights["lm_head.weight"].numel() * 4 / 3  # 8 or 4 bits, not 32
+    assert rel(logits(q), logits(loaded)) < LOGIT_BOUNDS[algo]
+    # the default keeps it in float; a model stored that way cannot be built as if quantized
+    plain = Quantizer(qconfig(algo)).quantize(loaded, calib_tokens(), progress=False)
+    assert "lm_head.weight" in plain.weights
+    with pytest.raises(ValueError, match="quantize_lm_head"):
+        build_linear(plain.weights, ["lm_head"], qc, bias=False, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="quantize_lm_head must be a bool"):
+        qconfig(algo, quantize_lm_head="yes")
+
+
+def test_quantize_lm_head_leaves_a_tied_head_on_the_embedding():
+    loaded = tiny_model(tie_word_embeddings=True)
+    q = Quantizer(qconfig(QuantAlgo.W8A16, quantize_lm_head=True)).quantize(loaded, progress=False)
+    assert "lm_head.qweight" not in q.weights
+    assert torch.equal(q.weights["model.embed_tokens.weight"], loaded.weights["model.embed_tokens.weight"])
+    assert rel(logits(q), logits(loaded)) < LOGIT_BOUNDS[QuantAlgo.W8A16]
+
+
 def test_calibration_needs_a_tokenizer_for_text():
     with pytest.raises(ValueError, match="tokenizer"):
         Quantizer(qconfig(QuantAlgo.FP8)).quantize(tiny_model(), ["some text"], progress=False)
@@ -464,7 +493,9 @@ def test_gpu_quantized_engine_close_to_float():
 @cuda
 @pytest.mark.parametrize("bits,zero_point,group", [(8, False, 0), (4, False, 64), (4, True, 32), (4, False, 256)])
 def test_gpu_triton_kernels_match_dequantized_reference(bits, zero_point, group):
-    from kit.quantization.triton_gemm import dequantize, weight_only_gemm
+    from kit.quantization.stream_gemm import new_counters, stream_gemm
+    from kit.quantization.triton_gemm import dequantize
+    from kit.quantization.weight_layout import shuffle_int4, transpose_groups
 
     torch.manual_seed(0)
     n, k = 320, 512
@@ -475,10 +506,13 @@ def test_gpu_triton_kernels_match_dequantized_reference(bits, zero_point, group)
     else:
         q, s, z = int4.quantize_weight(w, group, zero_point)
         ref_w = int4.dequantize_weight(q, s, z, group)
+        q, s, z = shuffle_int4(q, group), transpose_groups(s), transpose_groups(z)  # the run-time layout
     kw = dict(bits=bits, group_size=group, out_features=n)
     deq = dequantize(q, s, z, in_features=k, dtype=torch.bfloat16, **kw)
     torch.testing.assert_close(deq, ref_w.to(torch.bfloat16))
-    for m in (1, 7, 16, 40, 64, 200):  # the decode, small and large tile configs
+    counters = new_counters(n, "cuda")
+    for m in (1, 7, 16, 40, 64):  # the decode and small tile configs (larger M: dequantize + cuBLAS)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        y = weight_only_gemm(x, q, s, z, **kw)
+        y = stream_gemm(x, q, s, kind="int4" if bits == 4 else "int8", out_features=n, counters=counters,
+                        group_size=group, zero=z)
         assert y.dtype is torch.bfloat16 and rel(y, x.float() @ ref_w.T) < 1e-2, m

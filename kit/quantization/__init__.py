@@ -30,7 +30,9 @@ Quantized tensors are cached under `$KIT_CACHE_DIR/quantized` (see `cache.py`).
 | `gptq.py`             | GPTQ's Hessian-based error compensation                           |
 | `smoothquant.py`      | SmoothQuant smoothing factors, the W8A8 reference GEMM            |
 | `linear.py`           | the quantized linear layers                                       |
-| `triton_gemm.py`      | the weight-only Triton kernel (imported only on CUDA)             |
+| `weight_layout.py`    | run-time weight layouts (int4 half-split nibbles, scales by group) |
+| `stream_gemm.py`      | the small-M weight-streaming Triton GEMM (int8 / int4 / fp8)      |
+| `triton_gemm.py`      | dequantize to bf16 for the prefill GEMM (Triton)                  |
 | `kv_cache.py`         | int8 / fp8 KV-cache quantize / dequantize helpers                 |
 """
 

@@ -65,6 +65,11 @@ class QuantConfig:
     - `smoothquant_alpha`: migration strength of SmoothQuant, in [0, 1].
     - `exclude_modules`: glob patterns of linears kept in float; a pattern matches the
       module's full name (`model.layers.0.mlp.down_proj`) or its last part (`lm_head`).
+    - `quantize_lm_head`: quantize the (untied) lm_head with the same scheme even though
+      `exclude_modules` names it (TensorRT-LLM's `quantize_lm_head`, default False). It is
+      the largest single linear: Llama-3.1-8B's 128,256 x 4,096 is 1 GB in bf16 that every
+      decode step reads, 7 % of the bf16 model's linear bytes but a quarter of an int4
+      model's. A tied lm_head reads the embedding, which is never quantized: it stays in float.
     - `calib_size` windows of `calib_max_seq_len` tokens feed the calibration.
     """
 
@@ -74,6 +79,7 @@ class QuantConfig:
     has_zero_point: bool = False
     smoothquant_alpha: float = 0.5
     exclude_modules: tuple[str, ...] = ("lm_head",)
+    quantize_lm_head: bool = False
     calib_size: int = 32
     calib_max_seq_len: int = 256
 
@@ -94,6 +100,8 @@ class QuantConfig:
             raise ValueError("QuantConfig.exclude_modules must be a tuple of patterns, not one string "
                              f"(write ({self.exclude_modules!r},))")
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        if not isinstance(self.quantize_lm_head, bool):
+            raise ValueError(f"QuantConfig.quantize_lm_head must be a bool, got {self.quantize_lm_head!r}")
         if not all(isinstance(p, str) and p for p in self.exclude_modules):
             raise ValueError(f"QuantConfig.exclude_modules must hold non-empty strings, got {self.exclude_modules!r}")
         for name in ("calib_size", "calib_max_seq_len"):
@@ -132,6 +140,8 @@ class QuantConfig:
     def is_excluded(self, module: str) -> bool:
         """True if the linear named `module` (e.g. `model.layers.3.mlp.up_proj`) stays in float."""
         last = module.rsplit(".", 1)[-1]
+        if self.quantize_lm_head and module == "lm_head":
+            return False
         return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(last, p) for p in self.exclude_modules)
 
     # ------------------------------------------------------------------- I/O
@@ -181,6 +191,8 @@ class QuantConfig:
             parts.append(f"group {self.group_size}{', zero point' if self.has_zero_point else ''}")
         if self.scheme.calibration == "smoothquant":
             parts.append(f"alpha {self.smoothquant_alpha}")
+        if self.quantize_lm_head:
+            parts.append("lm_head quantized")
         if self.kv_cache_quant_algo:
             parts.append(f"KV cache {self.kv_cache_quant_algo.value}")
         return ", ".join(parts)

@@ -12,17 +12,26 @@ compute dtype, y (T, sum of out_features). Every layer object has:
   accumulation (what an int32 / fp32 tensor-core accumulator holds);
 * **fast paths** chosen by device on a CUDA GPU (Hopper):
 
-| scheme                         | fast path                                                           |
-| ------------------------------ | ------------------------------------------------------------------- |
-| FP8 per-tensor                 | `torch._scaled_mm` on FP8 tensor cores, tensor-wise scales           |
-| FP8 per-tensor, fused q/k/v    | the same with row-wise scales: each prefix's scale expanded per row  |
-| FP8 per-channel per-token      | `torch._scaled_mm`, row-wise scales (token scales x channel scales); for <= 16 tokens a tensor-wise one + scaling epilogue |
-| W8A8 / SmoothQuant             | `torch._int_mm` (int8 tensor cores, int32 out), then a fused epilogue |
-| W8A16 / W4A16 (RTN, AWQ, GPTQ) | Triton GEMM dequantizing in registers for M <= `TRITON_MAX_M`, else a Triton dequantize to bf16 + cuBLAS |
+| scheme                         | M <= `stream_max_m` (decode)                  | larger M (prefill)                      |
+| ------------------------------ | --------------------------------------------- | --------------------------------------- |
+| W8A16 / W4A16 (RTN, AWQ, GPTQ) | `stream_gemm`: weights streamed once, dequantized in registers | Triton dequantize to bf16 + cuBLAS |
+| FP8 (per tensor / per channel) | `stream_gemm`: fp8 weights, activations quantized in its prologue | `torch._scaled_mm` on FP8 tensor cores |
+| W8A8 / SmoothQuant             | `torch._int_mm` (int8 tensor cores, int32 out), then a fused epilogue (every M) |  |
 
-Activations are quantized by one fused Triton kernel (`triton_quant.quantize_rows`),
-and W8A8's int32 -> scaled bf16 epilogue is another (`triton_quant.int8_epilogue`).
-`torch._int_mm` needs more than 16 rows: decode batches are padded with zero rows.
+`stream_max_m` is an attribute of each layer (defaults `TRITON_MAX_M`, `FP8_STREAM_MAX_M`,
+`FP8_PT_STREAM_MAX_M`, crossovers measured on an H100 by `bench/quant_gemm.py`); setting it
+to 0 takes the large-M path at every M, which is how the benchmark compares the two.
+
+Weight-only layers rearrange their tensors once, here, into the run-time layout of the
+kernels (`weight_layout.py`: int4 nibbles half-split per group, group scales transposed);
+the stored checkpoint format does not change. AWQ's `pre_quant_scale` is applied inside
+the kernel (int4: a vector of ones when there is none, so every int4 layer runs one
+compiled kernel).
+
+For `_scaled_mm`, activations are quantized by one fused Triton kernel
+(`triton_quant.quantize_rows`), and W8A8's int32 -> scaled bf16 epilogue is another
+(`triton_quant.int8_epilogue`). `torch._int_mm` needs more than 16 rows: decode batches
+are padded with zero rows.
 
 Fusing per-tensor FP8 weights: q, k and v each have their own weight scale, but one
 GEMM takes one tensor-wise scale. Rather than re-quantizing all three to the largest
@@ -45,19 +54,23 @@ from kit.quantization import int4 as int4_mod
 from kit.quantization.int8_weight_only import dequantize_weight as int8_dequantize
 from kit.quantization.smoothquant import int8_linear_reference
 
+from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
+
 try:  # NOTE: triton is optional (a CPU install has none); only the CUDA fast paths need its kernels
+    from kit.quantization.stream_gemm import new_counters, stream_gemm
     from kit.quantization.triton_gemm import dequantize as triton_dequantize
-    from kit.quantization.triton_gemm import weight_only_gemm
     from kit.quantization.triton_quant import int8_epilogue, quantize_rows
 except ImportError:  # pragma: no cover - exercised where triton is not installed
-    triton_dequantize = weight_only_gemm = int8_epilogue = quantize_rows = None
+    triton_dequantize = stream_gemm = new_counters = int8_epilogue = quantize_rows = None
 
 __all__ = ["QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8Linear",
-           "ConcatLinear", "TRITON_MAX_M", "FP8_ROWWISE_MIN_M"]
+           "ConcatLinear", "TRITON_MAX_M", "FP8_STREAM_MAX_M", "FP8_PT_STREAM_MAX_M", "FP8_ROWWISE_MIN_M"]
 
-# Crossovers measured on an H100 (bench/quant_gpu.py, llama-3.2-1b and llama-3.1-8b shapes):
+# Crossovers (H100; bench/quant_gemm.py measures both sides of each at M = 1, 4, 16, 64, 256):
 TRITON_MAX_M = 64  # weight-only: above this many tokens, dequantize once and use cuBLAS
-FP8_ROWWISE_MIN_M = 17  # FP8 with row-wise scales: below this, tensor-wise GEMM + scaling epilogue
+FP8_STREAM_MAX_M = 16  # FP8 per tensor: up to this many tokens the streaming kernel, else _scaled_mm
+FP8_PT_STREAM_MAX_M = 16  # FP8 per token: the same (its prologue reads each token's row for the amax)
+FP8_ROWWISE_MIN_M = 17  # FP8 _scaled_mm with row-wise scales: below this, tensor-wise GEMM + scaling epilogue
 
 
 def _cap(device: torch.device) -> tuple[int, int]:
@@ -140,26 +153,58 @@ class FloatLinear(QuantLinear):
 
 
 class WeightOnlyLinear(QuantLinear):
-    """W8A16 (int8 per row) and W4A16 (int4 groups; RTN, AWQ, GPTQ): bf16 activations."""
+    """W8A16 (int8 per row) and W4A16 (int4 groups; RTN, AWQ, GPTQ): bf16 activations.
+
+    On the fast path the stored tensors are replaced by their run-time layout (`_w`, `_s`,
+    `_z`: same bytes); `qweight` / `scale` / `zero` then read None, and
+    `dequantized_weight()` reads the run-time layout back.
+    """
 
     def __init__(self, qweight, scale, zero, pre_quant_scale, *, bits: int, group_size: int, **kw) -> None:
         self.qweight, self.scale, self.zero, self.pqs = qweight, scale, zero, pre_quant_scale
         self.bits, self.group_size = bits, group_size
         self.scheme = "W8A16" if bits == 8 else f"W4A16 g{group_size}{'+zero' if zero is not None else ''}"
+        self._w = self._s = self._z = self._pqs = None
+        # int4 streams one group per step and needs half a group >= 16 channels (the smallest tl.dot)
+        self.stream_max_m = TRITON_MAX_M if bits == 8 or group_size >= 32 else 0
         super().__init__(in_features=qweight.shape[1] * (2 if bits == 4 else 1), **kw)
         self._deq: torch.Tensor | None = None
+        if self.path != "reference":
+            self._prepare()
+
+    def _prepare(self) -> None:
+        """The run-time layout, once (`weight_layout.py`); the stored tensors are let go."""
+        if self.bits == 4:
+            self._w = shuffle_int4(self.qweight, self.group_size)
+            self._s, self._z = transpose_groups(self.scale), transpose_groups(self.zero)
+            # NOTE: ones when there is no pre_quant_scale: one compiled int4 kernel for every layer
+            pqs = self.pqs if self.pqs is not None else torch.ones(self.in_features, device=self.device)
+            self._pqs = pqs.to(self.dtype).contiguous()
+        else:
+            self._w, self._s = self.qweight.contiguous(), self.scale.float().contiguous()
+            self._pqs = self.pqs.to(self.dtype).contiguous() if self.pqs is not None else None
+        self.qweight = self.scale = self.zero = None
+        self._counters = new_counters(self.out_features, self.device)
 
     def _tensors(self):
+        if self._w is not None:
+            return (self._w, self._s, self._z, self.pqs)
         return (self.qweight, self.scale, self.zero, self.pqs)
 
     def _fast_ok(self) -> bool:
         return self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and _cap(self.device) >= (8, 0)
 
     def fast_path_name(self) -> str:
-        return f"triton (M<={TRITON_MAX_M}) / dequant+cuBLAS"
+        return f"triton stream (M<={self.stream_max_m}) / dequant+cuBLAS"
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 (out, in): what the codes and scales mean."""
+        if self._w is not None:  # the run-time layout, read back
+            if self.bits == 8:
+                return int8_dequantize(self._w, self._s)
+            z = self._z.t() if self._z is not None else None
+            return int4_mod.dequantize_weight(unshuffle_int4(self._w, self.group_size), self._s.t(), z,
+                                              self.group_size)
         if self.bits == 8:
             return int8_dequantize(self.qweight, self.scale)
         return int4_mod.dequantize_weight(self.qweight, self.scale, self.zero, self.group_size)
@@ -171,14 +216,16 @@ class WeightOnlyLinear(QuantLinear):
         return xf @ self._deq.T
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pqs is not None:
-            x = x * self.pqs.to(x.dtype)
-        kw = dict(bits=self.bits, group_size=self.group_size, out_features=self.out_features)
-        if x.shape[0] <= TRITON_MAX_M:
-            return weight_only_gemm(x, self.qweight, self.scale, self.zero, **kw)
+        if x.shape[0] <= self.stream_max_m:
+            return stream_gemm(x, self._w, self._s, kind="int4" if self.bits == 4 else "int8",
+                               out_features=self.out_features, counters=self._counters, group_size=self.group_size,
+                               zero=self._z, pre_quant_scale=self._pqs)
+        if self._pqs is not None:
+            x = x * self._pqs
         # prefill: one pass dequantizes the weight to bf16, then cuBLAS (the GEMM outweighs the pass)
-        return F.linear(x, triton_dequantize(self.qweight, self.scale, self.zero, in_features=self.in_features,
-                                      dtype=x.dtype, **kw))
+        return F.linear(x, triton_dequantize(self._w, self._s, self._z, bits=self.bits, group_size=self.group_size,
+                                             out_features=self.out_features, in_features=self.in_features,
+                                             dtype=x.dtype))
 
 
 class FP8Linear(QuantLinear):
@@ -192,11 +239,15 @@ class FP8Linear(QuantLinear):
         # one scale per output row either way (per-tensor scales of fused prefixes expanded)
         self.row_scale = torch.cat([s.float().expand(n) for s, n in zip(weight_scales, sizes)])
         self.input_scale = input_scale
+        # tokens up to this many: the streaming kernel (activation quantization in its prologue)
+        self.stream_max_m = FP8_PT_STREAM_MAX_M if per_channel else FP8_STREAM_MAX_M
         super().__init__(in_features=qweight.shape[1], **kw)
         self._qw_t = self.qweight.t()  # (in, out) column-major: the layout _scaled_mm wants
         self.row_scale = self.row_scale.to(self.device).contiguous()  # (out,)
         self._row_scale_2d = self.row_scale[None, :].contiguous()  # (1, out)
         self._one = torch.ones(1, device=self.device)
+        if self.path != "reference":
+            self._counters = new_counters(self.out_features, self.device)
 
     def _tensors(self):
         return (self.qweight, *self.weight_scales, self.input_scale)
@@ -207,7 +258,8 @@ class FP8Linear(QuantLinear):
 
     def fast_path_name(self) -> str:
         tensorwise = not self.per_channel and len(self.weight_scales) == 1
-        return f"torch._scaled_mm ({'tensor-wise' if tensorwise else 'row-wise'} scales)"
+        return (f"triton stream (M<={self.stream_max_m}) / "
+                f"torch._scaled_mm ({'tensor-wise' if tensorwise else 'row-wise'} scales)")
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x fp8 (T, in), scale float32 (1,) static or (T, 1) per token)."""
@@ -223,13 +275,21 @@ class FP8Linear(QuantLinear):
         return (xq.float() @ self.qweight.float().T) * xs.float() * self.row_scale[None, :]
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.stream_max_m and x.dtype in (torch.bfloat16, torch.float16):
+            # decode: no separate quantization pass; the kernel quantizes x as it loads it
+            return stream_gemm(x, self.qweight, self.row_scale, kind="fp8", out_features=self.out_features,
+                               counters=self._counters, x_scale=None if self.per_channel else self.input_scale,
+                               per_token=self.per_channel)
+        return self._scaled_mm(x)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel: codes + a (T, 1) scale (the static scale repeated, or each token's own)
         xq, xs = quantize_rows(x, to_fp8=True, static_scale=None if self.per_channel else self.input_scale)
         if not self.per_channel and len(self.weight_scales) == 1:
             return torch._scaled_mm(xq, self._qw_t, scale_a=self.input_scale, scale_b=self.weight_scales[0],
                                     out_dtype=self.dtype)
         if xq.shape[0] <= FP8_ROWWISE_MIN_M - 1:
-            # decode: the row-wise kernel is slow for a few rows (up to 1.7x bf16 on H100 at K=14336);
+            # a few rows: the row-wise kernel is slow (up to 1.7x bf16 on H100 at K=14336);
             # a tensor-wise GEMM with unit scales into float32, then the scaling epilogue, is not
             acc = torch._scaled_mm(xq, self._qw_t, scale_a=self._one, scale_b=self._one, out_dtype=torch.float32)
             return int8_epilogue(acc, xs, self.row_scale, None, self.dtype)

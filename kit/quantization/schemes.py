@@ -38,6 +38,7 @@ class QuantRecipe(Protocol):
     group_size: int
     has_zero_point: bool
     smoothquant_alpha: float
+    quantize_lm_head: bool
 
 
 Stored = dict[str, torch.Tensor]  # tensor name after "<prefix>." -> tensor
@@ -274,12 +275,17 @@ def build_linear(weights: dict[str, torch.Tensor], prefixes: list[str], quant_co
     """The linear(s) named by `prefixes` as one callable, outputs concatenated in order.
 
     A linear kept in float (excluded, or a tied lm_head) stores `<prefix>.weight`; a
-    quantized one stores the tensors of `quant_config`'s stored format.
+    quantized one stores the tensors of `quant_config`'s stored format. With
+    `quant_config.quantize_lm_head` an untied lm_head must be stored quantized.
     """
     device = torch.device(device)
     biases = [weights[f"{p}.bias"] for p in prefixes] if bias else None
     bias_t = torch.cat(biases, 0) if biases else None
     floats = [f"{p}.weight" in weights for p in prefixes]
+    if (getattr(quant_config, "quantize_lm_head", False) and quant_config.quant_algo is not QuantAlgo.NO_QUANT
+            and "lm_head" in prefixes and floats[prefixes.index("lm_head")]):
+        raise ValueError("build_linear: QuantConfig.quantize_lm_head is set but lm_head is stored in float "
+                         "(lm_head.weight): quantize the model with this QuantConfig first")
     if all(floats):
         return FloatLinear([weights[f"{p}.weight"] for p in prefixes], bias_t, device, dtype, prefixes)
     if any(floats):  # mixed formats: one linear per prefix

@@ -1,0 +1,325 @@
+"""The weight-streaming GEMM: y = x @ dequant(W)^T for a few tokens (decode), one Triton kernel.
+
+Decoding multiplies a handful of tokens (M = 1..64) by every weight of the model, so
+its time is the time to stream the weights from HBM once. A quantized weight wins by
+its bytes (int8 / fp8: 1 per weight, int4: 1/2) only if nothing else costs more: each
+packed byte is read once, dequantized in registers, and never written back. This
+kernel does that for three weight kinds:
+
+| kind   | weight (run-time layout)                  | scales                    | activations          |
+| ------ | ----------------------------------------- | ------------------------- | -------------------- |
+| `int8` | int8 (N, K)                               | float32 (N,), epilogue    | bf16 / fp16          |
+| `int4` | uint8 (N, K/2), half-split nibbles        | float16 (K/G, N), a group | bf16 / fp16          |
+| `fp8`  | float8_e4m3 (N, K)                        | float32 (N,), epilogue    | quantized to fp8 in the prologue (static scale, or each token's own amax) |
+
+Layout of the work (swap-AB): a program owns BLOCK_N output channels and a 1/SPLIT_K
+share of K, and computes the (BLOCK_N, BLOCK_M) tile of y^T = W x^T, so the big operand,
+the weight, is the left operand of `tl.dot` and stays in registers after its
+dequantization; x^T (K, BLOCK_M) is the small one. BLOCK_M = 16 serves M = 1..16 (the
+tensor cores' smallest tile; the padded rows are masked, so they cost no memory traffic).
+
+int4, per group g of G input channels (G = group_size, the loop's step):
+
+    p    = packed bytes (BLOCK_N, G/2)          <- HBM, once
+    lo   = p & 0xF,  hi = p >> 4                columns k0 .. k0+G/2, k0+G/2 .. k0+G (half-split)
+    w    = bitcast(0x4300 | code) - (128 + z)  = code - z, exactly, in bf16 (no int->float convert)
+    part = w_lo @ x[k0 : k0+G/2]^T + w_hi @ x[k0+G/2 : k0+G]^T    (tensor cores, fp32)
+    acc += s_g * part                                              (per (n, m), not per weight)
+
+i.e. (code - z) * s is never formed per weight: the scale acts on the group's partial
+sum (z = 8 without zero points). int8 / fp8 codes convert exactly to bf16; their per-row scale
+(and fp8's activation scale) multiply the accumulator once at the end. Every variant
+computes the same dequantized product as the reference, up to float32 summation order.
+
+Split-K without extra kernels: with SPLIT_K > 1 each program stores its float32
+partial tile to a workspace and bumps a per-tile counter; the program that arrives
+last adds the SPLIT_K partials in a fixed order, writes y in the compute dtype and
+resets the counter to 0 (so the counters stay valid across calls and CUDA-graph
+replays). No memset, no atomics on y, no cast kernel: one launch per GEMM.
+
+Tile sizes and the split are autotuned per (M bucket, N, K, kind) on the first call of
+a shape (run one eager call before capturing a CUDA graph); on the CPU the kernel runs
+under `TRITON_INTERPRET=1` with an explicit `config` (the tests' reference checks).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+__all__ = ["stream_gemm", "new_counters", "m_bucket", "STREAM_MAX_M", "KINDS", "DEFAULT_CONFIG"]
+
+STREAM_MAX_M = 64  # the kernel's largest token count (BLOCK_M up to 64)
+KINDS = {"int8": 0, "int4": 1, "fp8": 2}
+DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's tile
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning bucket of a token count: 1, 4, 16, 32, 64."""
+    return 1 if m <= 1 else 4 if m <= 4 else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b in float32. NOTE: Triton's interpreter multiplies bf16 operands wrongly, so on the
+    CPU (DOT_F32) both are widened first (exact) and multiplied in IEEE float32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _sub(a, b, DOT_F32: tl.constexpr):
+    """a - b in their 16-bit dtype (exact here: small integers). NOTE: the interpreter computes bf16
+    arithmetic wrongly, so on the CPU (DOT_F32) it is done in float32, with the same result."""
+    if DOT_F32:
+        return a.to(tl.float32) - b.to(tl.float32)
+    return a - b
+
+
+@triton.jit
+def _fp8_round(v, DT: tl.constexpr, EMULATE: tl.constexpr):
+    """v (float32, within +-448) rounded to float8_e4m3 (nearest, ties to even), as DT.
+
+    NOTE: Triton's interpreter converts float32 -> fp8 wrongly when rounding carries into the
+    exponent (126.8 -> 64); on the CPU (EMULATE) the rounding is done on the float32 bits."""
+    if EMULATE:
+        bits = v.to(tl.int32, bitcast=True)
+        lsb = (bits >> 20) & 1  # keep 3 of the 23 mantissa bits, ties to even
+        normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+        c = 24576.0  # 1.5 * 2**14: adding it rounds to a multiple of 2**-9, the subnormal step
+        sub = tl.where(v >= 0, (v + c) - c, -((c - v) - c))
+        return tl.where(tl.abs(v) < 0.015625, sub, normal).to(DT)
+    return v.to(tl.float8e4nv).to(DT)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _stream_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, pqs_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, M_BUCKET, stride_xm, stride_wn, stride_ym,
+    WKIND: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr,
+    XQ: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    DT = x_ptr.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1) row starts
+    x_cols = x_ptr + offs_m[None, :] * stride_xm  # (1, BLOCK_M): x^T's columns
+
+    # this program's share of the K steps (a step: one int4 group, or BLOCK_K channels)
+    if WKIND == 1:
+        num_steps = K // GROUP
+    else:
+        num_steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_steps, SPLIT_K)
+    s_lo = pid_k * per_split
+    s_hi = tl.minimum(s_lo + per_split, num_steps)
+
+    # fp8 activations: the scale of x, static (one scalar) or each token's own (prologue amax)
+    if XQ == 1:
+        xs = tl.load(xs_ptr)
+    elif XQ == 2:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_cols + offs_k[:, None], mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=0))
+        xs = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # (BLOCK_M,)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    if WKIND == 1:
+        HALF: tl.constexpr = GROUP // 2
+        offs_h = tl.arange(0, HALF)
+        for st in range(s_lo, s_hi):
+            k0 = st * GROUP
+            p = tl.load(w_rows + (st * HALF + offs_h)[None, :], mask=mask_n[:, None], other=0)  # (BLOCK_N, HALF)
+            x_lo = tl.load(x_cols + (k0 + offs_h)[:, None], mask=mask_m[None, :], other=0.0)  # (HALF, BLOCK_M)
+            x_hi = tl.load(x_cols + (k0 + HALF + offs_h)[:, None], mask=mask_m[None, :], other=0.0)
+            if HAS_PQS:  # AWQ's pre_quant_scale, rounded to the compute dtype as a separate multiply would be
+                x_lo = (x_lo.to(tl.float32) * tl.load(pqs_ptr + k0 + offs_h).to(tl.float32)[:, None]).to(DT)
+                x_hi = (x_hi.to(tl.float32) * tl.load(pqs_ptr + k0 + HALF + offs_h).to(tl.float32)[:, None]).to(DT)
+            # code - zero, exactly, in the compute dtype: small integers (-15 .. 15) are exact in bf16
+            if HAS_ZERO:
+                zc = (tl.load(z_ptr + st * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC_BIAS).to(DT)
+                zc = zc[:, None]
+            else:
+                zc = tl.full((1, 1), 8.0 + MAGIC_BIAS, DT)
+            if MAGIC != 0:  # 0x4300 | u is bf16 128 + u (0x6400 | u: fp16 1024 + u): no int -> float convert
+                w_lo = _sub(((p & 0xF).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
+                w_hi = _sub(((p >> 4).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
+            else:
+                w_lo = _sub((p & 0xF).to(tl.float32).to(DT), zc, DOT_F32)
+                w_hi = _sub((p >> 4).to(tl.float32).to(DT), zc, DOT_F32)
+            part = _mma(w_lo, x_lo, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)
+            part = _mma(w_hi, x_hi, part, DOT_F32)  # (BLOCK_N, BLOCK_M): sum of (code - zero) * x
+            s = tl.load(s_ptr + st * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += s[:, None] * part  # the group's scale, once per output instead of once per weight
+    else:
+        offs_kb = tl.arange(0, BLOCK_K)
+        for st in range(s_lo, s_hi):
+            offs_k = st * BLOCK_K + offs_kb
+            mask_k = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            xt = tl.load(x_cols + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None], other=0.0)
+            if XQ == 1:
+                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs), -448.0, 448.0), DT, DOT_F32)
+            elif XQ == 2:
+                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs[None, :]), -448.0, 448.0), DT,
+                                DOT_F32)
+            if WKIND == 0:  # NOTE: int8 -> float32 -> bf16 (both exact; a direct cast is wrong in the interpreter)
+                w = w.to(tl.float32)
+            acc = _mma(w.to(DT), xt, acc, DOT_F32)  # int8 / fp8 codes and fp8 activations: exact in bf16
+        if XQ == 1:
+            acc = acc * xs
+        elif XQ == 2:
+            acc = acc * xs[None, :]
+        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    y_mask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]  # workspace (SPLIT_K, M, N) float32
+        tl.store(ws_tile + pid_k * M * N, acc, mask=y_mask)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        # NOTE: every thread's partial is stored before one thread bumps the counter (acq_rel, gpu
+        # scope); the last program then reads the partials through L2 (.cg), never a stale L1 line
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr + tile, 1)
+        if count == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for kk in range(SPLIT_K):  # a fixed order: the sum does not depend on who came last
+                total += tl.load(ws_tile + kk * M * N, mask=y_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+# ------------------------------------------------------------------ autotuning
+def _cfg(bm: int, bn: int, split: int, bk: int = 128, warps: int = 4, stages: int = 4) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+                         num_warps=warps, num_stages=stages)
+
+
+# NOTE: few candidates on purpose: every one is a compile per kind (about a second each on an H100
+# host), and the pruning below keeps the ones that fill 132 SMs without splitting K needlessly
+_CONFIGS = {
+    16: [_cfg(16, 16, 1, 256), _cfg(16, 32, 1, 256), _cfg(16, 64, 1), _cfg(16, 32, 2, 256), _cfg(16, 64, 2),
+         _cfg(16, 64, 4), _cfg(16, 128, 4, stages=3), _cfg(16, 128, 8, warps=8, stages=3)],
+    32: [_cfg(32, 64, 1, stages=3), _cfg(32, 64, 2, stages=3), _cfg(32, 128, 2, warps=8, stages=3),
+         _cfg(32, 128, 4, warps=8, stages=3)],
+    64: [_cfg(64, 64, 1, stages=3), _cfg(64, 64, 2, stages=3), _cfg(64, 128, 1, warps=8, stages=3),
+         _cfg(64, 128, 2, warps=8, stages=3), _cfg(64, 128, 4, warps=8, stages=3)],
+}
+_NUM_SMS = 132  # H100 SXM; the pruning only needs its order of magnitude
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the tiles that give at least ~one program per SM with the least split of K."""
+    a = {**named_args, **kwargs}
+    n, k, wkind = a["N"], a["K"], a["WKIND"]
+    out, seen = [], set()
+    for c in configs:
+        bn, split, bk = c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"], c.kwargs["BLOCK_K"]
+        steps = k // a["GROUP"] if wkind == 1 else triton.cdiv(k, bk)
+        tiles = triton.cdiv(n, bn)
+        if split > 1 and (steps // split < 2 or tiles * (split // 2) >= 2 * _NUM_SMS):
+            continue  # too little K per program, or enough programs with half the split
+        sig = (bn, split, c.num_warps, c.num_stages) + (() if wkind == 1 else (bk,))
+        if sig not in seen:  # int4 steps by group: BLOCK_K does not matter
+            seen.add(sig)
+            out.append(c)
+    return out or configs[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _max_split(bm: int, n: int, k: int, wkind: int, group: int) -> int:
+    """The largest SPLIT_K the autotuner may pick for this shape: what the workspace must hold."""
+    return max(c.kwargs["SPLIT_K"] for c in _prune(_CONFIGS[bm], {"N": n, "K": k}, WKIND=wkind, GROUP=group))
+
+
+_KEY = ["M_BUCKET", "N", "K", "WKIND", "GROUP", "XQ"]
+_bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
+
+
+def _autotune(configs: list[triton.Config]):
+    try:  # a short benchmark per candidate (the default spends ~0.1 s on each)
+        return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune}, do_bench=_bench)
+    except TypeError:  # pragma: no cover - a triton without `do_bench=`
+        return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+
+
+_TUNED = {bm: _autotune(cs)(_stream_kernel) for bm, cs in _CONFIGS.items()}
+
+
+# ------------------------------------------------------------------ the call
+def new_counters(out_features: int, device: torch.device | str) -> torch.Tensor:
+    """The split-K arrival counters of one linear (int32 zeros; the kernel leaves them zero)."""
+    return torch.zeros(triton.cdiv(STREAM_MAX_M, 16) * triton.cdiv(out_features, 16), dtype=torch.int32,
+                       device=device)
+
+
+def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: str, out_features: int,
+                counters: torch.Tensor, group_size: int = 0, zero: torch.Tensor | None = None,
+                pre_quant_scale: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
+                per_token: bool = False, magic: bool = True, config: dict | None = None) -> torch.Tensor:
+    """y (M, N) in x.dtype = x (M, K) @ dequant(w)^T for M <= STREAM_MAX_M.
+
+    `w`/`scale`/`zero` in the run-time layout of `kind` (see the table above; int4 from
+    `weight_layout.shuffle_int4` / `transpose_groups`). fp8: `x_scale` float32 (1,) quantizes x
+    with a static scale, `per_token=True` with each row's own. `config` forces a tile
+    (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K); without it a CUDA call is autotuned.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"stream_gemm: kind {kind!r} is not one of {', '.join(KINDS)}")
+    x = x.contiguous()
+    M, K = x.shape
+    N = out_features
+    if M > STREAM_MAX_M:
+        raise ValueError(f"stream_gemm: {M} tokens; the weight-streaming kernel takes at most {STREAM_MAX_M}")
+    if kind == "int4" and (group_size < 32 or K % group_size):
+        raise ValueError(f"stream_gemm: int4 needs group_size >= 32 dividing in_features {K}, got {group_size}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"stream_gemm: x must be bfloat16 or float16, got {x.dtype}")
+    if kind == "fp8" and x_scale is None and not per_token:
+        raise ValueError("stream_gemm: fp8 needs x_scale (static) or per_token=True")
+    xq = 0 if kind != "fp8" else (2 if per_token else 1)
+    magic_word, magic_bias = (0x4300, 128.0) if x.dtype is torch.bfloat16 else (0x6400, 1024.0)
+    if not magic:
+        magic_word, magic_bias = 0, 0.0
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bucket = m_bucket(M)
+    bm = 16 if bucket <= 16 else bucket
+    group = group_size if kind == "int4" else 0
+    if config is None and x.is_cuda:
+        split_max = _max_split(bm, N, K, KINDS[kind], group)
+    else:
+        split_max = dict(DEFAULT_CONFIG, **(config or {}))["SPLIT_K"]
+    ws = torch.empty(split_max * M * N if split_max > 1 else 1, device=x.device, dtype=torch.float32)
+    z = zero if zero is not None else scale  # any pointer where unused
+    pqs = pre_quant_scale if pre_quant_scale is not None else scale
+    xs = x_scale if x_scale is not None else scale
+    args = (x, w, scale, z, xs, pqs, y, ws, counters, M, N, K, bucket, x.stride(0), w.stride(0), y.stride(0))
+    consts = dict(WKIND=KINDS[kind], GROUP=group, HAS_ZERO=zero is not None,
+                  HAS_PQS=pre_quant_scale is not None, XQ=xq, MAGIC=magic_word, MAGIC_BIAS=magic_bias,
+                  DOT_F32=not x.is_cuda)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
+
+    if config is None and x.is_cuda:
+        _TUNED[bm][grid](*args, **consts)
+    else:
+        cfg = dict(DEFAULT_CONFIG, **(config or {}))
+        _stream_kernel[grid](*args, **consts, **cfg)
+    return y
