@@ -97,6 +97,8 @@ def serve(comm: TensorParallelComm) -> None:
 
 def worker_main(rank: int, world_size: int, init_method: str, device_type: str, timeout_s: float = 120.0) -> None:
     """The target of a spawned rank: join the group, serve, leave."""
+    if device_type == "cpu":  # NOTE: the ranks share the host's cores; more threads only make them spin
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     comm = TensorParallelComm.init(rank, world_size, rank_device(device_type, rank), init_method, timeout_s)
     try:
         serve(comm)
