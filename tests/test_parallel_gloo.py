@@ -20,6 +20,7 @@ from helpers import engine_for, make_hf_checkpoint, run_chunks
 from kit import LLM, SamplingParams
 from kit.builder import BuildConfig
 from kit.parallel import DistributedEngine
+from kit.profiler import ProfiledEngine
 
 BC = BuildConfig(max_batch_size=4, max_seq_len=128, max_input_len=64, max_num_tokens=64)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [100, 3, 27, 41, 9]]
@@ -60,6 +61,14 @@ def test_tp2_greedy_tokens_equal_tp1_and_logits_within_1e4(checkpoints, family):
         assert _tokens(two) == want
         got = run_chunks(two.engine, SEQS, SCHEDULE, block_size=16)
         pids = two.engine.pids
+        if family == "llama":  # the profiler's collective timings: one row per collective per rank
+            df = ProfiledEngine(two.engine).collectives(batch_size=2, seq_len=8, phase="decode", iters=2)
+            assert list(df[df["rank"] == 1]["layer"]) == ["embedding", "layers.0.o_proj", "layers.0.mlp",
+                                                           "layers.1.o_proj", "layers.1.mlp", "lm_head"]
+            assert set(df["rank"]) == {0, 1} and (df["latency_ms"] > 0).all()
+            reduce = df[df["op"] == "all_reduce"]
+            assert (reduce["bytes"] == 2 * 64 * 4).all()  # 2 tokens x hidden 64 x fp32
+            assert (df[df["op"] == "gather"]["bytes"] == 2 * 2 * 106 * 4).all()  # 2 ranks x 2 rows x 106 vocab
     for g, r in zip(got, ref):
         assert g.shape == r.shape and (g - r).abs().max().item() < 1e-4
     _no_children_left(pids)
