@@ -144,3 +144,26 @@ def test_step_message_round_trip():
     assert (back.max_query_len, back.max_seq_len, back.block_size) == (3, 21, 16)
     assert payload.numel() <= message_capacity(BuildConfig(max_batch_size=2, max_num_tokens=4, max_seq_len=32,
                                                            max_input_len=32))
+
+
+def test_tp_engine_directory_holds_one_file_per_rank_and_a_key_with_the_mapping(tiny_loaded, tmp_path):
+    from kit.cache_entry import CacheEntryError
+    from kit.parallel.engine_files import load_rank_weights, read_tp_config, save_tp_engine, tp_build_key
+
+    net = NetworkBuilder(tiny_loaded).build()
+    bc = BuildConfig(max_batch_size=2, max_seq_len=64, max_input_len=32, max_num_tokens=64)
+    path = save_tp_engine(net, 2, tmp_path / "tp2", build_config=bc, build_key="k" * 64, dtype=torch.float32)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "rank0.safetensors",
+                                                      "rank1.safetensors"]
+    cfg = read_tp_config(path, 2)["_parsed"]
+    assert cfg["shard_config"].num_attention_heads == 2 and cfg["model_config"].num_attention_heads == 4
+    w1 = load_rank_weights(path, 1, torch.device("cpu"))
+    want = shard_network(net, Mapping.tensor_parallel(2, 1)).weights
+    assert set(w1) == set(want) and all(torch.equal(w1[k], want[k]) for k in want)
+    assert tp_build_key("k" * 64, Mapping.tensor_parallel(2)) != tp_build_key("k" * 64, Mapping.tensor_parallel(4))
+    with pytest.raises(ValueError, match="split for tensor_parallel_size=2, asked for 4"):
+        read_tp_config(path, 4)
+    text = (path / "config.json").read_text().replace('"tp_size": 2', '"tp_size": 1', 1)
+    (path / "config.json").write_text(text.replace('"world_size": 2', '"world_size": 1', 1))
+    with pytest.raises(CacheEntryError, match="altered"):
+        read_tp_config(path)

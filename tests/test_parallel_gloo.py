@@ -142,3 +142,18 @@ def test_bad_sizes_are_refused_before_any_process_starts(checkpoints):
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         LLM(checkpoints["llama"], build_config=BC, tensor_parallel_size=0)
     assert multiprocessing.active_children() == []
+
+
+def test_build_cache_keeps_one_split_per_mapping_and_each_rank_reads_its_file(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = checkpoints["qwen2"]
+    with LLM(path, build_config=BC, enable_build_cache=False) as one:
+        want = _tokens(one)
+    with LLM(path, build_config=BC, tensor_parallel_size=2) as two:
+        assert _tokens(two) == want
+    splits = list((tmp_path / "cache" / "tp-engines").iterdir())
+    assert len(splits) == 1 and sorted(f.name for f in splits[0].glob("rank*")) == ["rank0.safetensors",
+                                                                                    "rank1.safetensors"]
+    with LLM(str(splits[0]), build_config=BC, tensor_parallel_size=2) as again:  # the directory itself
+        assert _tokens(again) == want
+        assert again.build_cache_hit is False

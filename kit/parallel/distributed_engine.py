@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -37,13 +38,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import shutil
+
 from kit.batch import ForwardBatch, KVCache
+from kit.cache_entry import CacheEntryError
 from kit.build_config import BuildConfig, fit_build_config
 from kit.builder import Builder, EngineResult
 from kit.loader import LoadedModel
 from kit.engine import Engine
 from kit.network import Network, NetworkBuilder
+from kit.tokenizer import Tokenizer
 from kit.parallel.comm import TIMING_COLUMNS, TensorParallelComm, free_port, launched_by_torchrun
+from kit.parallel.engine_files import (is_tp_engine_dir, load_rank_weights, read_tp_config, save_tp_engine,
+                                      tp_build_key, tp_cache_path)
 from kit.parallel.mapping import Mapping
 from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, SHUTDOWN, TIMINGS, StepChannel,
                                    message_capacity, pack_batch)
@@ -128,6 +135,34 @@ class _Ranks:
         TensorParallelComm.destroy()
 
 
+def _launch(tp: int, device: torch.device, timeout_s: float, from_torchrun: bool) -> tuple[TensorParallelComm, list]:
+    """Start ranks 1..tp-1 (spawned, or already running under torchrun) and join the group as rank 0."""
+    if from_torchrun:
+        if int(os.environ["WORLD_SIZE"]) != tp:
+            raise ValueError(f"tensor_parallel_size={tp} must equal torchrun's WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        if int(os.environ["RANK"]) != 0:  # this process is a worker rank: serve rank 0, then exit
+            torchrun_worker(device.type, timeout_s)
+            sys.exit(0)
+        comm = TensorParallelComm.init(0, tp, rank_device(device.type, int(os.environ["LOCAL_RANK"])), "env://",
+                                       timeout_s)
+        return comm, []
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(1, tp):
+        p = ctx.Process(target=worker_main, args=(rank, tp, init_method, device.type, timeout_s), daemon=True,
+                        name=f"kit-tp-rank{rank}")
+        p.start()
+        procs.append(p)
+    try:
+        return TensorParallelComm.init(0, tp, rank_device(device.type, 0), init_method, timeout_s), procs
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.join(10.0)
+        raise
+
+
 class DistributedEngine(Engine):
     """Rank 0's engine: its own shard plus the other ranks, driven one step message at a time."""
 
@@ -140,63 +175,53 @@ class DistributedEngine(Engine):
 
     # ------------------------------------------------------------------ start
     @classmethod
-    def start(cls, network: Network, tensor_parallel_size: int, *, device: torch.device | str = "cpu",
+    def start(cls, network: Network | None, tensor_parallel_size: int, *, device: torch.device | str = "cpu",
               dtype: torch.dtype | None = None, build_config: Any = None, tokenizer: Any = None,
               model_info: dict[str, Any] | None = None, build_key: str | None = None,
-              timeout_s: float = 120.0) -> "DistributedEngine":
-        """Shard `network` over `tensor_parallel_size` ranks (checked first) and start them."""
+              weights_dir: str | os.PathLike | None = None, timeout_s: float = 120.0) -> "DistributedEngine":
+        """Shard `network` over `tensor_parallel_size` ranks (checked first) and start them.
+
+        With `weights_dir` (a tensor-parallel engine directory, kit/parallel/engine_files.py) and no
+        network, every rank loads its own `rank{r}.safetensors` instead of receiving its shard."""
         from_torchrun = launched_by_torchrun()
         device = torch.device(device)
         check_parallel_sizes(tensor_parallel_size, 1, device)
         mapping = Mapping.tensor_parallel(tensor_parallel_size)
-        mapping.check_model(network.config)
+        if weights_dir is not None:
+            cfg = read_tp_config(weights_dir, tensor_parallel_size)["_parsed"]
+            full_config, build_config = cfg["model_config"], build_config or cfg["build_config"]
+            dtype, quant_config = dtype or cfg["dtype"], cfg["quant_config"]
+            name = (model_info or {}).get("name", Path(weights_dir).name)
+        else:
+            full_config, quant_config, name = network.config, network.quant_config, network.name
+            dtype = dtype or network.weights["model.embed_tokens.weight"].dtype
+        mapping.check_model(full_config)
         if build_config is None:
             raise ValueError("DistributedEngine.start: build_config is required (it sizes the step messages)")
         if dist.is_initialized() and not from_torchrun:
             raise RuntimeError("a tensor-parallel engine is already running in this process: shut it down "
                                "(LLM.shutdown()) before starting another")
-        dtype = dtype or network.weights["model.embed_tokens.weight"].dtype
-        procs: list[Any] = []
-        if from_torchrun:
-            if int(os.environ["WORLD_SIZE"]) != tensor_parallel_size:
-                raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must equal torchrun's WORLD_SIZE")
-            rank = int(os.environ["RANK"])
-            if rank != 0:
-                torchrun_worker(device.type, timeout_s)
-                sys.exit(0)
-            local = int(os.environ["LOCAL_RANK"])
-            comm = TensorParallelComm.init(0, tensor_parallel_size, rank_device(device.type, local), "env://",
-                                           timeout_s)
-        else:
-            init_method = f"tcp://127.0.0.1:{free_port()}"
-            ctx = mp.get_context("spawn")
-            for rank in range(1, tensor_parallel_size):
-                p = ctx.Process(target=worker_main, args=(rank, tensor_parallel_size, init_method, device.type,
-                                                          timeout_s), daemon=True, name=f"kit-tp-rank{rank}")
-                p.start()
-                procs.append(p)
-            try:
-                comm = TensorParallelComm.init(0, tensor_parallel_size, rank_device(device.type, 0), init_method,
-                                               timeout_s)
-            except BaseException:
-                for p in procs:
-                    p.kill()
-                    p.join(10.0)
-                raise
+        comm, procs = _launch(tensor_parallel_size, device, timeout_s, from_torchrun)
         capacity = message_capacity(build_config)
         ranks = _Ranks(comm, procs, StepChannel(comm, capacity))
         try:
-            shards = [shard_network(network, mapping.for_rank(r)) for r in range(tensor_parallel_size)]
-            setup = {"config": shards[0].config, "layers": shards[0].layers, "name": network.name,
-                     "quant_config": network.quant_config, "dtype": dtype, "full_vocab_size": network.config.vocab_size,
-                     "build_config": build_config, "capacity": capacity}
-            send_shards(comm, setup, [s.weights for s in shards])
-            own = shards[0]
-            del shards
-            backend = TensorParallelBackend(own, mapping, comm, network.config.vocab_size, device=comm.device,
+            setup = {"name": name, "quant_config": quant_config, "dtype": dtype,
+                     "full_vocab_size": full_config.vocab_size, "build_config": build_config, "capacity": capacity}
+            if weights_dir is not None:
+                own = Network(cfg["shard_config"], cfg["layers"], load_rank_weights(weights_dir, 0, comm.device),
+                              name=name, quant_config=quant_config)
+                comm.broadcast_object({**setup, "config": own.config, "layers": own.layers,
+                                       "weights_dir": str(weights_dir)})
+            else:
+                shards = [shard_network(network, mapping.for_rank(r)) for r in range(tensor_parallel_size)]
+                send_shards(comm, {**setup, "config": shards[0].config, "layers": shards[0].layers},
+                            [s.weights for s in shards])
+                own = shards[0]
+                del shards
+            backend = TensorParallelBackend(own, mapping, comm, full_config.vocab_size, device=comm.device,
                                             dtype=dtype)
-            engine = cls(own, backend, ranks, network.config, mapping, build_config=build_config,
-                         tokenizer=tokenizer, model_info=model_info or {"name": network.name}, build_key=build_key)
+            engine = cls(own, backend, ranks, full_config, mapping, build_config=build_config,
+                         tokenizer=tokenizer, model_info=model_info or {"name": name}, build_key=build_key)
         except BaseException:
             ranks.broken = ranks.broken or "start-up failed"
             ranks.shutdown()
@@ -296,10 +321,16 @@ def build_parallel_engine(model: Any, tensor_parallel_size: int, *, device: torc
                           enable_build_cache: bool = True, skip_build_cache: bool = False) -> EngineResult:
     """`LLM(model, tensor_parallel_size=N)`'s engine: the whole network (build cache, quantization), split.
 
-    A checkpoint or name is built on the CPU by the `Builder` (so the build cache and the
-    quantized-model cache answer as for one device) and its network is split; a LoadedModel
-    without quantization (e.g. a synthetic one made on the GPU) is split as it is.
+    A tensor-parallel engine directory is started as it is (each rank reads its file). A checkpoint
+    or name is built on the CPU by the `Builder` (so the build cache and the quantized-model cache
+    answer as for one device); with the build cache on, its split is stored once under a key that
+    includes the mapping (kit/parallel/engine_files.py) and each rank reads its own file from there.
+    A LoadedModel without quantization (e.g. a synthetic one made on the GPU) is split in memory.
     """
+    mapping = Mapping.tensor_parallel(tensor_parallel_size)
+    if is_tp_engine_dir(model):
+        return EngineResult(DistributedEngine.start(None, tensor_parallel_size, device=device, weights_dir=model,
+                                                    tokenizer=_tokenizer_of(Path(model))), None, False)
     bc = build_config or BuildConfig()
     if isinstance(model, LoadedModel) and quantization is None:
         bc = fit_build_config(bc, model.config)
@@ -312,7 +343,25 @@ def build_parallel_engine(model: Any, tensor_parallel_size: int, *, device: torc
         e = result.engine
         network, info, key, tokenizer, bc = e.network, e.model_info, e.build_key, e.tokenizer, e.build_config or bc
         loaded, hit = result.loaded, result.cache_hit
+    mapping.check_model(network.config)  # before anything is written or started
     dtype = None if bc.dtype == "auto" else getattr(torch, bc.dtype)
+    weights_dir = None
+    if enable_build_cache and key is not None:
+        weights_dir = tp_cache_path(tp_build_key(key, mapping))
+        try:
+            if skip_build_cache or not is_tp_engine_dir(weights_dir):
+                raise CacheEntryError("missing")
+            read_tp_config(weights_dir, tensor_parallel_size)
+        except (CacheEntryError, ValueError):
+            shutil.rmtree(weights_dir, ignore_errors=True)  # a missing, stale or damaged split: write it again
+            save_tp_engine(network, tensor_parallel_size, weights_dir, build_config=bc, build_key=key,
+                           dtype=dtype or network.weights["model.embed_tokens.weight"].dtype, model_info=info,
+                           tokenizer=tokenizer)
+        network = None  # every rank reads its own file
     engine = DistributedEngine.start(network, tensor_parallel_size, device=device, dtype=dtype, build_config=bc,
-                                     tokenizer=tokenizer, model_info=info, build_key=key)
+                                     tokenizer=tokenizer, model_info=info, build_key=key, weights_dir=weights_dir)
     return EngineResult(engine, loaded, hit)
+
+
+def _tokenizer_of(path: Path) -> Any:
+    return Tokenizer.from_dir(path / "tokenizer") if Tokenizer.dir_has_tokenizer(path / "tokenizer") else None

@@ -22,6 +22,7 @@ import torch
 from kit.engine import Engine
 from kit.network import Network
 from kit.parallel.comm import TensorParallelComm
+from kit.parallel.engine_files import load_rank_weights
 from kit.parallel.mapping import Mapping
 from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, SHUTDOWN, TIMINGS, StepChannel,
                                    unpack_batch)
@@ -49,8 +50,11 @@ def send_shards(comm: TensorParallelComm, setup: dict[str, Any], shards: list[di
 
 
 def receive_shards(comm: TensorParallelComm) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Every other rank: the setup and this rank's tensors (on its device)."""
+    """Every other rank: the setup and this rank's tensors (on its device), scattered by rank 0 or read
+    from this rank's file of a tensor-parallel engine directory."""
     setup = comm.broadcast_object()
+    if "weights_dir" in setup:
+        return setup, load_rank_weights(setup["weights_dir"], comm.rank, comm.device)
     weights: dict[str, torch.Tensor] = {}
     for name, shape, dtype in setup["tensors"]:
         n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
@@ -61,7 +65,7 @@ def receive_shards(comm: TensorParallelComm) -> tuple[dict[str, Any], dict[str, 
 
 def serve(comm: TensorParallelComm) -> None:
     """Build this rank's engine from what rank 0 sends, then run step messages until SHUTDOWN."""
-    setup, weights = receive_shards(comm)
+    setup, weights = receive_shards(comm)  # or only the setup, when every rank reads its own file
     mapping = Mapping.tensor_parallel(comm.world_size, comm.rank)
     network = Network(setup["config"], setup["layers"], weights, name=setup["name"],
                       quant_config=setup["quant_config"])
