@@ -89,10 +89,15 @@ class TensorParallelComm:
             self._records.append((layer, op, 1e3 * (time.perf_counter() - start), nbytes))
 
     def all_reduce(self, t: torch.Tensor, layer: str = "") -> torch.Tensor:
-        """Sum `t` over the ranks, in place; returns it."""
+        """Sum `t` over the ranks, in place; returns it (inside an NVTX range `rank{r}/{layer}/all_reduce`)."""
         timed = self._timed()
         start = self._start() if timed else None
+        ranged = self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+        if ranged:  # NOTE: per rank, so Nsight Systems shows which rank waited in which layer
+            torch.cuda.nvtx.range_push(f"rank{self.rank}/{layer}/all_reduce")
         dist.all_reduce(t)
+        if ranged:
+            torch.cuda.nvtx.range_pop()
         if timed:
             self._stop(layer, "all_reduce", start, t.numel() * t.element_size())
         return t

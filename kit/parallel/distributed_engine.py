@@ -328,6 +328,9 @@ def build_parallel_engine(model: Any, tensor_parallel_size: int, *, device: torc
     A LoadedModel without quantization (e.g. a synthetic one made on the GPU) is split in memory.
     """
     mapping = Mapping.tensor_parallel(tensor_parallel_size)
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:  # a worker rank: nothing to build, serve rank 0
+        check_parallel_sizes(tensor_parallel_size, 1, device)
+        _launch(tensor_parallel_size, torch.device(device), 120.0, True)  # exits when rank 0 shuts down
     if is_tp_engine_dir(model):
         return EngineResult(DistributedEngine.start(None, tensor_parallel_size, device=device, weights_dir=model,
                                                     tokenizer=_tokenizer_of(Path(model))), None, False)
