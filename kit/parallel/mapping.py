@@ -13,7 +13,6 @@ heads read, as TensorRT-LLM does).
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,4 +98,4 @@ class Mapping:
 
     def _repr_html_(self) -> str:
         return (f"<b>Mapping</b> rank {self.rank} of {self.world_size} &middot; tp_size {self.tp_size} "
-                f"&middot; pp_size {self.pp_size}{html.escape('')}")
+                f"&middot; pp_size {self.pp_size}")
