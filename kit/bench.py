@@ -181,6 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--quantization", default=None)
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (kit/parallel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here")
 
@@ -204,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"model": args.model, "environment": environment(device), "build_config": bc.to_dict(),
                                "quantization": args.quantization, "runs": []}
     with LLM(loaded, device=device, build_config=bc, quantization=args.quantization,
-             kv_cache_config=None) as llm:
+             kv_cache_config=None, tensor_parallel_size=args.tp) as llm:
         results["startup_s"] = llm.startup_seconds
         run_benchmark(llm, prompts[:max(2, min(4, len(prompts)))], min(8, args.output_len), 2, progress=False)  # warm-up
         for c in args.concurrency:

@@ -118,6 +118,7 @@ BENCH_TYPES: dict[str, Callable[[str], object]] = {
     "concurrency": int_at_least("--concurrency", 1),
     "request_rate": float_above("--request-rate", 0.0),
     "seed": int_at_least("--seed", 0),
+    "tp": int_at_least("--tp", 1),
 }
 
 
@@ -137,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed)
     with LLM(args.model, device=_device(args.device), quantization=args.quantization,
-             build_config=BuildConfig(max_batch_size=8, max_seq_len=2048)) as llm:
+             build_config=BuildConfig(max_batch_size=8, max_seq_len=2048), tensor_parallel_size=args.tp) as llm:
         if llm.tokenizer is None:
             what = "--chat needs the model's chat template" if args.chat else "kit generate takes a text prompt"
             raise KitUsageError(f"{what}, but model {args.model!r} has no tokenizer "
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--device", default=None)
+    g.add_argument("--tp", type=int_at_least("--tp", 1), default=1,
+                   help="tensor parallel size: ranks in their own processes (GPUs, or gloo on the CPU)")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="load the default model, show its network, generate, report tokens/s",

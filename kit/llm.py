@@ -28,6 +28,7 @@ from kit.executor import Executor
 from kit.kv_cache_config import KvCacheConfig
 from kit.loader import LoadedModel, ModelLoader
 from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
+from kit.parallel import DistributedEngine, build_parallel_engine, check_parallel_sizes
 from kit.request import GenerationRequest, prompt_token_ids_of
 from kit.sampling_params import SamplingParams
 
@@ -44,9 +45,11 @@ class LLM:
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool | None = None,
                  scheduler_policy: str = "guaranteed_no_evict", quantization: Any = None, backend: str = "torch",
                  enable_build_cache: bool = True, skip_build_cache: bool = False,
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1) -> None:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_parallel_sizes(tensor_parallel_size, pipeline_parallel_size, device)  # before anything starts
         if backend == "tensorrt":
             raise ValueError("LLM(backend='tensorrt'): the TensorRT backend builds and inspects plans "
                              "(kit.Builder('tensorrt').build(...), kit build --backend tensorrt) but cannot execute "
@@ -56,6 +59,9 @@ class LLM:
         self.build_cache_hit = False
         if isinstance(model, Engine):
             engine = model
+        elif tensor_parallel_size > 1:  # kit/parallel: ranks 1..N-1 in their own processes
+            engine = self._build_parallel(model, device, build_config, quantization, tensor_parallel_size,
+                                          enable_build_cache, skip_build_cache)
         else:
             engine = self._build(model, device, build_config, quantization, backend, enable_build_cache,
                                  skip_build_cache)
@@ -68,12 +74,17 @@ class LLM:
         kvc = kv_cache_config or KvCacheConfig()
         if enable_prefix_caching is not None:
             kvc = dataclasses.replace(kvc, enable_block_reuse=enable_prefix_caching)
-        self.executor = Executor(engine, build_config=build_config, kv_cache_config=kvc, tokenizer=self.tokenizer,
-                                 enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy,
-                                 record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows)
+        try:
+            self.executor = Executor(engine, build_config=build_config, kv_cache_config=kvc, tokenizer=self.tokenizer,
+                                     enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy,
+                                     record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows)
+        except BaseException:
+            if isinstance(engine, DistributedEngine):
+                engine.shutdown()
+            raise
         # NOTE: the finalizer holds the executor, not the LLM: dropping the LLM without shutdown()
         # stops the loop and its thread; it also runs at interpreter exit (the atexit hook)
-        self._finalizer = weakref.finalize(self, Executor.shutdown, self.executor)
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, engine)
         self.startup_seconds = time.perf_counter() - t0
 
     def _build(self, model, device, build_config, quantization, backend, enable_build_cache, skip_build_cache):
@@ -84,6 +95,14 @@ class LLM:
         self.build_cache_hit = result.cache_hit
         if result.cache_hit and quantization is None:
             self._model_ref = model  # the model is loaded on first access to `llm.loaded`
+        if result.loaded is not None:
+            self.loaded = result.loaded
+        return result.engine
+
+    def _build_parallel(self, model, device, build_config, quantization, tp, enable_build_cache, skip_build_cache):
+        result = build_parallel_engine(model, tp, device=device, build_config=build_config, quantization=quantization,
+                                       enable_build_cache=enable_build_cache, skip_build_cache=skip_build_cache)
+        self.build_cache_hit = result.cache_hit
         if result.loaded is not None:
             self.loaded = result.loaded
         return result.engine
@@ -209,6 +228,13 @@ class LLM:
                 f"{self.startup_seconds:.2f} s &middot; max_batch_size {bc.max_batch_size}, max_num_tokens "
                 f"{bc.max_num_tokens}, max_seq_len {bc.max_seq_len}<br>{self.engine._repr_html_()}"
                 f"{self.executor._repr_html_()}")
+
+
+def _shutdown(executor: Executor, engine: Engine) -> None:
+    """Stop the loop, then (tensor parallel) every rank's process."""
+    executor.shutdown()
+    if isinstance(engine, DistributedEngine):
+        engine.shutdown()
 
 
 def _is_single_prompt(prompts: Any) -> bool:

@@ -215,6 +215,27 @@ class ProfiledEngine:
         self.last_frame = df
         return df
 
+    @torch.inference_mode()
+    def collectives(self, batch_size: int = 1, seq_len: int = 128, phase: str = "decode",
+                    iters: int = 5) -> pd.DataFrame:
+        """Tensor parallel: every all-reduce / logits gather per layer per rank, the mean of `iters` eager
+        steps. Columns `rank, layer, op, latency_ms, bytes` (kit/parallel/comm.py times them)."""
+        if not hasattr(self.engine, "collective_timings"):
+            raise ValueError("collectives() needs a tensor-parallel engine: LLM(model, tensor_parallel_size=N)")
+        batch, kv, _ = self._batch(batch_size, seq_len, phase)
+        eager = [LayerHook()]  # NOTE: eager on every rank: collectives replayed inside a CUDA graph are not timed
+        self.engine.forward(batch, kv, hooks=eager)
+        self.engine.collective_timings()  # drop what came before
+        self.engine.time_collectives(True)
+        try:
+            for _ in range(iters):
+                self.engine.forward(batch, kv, hooks=eager)
+        finally:
+            self.engine.time_collectives(False)
+        df = self.engine.collective_timings()
+        return df.groupby(["rank", "layer", "op"], sort=False).agg(
+            latency_ms=("latency_ms", "mean"), bytes=("bytes", "first")).reset_index()
+
     @staticmethod
     def by_kind(df: pd.DataFrame) -> pd.DataFrame:
         """Totals per layer kind: `kind, count, latency_ms, share_pct, bytes, flops, achieved_gbps`."""

@@ -338,8 +338,8 @@ def test_bench_serve_cli_writes_the_bench_json_layout(server, tmp_path, capsys):
 
 
 def test_serve_refuses_tensor_parallelism_and_bad_configs(capsys):
-    assert main(["serve", MODEL, "--tp", "2"]) == 2
-    assert "tensor parallelism is not available yet" in capsys.readouterr().err
+    assert main(["serve", MODEL, "--tp", "2"]) == 2  # SmolLM2's 9 heads do not split 2 ways
+    assert "tensor_parallel_size=2 must divide num_attention_heads=9" in capsys.readouterr().err
     with pytest.raises(ValueError, match="ServerConfig.max_queue must be an int >= 0, got -1"):
         ServerConfig(MODEL, max_queue=-1)
     with pytest.raises(ValueError, match="ServerConfig.model_name"):

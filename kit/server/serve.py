@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: MODEL)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait beyond a full batch (then 503)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (only 1 for now)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size: ranks (GPUs, or CPU processes)")
     p.add_argument("--quantization", default=None, help="fp8 | int8_wo | int4_wo | int4_awq | int4_gptq | int8_sq")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-input-len", type=int, default=1024)
@@ -73,8 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_llm(args: argparse.Namespace) -> LLM:
     """The LLM `kit serve` serves, loaded and configured as `kit bench` does."""
-    if args.tp != 1:
-        raise ValueError(f"--tp {args.tp}: tensor parallelism is not available yet; only --tp 1 is supported")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bc = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=min(args.max_input_len, args.max_seq_len),
                      max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
@@ -84,7 +82,7 @@ def build_llm(args: argparse.Namespace) -> LLM:
         model = ModelLoader.synthetic(args.model.split(":", 1)[1], seed=args.seed, device=device,
                                       dtype=None if args.dtype == "auto" else args.dtype)
     return LLM(model, device=device, build_config=bc, quantization=args.quantization,
-               enable_prefix_caching=args.enable_prefix_caching or None)
+               enable_prefix_caching=args.enable_prefix_caching or None, tensor_parallel_size=args.tp)
 
 
 class _Server(uvicorn.Server):
@@ -122,10 +120,6 @@ def run_server(llm: LLM | EngineClient, config: ServerConfig, host: str = "127.0
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.tp != 1:  # refuse before loading anything
-        print(f"kit serve: --tp {args.tp}: tensor parallelism is not available yet; only --tp 1 is supported",
-              file=sys.stderr)
-        return 2
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
                           max_queue=args.max_queue)
     engine = ProcessEngineClient(build_llm, (args,)) if args.engine_process else build_llm(args)

@@ -1,0 +1,226 @@
+"""Tensor parallelism on one host: TP=1 vs TP=2 vs TP=4 of synthetic Llama-3.1-8B in bf16.
+
+For each TP size that the GPUs allow (1, 2, 4), in one run:
+
+* decode step at batch 1 (CUDA graphs, NCCL all-reduce inside them), ms per step;
+* decode throughput at batch 64 (graphed), tokens/s;
+* the all-reduce share of an eager decode step (ProfiledEngine.collectives on rank 0);
+* top-1 agreement of TP=N with TP=1 over 64 prefill positions (bf16);
+
+and a model that does not fit one GPU's budget at TP=1 served at TP=2: GPU 0 is capped at
+`--budget-frac` of the weights (torch.cuda.set_per_process_memory_fraction); TP=1 fails to
+place the weights, TP=2 serves greedy requests under the same cap (every rank holds half).
+
+Ranks 1..N-1 are spawned by the kit (torch.multiprocessing); NCCL's NVLink-multicast
+settings are left as the machine has them. The weights are made once, on the last GPU.
+
+    python bench/tp.py --out bench/results/tp_h100.json          # 2 or 4 GPUs, ~240 s at most
+    python bench/tp.py --smoke --out /tmp/tp_smoke.json          # the same code on the CPU (gloo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from typing import Any
+
+import torch
+
+from kit.backends.base import LayerHook
+from kit.backends.torch_backend import TorchBackend
+from kit.batch import ForwardBatch, SequenceInput
+from kit.build_config import BuildConfig
+from kit.engine import Engine
+from kit.kv_cache_config import KvCacheConfig
+from kit.llm import LLM
+from kit.loader import ModelLoader
+from kit.network import NetworkBuilder
+from kit.parallel import DistributedEngine
+from kit.profiler import ProfiledEngine
+from kit.sampling_params import SamplingParams
+
+BLOCK = 16
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_batches(batch: int, context: int, steps: int, device: torch.device) -> list[ForwardBatch]:
+    per_seq = -(-(context + steps) // BLOCK)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    return [ForwardBatch.build([SequenceInput([7 + i], context + k, t) for i, t in enumerate(tables)], BLOCK,
+                               device=device) for k in range(steps)]
+
+
+def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: bool = False) -> float:
+    hooks = [LayerHook()] if eager else None
+    for b in batches[:3]:
+        engine.forward(b, kv, hooks)
+    sync(engine.device)
+    t0 = time.perf_counter()
+    for b in batches:
+        engine.forward(b, kv, hooks)
+    sync(engine.device)
+    return 1e3 * (time.perf_counter() - t0) / len(batches)
+
+
+def top1(engine: Engine, prompt: list[int]) -> torch.Tensor:
+    kv = engine.allocate_kv_cache(-(-len(prompt) // BLOCK) + 1, BLOCK)
+    batch = ForwardBatch.build([SequenceInput(prompt, 0, list(range(-(-len(prompt) // BLOCK))), logits="all")],
+                               BLOCK, device=engine.device)
+    return engine.forward(batch, kv).argmax(-1).cpu()  # (positions,)
+
+
+def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc: BuildConfig,
+           prompt: list[int]) -> dict[str, Any]:
+    first = torch.device("cuda", 0) if device.type == "cuda" else device
+    if tp == 1:
+        engine = Engine(network, TorchBackend(network, device=first, dtype=dtype), build_config=bc)
+    else:
+        engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc)
+    try:
+        per_seq = -(-(args.context + args.steps) // BLOCK)
+        kv = engine.allocate_kv_cache(args.max_batch * per_seq, BLOCK)
+        graphs = engine.capture_cuda_graphs(kv, [1, args.max_batch]) if device.type == "cuda" else ()
+        b1 = decode_batches(1, args.context, args.steps, device)
+        bN = decode_batches(args.max_batch, args.context, args.steps, device)
+        row: dict[str, Any] = {"tp": tp, "cuda_graphs": list(graphs)}
+        row["decode_b1_ms"] = ms_per_step(engine, kv, b1)
+        row[f"decode_b{args.max_batch}_ms"] = ms_per_step(engine, kv, bN)
+        row[f"tokens_per_s_b{args.max_batch}"] = args.max_batch * 1e3 / row[f"decode_b{args.max_batch}_ms"]
+        row["eager_decode_b1_ms"] = ms_per_step(engine, kv, b1[:8], eager=True)
+        if tp > 1:
+            coll = ProfiledEngine(engine, BLOCK).collectives(batch_size=1, seq_len=args.context, phase="decode",
+                                                             iters=5)
+            own = coll[coll["rank"] == 0]
+            row["allreduce_ms_b1"] = float(own["latency_ms"].sum())
+            row["allreduce_share_pct_b1"] = 100.0 * row["allreduce_ms_b1"] / row["eager_decode_b1_ms"]
+            row["collectives_per_step"] = int(len(own))
+        row["top1"] = top1(engine, prompt)
+        return row
+    finally:
+        if isinstance(engine, DistributedEngine):
+            engine.shutdown()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fit_experiment(loaded, args, device: torch.device) -> dict[str, Any]:
+    """A per-GPU budget below the weights: TP=1 cannot place them, TP=2 serves under the same cap."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in loaded.weights.values())
+    budget = int(args.budget_frac * weight_bytes)
+    out: dict[str, Any] = {"weight_gib": weight_bytes / 2**30, "budget_gib_per_gpu": budget / 2**30}
+    if device.type != "cuda":
+        out["note"] = "CPU smoke run: no memory cap is enforced"
+    else:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(budget / total, 0)
+    bc = BuildConfig(max_batch_size=8, max_seq_len=256, max_input_len=128, max_num_tokens=256,
+                     dtype="bfloat16" if device.type == "cuda" else "float32", cuda_graph_batch_sizes=(1, 8))
+    try:
+        network = NetworkBuilder(loaded).build()
+        try:
+            e = Engine(network, TorchBackend(network, device=torch.device("cuda", 0) if device.type == "cuda"
+                                             else device, dtype=loaded.dtype), build_config=bc)
+            out["tp1"] = "fits"
+            del e
+        except torch.cuda.OutOfMemoryError as err:
+            out["tp1"] = f"does not fit: {type(err).__name__}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        prompts = [[100 + i, 200 + i, 300 + i, 400 + i] * 8 for i in range(8)]
+        t0 = time.perf_counter()
+        with LLM(loaded, device=device, build_config=bc, kv_cache_config=KvCacheConfig(max_tokens=4096),
+                 tensor_parallel_size=2) as llm:
+            out["tp2_startup_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+                                use_tqdm=False)
+            dt = time.perf_counter() - t0
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        out.update(tp2="served", tp2_requests=len(outs), tp2_tokens=n, tp2_tokens_per_s=n / dt)
+        if device.type == "cuda":
+            out["tp2_rank0_peak_gib"] = torch.cuda.max_memory_allocated(0) / 2**30
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo): the same code path")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--budget-frac", type=float, default=0.75, help="GPU 0's cap in the fit test, x the weights")
+    p.add_argument("--time-budget", type=float, default=240.0)
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    gpus = torch.cuda.device_count() if cuda else 2
+    if args.smoke:
+        args.context, args.steps, args.max_batch = 16, 4, 4
+        preset, layers, dtype, home = "qwen2.5-0.5b", 1, torch.float32, device
+        sizes = [1, 2]
+    else:
+        preset, layers, dtype, home = "llama-3.1-8b", None, torch.bfloat16, torch.device("cuda", gpus - 1)
+        sizes = [s for s in (1, 2, 4) if s <= gpus]
+    loaded = ModelLoader.synthetic(preset, seed=0, device=home, dtype=dtype, num_layers=layers)
+    network = NetworkBuilder(loaded).build()
+    prompt = torch.randint(0, loaded.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    bc = BuildConfig(max_batch_size=args.max_batch, max_seq_len=max(128, 2 * (args.context + args.steps)),
+                     max_input_len=64, max_num_tokens=max(64, args.max_batch),
+                     dtype=str(dtype).replace("torch.", ""), cuda_graph_batch_sizes=(1, args.max_batch))
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "num_gpus": gpus if cuda else 0,
+        "torch": torch.__version__, "model": f"synthetic:{preset}", "dtype": str(dtype).replace("torch.", ""),
+        "context": args.context, "steps": args.steps, "max_batch": args.max_batch, "smoke": args.smoke, "runs": []}
+    base = None
+    for tp in sizes:
+        if time.perf_counter() - t_start > 0.6 * args.time_budget:
+            results["runs"].append({"tp": tp, "skipped": "time budget"})
+            continue
+        row = run_tp(network, tp, args, device, dtype, bc, prompt)
+        arg = row.pop("top1")
+        if base is None:
+            base = (row, arg)
+        row["top1_agreement_vs_tp1"] = float((arg == base[1]).float().mean())
+        row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
+        key = f"tokens_per_s_b{args.max_batch}"
+        row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
+        results["runs"].append(row)
+    del network
+    gc.collect()
+    if gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget:
+        results["fit"] = fit_experiment(loaded, args, device)
+    else:
+        results["fit"] = {"skipped": "needs 2 GPUs and time left"}
+    results["wall_s"] = time.perf_counter() - t_start
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{results['device']} x{results['num_gpus']}  {results['model']} {results['dtype']}")
+    print(f"{'tp':>3} {'b1 ms':>8} {'b1 x':>6} {'tok/s b' + str(args.max_batch):>12} {'x':>6} {'AR %':>6} {'top1':>6}")
+    for r in results["runs"]:
+        if "skipped" in r:
+            print(f"{r['tp']:>3} skipped: {r['skipped']}")
+            continue
+        print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r['decode_b1_ratio_vs_tp1']:>6.2f} "
+              f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} {r[f'throughput_b{args.max_batch}_ratio_vs_tp1']:>6.2f} "
+              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r['top1_agreement_vs_tp1']:>6.3f}")
+    print("fit:", json.dumps(results["fit"]))
+    print(f"wall {results['wall_s']:.1f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""`DistributedEngine`: rank 0's engine over a tensor-parallel group.
+
+    engine = DistributedEngine.start(network, tensor_parallel_size=2)   # spawns ranks 1..N-1
+    llm = LLM(engine)   or   LLM(model, tensor_parallel_size=2)
+
+It is an `Engine` (the `Executor` runs over it unchanged, on rank 0, with the scheduler,
+the KV-cache manager and the outputs): `forward` broadcasts the step's `ForwardBatch`
+(kit/parallel/protocol.py) and runs rank 0's shard; the other ranks run theirs
+(kit/parallel/worker.py); the logits come back gathered on rank 0. `allocate_kv_cache`
+and `capture_cuda_graphs` happen on every rank, each cache holding the rank's KV heads.
+`config` is the whole model's (the executor checks token ids against the full vocabulary);
+`network` is rank 0's shard.
+
+Processes: `start` spawns one process per rank > 0 with `torch.multiprocessing` (spawn);
+under `torchrun` (every rank runs the same script) ranks > 0 enter the same worker loop
+inside `start` and exit when rank 0 shuts down:
+
+    torchrun --nproc-per-node 2 my_script.py     # my_script: LLM(model, tensor_parallel_size=2)
+
+Failure: a rank that dies makes the step fail with `RuntimeError` naming the rank (the
+executor then fails every pending request with it) and the engine refuses further steps;
+`shutdown()` stops every rank (killing any that does not stop) and leaves the process group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import shutil
+
+from kit.batch import ForwardBatch, KVCache
+from kit.cache_entry import CacheEntryError
+from kit.build_config import BuildConfig, fit_build_config
+from kit.builder import Builder, EngineResult
+from kit.loader import LoadedModel
+from kit.engine import Engine
+from kit.network import Network, NetworkBuilder
+from kit.tokenizer import Tokenizer
+from kit.parallel.comm import TIMING_COLUMNS, TensorParallelComm, free_port, launched_by_torchrun
+from kit.parallel.engine_files import (is_tp_engine_dir, load_rank_weights, read_tp_config, save_tp_engine,
+                                      tp_build_key, tp_cache_path)
+from kit.parallel.mapping import Mapping
+from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, SHUTDOWN, TIMINGS, StepChannel,
+                                   message_capacity, pack_batch)
+from kit.parallel.sharding import shard_network
+from kit.parallel.tp_backend import TensorParallelBackend
+from kit.parallel.worker import rank_device, send_shards, torchrun_worker, worker_main
+
+__all__ = ["DistributedEngine", "build_parallel_engine", "check_parallel_sizes", "COLLECTIVE_COLUMNS"]
+
+COLLECTIVE_COLUMNS = ("rank",) + TIMING_COLUMNS
+
+
+def check_parallel_sizes(tensor_parallel_size: Any, pipeline_parallel_size: Any = 1,
+                         device: torch.device | str | None = None) -> None:
+    """Refuse sizes that cannot run here, before any process starts."""
+    for name, v in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if pipeline_parallel_size != 1:
+        raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}: pipeline parallelism is not supported; "
+                         "use pipeline_parallel_size=1 and tensor_parallel_size to split a model")
+    if device is not None and torch.device(device).type == "cuda" and not launched_by_torchrun():
+        have = torch.cuda.device_count()
+        if tensor_parallel_size > have:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs {tensor_parallel_size} GPUs, "
+                             f"this machine has {have}")
+
+
+class _Ranks:
+    """The spawned processes, the group and the channel: what the finalizer must be able to stop."""
+
+    def __init__(self, comm: TensorParallelComm, procs: list[Any], channel: StepChannel) -> None:
+        self.comm, self.procs, self.channel = comm, procs, channel
+        self.lock = threading.RLock()
+        self.broken: str | None = None
+        self.closed = False
+        self.pending_free: list[int] = []
+
+    def dead_rank(self, wait_s: float = 0.0) -> str | None:
+        """A message naming the first rank whose process has exited, waiting up to `wait_s` for one."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, p in enumerate(self.procs, start=1):
+                if not p.is_alive():
+                    return f"tensor-parallel rank {rank} (pid {p.pid}) died with exit code {p.exitcode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def send(self, header: list[int], payload: torch.Tensor | None = None) -> None:
+        if self.closed:
+            raise RuntimeError("the tensor-parallel engine is shut down")
+        if self.broken is None:
+            self.broken = self.dead_rank()
+        if self.broken is not None:
+            raise RuntimeError(f"{self.broken}; this engine cannot run any more (shut it down and start a new one)")
+        header = list(header) + [0] * (16 - len(header))
+        if self.pending_free:
+            header[11] = self.pending_free.pop()
+        self.channel.send(header, payload)
+
+    def fail(self, error: BaseException) -> RuntimeError:
+        """The error a failed step raises: the dead rank's name if one died, else rank 0's own error."""
+        self.broken = self.dead_rank(wait_s=5.0) or f"a tensor-parallel step failed on rank 0 ({error})"
+        return RuntimeError(self.broken)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            if self.broken is None and self.dead_rank() is None:
+                try:
+                    self.channel.send([SHUTDOWN])
+                except Exception:  # noqa: BLE001 - a peer gone at exit: the processes are stopped below
+                    pass
+            self.closed = True
+        for p in self.procs:
+            p.join(timeout if self.broken is None else 1.0)
+            if p.is_alive():
+                p.kill()
+                p.join(10.0)
+        TensorParallelComm.destroy()
+
+
+def _launch(tp: int, device: torch.device, timeout_s: float, from_torchrun: bool) -> tuple[TensorParallelComm, list]:
+    """Start ranks 1..tp-1 (spawned, or already running under torchrun) and join the group as rank 0."""
+    if from_torchrun:
+        if int(os.environ["WORLD_SIZE"]) != tp:
+            raise ValueError(f"tensor_parallel_size={tp} must equal torchrun's WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        if int(os.environ["RANK"]) != 0:  # this process is a worker rank: serve rank 0, then exit
+            torchrun_worker(device.type, timeout_s)
+            sys.exit(0)
+        comm = TensorParallelComm.init(0, tp, rank_device(device.type, int(os.environ["LOCAL_RANK"])), "env://",
+                                       timeout_s)
+        return comm, []
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(1, tp):
+        p = ctx.Process(target=worker_main, args=(rank, tp, init_method, device.type, timeout_s), daemon=True,
+                        name=f"kit-tp-rank{rank}")
+        p.start()
+        procs.append(p)
+    try:
+        return TensorParallelComm.init(0, tp, rank_device(device.type, 0), init_method, timeout_s), procs
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.join(10.0)
+        raise
+
+
+class DistributedEngine(Engine):
+    """Rank 0's engine: its own shard plus the other ranks, driven one step message at a time."""
+
+    def __init__(self, network: Network, backend: TensorParallelBackend, ranks: _Ranks, full_config: Any,
+                 mapping: Mapping, **engine_kw: Any) -> None:
+        super().__init__(network, backend, **engine_kw)
+        self.ranks, self.full_config, self.mapping = ranks, full_config, mapping
+        self._kv_ids = itertools.count(1)
+        self._finalizer = weakref.finalize(self, _Ranks.shutdown, ranks)
+
+    # ------------------------------------------------------------------ start
+    @classmethod
+    def start(cls, network: Network | None, tensor_parallel_size: int, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype | None = None, build_config: Any = None, tokenizer: Any = None,
+              model_info: dict[str, Any] | None = None, build_key: str | None = None,
+              weights_dir: str | os.PathLike | None = None, timeout_s: float = 120.0) -> "DistributedEngine":
+        """Shard `network` over `tensor_parallel_size` ranks (checked first) and start them.
+
+        With `weights_dir` (a tensor-parallel engine directory, kit/parallel/engine_files.py) and no
+        network, every rank loads its own `rank{r}.safetensors` instead of receiving its shard."""
+        from_torchrun = launched_by_torchrun()
+        device = torch.device(device)
+        check_parallel_sizes(tensor_parallel_size, 1, device)
+        mapping = Mapping.tensor_parallel(tensor_parallel_size)
+        if weights_dir is not None:
+            cfg = read_tp_config(weights_dir, tensor_parallel_size)["_parsed"]
+            full_config, build_config = cfg["model_config"], build_config or cfg["build_config"]
+            dtype, quant_config = dtype or cfg["dtype"], cfg["quant_config"]
+            name = (model_info or {}).get("name", Path(weights_dir).name)
+        else:
+            full_config, quant_config, name = network.config, network.quant_config, network.name
+            dtype = dtype or network.weights["model.embed_tokens.weight"].dtype
+        mapping.check_model(full_config)
+        if build_config is None:
+            raise ValueError("DistributedEngine.start: build_config is required (it sizes the step messages)")
+        if dist.is_initialized() and not from_torchrun:
+            raise RuntimeError("a tensor-parallel engine is already running in this process: shut it down "
+                               "(LLM.shutdown()) before starting another")
+        comm, procs = _launch(tensor_parallel_size, device, timeout_s, from_torchrun)
+        capacity = message_capacity(build_config)
+        ranks = _Ranks(comm, procs, StepChannel(comm, capacity))
+        try:
+            setup = {"name": name, "quant_config": quant_config, "dtype": dtype,
+                     "full_vocab_size": full_config.vocab_size, "build_config": build_config, "capacity": capacity}
+            if weights_dir is not None:
+                own = Network(cfg["shard_config"], cfg["layers"], load_rank_weights(weights_dir, 0, comm.device),
+                              name=name, quant_config=quant_config)
+                comm.broadcast_object({**setup, "config": own.config, "layers": own.layers,
+                                       "weights_dir": str(weights_dir)})
+            else:
+                shards = [shard_network(network, mapping.for_rank(r)) for r in range(tensor_parallel_size)]
+                send_shards(comm, {**setup, "config": shards[0].config, "layers": shards[0].layers},
+                            [s.weights for s in shards])
+                own = shards[0]
+                del shards
+            backend = TensorParallelBackend(own, mapping, comm, full_config.vocab_size, device=comm.device,
+                                            dtype=dtype)
+            engine = cls(own, backend, ranks, full_config, mapping, build_config=build_config,
+                         tokenizer=tokenizer, model_info=model_info or {"name": name}, build_key=build_key)
+        except BaseException:
+            ranks.broken = ranks.broken or "start-up failed"
+            ranks.shutdown()
+            raise
+        backend.on_capture = engine._send_capture
+        return engine
+
+    # ------------------------------------------------------------- the model
+    @property
+    def config(self) -> Any:
+        """The whole model's config (the shard's is `network.config`)."""
+        return self.full_config
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.mapping.tp_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes one token takes in ONE rank's cache (its KV heads only)."""
+        c = self.network.config
+        if getattr(self.network.quant_config, "kv_cache_quant_algo", None) is not None:
+            return 2 * c.num_hidden_layers * (c.kv_size + 4 * c.num_key_value_heads)
+        return c.kv_bytes_per_token(torch.empty(0, dtype=self.dtype).element_size())
+
+    # ------------------------------------------------------------ every rank
+    def allocate_kv_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None,
+                          capture_graphs: bool = False) -> KVCache:
+        """A paged pool on every rank (each holding its KV heads); rank 0's is returned."""
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"allocate_kv_cache: dtype must be one of {KV_DTYPES}, got {dtype}")
+        with self.ranks.lock:
+            kv_id = next(self._kv_ids)
+            self.ranks.send([ALLOC, kv_id] + [0] * 11 + [num_blocks, block_size, KV_DTYPES.index(dtype)])
+            qc = self.network.quant_config
+            kv = KVCache(self.network.config, num_blocks, block_size, dtype=dtype or self.dtype, device=self.device,
+                         quant_algo=getattr(qc, "kv_cache_quant_algo", None))
+        kv.tp_id = kv_id
+        weakref.finalize(kv, self.ranks.pending_free.append, kv_id)
+        if capture_graphs:
+            self.capture_cuda_graphs(kv)
+        return kv
+
+    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes=None) -> tuple[int, ...]:
+        with self.ranks.lock:  # the backend calls _send_capture first, then captures its own graphs
+            return super().capture_cuda_graphs(kv_cache, batch_sizes)
+
+    def _send_capture(self, kv_cache: KVCache, sizes: tuple[int, ...], max_blocks: int) -> None:
+        self.ranks.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks],
+                        torch.tensor(sizes, dtype=torch.long))
+
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache, hooks=None) -> torch.Tensor:
+        """Broadcast the step, run rank 0's shard; logits (num_logits, vocab) gathered here."""
+        with self.ranks.lock:
+            head, payload = pack_batch(batch)
+            self.ranks.send([FORWARD, kv_cache.tp_id] + head + [int(bool(hooks)), int(self.backend.comm.timing)],
+                            payload)
+            try:
+                return super().forward(batch, kv_cache, hooks)
+            except Exception as e:  # noqa: BLE001 - a collective failed: name the rank that died
+                raise self.ranks.fail(e) from e
+
+    # ---------------------------------------------------------------- timing
+    def time_collectives(self, on: bool = True) -> None:
+        """Time every all-reduce / gather of the following steps, on every rank."""
+        self.backend.comm.timing = on
+
+    def collective_timings(self) -> pd.DataFrame:
+        """Timed collectives since the last call, every rank: columns `COLLECTIVE_COLUMNS`."""
+        with self.ranks.lock:
+            self.ranks.send([TIMINGS])
+            per_rank = self.backend.comm.gather_object(self.backend.comm.take_timings())
+        rows = [{"rank": r, **row} for r, rows in enumerate(per_rank) for row in rows]
+        return pd.DataFrame(rows, columns=list(COLLECTIVE_COLUMNS))
+
+    # ------------------------------------------------------------- lifecycle
+    @property
+    def is_alive(self) -> bool:
+        return not self.ranks.closed and self.ranks.broken is None and self.ranks.dead_rank() is None
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of ranks 1..N-1 (spawned ones; none under torchrun)."""
+        return [p.pid for p in self.ranks.procs]
+
+    def shutdown(self) -> None:
+        """Stop every rank and leave the process group (also at collection and at exit)."""
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return (f"DistributedEngine({self.network.name!r}, tensor_parallel_size={self.mapping.tp_size}, "
+                f"{self.backend.comm.backend}, {self.device}, {self.dtype})")
+
+
+def build_parallel_engine(model: Any, tensor_parallel_size: int, *, device: torch.device | str = "cpu",
+                          build_config: BuildConfig | None = None, quantization: Any = None,
+                          enable_build_cache: bool = True, skip_build_cache: bool = False) -> EngineResult:
+    """`LLM(model, tensor_parallel_size=N)`'s engine: the whole network (build cache, quantization), split.
+
+    A tensor-parallel engine directory is started as it is (each rank reads its file). A checkpoint
+    or name is built on the CPU by the `Builder` (so the build cache and the quantized-model cache
+    answer as for one device); with the build cache on, its split is stored once under a key that
+    includes the mapping (kit/parallel/engine_files.py) and each rank reads its own file from there.
+    A LoadedModel without quantization (e.g. a synthetic one made on the GPU) is split in memory.
+    """
+    mapping = Mapping.tensor_parallel(tensor_parallel_size)
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:  # a worker rank: nothing to build, serve rank 0
+        check_parallel_sizes(tensor_parallel_size, 1, device)
+        _launch(tensor_parallel_size, torch.device(device), 120.0, True)  # exits when rank 0 shuts down
+    if is_tp_engine_dir(model):
+        return EngineResult(DistributedEngine.start(None, tensor_parallel_size, device=device, weights_dir=model,
+                                                    tokenizer=_tokenizer_of(Path(model))), None, False)
+    bc = build_config or BuildConfig()
+    if isinstance(model, LoadedModel) and quantization is None:
+        bc = fit_build_config(bc, model.config)
+        network, info, key, tokenizer = NetworkBuilder(model).build(), {"name": model.name}, None, model.tokenizer
+        loaded, hit = model, False
+    else:
+        result = Builder("torch", device="cpu").get_engine(model, bc, quantization=quantization,
+                                                           enable_build_cache=enable_build_cache,
+                                                           skip_build_cache=skip_build_cache, progress=False)
+        e = result.engine
+        network, info, key, tokenizer, bc = e.network, e.model_info, e.build_key, e.tokenizer, e.build_config or bc
+        loaded, hit = result.loaded, result.cache_hit
+    mapping.check_model(network.config)  # before anything is written or started
+    dtype = None if bc.dtype == "auto" else getattr(torch, bc.dtype)
+    weights_dir = None
+    if enable_build_cache and key is not None:
+        weights_dir = tp_cache_path(tp_build_key(key, mapping))
+        try:
+            if skip_build_cache or not is_tp_engine_dir(weights_dir):
+                raise CacheEntryError("missing")
+            read_tp_config(weights_dir, tensor_parallel_size)
+        except (CacheEntryError, ValueError):
+            shutil.rmtree(weights_dir, ignore_errors=True)  # a missing, stale or damaged split: write it again
+            save_tp_engine(network, tensor_parallel_size, weights_dir, build_config=bc, build_key=key,
+                           dtype=dtype or network.weights["model.embed_tokens.weight"].dtype, model_info=info,
+                           tokenizer=tokenizer)
+        network = None  # every rank reads its own file
+    engine = DistributedEngine.start(network, tensor_parallel_size, device=device, dtype=dtype, build_config=bc,
+                                     tokenizer=tokenizer, model_info=info, build_key=key, weights_dir=weights_dir)
+    return EngineResult(engine, loaded, hit)
+
+
+def _tokenizer_of(path: Path) -> Any:
+    return Tokenizer.from_dir(path / "tokenizer") if Tokenizer.dir_has_tokenizer(path / "tokenizer") else None

@@ -1,0 +1,89 @@
+"""`TensorParallelBackend`: the PyTorch backend running one rank's shard of a network.
+
+The rank's `Network` (kit/parallel/sharding.py) already has the rank's shapes, so the
+column-parallel layers (q/k/v, gate/up), RoPE, attention over the rank's KV heads and
+the norms run as `TorchBackend` runs them. Four layer kinds are wrapped here:
+
+    embedding   vocab-parallel: look up the ids this rank holds, zero the others, all-reduce
+    o_proj      row-parallel: the projection of the rank's heads is a partial sum;
+    mlp         the residual is added once, after the all-reduce of the partial sums
+    lm_head     vocab-parallel: each rank's logits slice, gathered on rank 0
+
+So a block costs exactly two all-reduces of (num_tokens, hidden) each. The wrappers
+call `TorchBackend`'s own preparation of o_proj / mlp and hand it a zero residual, so
+every fused kernel of that backend runs unchanged inside them; CUDA graphs record the
+NCCL all-reduces with the rest of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kit.backends.torch_backend import Env, LayerFn, TorchBackend
+from kit.batch import ForwardBatch, KVCache
+from kit.network import Layer, Network
+from kit.parallel.comm import TensorParallelComm
+from kit.parallel.mapping import Mapping
+
+__all__ = ["TensorParallelBackend"]
+
+
+class TensorParallelBackend(TorchBackend):
+    """`TorchBackend` over a shard, with the collectives of the Megatron layout."""
+
+    def __init__(self, network: Network, mapping: Mapping, comm: TensorParallelComm, full_vocab_size: int, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None, attention: str = "auto",
+                 on_capture: Callable[..., None] | None = None) -> None:
+        self.mapping, self.comm, self.full_vocab_size = mapping, comm, full_vocab_size
+        comm.full_vocab_size = full_vocab_size
+        self.on_capture = on_capture  # rank 0: tells the other ranks to capture the same graphs
+        super().__init__(network, device=device, dtype=dtype, attention=attention)
+
+    def describe(self) -> str:
+        return (f"{super().describe()}, tensor-parallel rank {self.mapping.rank} of {self.mapping.tp_size} "
+                f"({self.comm.backend})")
+
+    def _vocab_embedding(self, layer: Layer) -> LayerFn:
+        table = self._w(layer.weights[0])  # (vocab / tp, hidden)
+        start, n = self.mapping.vocab_range(self.full_vocab_size).start, table.shape[0]
+        comm, name = self.comm, layer.name
+
+        def embed(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            local = batch.input_ids - start  # (T,)
+            inside = (local >= 0) & (local < n)
+            h = F.embedding(torch.where(inside, local, torch.zeros_like(local)), table)  # (T, hidden)
+            env["hidden"] = comm.all_reduce(h * inside[:, None].to(h.dtype), name)
+        return embed
+
+    def _row_parallel(self, layer: Layer) -> LayerFn:
+        fn = TorchBackend._PREPARE[layer.kind](self, layer)  # hidden + proj(x): here 0 + this rank's part
+        comm, name = self.comm, layer.name
+
+        def row_parallel(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            residual = env["hidden"]  # (T, hidden)
+            env["hidden"] = torch.zeros_like(residual)
+            fn(env, batch, kv)
+            env["hidden"] = residual + comm.all_reduce(env["hidden"], name)
+        return row_parallel
+
+    def _vocab_lm_head(self, layer: Layer) -> LayerFn:
+        fn = TorchBackend._PREPARE["lm_head"](self, layer)
+        comm, name = self.comm, layer.name
+
+        def lm_head(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            fn(env, batch, kv)  # (num_logits, vocab / tp)
+            env["logits"] = comm.gather_logits(env["logits"], name)  # rank 0: (num_logits, vocab)
+        return lm_head
+
+    _PREPARE: dict[str, Callable[[Any, Layer], LayerFn]] = {
+        **TorchBackend._PREPARE, "embedding": _vocab_embedding, "o_proj": _row_parallel, "mlp": _row_parallel,
+        "lm_head": _vocab_lm_head,
+    }
+
+    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes, max_blocks: int) -> None:
+        if self.on_capture is not None:
+            self.on_capture(kv_cache, tuple(batch_sizes), max_blocks)
+        super().capture_cuda_graphs(kv_cache, batch_sizes, max_blocks)

@@ -1,0 +1,169 @@
+"""kit/parallel without processes: the Mapping's checks and how every weight is split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kit.config import ModelConfig
+from kit.loader import LoadedModel, ModelLoader, random_weights
+from kit.network import NetworkBuilder
+from kit.parallel import Mapping, check_parallel_sizes, shard_network, sharding_frame
+from kit.parallel.protocol import message_capacity, pack_batch, unpack_batch
+from kit.parallel.sharding import shard_tensor, split_of
+from kit.batch import ForwardBatch, SequenceInput
+from kit.builder import BuildConfig
+from kit.quantization import QuantConfig, Quantizer
+from kit.quantization.int4 import dequantize_weight as int4_dequantize
+
+CFG = ModelConfig(family="llama", vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def test_mapping_refuses_bad_sizes_by_name():
+    with pytest.raises(ValueError, match="pp_size=2: pipeline parallelism is not supported"):
+        Mapping(world_size=2, tp_size=1, pp_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        Mapping(world_size=3, tp_size=2)
+    with pytest.raises(ValueError, match="Mapping.rank"):
+        Mapping.tensor_parallel(2, rank=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide num_attention_heads=4"):
+        Mapping.tensor_parallel(3).check_model(CFG)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 and num_key_value_heads=3: one must divide"):
+        Mapping.tensor_parallel(4).check_model(dataclasses.replace(CFG, num_attention_heads=12,
+                                                                   num_key_value_heads=3, intermediate_size=132))
+
+
+def test_check_parallel_sizes_before_anything_starts(monkeypatch):
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
+        check_parallel_sizes(2, 2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1, got 0"):
+        check_parallel_sizes(0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 needs 4 GPUs, this machine has 2"):
+        check_parallel_sizes(4, 1, "cuda")
+    check_parallel_sizes(2, 1, "cuda")
+
+
+def test_heads_kv_heads_and_vocab_ranges():
+    m = [Mapping.tensor_parallel(4, r) for r in range(4)]
+    assert [list(x.heads(CFG)) for x in m] == [[0], [1], [2], [3]]
+    # 2 KV heads over 4 ranks: replicated, each rank keeps the head its query head reads (q h -> kv h // 2)
+    assert [list(x.kv_heads(CFG)) for x in m] == [[0], [0], [1], [1]]
+    assert [list(Mapping.tensor_parallel(2, r).kv_heads(CFG)) for r in range(2)] == [[0], [1]]
+    assert [(r.start, r.stop) for r in (x.vocab_range(211) for x in m)] == [(0, 53), (53, 106), (106, 159), (159, 212)]
+
+
+def test_float_shards_put_back_together_are_the_weights():
+    w = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64),
+         "model.layers.0.self_attn.o_proj.weight": torch.randn(64, 64),
+         "model.layers.0.mlp.down_proj.weight": torch.randn(64, 128),
+         "model.layers.0.mlp.up_proj.bias": torch.randn(128),
+         "model.layers.0.self_attn.o_proj.bias": torch.randn(64),
+         "model.embed_tokens.weight": torch.randn(211, 64),
+         "model.layers.0.input_layernorm.weight": torch.randn(64)}
+    parts = {n: [shard_tensor(n, t, CFG, Mapping.tensor_parallel(2, r)) for r in range(2)] for n, t in w.items()}
+    assert torch.equal(torch.cat(parts["model.layers.0.self_attn.q_proj.weight"], 0), w["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(torch.cat(parts["model.layers.0.self_attn.o_proj.weight"], 1), w["model.layers.0.self_attn.o_proj.weight"])
+    assert torch.equal(torch.cat(parts["model.layers.0.mlp.down_proj.weight"], 1), w["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(torch.cat(parts["model.layers.0.mlp.up_proj.bias"], 0), w["model.layers.0.mlp.up_proj.bias"])
+    ob = parts["model.layers.0.self_attn.o_proj.bias"]  # row-parallel bias: added once, by rank 0
+    assert torch.equal(ob[0], w["model.layers.0.self_attn.o_proj.bias"]) and not ob[1].any()
+    emb = parts["model.embed_tokens.weight"]
+    assert [tuple(p.shape) for p in emb] == [(106, 64), (106, 64)]  # 211 rows padded to 212
+    assert torch.equal(torch.cat(emb)[:211], w["model.embed_tokens.weight"]) and not emb[1][-1].any()
+    assert all(p is w["model.layers.0.input_layernorm.weight"] for p in parts["model.layers.0.input_layernorm.weight"])
+    assert [split_of(n) for n in ("lm_head.qweight", "model.layers.3.mlp.gate_proj.weight_scale",
+                                  "model.layers.3.mlp.down_proj.qweight", "model.norm.weight")] == \
+        ["vocab", "column", "row", "replicated"]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory):
+    from helpers import make_hf_checkpoint
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_hf_checkpoint("llama", path)
+    return ModelLoader(str(path), dtype=torch.float32).load()
+
+
+def _dequantized_rows(weights, prefix, qc):
+    if f"{prefix}.weight" in weights:
+        return weights[f"{prefix}.weight"].float()
+    q, s = weights[f"{prefix}.qweight"], weights[f"{prefix}.weight_scale"]
+    if q.dtype == torch.int8:
+        return q.float() * s.float()[:, None]
+    if q.dtype == torch.uint8:
+        return int4_dequantize(q, s, weights.get(f"{prefix}.weight_zero"), qc.group_size)
+    return q.float() * s.float()  # fp8 per tensor
+
+
+@pytest.mark.parametrize("preset,group_size", [("int8_wo", None), ("int4_wo", 16), ("fp8", None)])
+def test_quantized_shards_dequantize_to_the_slices_of_the_weight(preset, group_size):
+    qc = QuantConfig.from_name(preset)
+    if group_size:
+        qc = dataclasses.replace(qc, group_size=group_size)
+    # CFG: o_proj reads 64 inputs, down 128: 2 ranks take 32 / 64 each, whole groups of 16
+    loaded = Quantizer(qc).quantize(LoadedModel(CFG, random_weights(CFG, seed=0), name="cfg"))
+    net = NetworkBuilder(loaded).build()
+    shards = [shard_network(net, Mapping.tensor_parallel(2, r)) for r in range(2)]
+    for prefix, dim in (("model.layers.0.self_attn.q_proj", 0), ("model.layers.0.mlp.gate_proj", 0),
+                        ("model.layers.0.self_attn.o_proj", 1), ("model.layers.0.mlp.down_proj", 1)):
+        full = _dequantized_rows(net.weights, prefix, qc)
+        got = torch.cat([_dequantized_rows(s.weights, prefix, qc) for s in shards], dim)
+        assert torch.equal(got, full), prefix
+    assert shards[0].config.num_attention_heads == 2 and shards[0].config.intermediate_size == 64
+
+
+def test_int4_group_that_straddles_ranks_is_refused(tiny_loaded):
+    qc = dataclasses.replace(QuantConfig.from_name("int4_wo"), group_size=16)
+    net = NetworkBuilder(Quantizer(qc).quantize(tiny_loaded)).build()
+    # down_proj reads 112 inputs: 2 ranks take 56 each, not a multiple of the 16-wide groups
+    with pytest.raises(ValueError, match=r"down_proj.*\[0, 56\).*group_size that divides 56"):
+        shard_network(net, Mapping.tensor_parallel(2, 0))
+
+
+def test_sharding_frame_counts_every_byte_once_per_split(tiny_loaded):
+    net = NetworkBuilder(tiny_loaded).build()
+    df = sharding_frame(net, 2)
+    assert set(df["rank"]) == {0, 1} and len(df) == 2 * len(net.weights)
+    col = df[(df.split == "column") & (df.rank == 0)]
+    assert all(s[0] * 2 == f[0] for s, f in zip(col.shard_shape, col.full_shape))
+    rep = df[df.split == "replicated"]
+    assert all(s == f for s, f in zip(rep.shard_shape, rep.full_shape))
+
+
+def test_step_message_round_trip():
+    b = ForwardBatch.build([SequenceInput([5, 6, 7], 0, [0, 2]), SequenceInput([9], 20, [1, 3], logits="all")], 16)
+    head, payload = pack_batch(b)
+    back = unpack_batch([1, 7] + head, torch.cat([payload, torch.zeros(5, dtype=torch.long)]))
+    for f in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
+              "logits_indices"):
+        assert torch.equal(getattr(back, f), getattr(b, f)), f
+    assert (back.max_query_len, back.max_seq_len, back.block_size) == (3, 21, 16)
+    assert payload.numel() <= message_capacity(BuildConfig(max_batch_size=2, max_num_tokens=4, max_seq_len=32,
+                                                           max_input_len=32))
+
+
+def test_tp_engine_directory_holds_one_file_per_rank_and_a_key_with_the_mapping(tiny_loaded, tmp_path):
+    from kit.cache_entry import CacheEntryError
+    from kit.parallel.engine_files import load_rank_weights, read_tp_config, save_tp_engine, tp_build_key
+
+    net = NetworkBuilder(tiny_loaded).build()
+    bc = BuildConfig(max_batch_size=2, max_seq_len=64, max_input_len=32, max_num_tokens=64)
+    path = save_tp_engine(net, 2, tmp_path / "tp2", build_config=bc, build_key="k" * 64, dtype=torch.float32)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "rank0.safetensors",
+                                                      "rank1.safetensors"]
+    cfg = read_tp_config(path, 2)["_parsed"]
+    assert cfg["shard_config"].num_attention_heads == 2 and cfg["model_config"].num_attention_heads == 4
+    w1 = load_rank_weights(path, 1, torch.device("cpu"))
+    want = shard_network(net, Mapping.tensor_parallel(2, 1)).weights
+    assert set(w1) == set(want) and all(torch.equal(w1[k], want[k]) for k in want)
+    assert tp_build_key("k" * 64, Mapping.tensor_parallel(2)) != tp_build_key("k" * 64, Mapping.tensor_parallel(4))
+    with pytest.raises(ValueError, match="split for tensor_parallel_size=2, asked for 4"):
+        read_tp_config(path, 4)
+    text = (path / "config.json").read_text().replace('"tp_size": 2', '"tp_size": 1', 1)
+    (path / "config.json").write_text(text.replace('"world_size": 2', '"world_size": 1', 1))
+    with pytest.raises(CacheEntryError, match="altered"):
+        read_tp_config(path)
