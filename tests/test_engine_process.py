@@ -1,6 +1,7 @@
 """kit.server.engine_process: the LLM in a child process, driven through ProcessEngineClient."""
 
 import asyncio
+import functools
 import os
 import signal
 
@@ -92,6 +93,8 @@ def test_a_dead_engine_process_fails_pending_requests_and_health_turns_503(ckpt)
     assert not client.process.is_alive()
 
 
-def test_a_factory_that_fails_is_reported_by_name(tmp_path):
-    with pytest.raises(EngineProcessError, match="failed to start: .*"):
+def test_a_factory_that_fails_is_reported_by_name(ckpt, tmp_path):
+    with pytest.raises((EngineProcessError, ValueError, FileNotFoundError), match="missing"):
         ProcessEngineClient(tiny_llm, (tmp_path / "missing",))
+    with pytest.raises(ValueError, match="max_batch_size"):  # a bad configuration comes back as itself
+        ProcessEngineClient(functools.partial(tiny_llm, max_batch_size=0), (ckpt,))

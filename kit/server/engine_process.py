@@ -22,10 +22,12 @@ engine process dies, every pending request fails with a message that says so, an
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import multiprocessing as mp
 import signal
 import threading
+import weakref
 from collections import deque
 from typing import Any, Callable
 
@@ -51,7 +53,10 @@ def _engine_main(conn: Any, factory: Callable[..., Any], factory_args: tuple) ->
     try:
         client = EngineClient(factory(*factory_args))
     except BaseException as e:  # noqa: BLE001 - the parent reports it
-        conn.send(("fatal", f"{type(e).__name__}: {e}"))
+        try:
+            conn.send(("fatal", e))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle goes as its text
+            conn.send(("fatal", RuntimeError(f"{type(e).__name__}: {e}")))
         return
     send_lock = threading.Lock()
     pending: deque[tuple[str, RequestOutput | None, BaseException | None]] = deque()
@@ -138,11 +143,16 @@ class ProcessEngineClient(EngineClient):
 
     def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), *,
                  start_timeout: float = 600.0) -> None:
+        self._reader: threading.Thread | None = None
+        self._dead: str | None = None
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_engine_main, args=(child, factory, factory_args),
-                                   name="kit-engine", daemon=True)
+        # NOTE: not a daemon: the engine may start processes of its own (tensor-parallel ranks), which a
+        # daemonic process may not; an exit hook stops it instead (and a vanished parent closes its pipe)
+        self.process = ctx.Process(target=_engine_main, args=(child, factory, factory_args), name="kit-engine")
         self.process.start()
+        ref = weakref.ref(self)
+        atexit.register(lambda: (c := ref()) is not None and c.shutdown(timeout=30.0))
         child.close()
         if not self._conn.poll(start_timeout):
             self._kill()
@@ -150,7 +160,9 @@ class ProcessEngineClient(EngineClient):
         msg = self._recv_or_fail("starting")
         if msg[0] == "fatal":
             self.process.join(10.0)
-            raise EngineProcessError(f"the engine process failed to start: {msg[1]}")
+            if isinstance(msg[1], (ValueError, TypeError)):  # a bad configuration: the caller's error, as is
+                raise msg[1]
+            raise EngineProcessError(f"the engine process failed to start: {type(msg[1]).__name__}: {msg[1]}")
         _, self.limits, self._tokenizer = msg
         self.llm = None
         self._send_lock = threading.Lock()
@@ -159,7 +171,6 @@ class ProcessEngineClient(EngineClient):
         self._calls: dict[int, list] = {}  # call id -> [Event, value]
         self._call_ids = itertools.count()
         self._keys = itertools.count()
-        self._dead: str | None = None
         self._reader = threading.Thread(target=self._read, name="kit-engine-reader", daemon=True)
         self._reader.start()
 
@@ -270,6 +281,10 @@ class ProcessEngineClient(EngineClient):
 
     def shutdown(self, timeout: float = 120.0) -> None:
         """Stop the engine (requests still pending fail) and join the process."""
+        if self._reader is None:  # it never came up
+            if self.process.is_alive():
+                self._kill()
+            return
         if self.process.is_alive() and self._dead is None:
             try:
                 self._send(("shutdown",))
