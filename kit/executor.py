@@ -37,6 +37,7 @@ from kit.engine import Engine
 from kit.kv_cache import KVCacheManager
 from kit.kv_cache_config import KvCacheConfig, num_kv_blocks
 from kit.kv_cache_inspector import KVCacheInspector
+from kit.logits_processors import LogitsPass
 from kit.output_processor import CompletionState, OutputProcessor, RequestState
 from kit.outputs import GenerationResult
 from kit.request import GenerationRequest, RequestStatus
@@ -80,7 +81,8 @@ class Executor:
 
     def __init__(self, engine: Engine, *, build_config: Any = None, kv_cache_config: KvCacheConfig | None = None,
                  tokenizer: Any = None, enable_chunked_prefill: bool = True, policy: Any = "guaranteed_no_evict",
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000,
+                 logits_pass: LogitsPass | None = None) -> None:
         bc = build_config if build_config is not None else engine.build_config
         if bc is None:
             raise ValueError("Executor: build_config is required when the engine carries none")
@@ -103,6 +105,7 @@ class Executor:
             bc, enable_chunked_prefill=enable_chunked_prefill, policy=policy), self.kv_cache_manager)
         self.inspector = KVCacheInspector(self.kv_cache_manager)
         self.sampler = Sampler()
+        self.logits_pass = logits_pass if logits_pass is not None else LogitsPass()  # processors, guided mask
         self.eos_token_ids = tuple(engine.config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ())
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device)
@@ -144,6 +147,7 @@ class Executor:
         if bad:
             raise ValueError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         sp.check_vocab(self.vocab_size)
+        self.logits_pass.validate(sp)
 
     def submit(self, request: GenerationRequest) -> GenerationResult:
         """Queue a request; raises TypeError / ValueError at once for one the engine cannot take."""
@@ -152,7 +156,8 @@ class Executor:
         self.validate(request)
         if request.request_id is None:
             request.request_id = f"req-{next(_ids)}"
-        result = GenerationResult(request.request_id, on_abandon=self.abort)
+        result = GenerationResult(request.request_id, on_abandon=self.abort, prompt=request.prompt,
+                                  prompt_token_ids=request.prompt_token_ids)
         with self._lock:
             if self._closed or self._stop:
                 raise RuntimeError("the executor is shut down")
@@ -305,7 +310,8 @@ class Executor:
         picks: list[_Row] = []
         for s, (first, n, prompt_rows) in zip(out.scheduled, rows):
             if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
-                self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)])
+                self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)],
+                                                        logits[first + n - 1] if s.is_last_chunk else None)
             if s.is_last_chunk:
                 state, _ = self.output_processor.owner(s.request_id)
                 for c in self.output_processor.sampling_rows(s.request_id):
@@ -318,14 +324,19 @@ class Executor:
             return []
         idx = [p[3] for p in picks]
         sel = logits if idx == list(range(logits.shape[0])) else logits[idx]  # (len(picks), vocab)
-        try:
-            r = self.sampler.sample(sel, [p[2].context for p in picks], self.eos_token_ids)
+        comps, raw = [p[2] for p in picks], sel
+        try:  # the logits hooks of the batch pass (kit/logits_processors.py), then the sampler
+            sel = self.logits_pass.apply(raw, comps)
+            r = self.sampler.sample(sel, [c.context for c in comps], self.eos_token_ids)
+            self.logits_pass.after_sample(raw, sel, r.token_ids, comps)
             return list(zip(r.token_ids, r.logprobs, r.top_logprobs))
         except Exception:  # noqa: BLE001 - find the rows at fault: their requests fail, the others go on
             results: list[tuple[int, float, Any] | None] = []
             for i, (_, state, comp, _) in enumerate(picks):
                 try:
-                    r = self.sampler.sample(sel[i:i + 1], [comp.context], self.eos_token_ids)
+                    one = self.logits_pass.apply(raw[i:i + 1], [comp])
+                    r = self.sampler.sample(one, [comp.context], self.eos_token_ids)
+                    self.logits_pass.after_sample(raw[i:i + 1], one, r.token_ids, [comp])
                     results.append((r.token_ids[0], r.logprobs[0], r.top_logprobs[0]))
                 except Exception as e:  # noqa: BLE001
                     self._fail(state, e)

@@ -60,7 +60,8 @@ def test_tiny_families_greedy_match_transformers(family, tiny_checkpoints):
 def test_finish_reasons(smol_llm):
     out = smol_llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0))
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
-    chat = smol_llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    chat = smol_llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
+                                                 add_generation_prompt=True, tokenize=False)
     out = smol_llm.generate(chat, SamplingParams(max_tokens=100, temperature=0))
     o = out.outputs[0]
     assert o.finish_reason == "stop" and o.token_ids[-1] == 2 and len(o.token_ids) < 100

@@ -85,7 +85,7 @@ def test_several_prompts_in_one_request_keep_their_order(llm, client):
 
 def test_chat_completion_uses_the_chat_template(llm, client):
     msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
-    ids = llm.tokenizer.apply_chat_template(msgs, tokenize=True)
+    ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ref = greedy(llm, ids, 10)
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
