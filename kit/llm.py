@@ -75,7 +75,7 @@ class LLM:
             raise ValueError(f"LLM: this engine's backend ({engine.backend.name}) builds and inspects plans but "
                              "cannot execute them; build the model with backend='torch' to generate")
         self.engine = engine
-        self.build_config = build_config = engine.build_config or build_config
+        self.build_config = build_config = engine.build_config or build_config or BuildConfig()
         self.tokenizer = _tokenizer(args.tokenizer) if args.tokenizer is not None else (
             engine.tokenizer if engine.tokenizer is not None else getattr(self._loaded, "tokenizer", None))
         guided = None

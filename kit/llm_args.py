@@ -162,8 +162,14 @@ class LlmArgs:
         self.build_config_to_use()  # the merged config must hold together too
 
     # ------------------------------------------------------------------ derived
-    def build_config_to_use(self) -> BuildConfig:
-        """A validated copy of build_config (or the default) with the sizing arguments written in."""
+    def build_config_to_use(self) -> BuildConfig | None:
+        """A validated copy of build_config (or the default) with the sizing arguments written in; None when
+        nothing about the build was asked (an engine directory then keeps the configuration it was built with)."""
+        if (self.build_config is None and self.cuda_graph_config is _UNSET and self.dtype == "auto"
+                and all(getattr(self, n) is None for n in ("max_batch_size", "max_seq_len", "max_num_tokens",
+                                                           "max_input_len", "max_beam_width"))
+                and (self.kv_cache_config is None or self.kv_cache_config.tokens_per_block is None)):
+            return None
         bc = self.build_config.replace() if self.build_config is not None else BuildConfig()
         if self.max_seq_len is not None:
             bc.max_seq_len = self.max_seq_len
