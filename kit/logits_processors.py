@@ -22,35 +22,14 @@ and keeps the raw rows of requests that asked for `return_generation_logits`.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
 from kit.guided_decoding import GuidedDecoder
-from kit.sampling_params import SamplingParams
+from kit.sampling_params import BatchedLogitsProcessor, LogitsProcessor, SamplingParams
 
 __all__ = ["LogitsProcessor", "BatchedLogitsProcessor", "LogitsPass"]
-
-
-class LogitsProcessor(ABC):
-    """Subclass and implement `__call__` (or pass any callable with this signature) in
-    `SamplingParams(logits_processor=...)`; modify `logits` in place."""
-
-    @abstractmethod
-    def __call__(self, req_id: Any, logits: torch.Tensor, token_ids: list[list[int]], stream_ptr: int | None,
-                 client_id: int | None) -> None:
-        """logits: (1, beam_width, vocab); token_ids: per beam, prompt + generated so far."""
-
-
-class BatchedLogitsProcessor(ABC):
-    """Subclass and implement `__call__`; pass the instance as `LLM(batched_logits_processor=...)` and set
-    `SamplingParams(apply_batched_logits_processor=True)` on the requests it applies to."""
-
-    @abstractmethod
-    def __call__(self, req_ids: list[Any], logits: list[torch.Tensor], token_ids: list[list[list[int]]],
-                 stream_ptr: int | None, client_ids: list[int | None]) -> None:
-        """One entry per request of the batch that opted in; modify each logits tensor in place."""
 
 
 def _stream_ptr(device: torch.device) -> int | None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import html
 import math
 import numbers
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+import torch
 
 from kit.guided_decoding import GuidedDecodingParams
 
-__all__ = ["SamplingParams", "MAX_LOGPROBS", "MAX_SEED", "GREEDY_TEMPERATURE", "is_int"]
+__all__ = ["SamplingParams", "GuidedDecodingParams", "LogitsProcessor", "BatchedLogitsProcessor", "MAX_LOGPROBS",
+           "MAX_SEED", "GREEDY_TEMPERATURE", "is_int"]
 
 MAX_LOGPROBS = 20
 # NOTE: vLLM's _SAMPLING_EPS: below this a temperature is treated as 0 (greedy),
@@ -63,6 +66,26 @@ def _int_list(name: str, value: Any) -> tuple[int, ...]:
     if not all(is_int(t) and 0 <= t <= MAX_SEED for t in value):
         raise _bad(name, "a list of int token ids >= 0", value)
     return tuple(int(t) for t in value)
+
+
+class LogitsProcessor(ABC):
+    """Subclass and implement `__call__` (or pass any callable with this signature) in
+    `SamplingParams(logits_processor=...)`; modify `logits` in place (kit/logits_processors.py runs it)."""
+
+    @abstractmethod
+    def __call__(self, req_id: Any, logits: torch.Tensor, token_ids: list[list[int]], stream_ptr: int | None,
+                 client_id: int | None) -> None:
+        """logits: (1, beam_width, vocab); token_ids: per beam, prompt + generated so far."""
+
+
+class BatchedLogitsProcessor(ABC):
+    """Subclass and implement `__call__`; pass the instance as `LLM(batched_logits_processor=...)` and set
+    `SamplingParams(apply_batched_logits_processor=True)` on the requests it applies to."""
+
+    @abstractmethod
+    def __call__(self, req_ids: list[Any], logits: list[torch.Tensor], token_ids: list[list[list[int]]],
+                 stream_ptr: int | None, client_ids: list[int | None]) -> None:
+        """One entry per request of the batch that opted in; modify each logits tensor in place."""
 
 
 @dataclass(frozen=True)
