@@ -110,13 +110,13 @@ class LlmArgs:
     enable_build_cache: bool = True
     skip_build_cache: bool = False
     record_kv_cache: bool = False
-    iter_stats_max_iterations: int = 1000
+    max_stats_rows: int = 1000  # TensorRT-LLM: iter_stats_max_iterations
     trust_remote_code: bool = False  # accepted; nothing remote is ever run (the kit executes its own code only)
 
     @classmethod
     def from_kwargs(cls, model: Any, **kwargs: Any) -> "LlmArgs":
         known = {f.name for f in fields(cls)} - {"model"}
-        aliases = {"max_stats_rows": "iter_stats_max_iterations"}
+        aliases = {"iter_stats_max_iterations": "max_stats_rows"}
         kwargs = {aliases.get(k, k): v for k, v in kwargs.items()}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -156,9 +156,9 @@ class LlmArgs:
                      "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LLM({name}=...) must be a bool, got {getattr(self, name)!r}")
-        n = self.iter_stats_max_iterations
+        n = self.max_stats_rows
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"LLM(iter_stats_max_iterations=...) must be an int >= 1, got {n!r}")
+            raise ValueError(f"LLM: max_stats_rows must be an int >= 1, got {n!r} (TensorRT-LLM: iter_stats_max_iterations)")
         self.build_config_to_use()  # the merged config must hold together too
 
     # ------------------------------------------------------------------ derived

@@ -171,7 +171,7 @@ def test_stop_strings_and_logprobs(smollm2):
         o = out.outputs[0]
         assert o.text == " 5, 6," and o.finish_reason == "stop" and o.stop_reason == " 7"
         assert len(o.logprobs) == len(o.token_ids) and all(len(lp) >= 2 for lp in o.logprobs)
-        assert math.isclose(o.cumulative_logprob, sum(lp[t] for lp, t in zip(o.logprobs, o.token_ids)), rel_tol=1e-5)
+        assert math.isclose(o.cumulative_logprob, sum(lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)), rel_tol=1e-5)
         # prompt logprobs equal log_softmax of the full-prompt logits
         ids = out.prompt_token_ids
         hf = smollm2.to_transformers()

@@ -29,7 +29,8 @@ def _hf_model(loaded):
 def _hf_greedy(hf, ids, n, eos):
     out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                       max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    return out[0, len(ids):].tolist()
+    out = out[0, len(ids):].tolist()
+    return out[:out.index(eos)] if eos in out else out  # TensorRT-LLM's outputs end before the end token
 
 
 def test_smollm2_greedy_matches_transformers(smol_llm):
