@@ -169,7 +169,7 @@ class Executor:
         return result
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its result finishes with finish_reason 'abort'. Unknown ids are ignored."""
+        """Stop a request; its result finishes with finish_reason 'cancelled'. Unknown ids are ignored."""
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()

@@ -96,7 +96,7 @@ class LlmArgs:
     cuda_graph_config: Any = _UNSET
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool | None = None  # the kit's shorthand for kv_cache_config.enable_block_reuse
-    scheduler_policy: str = "guaranteed_no_evict"
+    scheduler_policy: Any = "guaranteed_no_evict"  # a SchedulerPolicy or its value
     # ---- quantization
     quant_config: QuantConfig | None = None
     calib_config: CalibConfig | None = None
@@ -150,7 +150,7 @@ class LlmArgs:
         if self.guided_decoding_backend not in (None, "xgrammar"):
             raise ValueError(f"LLM(guided_decoding_backend=...) must be None or 'xgrammar', got "
                              f"{self.guided_decoding_backend!r}")
-        if self.scheduler_policy not in _POLICIES:
+        if getattr(self.scheduler_policy, "value", self.scheduler_policy) not in _POLICIES:
             raise ValueError(f"LLM(scheduler_policy=...) must be one of {_POLICIES}, got {self.scheduler_policy!r}")
         for name in ("enable_chunked_prefill", "enable_build_cache", "skip_build_cache", "record_kv_cache",
                      "trust_remote_code"):

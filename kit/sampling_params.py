@@ -149,7 +149,7 @@ class SamplingParams:
         # TensorRT-LLM: temperature/top_k/top_p all unset -> greedy; any set -> the others are "off"
         all_unset = self.temperature is None and self.top_k is None and self.top_p is None
         put("temperature", 0.0 if all_unset else 1.0 if self.temperature is None else
-            _real("temperature", self.temperature, "None or a finite float >= 0 (0 = greedy)", lambda v: v >= 0))
+            _real("temperature", self.temperature, "a finite float >= 0 (0 = greedy) or None", lambda v: v >= 0))
         put("top_k", 0 if self.top_k is None else _int("top_k", self.top_k, "None, 0 or -1 (off) or an int >= 1", -1))
         put("top_p", 1.0 if self.top_p is None else
             _real("top_p", self.top_p, "None or a float in (0, 1]", lambda v: 0.0 < v <= 1.0))

@@ -80,6 +80,19 @@ def test_prompt_dicts_and_token_ids(llm):
         llm.generate({"text": "x"}, sp)
 
 
+def test_output_options(llm):
+    ids = llm.tokenizer.encode(PROMPTS[1])
+    base = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4)).outputs[0]
+    full = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, exclude_input_from_output=False)).outputs[0]
+    assert full.token_ids == ids + base.token_ids and full.text == PROMPTS[1] + base.text
+    raw = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, detokenize=False)).outputs[0]
+    assert raw.text == "" and raw.token_ids == base.token_ids
+    ended = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, end_id=base.token_ids[1])).outputs[0]
+    assert ended.token_ids == base.token_ids[:1] and ended.finish_reason == "stop"  # a request-level end token
+    no_bos = llm.generate(PROMPTS[1], SamplingParams(max_tokens=1, add_special_tokens=False))
+    assert no_bos.prompt_token_ids == llm.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+
+
 def test_async(llm):  # llm_inference_async.py
     async def main():
         futs = [llm.generate_async(p, SamplingParams(max_tokens=6)) for p in PROMPTS]
