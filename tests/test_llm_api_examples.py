@@ -28,7 +28,7 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "The future of AI is
 
 @pytest.fixture(scope="module")
 def llm(smollm2):
-    with LLM(smollm2, device="cpu", max_batch_size=8, max_seq_len=256, max_num_tokens=256,
+    with LLM(smollm2, device="cpu", max_batch_size=16, max_seq_len=256, max_num_tokens=256,
              guided_decoding_backend="xgrammar", batched_logits_processor=OnlyToken(1000)) as llm:
         yield llm
 
@@ -278,9 +278,7 @@ def test_save_and_load(llm, tmp_path):  # the engine directory round trip
 _LOOP = textwrap.dedent("""
     import gc, os, sys, threading, resource
     from kit import LLM
-    from kit.loader import ModelLoader
-    engine = LLM(ModelLoader("smollm2-135m", device="cpu").load(), device="cpu", max_batch_size=2,
-                 max_seq_len=64).engine
+    engine = LLM("smollm2-135m", device="cpu", max_batch_size=2, max_seq_len=64).engine  # the build cache
     n = int(sys.argv[1])
     base_threads, rss = None, []
     for i in range(n):
