@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.kit-installed
 # A machine without a GPU gets the CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
-EXTRAS ?= notebook,dev,tensorrt
+EXTRAS ?= notebook,dev,tensorrt,guided
 
 .PHONY: setup demo test test-browser browser-deps test-gpu lab bench clean
 

@@ -18,17 +18,21 @@ from kit.outputs import GenerationResult
 from kit.request import GenerationRequest
 from kit.kv_cache import KVCacheInspector, KVCacheManager
 from kit.llm import LLM
+from kit.llm_args import CudaGraphConfig
+from kit.guided_decoding import GuidedDecodingParams
+from kit.quantization import CalibConfig, QuantAlgo, QuantConfig
 from kit.loader import LoadedModel, ModelLoader
 from kit.network import Layer, Network, NetworkBuilder
 from kit.outputs import CompletionOutput, RequestOutput
 from kit.sampling import Sampler
-from kit.sampling_params import SamplingParams
+from kit.sampling_params import BatchedLogitsProcessor, LogitsProcessor, SamplingParams
 from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerPolicy
 from kit.tokenizer import Tokenizer
 from kit.version import __version__
 
 __all__ = [
-    "BuildCache", "BuildConfig", "Builder", "CompletionOutput", "Engine", "Executor", "ForwardBatch", "GenerationRequest",
+    "BatchedLogitsProcessor", "BuildCache", "BuildConfig", "Builder", "CalibConfig", "CompletionOutput",
+    "CudaGraphConfig", "GuidedDecodingParams", "LogitsProcessor", "QuantAlgo", "QuantConfig", "Engine", "Executor", "ForwardBatch", "GenerationRequest",
     "GenerationResult", "KVCache", "KVCacheInspector", "KVCacheManager", "KvCacheConfig", "LLM", "Layer",
     "LoadedModel", "ModelConfig", "ModelLoader", "Network", "NetworkBuilder", "RequestOutput", "Sampler",
     "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "SequenceInput",

@@ -6,6 +6,11 @@ the longest prompt (`max_input_len`) and the longest prompt + output (`max_seq_l
 The builder derives TensorRT optimization profiles (min / opt / max shapes) and the
 CUDA-graph batch sizes from them, and the serving side refuses requests beyond them
 with a clear error.
+
+`BuildConfig` is mutable, as TensorRT-LLM's is (`build_config.max_beam_width = 4` before
+passing it to `LLM`): it validates when made and again when used (`validate()`, called by
+the `LLM` and the builder, which keep their own copy). `max_input_len` left unset follows
+`max_seq_len` (at most 1024), so `BuildConfig(max_seq_len=256)` alone is valid.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _VERBOSITY = ("layer_names_only", "detailed")
 
 
-@dataclass(frozen=True)
+_DEFAULT_MAX_INPUT_LEN = 1024
+
+
+@dataclass
 class BuildConfig:
     max_batch_size: int = 64
-    max_input_len: int = 1024
+    max_input_len: int | None = None  # None: min(1024, max_seq_len), following max_seq_len while unset
     max_seq_len: int = 2048
     max_num_tokens: int = 2048
     opt_batch_size: int | None = None
@@ -40,6 +48,24 @@ class BuildConfig:
     block_size: int = 16
 
     def __post_init__(self) -> None:
+        # NOTE: __init__ assigns through __setattr__, which resolves an unset max_input_len
+        self.validate()
+
+    def _auto_input_len(self) -> Any:
+        s = self.max_seq_len
+        return min(_DEFAULT_MAX_INPUT_LEN, s) if isinstance(s, int) and not isinstance(s, bool) else s
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name == "max_input_len":
+            object.__setattr__(self, "_input_len_auto", value is None)
+            if value is None:
+                object.__setattr__(self, "max_input_len", self._auto_input_len())
+        elif name == "max_seq_len" and getattr(self, "_input_len_auto", False):
+            object.__setattr__(self, "max_input_len", self._auto_input_len())
+
+    def validate(self) -> "BuildConfig":
+        """Check every field (ValueError naming the field and what is allowed); return self."""
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -63,6 +89,7 @@ class BuildConfig:
             if not sizes or any(not 1 <= s <= self.max_batch_size for s in sizes):
                 raise ValueError(f"BuildConfig.cuda_graph_batch_sizes must lie in [1, {self.max_batch_size}], got {sizes}")
             object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(sizes))))
+        return self
 
     # ----------------------------------------------------------------- derived
     @property
@@ -87,6 +114,9 @@ class BuildConfig:
         }
 
     def replace(self, **changes: Any) -> "BuildConfig":
+        """A validated copy with `changes` (an unset max_input_len keeps following max_seq_len)."""
+        if self._input_len_auto and "max_input_len" not in changes:
+            changes["max_input_len"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -145,7 +145,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 "(add its tokenizer.json, or call LLM.generate with token ids)")
         prompt = args.prompt
         if args.chat:
-            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                      tokenize=False)
         if args.stream:
             for snap in llm.generate(prompt, sp, streaming=True):
                 print(snap.outputs[0].text_diff, end="", flush=True)
@@ -169,7 +170,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for note in getattr(llm.loaded, "notes", []):
             print(f"note: {note}")
         sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in DEMO_PROMPTS]
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=False) for p in DEMO_PROMPTS]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=True)
         dt = time.perf_counter() - t0

@@ -38,6 +38,7 @@ from kit.engine import Engine
 from kit.kv_cache import KVCacheManager
 from kit.kv_cache_config import KvCacheConfig, num_kv_blocks
 from kit.kv_cache_inspector import KVCacheInspector
+from kit.logits_processors import LogitsPass
 from kit.output_processor import CompletionState, OutputProcessor, RequestState
 from kit.outputs import GenerationResult
 from kit.request import GenerationRequest, RequestStatus
@@ -81,7 +82,8 @@ class Executor:
 
     def __init__(self, engine: Engine, *, build_config: Any = None, kv_cache_config: KvCacheConfig | None = None,
                  tokenizer: Any = None, enable_chunked_prefill: bool = True, policy: Any = "guaranteed_no_evict",
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000,
+                 logits_pass: LogitsPass | None = None) -> None:
         bc = build_config if build_config is not None else engine.build_config
         if bc is None:
             raise ValueError("Executor: build_config is required when the engine carries none")
@@ -105,6 +107,7 @@ class Executor:
             bc, enable_chunked_prefill=enable_chunked_prefill, policy=policy), self.kv_cache_manager)
         self.inspector = KVCacheInspector(self.kv_cache_manager)
         self.sampler = Sampler()
+        self.logits_pass = logits_pass if logits_pass is not None else LogitsPass()  # processors, guided mask
         self.eos_token_ids = tuple(engine.config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ())
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device)
@@ -148,6 +151,7 @@ class Executor:
             raise ValueError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         sp.check_vocab(self.vocab_size)
         check_beam_request(request, bc.max_beam_width, cfg.policy)  # beam search (kit/beam_search.py)
+        self.logits_pass.validate(sp)
 
     def submit(self, request: GenerationRequest) -> GenerationResult:
         """Queue a request; raises TypeError / ValueError at once for one the engine cannot take."""
@@ -156,7 +160,8 @@ class Executor:
         self.validate(request)
         if request.request_id is None:
             request.request_id = f"req-{next(_ids)}"
-        result = GenerationResult(request.request_id, on_abandon=self.abort)
+        result = GenerationResult(request.request_id, on_abandon=self.abort, prompt=request.prompt,
+                                  prompt_token_ids=request.prompt_token_ids)
         with self._lock:
             if self._closed or self._stop:
                 raise RuntimeError("the executor is shut down")
@@ -168,7 +173,7 @@ class Executor:
         return result
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its result finishes with finish_reason 'abort'. Unknown ids are ignored."""
+        """Stop a request; its result finishes with finish_reason 'cancelled'. Unknown ids are ignored."""
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()
@@ -315,7 +320,8 @@ class Executor:
         picks: list[_Row] = []
         for s, (first, n, prompt_rows) in zip(out.scheduled, rows):
             if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
-                self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)])
+                self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)],
+                                                        logits[first + n - 1] if s.is_last_chunk else None)
             if s.is_last_chunk and not self.beam_search.owns(s.request_id):  # beam rows: BeamSearch.advance
                 state, _ = self.output_processor.owner(s.request_id)
                 for c in self.output_processor.sampling_rows(s.request_id):
@@ -328,14 +334,19 @@ class Executor:
             return []
         idx = [p[3] for p in picks]
         sel = logits if idx == list(range(logits.shape[0])) else logits[idx]  # (len(picks), vocab)
-        try:
-            r = self.sampler.sample(sel, [p[2].context for p in picks], self.eos_token_ids)
+        comps, raw = [p[2] for p in picks], sel
+        try:  # the logits hooks of the batch pass (kit/logits_processors.py), then the sampler
+            sel = self.logits_pass.apply(raw, comps)
+            r = self.sampler.sample(sel, [c.context for c in comps], self.eos_token_ids)
+            self.logits_pass.after_sample(raw, sel, r.token_ids, comps)
             return list(zip(r.token_ids, r.logprobs, r.top_logprobs))
         except Exception:  # noqa: BLE001 - find the rows at fault: their requests fail, the others go on
             results: list[tuple[int, float, Any] | None] = []
             for i, (_, state, comp, _) in enumerate(picks):
                 try:
-                    r = self.sampler.sample(sel[i:i + 1], [comp.context], self.eos_token_ids)
+                    one = self.logits_pass.apply(raw[i:i + 1], [comp])
+                    r = self.sampler.sample(one, [comp.context], self.eos_token_ids)
+                    self.logits_pass.after_sample(raw[i:i + 1], one, r.token_ids, [comp])
                     results.append((r.token_ids[0], r.logprobs[0], r.top_logprobs[0]))
                 except Exception as e:  # noqa: BLE001
                     self._fail(state, e)

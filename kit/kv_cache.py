@@ -132,6 +132,7 @@ class KVCacheManager:
         self.num_queried_tokens = 0  # tokens of admitted requests looked up in the prefix cache
         self.num_hit_tokens = 0  # of those, tokens served from cached blocks
         self.num_evictions = 0  # cached blocks whose hash was dropped to reuse the block
+        self.events: Any = None  # a KVCacheEventRing (kit/kv_cache_events.py) when events are recorded
 
     @classmethod
     def from_budget(cls, bytes_per_token: int, block_size: int, *, max_tokens: int | None = None,
@@ -302,6 +303,8 @@ class KVCacheManager:
                     self._block_hash[block] = h
                     self._hash_to_block[h] = block
                     num_registered += 1
+                    if self.events is not None:
+                        self.events.stored(hashes[-2] if i else None, h, tokens[i * bs:(i + 1) * bs])
             elif self._block_hash[block] != h:
                 raise RuntimeError(f"block {block} of request {request.request_id!r} holds other tokens than "
                                    "its hash says: the block table was corrupted")
@@ -356,6 +359,8 @@ class KVCacheManager:
         n = len(self._cached)
         while self._cached:
             b, _ = self._cached.popitem(last=False)
+            if self.events is not None:
+                self.events.removed(self._block_hash[b])
             del self._hash_to_block[self._block_hash[b]]
             self._block_hash[b] = None
             self._free.append(b)
@@ -365,6 +370,8 @@ class KVCacheManager:
         if self._free:
             return self._free.popleft()
         block, _ = self._cached.popitem(last=False)  # evict the least recently freed cached block
+        if self.events is not None:
+            self.events.removed(self._block_hash[block])
         del self._hash_to_block[self._block_hash[block]]
         self._block_hash[block] = None
         self.num_evictions += 1

@@ -4,6 +4,12 @@
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
     print(out.text)
 
+`LLM(model, **kwargs)` takes TensorRT-LLM's keyword arguments (validated in kit/llm_args.py:
+sizing such as `max_batch_size=`, `max_seq_len=`, `dtype=`, and `kv_cache_config=`,
+`build_config=`, `quant_config=`, `calib_config=`, `cuda_graph_config=`,
+`guided_decoding_backend=`, `batched_logits_processor=`); prompts are a str, token ids, or a
+`{"prompt": ...}` / `{"prompt_token_ids": ...}` dict, or a list of those.
+
 Behind it sit the stepwise objects a notebook can take apart: `llm.loaded`
 (ModelLoader -> LoadedModel), `llm.network` (NetworkBuilder -> Network), `llm.engine`
 (Builder -> Engine), and `llm.executor` (Executor: Scheduler + KVCacheManager + Sampler).
@@ -11,10 +17,11 @@ Behind it sit the stepwise objects a notebook can take apart: `llm.loaded`
 
 from __future__ import annotations
 
-import dataclasses
 import html
+import os
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -24,64 +31,80 @@ from kit.progress import tqdm
 
 from kit.builder import BuildConfig, Builder
 from kit.engine import Engine
+from kit.engine_dir import save_engine
 from kit.executor import Executor
+from kit.guided_decoding import GuidedDecoder
 from kit.kv_cache_config import KvCacheConfig
+from kit.kv_cache_events import KVCacheEventRing
+from kit.llm_args import LlmArgs
 from kit.loader import LoadedModel, ModelLoader
+from kit.logits_processors import LogitsPass
 from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
 from kit.parallel import DistributedEngine, build_parallel_engine, check_parallel_sizes
 from kit.request import GenerationRequest, prompt_token_ids_of
 from kit.sampling_params import SamplingParams
+from kit.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "SamplingParams", "BuildConfig", "KvCacheConfig"]
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | dict[str, Any]
 
 
 class LLM:
     """Load, build and serve a model; `generate` many prompts at once with in-flight batching."""
 
-    def __init__(self, model: str | LoadedModel | Engine, *, device: str | torch.device | None = None,
-                 build_config: BuildConfig | None = None, kv_cache_config: KvCacheConfig | None = None,
-                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool | None = None,
-                 scheduler_policy: str = "guaranteed_no_evict", quantization: Any = None, backend: str = "torch",
-                 enable_build_cache: bool = True, skip_build_cache: bool = False,
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000, tensor_parallel_size: int = 1,
-                 pipeline_parallel_size: int = 1) -> None:
+    def __init__(self, model: str | LoadedModel | Engine, **kwargs: Any) -> None:
+        """`model`: a registered name (`"smollm2-135m"`), a Hugging Face directory, a .gguf file, a kit
+        engine directory (`LLM.save`), a LoadedModel or an Engine. Keyword arguments: kit/llm_args.py."""
         t0 = time.perf_counter()
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        check_parallel_sizes(tensor_parallel_size, pipeline_parallel_size, device)  # before anything starts
-        if backend == "tensorrt":
+        self.args = args = LlmArgs.from_kwargs(model, **kwargs)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_parallel_sizes(args.tensor_parallel_size, args.pipeline_parallel_size, device)  # before anything
+        if args.backend == "tensorrt":
             raise ValueError("LLM(backend='tensorrt'): the TensorRT backend builds and inspects plans "
                              "(kit.Builder('tensorrt').build(...), kit build --backend tensorrt) but cannot execute "
                              "them here; use backend='torch' to generate")
         self._loaded = model if isinstance(model, LoadedModel) else None
         self._model_ref = None  # set on a build-cache hit: where to load the model from if asked
         self.build_cache_hit = False
+        build_config = args.build_config_to_use()
         if isinstance(model, Engine):
             engine = model
-        elif tensor_parallel_size > 1:  # kit/parallel: ranks 1..N-1 in their own processes
-            engine = self._build_parallel(model, device, build_config, quantization, tensor_parallel_size,
-                                          enable_build_cache, skip_build_cache)
+        elif args.tensor_parallel_size > 1:  # kit/parallel: ranks 1..N-1 in their own processes
+            engine = self._build_parallel(model, device, build_config, args.quantization_to_use(),
+                                          args.tensor_parallel_size, args.enable_build_cache, args.skip_build_cache)
         else:
-            engine = self._build(model, device, build_config, quantization, backend, enable_build_cache,
-                                 skip_build_cache)
+            engine = self._build(model, device, build_config, args.quantization_to_use(), args.backend,
+                                 args.enable_build_cache, args.skip_build_cache)
         if not getattr(engine.backend, "can_execute", engine.backend.name != "tensorrt"):
             raise ValueError(f"LLM: this engine's backend ({engine.backend.name}) builds and inspects plans but "
                              "cannot execute them; build the model with backend='torch' to generate")
         self.engine = engine
         self.build_config = build_config = engine.build_config or build_config or BuildConfig()
-        self.tokenizer = engine.tokenizer if engine.tokenizer is not None else getattr(self._loaded, "tokenizer", None)
-        kvc = kv_cache_config or KvCacheConfig()
-        if enable_prefix_caching is not None:
-            kvc = dataclasses.replace(kvc, enable_block_reuse=enable_prefix_caching)
+        self.tokenizer = _tokenizer(args.tokenizer) if args.tokenizer is not None else (
+            engine.tokenizer if engine.tokenizer is not None else getattr(self._loaded, "tokenizer", None))
+        guided = None
+        if args.guided_decoding_backend is not None:
+            if self.tokenizer is None:
+                raise ValueError("LLM(guided_decoding_backend=...) needs a tokenizer: this model has none")
+            guided = GuidedDecoder(self.tokenizer.hf, engine.config.vocab_size,
+                                   tuple(engine.config.eos_token_ids) or (self.tokenizer.eos_token_id,),
+                                   args.guided_decoding_backend)
         try:
-            self.executor = Executor(engine, build_config=build_config, kv_cache_config=kvc, tokenizer=self.tokenizer,
-                                     enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy,
-                                     record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows)
+            self.executor = Executor(engine, build_config=build_config, kv_cache_config=args.kv_cache_config_to_use(),
+                                     tokenizer=self.tokenizer, enable_chunked_prefill=args.enable_chunked_prefill,
+                                     policy=args.scheduler_policy, record_kv_cache=args.record_kv_cache,
+                                     max_stats_rows=args.max_stats_rows,
+                                     logits_pass=LogitsPass(args.batched_logits_processor, guided))
         except BaseException:
             if isinstance(engine, DistributedEngine):
                 engine.shutdown()
             raise
+        kvc = args.kv_cache_config_to_use()
+        if kvc.event_buffer_max_size:
+            mgr = self.executor.kv_cache_manager
+            mgr.events = KVCacheEventRing(kvc.event_buffer_max_size, mgr.num_blocks, build_config.max_seq_len)
+        self._stats_seen = 0  # iterations already returned by get_stats
         # NOTE: the finalizer holds the executor, not the LLM: dropping the LLM without shutdown()
         # stops the loop and its thread; it also runs at interpreter exit (the atexit hook)
         self._finalizer = weakref.finalize(self, _shutdown, self.executor, engine)
@@ -133,10 +156,19 @@ class LLM:
 
     # --------------------------------------------------------------- generate
     def _request(self, prompt: Any, sp: Any, streaming: bool) -> GenerationRequest:
+        if isinstance(prompt, dict):  # TensorRT-LLM's prompt dicts
+            keys = set(prompt) & {"prompt", "prompt_token_ids"}
+            if len(keys) != 1:
+                raise TypeError(f"a prompt dict must hold exactly one of 'prompt' (a str) or 'prompt_token_ids' "
+                                f"(token ids), got the keys {sorted(prompt)}")
+            prompt = prompt["prompt"] if "prompt" in keys else prompt_token_ids_of(prompt["prompt_token_ids"],
+                                                                                   "prompt_token_ids")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
-            return GenerationRequest(self.tokenizer.encode(prompt), sp, prompt=prompt, streaming=streaming)
+            add = sp.add_special_tokens if isinstance(sp, SamplingParams) else True
+            return GenerationRequest(self.tokenizer.encode(prompt, add_special_tokens=add), sp, prompt=prompt,
+                                     streaming=streaming)
         return GenerationRequest(prompt_token_ids_of(prompt), sp, prompt=None, streaming=streaming)
 
     def _requests(self, prompts: Any, sampling_params: Any, streaming: bool,
@@ -208,6 +240,49 @@ class LLM:
     def abort(self, request_id: str) -> None:
         self.executor.abort(request_id)
 
+    # ------------------------------------------------------------ inspection
+    def get_stats(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Iteration statistics since the last call, as TensorRT-LLM's dicts (one per iteration):
+        `iter`, `iterLatencyMS`, `numActiveRequests`, `numQueuedRequests`, `maxNumActiveRequests`,
+        `inflightBatchingStats` {numScheduledRequests, numContextRequests, numGenRequests, numCtxTokens,
+        numPausedRequests}, `kvCacheStats` {maxNumBlocks, freeNumBlocks, usedNumBlocks, tokensPerBlock}.
+        Waits up to `timeout` s for a first new iteration."""
+        deadline = time.monotonic() + timeout
+        while True:
+            df = self.executor.stats()
+            new = df[df["iteration"] > self._stats_seen]
+            if len(new) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        if len(new):
+            self._stats_seen = int(new["iteration"].max())
+        bc = self.build_config
+        return [{
+            "iter": int(r.iteration), "iterLatencyMS": float(r.duration_ms), "timestamp": float(r.time_s),
+            "numActiveRequests": int(r.batch_size), "numQueuedRequests": int(r.num_waiting),
+            "maxNumActiveRequests": bc.max_batch_size,
+            "inflightBatchingStats": {
+                "numScheduledRequests": int(r.batch_size), "numGenRequests": int(r.num_decode_tokens),
+                "numContextRequests": int(r.batch_size - r.num_decode_tokens),
+                "numCtxTokens": int(r.num_prefill_tokens), "numPausedRequests": int(r.num_preemptions)},
+            "kvCacheStats": {
+                "maxNumBlocks": int(r.kv_blocks_total), "usedNumBlocks": int(r.kv_blocks_used),
+                "freeNumBlocks": int(r.kv_blocks_total - r.kv_blocks_used), "tokensPerBlock": bc.block_size},
+        } for r in new.itertuples()]
+
+    def get_kv_cache_events(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """KV-cache events since the last call (needs KvCacheConfig(event_buffer_max_size > 0)), as TensorRT-LLM's
+        dicts: {"event_id", "data": {"type": "created" | "stored" | "removed", ...}, "window_size"}."""
+        events = self.executor.kv_cache_manager.events
+        if events is None:
+            raise ValueError("KV-cache events are off: pass LLM(kv_cache_config=KvCacheConfig(event_buffer_max_size=N, "
+                             "enable_block_reuse=True)) to record them")
+        return events.pop(timeout)
+
+    def save(self, engine_dir: str | os.PathLike) -> Path:
+        """Write the engine (weights, configs, tokenizer) to `engine_dir`; `LLM(engine_dir)` loads it back."""
+        return save_engine(self.engine, engine_dir)
+
     # -------------------------------------------------------------- lifecycle
     def shutdown(self) -> None:
         """Stop the executor's loop and join its thread (also done when the LLM is collected, and at exit)."""
@@ -238,14 +313,26 @@ def _shutdown(executor: Executor, engine: Engine) -> None:
 
 
 def _is_single_prompt(prompts: Any) -> bool:
-    """A str, bytes, a numpy array or a list whose first item is not itself a prompt: one prompt.
+    """A str, bytes, a dict, a numpy array or a list whose first item is not itself a prompt: one prompt.
 
     bytes count as one prompt so that they are refused by name (not read as token ids)."""
-    if isinstance(prompts, (str, bytes, bytearray, np.ndarray)):
+    if isinstance(prompts, (str, bytes, bytearray, np.ndarray, dict)):
         return True
     if isinstance(prompts, (list, tuple)):
-        return bool(prompts) and not isinstance(prompts[0], (str, bytes, list, tuple, np.ndarray))
+        return bool(prompts) and not isinstance(prompts[0], (str, bytes, list, tuple, np.ndarray, dict))
     return True  # anything else is one (bad) prompt, refused with its type named
+
+
+def _tokenizer(value: Any) -> Tokenizer:
+    """LLM(tokenizer=...): a kit Tokenizer, a Hugging Face tokenizer, or a directory holding one."""
+    if isinstance(value, Tokenizer):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Tokenizer.from_dir(value)
+    if hasattr(value, "encode") and hasattr(value, "decode"):
+        return Tokenizer(value)
+    raise TypeError(f"LLM(tokenizer=...) must be a directory, a kit Tokenizer or a Hugging Face tokenizer, got "
+                    f"{type(value).__name__}")
 
 
 def _merge_streams(results: list[GenerationResult], abort: Any) -> Iterator[RequestOutput]:

@@ -12,7 +12,10 @@ submitted request (`RequestState`) and per completion (`CompletionState`):
           -> length (max_tokens, or max_seq_len tokens in all)
 
   stop strings, stop token ids and eos count only once `min_tokens` outputs exist
-  (the sampler also masks stop ids and eos before that);
+  (the sampler also masks stop ids and eos before that). What a caller sees ends where
+  TensorRT-LLM's output does: `token_ids` and `text` both without the eos token, and without
+  the stop token / stop string unless `include_stop_str_in_output` (a stop string that starts
+  inside a token keeps the text before it and drops that token);
 - logprobs of generated tokens and prompt logprobs (rows gathered over prefill chunks);
 - n > 1 fan-out: the siblings of completion 0 sample their first tokens from its logits
   row (`children()` hands their scheduler `Request`s to the executor to fork);
@@ -31,7 +34,7 @@ from typing import Any
 
 import torch
 
-from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
+from kit.outputs import CompletionOutput, GenerationResult, Logprob, RequestOutput
 from kit.request import GenerationRequest, Request, RequestStatus, length_finished
 from kit.sampling import Sampler, SamplingContext, find_stop, prompt_logprobs
 from kit.sampling_params import SamplingParams
@@ -51,12 +54,24 @@ class CompletionState:
         self.token_ids: list[int] = []
         self.context = SamplingContext(params, prompt, self.token_ids, generator)
         self.text = ""
+        self.text_ends: list[int] = []  # len(text) after each token (where text and token_ids cut together)
+        self.token_logprobs: list[float] = []
+        self.num_kept: int | None = None  # tokens shown once finished (eos / stop token dropped), None: all
         self.emitted = 0  # characters of `text` already streamed
-        self.cumulative_logprob = 0.0
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.emitted_tokens = 0  # entries of the shown token_ids already streamed
+        self.prompt_sent = False  # exclude_input_from_output=False: the prompt went out in a diff
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.stop_reason: int | str | None = None
         self.finish_reason: str | None = None
         self.forked = index == 0  # siblings get a scheduler Request once their first token is known
+        # the logits hooks' per-completion state (kit/logits_processors.py)
+        self.matcher: Any = None  # guided decoding
+        self.generation_logits: list[torch.Tensor] = []  # raw rows, with return_generation_logits
+        self.last_rank: int | None = None  # rank of the newest token, with logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.token_logprobs[:self.num_kept]))
 
 
 class RequestState:
@@ -68,6 +83,8 @@ class RequestState:
         self.completions: list[CompletionState] = []
         self.prompt_logprob_rows: list[torch.Tensor] = []
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_logits_done = False
+        self.context_logits: torch.Tensor | None = None  # (prompt_len, vocab), with return_context_logits
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.num_cached_tokens = 0
@@ -99,7 +116,7 @@ class OutputProcessor:
         sp = greq.sampling_params
         comp = self._new_completion(state, 0, greq.request_id, sp.seed)
         req = Request(greq.request_id, list(greq.prompt_token_ids), sp.max_tokens, arrival_time=state.arrival,
-                      use_prefix_cache=sp.prompt_logprobs is None)
+                      use_prefix_cache=sp.prompt_logprobs is None and not sp.return_context_logits)
         self.states[greq.request_id] = state
         self._owner[req.request_id] = (state, comp)
         return req
@@ -107,7 +124,8 @@ class OutputProcessor:
     def _new_completion(self, state: RequestState, index: int, rid: str, seed: int | None) -> CompletionState:
         sp = state.greq.sampling_params
         params = sp if seed == sp.seed else dataclasses.replace(sp, seed=seed)
-        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        detok = (self.tokenizer.detokenizer(skip_special_tokens=sp.skip_special_tokens)
+                 if self.tokenizer is not None and sp.detokenize else None)
         comp = CompletionState(index, rid, sp, list(state.greq.prompt_token_ids), detok,
                                Sampler.make_generator(params, self.device))
         state.completions.append(comp)
@@ -132,21 +150,30 @@ class OutputProcessor:
     # ---- logits -> sampling rows -------------------------------------------------------------
     def wants_prompt_logits(self, request_id: str, num_computed_tokens: int) -> bool:
         state, comp = self._owner[request_id]
-        want = (state.greq.sampling_params.prompt_logprobs is not None and comp.index == 0
-                and state.prompt_logprobs is None and num_computed_tokens < len(state.greq.prompt_token_ids))
+        sp = state.greq.sampling_params
+        want = ((sp.prompt_logprobs is not None or sp.return_context_logits) and comp.index == 0
+                and not state.prompt_logits_done and num_computed_tokens < len(state.greq.prompt_token_ids))
         if want and num_computed_tokens == 0:
             state.prompt_logprob_rows = []  # (re)starting the prompt, e.g. after a preemption
         return want
 
-    def add_prompt_logits(self, request_id: str, rows: torch.Tensor) -> None:
-        """Logits of prompt positions (rows predict the next prompt token); completes at P - 1 rows."""
+    def add_prompt_logits(self, request_id: str, rows: torch.Tensor, last_row: torch.Tensor | None = None) -> None:
+        """Logits of prompt positions (rows predict the next prompt token); completes at P - 1 rows.
+
+        `last_row` (V,): the last prompt position's logits (given with the last chunk) ends the
+        context logits."""
         state, _ = self._owner[request_id]
-        state.prompt_logprob_rows.append(rows.float().cpu())
+        state.prompt_logprob_rows.append(rows.float().cpu().clone())
         prompt = list(state.greq.prompt_token_ids)
+        sp = state.greq.sampling_params
         if sum(r.shape[0] for r in state.prompt_logprob_rows) == len(prompt) - 1:
-            cat = torch.cat(state.prompt_logprob_rows)
-            state.prompt_logprobs = prompt_logprobs(cat, prompt, state.greq.sampling_params.prompt_logprobs)
+            cat = torch.cat(state.prompt_logprob_rows)  # (P - 1, V)
+            if sp.prompt_logprobs is not None:
+                state.prompt_logprobs = prompt_logprobs(cat, prompt, sp.prompt_logprobs)
+            if sp.return_context_logits and last_row is not None:
+                state.context_logits = torch.cat([cat, last_row.float().cpu().reshape(1, -1)])  # (P, V)
             state.prompt_logprob_rows = []
+            state.prompt_logits_done = True
 
     def sampling_rows(self, request_id: str) -> list[CompletionState]:
         """Completions that sample from this request's logits row: itself, plus its n > 1 siblings
@@ -165,9 +192,14 @@ class OutputProcessor:
                   top: dict[int, float] | None) -> RequestStatus | None:
         """Record one sampled token of `comp`; return its stop verdict (None: it goes on)."""
         comp.token_ids.append(token)
-        comp.cumulative_logprob += logprob
+        comp.token_logprobs.append(logprob)
         if comp.logprobs is not None:
-            comp.logprobs.append(top or {token: logprob})
+            # top-k ids in order (rank 1, 2, ...), then the sampled token with its own rank if not among them
+            items = list((top or {}).items())[:comp.params.logprobs]
+            entries = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(items, start=1)}
+            if token not in entries:
+                entries[token] = Logprob(logprob, comp.last_rank)
+            comp.logprobs.append(entries)
         state.first_token_time = state.first_token_time or time.monotonic()
         return self.check_stop(state, comp, token)
 
@@ -176,9 +208,11 @@ class OutputProcessor:
         sp = comp.params
         n_out = len(comp.token_ids)
         early = n_out < sp.min_tokens
+        start = len(comp.text)
         if comp.detok is not None:
-            start = len(comp.text)
             comp.text += comp.detok.add(token)
+        comp.text_ends.append(len(comp.text))
+        if comp.detok is not None:
             cut = None if early or not sp.stop else find_stop(comp.text, start, sp.stop, sp.include_stop_str_in_output)
             if cut is not None:
                 inc = sp.include_stop_str_in_output
@@ -186,15 +220,29 @@ class OutputProcessor:
                            if (comp.text[cut - len(s):cut] if inc else comp.text[cut:cut + len(s)]) == s]
                 comp.stop_reason = matched[0] if matched else None
                 comp.text = comp.text[:cut]
+                # the tokens whose text lies before the cut (inc: up to the token that completes the stop string)
+                kept = sum(e <= cut for e in comp.text_ends) if not inc else \
+                    next(i + 1 for i, e in enumerate(comp.text_ends) if e >= cut)
+                comp.num_kept = kept
                 return self._end(comp, "stop")
         if not early and token in sp.stop_token_ids:
             comp.stop_reason = token
+            if not sp.include_stop_str_in_output:
+                self._drop_last(comp)
             return self._end(comp, "stop")
-        if not early and token in self.eos_token_ids and not sp.ignore_eos:
+        eos = self.eos_token_ids if sp.end_id is None else (sp.end_id,)
+        if not early and token in eos and not sp.ignore_eos:
+            self._drop_last(comp)  # TensorRT-LLM: the end token is not part of the output
             return self._end(comp, "stop")
         if length_finished(n_out, sp.max_tokens, len(state.greq.prompt_token_ids) + n_out, self.max_seq_len):
             return self._end(comp, "length")
         return None
+
+    @staticmethod
+    def _drop_last(comp: CompletionState) -> None:
+        """Show the completion without its newest token (and that token's text)."""
+        comp.num_kept = len(comp.token_ids) - 1
+        comp.text = comp.text[:comp.text_ends[-2] if len(comp.text_ends) > 1 else 0]
 
     @staticmethod
     def _end(comp: CompletionState, reason: str) -> RequestStatus:
@@ -221,7 +269,7 @@ class OutputProcessor:
         """The scheduler ended this completion (abort, error, rejection, length guard)."""
         owner = self._owner.get(request_id)
         if owner is not None and owner[1].finish_reason is None:
-            self._end(owner[1], status.finish_reason or "abort")
+            self._end(owner[1], status.finish_reason or "cancelled")
 
     # ---- snapshots ---------------------------------------------------------------------------
     def publish(self, state: RequestState, final: bool = False) -> None:
@@ -233,23 +281,45 @@ class OutputProcessor:
             self.pop(state.greq.request_id)
         elif not state.greq.streaming:
             return
-        sp = state.greq.sampling_params
-        outputs = []
-        for c in state.completions:
-            # hold back a tail that could still become a stop string while streaming
-            hold = 0 if c.finish_reason is not None or not sp.stop else max(map(len, sp.stop)) - 1
-            visible = c.text[:max(c.emitted, len(c.text) - hold)]
-            outputs.append(CompletionOutput(c.index, visible, list(c.token_ids), c.finish_reason,
-                                            c.cumulative_logprob, list(c.logprobs) if c.logprobs is not None else None,
-                                            c.stop_reason, text_diff=visible[c.emitted:]))
-            c.emitted = len(visible)
+        outputs = [self._completion_output(state, c) for c in state.completions]
         metrics = {"arrival_time": state.arrival, "first_token_time": state.first_token_time,
                    "finished_time": time.monotonic() if final else None,
                    "num_cached_tokens": state.num_cached_tokens}
         if state.beam_history is not None:  # beam search (kit/beam_search.py): parent pointers of every step
             metrics["beam_history"] = state.beam_history
         state.result.publish(RequestOutput(state.greq.request_id, state.greq.prompt, list(state.greq.prompt_token_ids),
-                                           outputs, final, state.prompt_logprobs, metrics, error=state.error))
+                                           outputs, final, state.prompt_logprobs, metrics, error=state.error,
+                                           context_logits=state.context_logits))
+
+    def _completion_output(self, state: RequestState, c: CompletionState) -> CompletionOutput:
+        """What a caller sees of `c` now: text and token ids cut together, and what was added since."""
+        sp = state.greq.sampling_params
+        if c.finish_reason is not None:
+            visible, n = c.text, len(c.token_ids) if c.num_kept is None else c.num_kept
+        else:
+            # hold back a tail that could still become a stop string while streaming (and its tokens)
+            hold = 0 if not sp.stop else max(map(len, sp.stop)) - 1
+            visible = c.text[:max(c.emitted, len(c.text) - hold)]
+            n = sum(e <= len(visible) for e in c.text_ends)
+        n = max(n, c.emitted_tokens)
+        token_ids = c.token_ids[:n]
+        logprobs = c.logprobs[:n] if c.logprobs is not None else None
+        text_diff, ids_diff = visible[c.emitted:], token_ids[c.emitted_tokens:]
+        lp_diff = logprobs[c.emitted_tokens:] if logprobs is not None else []
+        gen_logits = torch.stack(c.generation_logits[:n]) if c.generation_logits else None  # (n, V)
+        c.emitted, c.emitted_tokens = len(visible), n
+        if not sp.exclude_input_from_output:  # the prompt leads token_ids and text
+            prompt_text = state.greq.prompt if state.greq.prompt is not None else (
+                self.tokenizer.decode(state.greq.prompt_token_ids) if self.tokenizer is not None and sp.detokenize
+                else "")
+            first, c.prompt_sent = not c.prompt_sent, True
+            token_ids = list(state.greq.prompt_token_ids) + token_ids
+            ids_diff = (list(state.greq.prompt_token_ids) if first else []) + ids_diff
+            visible, text_diff = prompt_text + visible, (prompt_text if first else "") + text_diff
+        return CompletionOutput(c.index, visible, token_ids, c.finish_reason, c.cumulative_logprob,
+                                list(logprobs) if logprobs is not None else None, c.stop_reason,
+                                text_diff=text_diff, token_ids_diff=ids_diff, generation_logits=gen_logits,
+                                logprobs_diff=list(lp_diff))
 
     def fail(self, state: RequestState, error: BaseException) -> None:
         """End the request with `error` (raised by its result); forget it."""

@@ -18,24 +18,49 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
-__all__ = ["CompletionOutput", "GenerationResult", "RequestOutput"]
+__all__ = ["CompletionOutput", "GenerationResult", "Logprob", "RequestOutput", "TokenLogprobs"]
+
+
+@dataclass
+class Logprob:
+    """The log probability of one token and its rank in the distribution (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+
+
+# per generated token: token id -> Logprob (the top `logprobs` ids and the sampled one)
+TokenLogprobs = list[dict[int, Logprob]]
 
 
 @dataclass
 class CompletionOutput:
+    """One completion of a request (TensorRT-LLM's fields).
+
+    `token_ids` and `text` end at the same place: without the end (eos) token, and without the
+    stop token / stop string that ended it unless `include_stop_str_in_output`. While
+    streaming, `text_diff` / `token_ids_diff` / `logprobs_diff` are what this snapshot added.
+    """
+
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
-    cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None while running
+    cumulative_logprob: float | None = 0.0
+    logprobs: TokenLogprobs | None = None  # per generated token, when asked for
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text_diff: str = ""  # streaming: text added since the previous snapshot
     token_ids_diff: list[int] = field(default_factory=list)
+    generation_logits: Any = None  # torch.Tensor (len(token_ids), vocab) with return_generation_logits
+    logprobs_diff: TokenLogprobs = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
@@ -48,6 +73,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # arrival/first_token/finished times, cached tokens
     error: str | None = None
+    context_logits: Any = None  # torch.Tensor (len(prompt_token_ids), vocab) with return_context_logits
 
     @property
     def text(self) -> str:
@@ -68,7 +94,7 @@ class RequestOutput:
         prompt = html.escape(self.prompt if self.prompt is not None else str(self.prompt_token_ids[:20]))
         rows = "".join(
             f"<tr><td>{o.index}</td><td style='white-space:pre-wrap;text-align:left'>{html.escape(o.text)}</td>"
-            f"<td>{len(o.token_ids)}</td><td>{o.finish_reason}</td><td>{o.cumulative_logprob:.2f}</td></tr>"
+            f"<td>{len(o.token_ids)}</td><td>{o.finish_reason}</td><td>{o.cumulative_logprob or 0.0:.2f}</td></tr>"
             for o in self.outputs)
         err = f"<p style='color:#b00'>error: {html.escape(self.error)}</p>" if self.error else ""
         return (f"<b>RequestOutput</b> <code>{html.escape(self.request_id)}</code> "
@@ -80,12 +106,19 @@ class RequestOutput:
 class GenerationResult:
     """A future over one request's `RequestOutput`, and a stream of its snapshots.
 
+    Like TensorRT-LLM's `GenerationResult` it also reads as the latest snapshot: `outputs`
+    (a list of `CompletionOutput`, empty before the first token), `finished`, `prompt`,
+    `prompt_token_ids`, `context_logits`; `abort()` cancels the request.
+
     `on_abandon(request_id)` (the executor's `abort`) is called when a consumer stops
-    waiting for an unfinished request: a closed iterator, a cancelled `await`.
+    waiting for an unfinished request: a closed iterator, a cancelled `await`, `abort()`.
     """
 
-    def __init__(self, request_id: str, on_abandon: Callable[[str], None] | None = None) -> None:
+    def __init__(self, request_id: str, on_abandon: Callable[[str], None] | None = None, *,
+                 prompt: str | None = None, prompt_token_ids: list[int] | None = None) -> None:
         self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids) if prompt_token_ids is not None else []
         self._on_abandon = on_abandon
         self._cond = threading.Condition()
         self._history: list[RequestOutput] = []
@@ -137,9 +170,28 @@ class GenerationResult:
         return self._error
 
     @property
-    def outputs(self) -> RequestOutput | None:
+    def latest(self) -> RequestOutput | None:
         """The latest snapshot (None before the first)."""
         return self._history[-1] if self._history else None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """The latest snapshot's completions ([] before the first)."""
+        latest = self.latest
+        return latest.outputs if latest is not None else []
+
+    @property
+    def finished(self) -> bool:
+        return self._done and self._error is None
+
+    @property
+    def context_logits(self) -> Any:
+        latest = self.latest
+        return latest.context_logits if latest is not None else None
+
+    def abort(self) -> None:
+        """Cancel the request: it finishes with finish_reason 'cancelled' (no-op once finished)."""
+        self._abandon()
 
     def snapshots(self, start: int = 0) -> list[RequestOutput]:
         """The snapshots published so far, from index `start`."""
@@ -153,7 +205,7 @@ class GenerationResult:
             return self._done
 
     def _repr_html_(self) -> str:
-        latest = self.outputs
+        latest = self.latest
         state = "failed" if self._error is not None else ("finished" if self._done else "running")
         inner = latest._repr_html_() if latest is not None else "<i>no output yet</i>"
         return f"<b>GenerationResult</b> <code>{html.escape(str(self.request_id))}</code> ({state})<br>{inner}"

@@ -56,11 +56,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        """OpenAI-style reason: 'stop', 'length', 'abort', 'error', or None while unfinished."""
+        """TensorRT-LLM's reason: 'stop', 'length', 'cancelled', 'error', or None while unfinished."""
         return {
             RequestStatus.FINISHED_STOPPED: "stop",
             RequestStatus.FINISHED_LENGTH: "length",
-            RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ABORTED: "cancelled",
             RequestStatus.FINISHED_ERROR: "error",
         }.get(self)
 

@@ -19,7 +19,9 @@ __all__ = ["Tokenizer", "IncrementalDetokenizer"]
 
 
 class Tokenizer:
-    """encode / decode / chat template over a Hugging Face tokenizer."""
+    """encode / decode / chat template over a Hugging Face tokenizer, called the way one calls it:
+    `tok("text")` -> {"input_ids": [...], "attention_mask": [...]}, `encode`, `decode`, `batch_decode`,
+    `pad_token_id`, `eos_token_id`, `apply_chat_template` (HF defaults: no generation prompt, token ids)."""
 
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
@@ -62,6 +64,18 @@ class Tokenizer:
     def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """The pad token (the eos token where the model defines none, as TensorRT-LLM's SamplingParams does)."""
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, **kwargs: Any) -> Any:
+        """The Hugging Face call: a BatchEncoding with `input_ids` and `attention_mask`."""
+        return self.hf(text, add_special_tokens=add_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; TypeError for a non-str, ValueError for text that is not valid Unicode."""
         if not isinstance(text, str):
@@ -79,9 +93,11 @@ class Tokenizer:
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(token_ids))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
-        """Format a conversation with the model's chat template."""
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> str | list[int]:
+        """Format a conversation with the model's chat template (token ids, or the text with tokenize=False).
+
+        As in Hugging Face, the assistant's turn is opened only with add_generation_prompt=True."""
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this tokenizer has no chat template")
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)

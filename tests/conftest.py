@@ -26,6 +26,7 @@ _NEEDS = {
     "test_widgets.py": ("ipywidgets", "ipympl"),
     "test_browser.py": ("nbformat", "jupyterlab"),
     "test_server.py": ("openai", "httpx", "fastapi", "uvicorn"),
+    "test_llm_api_examples.py": ("xgrammar", "jsonschema"),
 }
 collect_ignore = [name for name, modules in _NEEDS.items()
                   if any(importlib.util.find_spec(m) is None for m in modules)]

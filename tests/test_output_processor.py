@@ -28,7 +28,7 @@ class _Detok:
 class _Tok:
     eos_token_id = EOS
 
-    def detokenizer(self):
+    def detokenizer(self, skip_special_tokens=True):
         return _Detok()
 
 
@@ -87,11 +87,11 @@ def test_streaming_holds_back_a_possible_stop_string():
     for t in [10, 11, 12, 13]:  # "abcd": nothing can be a stop yet beyond the last 2 characters
         proc.add_token(state, comp, t, -0.1, None)
         proc.publish(state)
-        shown.append(result.outputs.outputs[0].text)
+        shown.append(result.latest.outputs[0].text)
     assert shown == ["", "", "a", "ab"]
     v = proc.add_token(state, comp, 10 + ord("x") - ord("a"), -0.1, None)
     proc.publish(state)
-    assert v is None and result.outputs.outputs[0].text == "abc"
+    assert v is None and result.latest.outputs[0].text == "abc"
     for t in (10 + ord("y") - ord("a"), 10 + ord("z") - ord("a")):
         v = proc.add_token(state, comp, t, -0.1, None)
     assert v is RequestStatus.FINISHED_STOPPED
@@ -103,7 +103,7 @@ def test_streaming_holds_back_a_possible_stop_string():
 
 def test_n_siblings_sample_the_same_row_and_become_children():
     proc = _proc()
-    state, comp, _ = _add(proc, SamplingParams(max_tokens=3, n=3, seed=5))
+    state, comp, _ = _add(proc, SamplingParams(max_tokens=3, n=3, seed=5, temperature=1.0))
     rows = proc.sampling_rows("r")
     assert [c.index for c in rows] == [0, 1, 2] and [c.request_id for c in rows] == ["r", "r#1", "r#2"]
     assert proc.sampling_rows("r") == [comp]  # only once
@@ -136,11 +136,11 @@ def test_prompt_logprobs_gather_over_chunks_and_restart():
 
 def test_fail_and_abort_end_the_result():
     proc = _proc()
-    state, _, result = _add(proc, SamplingParams(max_tokens=4, n=2))
+    state, _, result = _add(proc, SamplingParams(max_tokens=4, n=2, temperature=1.0))
     proc.end("r", RequestStatus.FINISHED_ABORTED)
     proc.publish(state, final=True)  # the sibling was never born: final anyway
     out = result.result(timeout=0)
-    assert out.finished and out.outputs[0].finish_reason == "abort" and len(out.outputs) == 1
+    assert out.finished and out.outputs[0].finish_reason == "cancelled" and len(out.outputs) == 1
     state, _, result = _add(proc, SamplingParams(max_tokens=4), rid="f")
     proc.fail(state, RuntimeError("boom"))
     assert result.done and isinstance(result.error, RuntimeError) and "f" not in proc.states
@@ -148,5 +148,5 @@ def test_fail_and_abort_end_the_result():
 
 def test_repr_lists_requests_in_flight():
     proc = _proc()
-    _add(proc, SamplingParams(max_tokens=4, n=2), rid="req-7")
+    _add(proc, SamplingParams(max_tokens=4, n=2, temperature=1.0), rid="req-7")
     assert "1 requests in flight" in repr(proc) and "<td>req-7</td><td>1/2</td>" in proc._repr_html_()

@@ -76,16 +76,19 @@ def test_completion_equals_llm_generate_and_usage_counts_tokens(llm, client):
 
 
 def test_several_prompts_in_one_request_keep_their_order(llm, client):
-    r = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=5, temperature=0, n=2)
+    # NOTE: n > 1 samples (TensorRT-LLM refuses n > 1 under greedy decoding: n identical copies)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=5, temperature=1.0, seed=7, n=2)
     assert [c.index for c in r.choices] == [0, 1, 2, 3, 4, 5]
     for i, p in enumerate(PROMPTS[:3]):
-        ref = greedy(llm, p, 5).text
-        assert r.choices[2 * i].text == r.choices[2 * i + 1].text == ref
+        ref = llm.generate(p, SamplingParams(max_tokens=5, temperature=1.0, seed=7, n=2))
+        assert [r.choices[2 * i].text, r.choices[2 * i + 1].text] == [o.text for o in ref.outputs]
+    with pytest.raises(openai.BadRequestError, match="SamplingParams.n must be 1 under greedy decoding"):
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, n=2)
 
 
 def test_chat_completion_uses_the_chat_template(llm, client):
     msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
-    ids = llm.tokenizer.apply_chat_template(msgs, tokenize=True)
+    ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ref = greedy(llm, ids, 10)
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"

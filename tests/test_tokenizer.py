@@ -18,10 +18,11 @@ def test_encode_decode_round_trip(smollm2):
 
 def test_chat_template(smollm2):
     tok = smollm2.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                   tokenize=False)
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in text
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert isinstance(ids, list) and ids[0] == tok.encode("<|im_start|>", add_special_tokens=False)[0]
 
 

@@ -38,13 +38,14 @@ Quantized tensors are cached under `$KIT_CACHE_DIR/quantized` (see `cache.py`).
 
 from kit.quantization.algo import KVCacheQuantAlgo, QuantAlgo
 from kit.quantization.cache import QuantCache, ResultCache
-from kit.quantization.config import QUANT_PRESETS, QuantConfig
+from kit.quantization.config import QUANT_PRESETS, CalibConfig, QuantConfig
 from kit.quantization.kv_cache import dequantize_kv, kv_cache_dtype, quantize_kv
 from kit.quantization.linear import ConcatLinear, FloatLinear, FP8Linear, Int8Linear, QuantLinear, WeightOnlyLinear
 from kit.quantization.quantizer import Quantizer, calibration_tokens
 from kit.quantization.schemes import SCHEMES, QuantScheme, build_linear, get_scheme
 
 __all__ = [
+    "CalibConfig",
     "QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "QUANT_PRESETS",
     "Quantizer", "calibration_tokens", "QuantCache", "ResultCache",
     "QuantScheme", "SCHEMES", "get_scheme",

@@ -23,6 +23,11 @@ properties below (`is_int4`, `needs_calibration`, `stored_format`, ...) ask it. 
 stored format (tensor names, dtypes, shapes of a quantized linear) is part of
 `to_dict()`, so an engine directory records how to read its weights.
 
+`CalibConfig` (TensorRT-LLM's `LLM(calib_config=...)`) says how much text calibrates:
+`calib_batches x calib_batch_size` windows of `calib_max_seq_length` tokens of the kit's
+calibration text (`calib_dataset='kit'`, data/ in the repository); `apply()` writes that into
+a QuantConfig's `calib_size` / `calib_max_seq_len`.
+
 `QuantConfig` is frozen and validates itself; `QuantConfig.from_name("int4_awq")`
 gives the presets that the CLI and the notebooks use.
 """
@@ -37,7 +42,7 @@ from typing import Any
 from kit.quantization.algo import KVCacheQuantAlgo, QuantAlgo
 from kit.quantization.schemes import SCHEMES, QuantScheme, get_scheme
 
-__all__ = ["QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "QUANT_PRESETS"]
+__all__ = ["QuantAlgo", "KVCacheQuantAlgo", "QuantConfig", "CalibConfig", "QUANT_PRESETS"]
 
 # short name -> (algo, extra fields); `from_name` accepts these (the registry's presets)
 QUANT_PRESETS: dict[str, tuple[QuantAlgo, dict[str, Any]]] = {
@@ -196,3 +201,41 @@ class QuantConfig:
         if self.kv_cache_quant_algo:
             parts.append(f"KV cache {self.kv_cache_quant_algo.value}")
         return ", ".join(parts)
+
+
+_CALIB_DATASETS = ("kit",)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How calibration runs (TensorRT-LLM's names; the kit's smaller CPU-sized defaults)."""
+
+    device: str = "cpu"  # where calibration runs: "cpu" or "cuda" (the model's device is used either way)
+    calib_dataset: str = "kit"
+    calib_batches: int = 32
+    calib_batch_size: int = 1
+    calib_max_seq_length: int = 256
+    random_seed: int = 1234
+    tokenizer_max_seq_length: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"CalibConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.calib_dataset not in _CALIB_DATASETS:
+            raise ValueError(f"CalibConfig.calib_dataset must be one of {_CALIB_DATASETS} (the kit's own calibration "
+                             f"text; no dataset is downloaded), got {self.calib_dataset!r}")
+        for name in ("calib_batches", "calib_batch_size", "calib_max_seq_length", "tokenizer_max_seq_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"CalibConfig.{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool):
+            raise ValueError(f"CalibConfig.random_seed must be an int, got {self.random_seed!r}")
+
+    def apply(self, quant_config: QuantConfig) -> QuantConfig:
+        """`quant_config` calibrated as this config says."""
+        return quant_config.replace(calib_size=self.calib_batches * self.calib_batch_size,
+                                    calib_max_seq_len=self.calib_max_seq_length)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in asdict(self).items())
+        return f"<b>CalibConfig</b><table>{rows}</table>"

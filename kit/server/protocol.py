@@ -147,8 +147,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _top(entry: dict[int, float], token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+def _top(entry: dict[int, Any], token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """The sampled token's logprob and the k best alternatives (the sampler's dict holds both)."""
+    entry = {t: getattr(v, "logprob", v) for t, v in entry.items()}  # Logprob(logprob, rank) -> float
     best = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
     return entry[token], best
 
