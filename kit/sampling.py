@@ -36,8 +36,10 @@ from kit.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
 
 __all__ = [
     "SamplingContext",
+    "SampledBatch",
     "SamplerOutput",
     "Sampler",
+    "to_device",
     "prompt_logprobs",
     "find_stop",
 ]
@@ -62,8 +64,72 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float] | None]  # top params.logprobs + the sampled token
 
 
+class SampledBatch:
+    """One pass of the `Sampler`, still on the device: what the next step and the host need.
+
+    `token_ids` (R,) stays on the device, where the next step's input ids are gathered from
+    it; `packed` (R, 2 + 2 * max_k) float64 holds token, logprob, top-k logprobs and top-k
+    ids, and is the only thing that crosses to the host: `start_copy()` queues one
+    non-blocking copy into pinned memory and records a CUDA event; `result()` waits for that
+    event only (on the CPU it is already there). Token ids < 2**53 are exact in float64.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, ks: list[int | None]) -> None:
+        self.token_ids = token_ids  # (R,) int64, device
+        self.packed = packed  # (R, 2 + 2 * max_k) float64, device
+        self.ks = ks
+        self._host: torch.Tensor | None = None
+        self._event: Any = None
+
+    def start_copy(self) -> "SampledBatch":
+        """Queue the device->host copy (pinned, non-blocking) and record its event; a no-op on the CPU."""
+        if self.packed.device.type == "cuda" and self._host is None:
+            self._host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+            self._host.copy_(self.packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        """True when `result()` would not wait."""
+        return self._event is None or self._event.query()
+
+    def result(self) -> SamplerOutput:
+        """The host view (waits for this batch's copy only, never for the whole device)."""
+        if self.packed.device.type == "cuda":
+            self.start_copy()
+            self._event.synchronize()
+            host = self._host
+        else:
+            host = self.packed
+        rows = host.tolist()
+        tokens = [int(r[0]) for r in rows]
+        lps = [r[1] for r in rows]
+        max_k = (host.shape[1] - 2) // 2
+        top: list[dict[int, float] | None] = [None] * len(rows)
+        for i, k in enumerate(self.ks):
+            if k is not None:
+                r = rows[i]
+                top[i] = {int(t): v for t, v in zip(r[2 + max_k:2 + max_k + k], r[2:2 + k])}
+                top[i][tokens[i]] = lps[i]
+        return SamplerOutput(token_ids=tokens, logprobs=lps, top_logprobs=top)
+
+
 class Sampler:
-    """Stateless: logits (num_rows, vocab) + one SamplingContext per row -> tokens."""
+    """Stateless: logits (num_rows, vocab) + one SamplingContext per row -> tokens.
+
+    The whole batch is one pass of batched tensor ops with per-row parameter tensors;
+    there is no per-row loop over the vocabulary. Top-k and top-p use `torch.topk` over
+    `k_max` candidates instead of sorting the vocabulary: k_max is the largest top_k of
+    the batch, and a row with top_p < 1 but no top_k looks at the `top_p_candidates`
+    most likely tokens (its nucleus is cut there if it would be larger: past the first
+    1024 tokens of a real model's distribution lies a negligible mass). The draw itself
+    runs over the whole vocabulary (see `_draw`), so a seeded row's noise is the same
+    whatever the batch holds.
+    """
+
+    top_p_candidates: int = 1024
 
     @staticmethod
     def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
@@ -75,6 +141,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, contexts: list[SamplingContext],
                eos_token_ids: tuple[int, ...] = ()) -> SamplerOutput:
         """One token per row of `logits` (num_rows, vocab), row i under contexts[i]."""
+        return self.sample_async(logits, contexts, eos_token_ids).result()
+
+    def sample_async(self, logits: torch.Tensor, contexts: list[SamplingContext],
+                     eos_token_ids: tuple[int, ...] = ()) -> SampledBatch:
+        """`sample` without waiting: the result stays on the device until `SampledBatch.result()`."""
         if logits.dim() != 2 or logits.shape[0] != len(contexts):
             raise ValueError(f"logits must be (num_rows={len(contexts)}, vocab), "
                              f"got {tuple(logits.shape)}")
@@ -85,69 +156,75 @@ class Sampler:
         # once; an all-greedy batch stops here: one kernel, no per-row work.
         token_ids = logits.argmax(dim=-1)  # (R,); ties -> lowest id
         random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
-        if random_rows:
-            idx = torch.tensor(random_rows, device=logits.device)
+        if len(random_rows) == len(contexts):
+            warped = self.apply_warpers(logits, [c.params for c in contexts])
+            token_ids = self._draw(warped, [c.generator for c in contexts])
+        elif random_rows:
+            idx = to_device(random_rows, logits.device)
             warped = self.apply_warpers(logits[idx], [contexts[i].params for i in random_rows])
             token_ids[idx] = self._draw(warped, [contexts[i].generator for i in random_rows])
-
-        sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # (R,)
-        # one device->host copy for both (token ids < 2**53 are exact in float64)
-        tokens_f, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
-        tokens = [int(t) for t in tokens_f]
+        sampled_lp = raw_logprobs.gather(1, token_ids[:, None])  # (R, 1)
         ks = [c.params.logprobs for c in contexts]
         max_k = max((k for k in ks if k is not None), default=0)
-        top_lp, top_ids = [[]] * len(ks), [[]] * len(ks)
+        cols = [token_ids[:, None].double(), sampled_lp.double()]
         if max_k:  # one topk for the whole batch, each row keeps its own k
             vals, ids = raw_logprobs.topk(max_k, dim=-1)  # (R, max_k) each
-            top_lp, top_ids = vals.tolist(), ids.tolist()
-        top: list[dict[int, float] | None] = [None] * len(ks)
-        for i, k in enumerate(ks):
-            if k is not None:
-                top[i] = dict(zip(top_ids[i][:k], top_lp[i][:k]))
-                top[i][tokens[i]] = lps[i]
-        return SamplerOutput(token_ids=tokens, logprobs=lps, top_logprobs=top)
+            cols += [vals.double(), ids.double()]
+        return SampledBatch(token_ids, torch.cat(cols, dim=1), ks)
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, contexts: list[SamplingContext],
                         eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
         """min_tokens, repetition, presence and frequency: what can change the argmax.
 
-        Returns float32 (R, V); a copy when any row changes, else `logits` itself
-        (never modified in place).
+        Returns float32 (R, V); a copy when any row changes, else `logits` itself (never
+        modified in place). Each penalty is one batched op over the rows that use it: the
+        token ids of those rows are gathered into one (row, token) index list, scattered
+        into a (rows, V) seen-mask or count tensor, and applied with per-row parameter tensors.
         """
         logits = logits.float()
-        copied = False
-        vocab = logits.shape[1]
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        rep: list[int] = []
+        pres_freq: list[int] = []
         for i, ctx in enumerate(contexts):
             p, out = ctx.params, ctx.output_token_ids
-            banned: list[int] = []
             if len(out) < p.min_tokens:
                 # NOTE: ignore_eos spares eos only; stop_token_ids still end a sequence.
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-            rep = p.repetition_penalty != 1.0
-            pres_freq = bool(out) and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
-            if not (banned or rep or pres_freq):
-                continue
-            if not copied:
-                logits, copied = logits.clone(), True
-            row = logits[i]  # (V,) view into the copy
-            dev = row.device
-            if banned:
-                row[torch.tensor(banned, device=dev)] = -math.inf
-            if rep:
-                # NOTE: vLLM/CTRL rule: dividing a negative logit would *raise* it, so
-                # positive logits are divided and the others multiplied.
-                seen = torch.tensor(ctx.prompt_token_ids + out, device=dev, dtype=torch.long).unique()
-                vals = row[seen]
-                r = p.repetition_penalty
-                row[seen] = torch.where(vals > 0, vals / r, vals * r)
-            if pres_freq:
-                counts = torch.bincount(torch.tensor(out, device=dev), minlength=vocab)[:vocab]
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+                ban_rows += [i] * len(banned)
+                ban_ids += banned
+            if p.repetition_penalty != 1.0:
+                rep.append(i)
+            if out and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+                pres_freq.append(i)
+        if not (ban_ids or rep or pres_freq):
+            return logits
+        logits = logits.clone()
+        dev, vocab = logits.device, logits.shape[1]
+        if ban_ids:
+            ban = to_device([ban_rows, ban_ids], dev)
+            logits[ban[0], ban[1]] = -math.inf
+        if rep:
+            # NOTE: vLLM/CTRL rule: dividing a negative logit would *raise* it, so
+            # positive logits are divided and the others multiplied.
+            seen = _scatter_rows([contexts[i].prompt_token_ids + contexts[i].output_token_ids for i in rep],
+                                 vocab, dev, torch.bool)  # (len(rep), V)
+            idx = to_device(rep, dev)
+            r = to_device([contexts[i].params.repetition_penalty for i in rep], dev, torch.float32)[:, None]
+            sub = logits[idx]  # (len(rep), V)
+            logits[idx] = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+        if pres_freq:
+            counts = _scatter_rows([contexts[i].output_token_ids for i in pres_freq], vocab, dev,
+                                   torch.float32)  # (len(pres_freq), V)
+            idx = to_device(pres_freq, dev)
+            pf = to_device([(contexts[i].params.frequency_penalty, contexts[i].params.presence_penalty)
+                            for i in pres_freq], dev, torch.float32)  # (len(pres_freq), 2)
+            logits[idx] -= pf[:, :1] * counts + pf[:, 1:] * (counts > 0)
         return logits
 
-    @staticmethod
-    def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    @classmethod
+    def apply_warpers(cls, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """temperature, top_k, top_p, min_p for random rows; masked logits become -inf.
 
         Returns a new float32 (R, V); softmax of it is the distribution a row is
@@ -156,31 +233,51 @@ class Sampler:
         """
         vocab = logits.shape[1]
         dev = logits.device
-        temp = torch.tensor([p.temperature if p.temperature >= GREEDY_TEMPERATURE else 1.0
-                             for p in params], device=dev)
-        logits = logits.float() / temp[:, None]  # (R, V)
-        # top_k off (0/-1) or larger than the vocab -> keep all V.
-        ks = [vocab if p.top_k <= 0 else min(p.top_k, vocab) for p in params]
-        top_ps = [p.top_p for p in params]
-        if any(k < vocab for k in ks) or any(tp < 1.0 for tp in top_ps):
-            # Sort ascending once and mask in sorted order, as vLLM does.
-            sorted_logits, order = logits.sort(dim=-1)  # (R, V) each
-            k = torch.tensor(ks, device=dev)
-            kth = sorted_logits.gather(1, (vocab - k)[:, None])  # (R, 1): k-th largest
-            # NOTE: by value: ties with the k-th largest logit are all kept.
-            sorted_logits.masked_fill_(sorted_logits < kth, -math.inf)
-            # top_p: drop the smallest tokens while their total mass <= 1 - top_p;
-            # what remains is the smallest set with mass >= top_p (the nucleus).
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (R, V)
-            drop = cum <= 1.0 - torch.tensor(top_ps, device=dev)[:, None]
-            drop[:, -1] = False  # the most likely token always stays
-            sorted_logits.masked_fill_(drop, -math.inf)
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        min_ps = [p.min_p for p in params]
-        if any(m > 0.0 for m in min_ps):
+        # one host->device copy for every per-row parameter: (R, 4) temperature, top_k, top_p, min_p
+        table = [(p.temperature if p.temperature >= GREEDY_TEMPERATURE else 1.0,
+                  vocab if p.top_k <= 0 else min(p.top_k, vocab), p.top_p, p.min_p) for p in params]
+        per_row = to_device(table, dev, torch.float64).float()
+        logits = logits.float() / per_row[:, :1]  # (R, V)
+        ks = [int(t[1]) for t in table]
+        trunc = [i for i, t in enumerate(table) if t[1] < vocab or t[2] < 1.0]
+        if trunc:
+            logits = cls._top_k_top_p(logits, trunc, ks, per_row)
+        if any(t[3] > 0.0 for t in table):
             probs = logits.softmax(dim=-1)  # (R, V)
-            floor = torch.tensor(min_ps, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
+            floor = per_row[:, 3:4] * probs.amax(dim=-1, keepdim=True)
             logits = logits.masked_fill(probs < floor, -math.inf)
+        return logits
+
+    @classmethod
+    def _top_k_top_p(cls, logits: torch.Tensor, rows: list[int], ks: list[int],
+                     per_row: torch.Tensor) -> torch.Tensor:
+        """Mask `rows` of `logits` (R, V) to their top_k, then their nucleus; no vocabulary sort."""
+        vocab, dev = logits.shape[1], logits.device
+        cap = min(vocab, cls.top_p_candidates)
+        k_max = max(ks[i] if ks[i] < vocab else cap for i in rows)
+        every = len(rows) == logits.shape[0]
+        idx = None if every else to_device(rows, dev)
+        sub = logits if every else logits[idx]  # (r, V)
+        params = per_row if every else per_row[idx]  # (r, 4)
+        vals, ids = sub.topk(k_max, dim=-1)  # (r, k_max) each, descending
+        # (2, r): each row's k among the candidates, and whether it has a top_k at all
+        k_info = to_device([[min(ks[i], k_max) for i in rows], [int(ks[i] < vocab) for i in rows]], dev)
+        k_row, has_k = k_info[0], k_info[1, :, None].bool()
+        # NOTE: by value: ties with the k-th largest logit are all kept (among the candidates).
+        vals = vals.masked_fill(vals < vals.gather(1, (k_row - 1)[:, None]), -math.inf)
+        # top_p over the survivors: a row with top_k normalises over its k, one without over the vocabulary
+        lse = torch.where(has_k, vals.logsumexp(-1, keepdim=True), sub.logsumexp(-1, keepdim=True))  # (r, 1)
+        probs = (vals - lse).exp()  # (r, k_max), descending
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        # the smallest set with mass >= top_p: keep a token while the mass before it is < top_p
+        drop = (before >= params[:, 2:3]) & (params[:, 2:3] < 1.0)
+        drop[:, 0] = False  # the most likely token always stays
+        vals = vals.masked_fill(drop, -math.inf)
+        out = torch.full_like(sub, -math.inf).scatter_(1, ids, vals)  # (r, V)
+        if every:
+            return out
+        logits = logits.clone()
+        logits[idx] = out
         return logits
 
     @staticmethod
@@ -188,7 +285,9 @@ class Sampler:
         """One token per row from softmax(logits), by the exponential race.
 
         argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and needs
-        no cumsum or host sync. Seeded rows fill their E from their own generator.
+        no cumsum or host sync. Unseeded rows share one draw from the default RNG;
+        seeded rows are grouped after it, each filling its E from its own generator
+        (one small launch per seeded row: a generator cannot be batched).
         """
         probs = logits.softmax(dim=-1)  # (R, V)
         q = torch.empty_like(probs)
@@ -201,6 +300,29 @@ class Sampler:
                 q[j].exponential_(generator=g)
         # NOTE: clamp so that an exact 0 draw cannot give 0/0 = NaN.
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # (R,)
+
+
+def to_device(data: Any, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of `data` on `device`; on CUDA through pinned memory, so the copy never blocks the host.
+
+    NOTE: a copy from pageable memory makes CUDA wait for the stream first: in the serving
+    loop that would stall the host until the forward pass ends, which is what overlap avoids.
+    """
+    t = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _scatter_rows(rows: list[list[int]], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(len(rows), vocab): per row, how often each token id occurs (bool: whether it occurs)."""
+    row_idx = [r for r, ids in enumerate(rows) for _ in ids]
+    tok_idx = [t for ids in rows for t in ids]
+    out = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    if tok_idx:
+        index = to_device([row_idx, tok_idx], device)
+        out.index_put_((index[0], index[1]), torch.ones(len(tok_idx), device=device), accumulate=True)
+    return out > 0 if dtype == torch.bool else out
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int],
