@@ -44,7 +44,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool | None = None,
                  scheduler_policy: str = "guaranteed_no_evict", quantization: Any = None, backend: str = "torch",
                  enable_build_cache: bool = True, skip_build_cache: bool = False,
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000, overlap: bool | None = None) -> None:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if backend == "tensorrt":
@@ -70,7 +70,7 @@ class LLM:
             kvc = dataclasses.replace(kvc, enable_block_reuse=enable_prefix_caching)
         self.executor = Executor(engine, build_config=build_config, kv_cache_config=kvc, tokenizer=self.tokenizer,
                                  enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy,
-                                 record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows)
+                                 record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows, overlap=overlap)
         # NOTE: the finalizer holds the executor, not the LLM: dropping the LLM without shutdown()
         # stops the loop and its thread; it also runs at interpreter exit (the atexit hook)
         self._finalizer = weakref.finalize(self, Executor.shutdown, self.executor)
