@@ -157,12 +157,10 @@ class Sampler:
         token_ids = logits.argmax(dim=-1)  # (R,); ties -> lowest id
         random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
         if len(random_rows) == len(contexts):
-            warped = self.apply_warpers(logits, [c.params for c in contexts])
-            token_ids = self._draw(warped, [c.generator for c in contexts])
+            token_ids = self._sample_random(logits, contexts)
         elif random_rows:
             idx = to_device(random_rows, logits.device)
-            warped = self.apply_warpers(logits[idx], [contexts[i].params for i in random_rows])
-            token_ids[idx] = self._draw(warped, [contexts[i].generator for i in random_rows])
+            token_ids[idx] = self._sample_random(logits[idx], [contexts[i] for i in random_rows])
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None])  # (R, 1)
         ks = [c.params.logprobs for c in contexts]
         max_k = max((k for k in ks if k is not None), default=0)
@@ -231,65 +229,104 @@ class Sampler:
         drawn from. A temperature below 1e-5 counts as 1 here: `sample` sends only
         random rows, and greedy rows take the argmax before any warper.
         """
+        x, per_row, ks, trunc, min_p = cls._temper(logits, params)
+        if trunc:
+            vals, ids, _ = cls._top_k_top_p(x, trunc, ks, per_row)
+            rows = to_device(trunc, x.device)
+            x[rows] = torch.full_like(x[rows], -math.inf).scatter_(1, ids, vals)
+        return cls._min_p(x, per_row, min_p)
+
+    def _sample_random(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> torch.Tensor:
+        """Tokens (R,) for random rows: rows cut by top-k/top-p draw among their candidates, the others
+        from the whole vocabulary."""
+        x, per_row, ks, trunc, min_p = self._temper(logits, [c.params for c in contexts])
+        if not trunc:
+            return self._draw(self._min_p(x, per_row, min_p), [c.generator for c in contexts])
+        dev = x.device
+        every = len(trunc) == x.shape[0]
+        idx = None if every else to_device(trunc, dev)
+        vals, ids, widths = self._top_k_top_p(x, trunc, ks, per_row)
+        sub = per_row if every else per_row[idx]
+        pos = self._draw(self._min_p(vals, sub, min_p), [contexts[i].generator for i in trunc], widths)  # (r,)
+        picked = ids.gather(1, pos[:, None]).squeeze(1)
+        if every:
+            return picked
+        tokens = torch.empty(x.shape[0], dtype=torch.long, device=dev)
+        tokens[idx] = picked
+        cut = set(trunc)
+        full = [i for i in range(x.shape[0]) if i not in cut]
+        if full:
+            idx = to_device(full, dev)
+            tokens[idx] = self._draw(self._min_p(x[idx], per_row[idx], min_p), [contexts[i].generator for i in full])
+        return tokens
+
+    @staticmethod
+    def _temper(logits: torch.Tensor, params: list[SamplingParams]):
+        """(logits / temperature, per-row (R, 4) temperature/top_k/top_p/min_p, top_k per row, rows to cut,
+        any min_p)."""
         vocab = logits.shape[1]
-        dev = logits.device
-        # one host->device copy for every per-row parameter: (R, 4) temperature, top_k, top_p, min_p
+        # one host->device copy for every per-row parameter
         table = [(p.temperature if p.temperature >= GREEDY_TEMPERATURE else 1.0,
                   vocab if p.top_k <= 0 else min(p.top_k, vocab), p.top_p, p.min_p) for p in params]
-        per_row = to_device(table, dev, torch.float64).float()
-        logits = logits.float() / per_row[:, :1]  # (R, V)
+        per_row = to_device(table, logits.device, torch.float64).float()  # (R, 4)
         ks = [int(t[1]) for t in table]
         trunc = [i for i, t in enumerate(table) if t[1] < vocab or t[2] < 1.0]
-        if trunc:
-            logits = cls._top_k_top_p(logits, trunc, ks, per_row)
-        if any(t[3] > 0.0 for t in table):
-            probs = logits.softmax(dim=-1)  # (R, V)
-            floor = per_row[:, 3:4] * probs.amax(dim=-1, keepdim=True)
-            logits = logits.masked_fill(probs < floor, -math.inf)
-        return logits
+        # NOTE: whether any row uses min_p is known on the host: skipping it needs no device read
+        return logits.float() / per_row[:, :1], per_row, ks, trunc, any(t[3] > 0.0 for t in table)
+
+    @staticmethod
+    def _min_p(x: torch.Tensor, per_row: torch.Tensor, used: bool) -> torch.Tensor:
+        """Mask tokens less likely than min_p times the row's most likely one (any row width)."""
+        if not used:
+            return x
+        probs = x.softmax(dim=-1)
+        floor = per_row[:, 3:4] * probs.amax(dim=-1, keepdim=True)
+        return x.masked_fill(probs < floor, -math.inf)
 
     @classmethod
-    def _top_k_top_p(cls, logits: torch.Tensor, rows: list[int], ks: list[int],
-                     per_row: torch.Tensor) -> torch.Tensor:
-        """Mask `rows` of `logits` (R, V) to their top_k, then their nucleus; no vocabulary sort."""
+    def _top_k_top_p(cls, logits: torch.Tensor, rows: list[int], ks: list[int], per_row: torch.Tensor):
+        """Candidates of `rows`: (values (r, k_max), masked ones -inf; token ids; each row's own width).
+
+        top_k first (one torch.topk over k_max, no vocabulary sort), then the nucleus within it.
+        A row keeps exactly its own width (top_k, or `top_p_candidates`): of tied logits (common
+        in bf16) the lowest ids, so that a row's candidates, in order, never depend on the batch.
+        """
         vocab, dev = logits.shape[1], logits.device
         cap = min(vocab, cls.top_p_candidates)
-        k_max = max(ks[i] if ks[i] < vocab else cap for i in rows)
+        widths = [ks[i] if ks[i] < vocab else cap for i in rows]  # what the row alone looks at
+        k_max = max(widths)
         every = len(rows) == logits.shape[0]
         idx = None if every else to_device(rows, dev)
         sub = logits if every else logits[idx]  # (r, V)
         params = per_row if every else per_row[idx]  # (r, 4)
-        vals, ids = sub.topk(k_max, dim=-1)  # (r, k_max) each, descending
-        # (2, r): each row's k among the candidates, and whether it has a top_k at all
-        k_info = to_device([[min(ks[i], k_max) for i in rows], [int(ks[i] < vocab) for i in rows]], dev)
-        k_row, has_k = k_info[0], k_info[1, :, None].bool()
-        # NOTE: by value: ties with the k-th largest logit are all kept (among the candidates).
-        vals = vals.masked_fill(vals < vals.gather(1, (k_row - 1)[:, None]), -math.inf)
+        ids = _sort_key(sub).topk(k_max, dim=-1).indices  # (r, k_max): descending, ties by lowest id
+        vals = sub.gather(1, ids)  # (r, k_max)
+        # (2, r): each row's width, and whether it has a top_k at all
+        info = to_device([widths, [int(ks[i] < vocab) for i in rows]], dev)
+        vals = vals.masked_fill(torch.arange(k_max, device=dev)[None, :] >= info[0][:, None], -math.inf)
         # top_p over the survivors: a row with top_k normalises over its k, one without over the vocabulary
-        lse = torch.where(has_k, vals.logsumexp(-1, keepdim=True), sub.logsumexp(-1, keepdim=True))  # (r, 1)
+        lse = torch.where(info[1, :, None].bool(), vals.logsumexp(-1, keepdim=True),
+                          sub.logsumexp(-1, keepdim=True))  # (r, 1)
         probs = (vals - lse).exp()  # (r, k_max), descending
         before = probs.cumsum(-1) - probs  # mass of the more likely tokens
         # the smallest set with mass >= top_p: keep a token while the mass before it is < top_p
         drop = (before >= params[:, 2:3]) & (params[:, 2:3] < 1.0)
         drop[:, 0] = False  # the most likely token always stays
-        vals = vals.masked_fill(drop, -math.inf)
-        out = torch.full_like(sub, -math.inf).scatter_(1, ids, vals)  # (r, V)
-        if every:
-            return out
-        logits = logits.clone()
-        logits[idx] = out
-        return logits
+        return vals.masked_fill(drop, -math.inf), ids, widths
 
     @staticmethod
-    def _draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """One token per row from softmax(logits), by the exponential race.
+    def _draw(logits: torch.Tensor, generators: list[torch.Generator | None],
+              widths: list[int] | None = None) -> torch.Tensor:
+        """One position per row from softmax(logits), by the exponential race.
 
         argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and needs
         no cumsum or host sync. Unseeded rows share one draw from the default RNG;
         seeded rows are grouped after it, each filling its E from its own generator
-        (one small launch per seeded row: a generator cannot be batched).
+        (one small launch per seeded row: a generator cannot be batched). A seeded row
+        draws exactly `widths[j]` values (its own candidate count, or the vocabulary), so
+        its noise, like its tokens, does not depend on what else the batch holds.
         """
-        probs = logits.softmax(dim=-1)  # (R, V)
+        probs = logits.softmax(dim=-1)  # (R, W)
         q = torch.empty_like(probs)
         if any(g is None for g in generators):
             q.exponential_()  # unseeded rows share the default RNG
@@ -297,9 +334,23 @@ class Sampler:
             if g is not None:
                 # NOTE: row j's noise depends only on its generator's state, so the
                 # same seed gives the same draw whatever the batch holds.
-                q[j].exponential_(generator=g)
+                w = q.shape[1] if widths is None else widths[j]
+                q[j, :w].exponential_(generator=g)
+                q[j, w:] = 1.0  # beyond the row's own candidates: probability 0 anyway
         # NOTE: clamp so that an exact 0 draw cannot give 0/0 = NaN.
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # (R,)
+
+
+def _sort_key(x: torch.Tensor) -> torch.Tensor:
+    """(R, V) int64 keys that order float32 `x` by value, then by lowest id: topk of them is canonical.
+
+    The float's bits, made monotonic (negative floats flip their magnitude bits), go in the high
+    32 bits, V - 1 - id in the low ones.
+    """
+    bits = x.float().contiguous().view(torch.int32).long()  # (R, V)
+    mono = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    low = (x.shape[1] - 1 - torch.arange(x.shape[1], device=x.device))[None, :]
+    return (mono << 32) | low
 
 
 def to_device(data: Any, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
