@@ -151,3 +151,32 @@ def test_overlap_stats_time_the_lanes(tiny):
     for it, t_out in zip(over["iteration"], over["cpu_output_s"]):
         if it + 1 in nxt.index:
             assert t_out >= nxt[it + 1]
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_overlap_batched_greedy_equals_alone_and_200_async_with_aborts(tiny):
+    prompts, params = _workload(32)
+    cuda = tiny.to("cuda", torch.float32)  # float32: batch-size-dependent sums differ far below the logit gaps
+    with LLM(cuda, device="cuda", build_config=BuildConfig(**{**BC, "max_batch_size": 1}), overlap=False) as llm:
+        ref = [llm.generate(p, sp).outputs[0].token_ids for p, sp in zip(prompts, params)]
+    with LLM(cuda, device="cuda", build_config=BuildConfig(**BC), enable_prefix_caching=True) as llm:
+        assert llm.executor.overlap is True  # the default on CUDA
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
+        assert llm.executor.stats()["overlap"].any()
+        many, _ = _workload(200, seed=3)
+
+        async def main():
+            sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            results = [llm.generate_async(p, sp) for p in many]
+            for r in results[::7]:
+                llm.abort(r.request_id)
+            return await asyncio.gather(*results)
+
+        outs = asyncio.run(main())
+        assert llm.executor.num_inflight == 0 and llm.kv_cache_manager.num_used_blocks == 0
+    assert len(outs) == 200 and all(o.finished for o in outs)
+    for i, o in enumerate(outs):
+        if i % 7:
+            assert o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 12
