@@ -179,7 +179,12 @@ class StepLoop:
         if not picks:
             return
         idx = [p[3] for p in picks]
-        sel = logits if idx == list(range(logits.shape[0])) else logits[idx]  # (len(picks), vocab)
+        # NOTE: through `to_device`: indexing a CUDA tensor with a Python list copies the list from pageable
+        # memory, which waits for the device (a decode step's rows are 0..R-1 and need no gather at all)
+        if idx == list(range(logits.shape[0])):
+            sel = logits  # (len(picks), vocab)
+        else:
+            sel = logits.index_select(0, to_device(idx, logits.device))
         try:
             step.sampled = self.sampler.sample_async(sel, [p[2].context for p in picks], self.eos_token_ids)
             step.row_of = {rid: i for i, (rid, _, comp, _) in enumerate(picks) if comp.request_id == rid}

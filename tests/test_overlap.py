@@ -180,3 +180,37 @@ def test_cuda_overlap_batched_greedy_equals_alone_and_200_async_with_aborts(tiny
     for i, o in enumerate(outs):
         if i % 7:
             assert o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 12
+
+
+def test_scheduler_advance_then_commit_equals_update():
+    from kit.kv_cache import KVCacheManager
+    from kit.request import Request, RequestStatus
+    from kit.scheduler import PLACEHOLDER_TOKEN, Scheduler, SchedulerConfig
+
+    def run(overlapped: bool):
+        sched = Scheduler(SchedulerConfig(max_batch_size=4, max_num_tokens=16, max_seq_len=64),
+                          KVCacheManager(16, 4, enable_prefix_caching=True))
+        sched.add_request(Request("a", list(range(10, 19)), max_tokens=3))
+        sched.add_request(Request("b", [5, 6, 7], max_tokens=5))
+        tokens, steps = iter(range(100, 200)), 0
+        while sched.has_unfinished():
+            out = sched.schedule()
+            steps += 1
+            sampled = {s.request_id: next(tokens) for s in out.scheduled if s.is_last_chunk}
+            verdicts = {"b": RequestStatus.FINISHED_STOPPED} if sampled.get("b") == 104 else {}
+            if overlapped:
+                placeholders = sched.advance(out)
+                for rid in placeholders:
+                    req = sched.get(rid)
+                    assert req is None or req.output_token_ids[-1] == PLACEHOLDER_TOKEN
+                sched.commit(placeholders, sampled, verdicts)
+            else:
+                sched.update(out, sampled, verdicts)
+        return steps, sched.kv_cache_manager.num_used_blocks, sched.kv_cache_manager.num_cached_blocks
+
+    assert run(True) == run(False)
+    sched = Scheduler(SchedulerConfig(max_batch_size=2, max_num_tokens=8), KVCacheManager(8, 4))
+    sched.add_request(Request("x", [1, 2, 3], max_tokens=1))
+    out = sched.schedule()
+    assert sched.advance(out) == {"x": 0} and sched.get("x") is None  # length known without the token: ended
+    assert sched.kv_cache_manager.num_used_blocks == 0
