@@ -189,7 +189,8 @@ def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, wa
     bs = kv.block_size
     table = list(range(min(kv.num_blocks, -(-context_len // bs))))
     context_len = min(context_len, len(table) * bs)
-    seqs = [SequenceInput([1000 + i], context_len - 1, table) for i in range(batch_size)]
+    vocab = engine.config.vocab_size
+    seqs = [SequenceInput([(vocab // 2 + i) % vocab], context_len - 1, table) for i in range(batch_size)]
     batch = ForwardBatch.build(seqs, bs, device=engine.device)
     batch.slot_mapping = torch.full_like(batch.slot_mapping, kv.scratch_block * bs)  # writes: scratch only
     for _ in range(warmup):
