@@ -61,10 +61,11 @@ class LoopLanes(StaticFigure, widgets.VBox):
                                  f"{label!r} has {len(df)} rows" + (f", missing {missing}" if missing else ""))
         self.frames = {k: v.sort_values("iteration").reset_index(drop=True) for k, v in frames.items()}
         self.num_iterations = num_iterations
-        fig, view, self._redraw = figure_widget((9.0, 1.3 * len(frames) + 0.9))
+        height = 1.45 * len(frames) + 1.0
+        fig, view, self._redraw = figure_widget((9.0, height))
         self.figure = fig
         axes = fig.subplots(len(frames), 1, squeeze=False)[:, 0]
-        fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.22 / max(1, len(frames) - 0.5), hspace=0.7)
+        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.45 / height, bottom=0.8 / height, hspace=0.9)
         self.axes = dict(zip(self.frames, axes))
         self.bars: dict[tuple[str, str], Any] = {}
         for label, ax in self.axes.items():
@@ -73,10 +74,11 @@ class LoopLanes(StaticFigure, widgets.VBox):
                                                            edgecolors="white", linewidth=0.5, label=phase)
             ax.set_yticks([0, 1], ["GPU", "CPU"], fontsize=8)
             ax.set_ylim(-0.6, 1.6)
-            ax.set_xlabel("ms", fontsize=8)
-        axes[0].legend(loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=len(PHASES), fontsize=7, frameon=False)
+            ax.set_xlabel("ms since the first iteration shown", fontsize=8)
+        handles = [self.bars[(next(iter(self.frames)), phase)] for phase in PHASES]
+        fig.legend(handles, list(PHASES), loc="lower center", ncol=len(PHASES), fontsize=7, frameon=False)
         if title:
-            fig.suptitle(title, fontsize=9, y=0.995)
+            fig.suptitle(title, fontsize=9, y=1 - 0.08 / height)
         longest = max(len(df) for df in self.frames.values())
         self.slider = widgets.IntSlider(value=0, min=0, max=max(0, longest - num_iterations),
                                         description="first", continuous_update=False)
