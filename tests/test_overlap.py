@@ -214,3 +214,22 @@ def test_scheduler_advance_then_commit_equals_update():
     out = sched.schedule()
     assert sched.advance(out) == {"x": 0} and sched.get("x") is None  # length known without the token: ended
     assert sched.kv_cache_manager.num_used_blocks == 0
+
+
+def test_overlap_stop_strings_streaming_and_logprobs(smollm2):
+    bc = BuildConfig(max_batch_size=4, max_seq_len=128, max_input_len=64, max_num_tokens=128)
+    prompts = ["1, 2, 3, 4,", "a, b, c,", "Once upon a time"]
+    sps = [SamplingParams(max_tokens=12, temperature=0.0, stop=[" 7"], logprobs=2),
+           SamplingParams(max_tokens=10, temperature=0.0, stop=[" f", "e,"]),
+           SamplingParams(max_tokens=8, temperature=0.0)]
+    got = {}
+    for overlap in (False, True):
+        with LLM(smollm2, device="cpu", build_config=bc, overlap=overlap) as llm:
+            outs = llm.generate(prompts, sps)
+            streamed = "".join(s.outputs[0].text_diff for s in llm.generate(prompts[0], sps[0], streaming=True))
+            assert llm.kv_cache_manager.num_used_blocks == 0
+        got[overlap] = ([(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                          o.outputs[0].stop_reason, o.outputs[0].logprobs) for o in outs], streamed)
+    assert got[True] == got[False]
+    (first, *_), streamed = got[True]
+    assert first[0] == " 5, 6," and first[2] == "stop" and first[3] == " 7" and streamed == first[0]
