@@ -245,7 +245,8 @@ class Sampler:
         dev = x.device
         every = len(trunc) == x.shape[0]
         idx = None if every else to_device(trunc, dev)
-        vals, ids, widths = self._top_k_top_p(x, trunc, ks, per_row)
+        seeded = any(contexts[i].generator is not None for i in trunc)
+        vals, ids, widths = self._top_k_top_p(x, trunc, ks, per_row, canonical=seeded)
         sub = per_row if every else per_row[idx]
         pos = self._draw(self._min_p(vals, sub, min_p), [contexts[i].generator for i in trunc], widths)  # (r,)
         picked = ids.gather(1, pos[:, None]).squeeze(1)
@@ -284,12 +285,14 @@ class Sampler:
         return x.masked_fill(probs < floor, -math.inf)
 
     @classmethod
-    def _top_k_top_p(cls, logits: torch.Tensor, rows: list[int], ks: list[int], per_row: torch.Tensor):
+    def _top_k_top_p(cls, logits: torch.Tensor, rows: list[int], ks: list[int], per_row: torch.Tensor,
+                     canonical: bool = True):
         """Candidates of `rows`: (values (r, k_max), masked ones -inf; token ids; each row's own width).
 
         top_k first (one torch.topk over k_max, no vocabulary sort), then the nucleus within it.
-        A row keeps exactly its own width (top_k, or `top_p_candidates`): of tied logits (common
-        in bf16) the lowest ids, so that a row's candidates, in order, never depend on the batch.
+        A row keeps exactly its own width (top_k, or `top_p_candidates`); with `canonical`
+        (a seeded row is among them) of tied logits (common in bf16) the lowest ids, so that a
+        seeded row's candidates, in order, never depend on the batch.
         """
         vocab, dev = logits.shape[1], logits.device
         cap = min(vocab, cls.top_p_candidates)
@@ -299,8 +302,11 @@ class Sampler:
         idx = None if every else to_device(rows, dev)
         sub = logits if every else logits[idx]  # (r, V)
         params = per_row if every else per_row[idx]  # (r, 4)
-        ids = _sort_key(sub).topk(k_max, dim=-1).indices  # (r, k_max): descending, ties by lowest id
-        vals = sub.gather(1, ids)  # (r, k_max)
+        if canonical:
+            ids = _sort_key(sub).topk(k_max, dim=-1).indices  # (r, k_max): descending, ties by lowest id
+            vals = sub.gather(1, ids)  # (r, k_max)
+        else:  # no seeded row: which of tied logits comes first may vary, and no one can tell
+            vals, ids = sub.topk(k_max, dim=-1)
         # (2, r): each row's width, and whether it has a top_k at all
         info = to_device([widths, [int(ks[i] < vocab) for i in rows]], dev)
         vals = vals.masked_fill(torch.arange(k_max, device=dev)[None, :] >= info[0][:, None], -math.inf)
