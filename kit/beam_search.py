@@ -299,7 +299,7 @@ class BeamSearch:
             group = self.groups.get(seq.request_id)
             owner = output_processor.owner(seq.request_id)
             leader = scheduler.get(seq.request_id)
-            if group is None or not seq.is_last_chunk or owner is None or leader is None:
+            if group is None or not seq.is_last_chunk or owner is None:
                 continue
             state: RequestState = owner[0]
             beams = group.state
@@ -309,9 +309,12 @@ class BeamSearch:
             touched[rid] = state
             if first_step:
                 state.first_token_time = state.first_token_time or time.monotonic()
-                state.num_cached_tokens = leader.num_cached_tokens
+                state.num_cached_tokens = leader.num_cached_tokens if leader is not None else 0
             if beams.done:
                 self._finish(rid, state, sampled, verdicts)
+                continue
+            if leader is None:  # ended since its step was launched (the scheduler's length guard): over
+                self.release(rid)
                 continue
             num_tokens = seq.num_computed_tokens + len(seq.token_ids)
             src = [rid] + [s.request_id for s in group.shadows]
@@ -323,7 +326,9 @@ class BeamSearch:
                                  for d in dst[1:]]
             for shadow, tokens in zip(group.shadows, beams.tokens[1:]):
                 shadow.output_token_ids = list(tokens)
-            leader.output_token_ids = beams.tokens[0][:-1]  # the scheduler's update appends the last one
+            # NOTE: the scheduler's `advance` put a placeholder where the newest token goes; `commit`
+            # writes `sampled` there, the same token
+            leader.output_token_ids = list(beams.tokens[0])
             sampled[rid] = beams.tokens[0][-1]
 
     def _finish(self, rid: str, state: RequestState, sampled: dict, verdicts: dict) -> None:
@@ -340,8 +345,13 @@ class BeamSearch:
             ended = hyp.tokens[-1] in group.state.end_ids
             comp.finish_reason = "stop" if ended else "length"
             comp.stop_reason = hyp.tokens[-1] if ended and hyp.tokens[-1] in sp.stop_token_ids else None
+            # NOTE: as for every request (TensorRT-LLM's rule), the end token is not part of the output:
+            # token_ids and text stop before it (a stop token id stays with include_stop_str_in_output)
+            keep_end = ended and comp.stop_reason is not None and sp.include_stop_str_in_output
+            kept = hyp.tokens if not ended or keep_end else hyp.tokens[:-1]
+            comp.num_kept = len(kept)
             if detok is not None:
-                comp.text = "".join(detok.add(tok) for tok in hyp.tokens) + ("" if ended else detok.flush())
+                comp.text = "".join(detok.add(tok) for tok in kept) + detok.flush()
             comp.cumulative_logprob = hyp.cumulative_logprob
             comp.forked = True
             comps.append(comp)

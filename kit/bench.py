@@ -1,14 +1,23 @@
 """Offline serving benchmark: throughput and latency of `LLM` on a synthetic workload.
 
 Each request has `input_len` random prompt tokens and generates exactly `output_len`
-tokens (`ignore_eos`), greedily. At most `concurrency` requests are in flight; with a
-finite `request_rate` they arrive as a Poisson process (open loop), else a new one is
-submitted as soon as one finishes (closed loop). Reported:
+tokens (`ignore_eos`), greedily. `--input-len 128 1024 --output-len 128 128` runs each
+(input, output) pair as its own workload (a long-prompt case beside the short one). At
+most `concurrency` requests are in flight; with a finite `request_rate` they arrive as a
+seeded Poisson process (open loop), else a new one is submitted as soon as one finishes
+(closed loop). Reported:
 
 * `output_tokens_per_s`, `requests_per_s` over the whole run;
 * TTFT (time to first token: submit -> first token) and TPOT (time per output token
   after the first), mean / p50 / p99, in milliseconds;
-* peak KV-cache use (blocks and percent).
+* goodput: requests (and their tokens) per second that met the TTFT and TPOT SLOs
+  (`--slo-ttft-ms`, `--slo-tpot-ms`; every request counts where no SLO is given);
+* peak KV-cache use (blocks and percent), and where the loop's time went (mean host
+  scheduling, input preparation, output processing, device forward and idle ms per
+  iteration, from `Executor.stats()`);
+* `decode_only`: the same engine's decode step alone (a full batch of `concurrency`
+  sequences at the workload's mean context, no scheduler, no host work), so that
+  `serving_over_decode_only` says how much of the GPU the serving loop keeps busy.
 
 `--baseline hf` runs Hugging Face `generate` on the same prompts in the same process,
 `concurrency` prompts per static batch, and reports the ratio. Results are JSON.
@@ -29,13 +38,14 @@ from typing import Any
 import torch
 from kit.progress import tqdm
 
+from kit.batch import ForwardBatch, SequenceInput
 from kit.builder import BuildConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.sampling_params import SamplingParams
 
-__all__ = ["run_benchmark", "hf_baseline", "make_prompts", "add_arguments", "check_arguments", "main",
-           "write_results"]
+__all__ = ["run_benchmark", "hf_baseline", "decode_only", "make_prompts", "add_arguments", "check_arguments", "main",
+           "write_results", "workloads"]
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -48,10 +58,30 @@ def _check_rate(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number > 0 (inf: no pacing), got {value!r}")
 
 
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def workloads(input_len: Any, output_len: Any) -> list[tuple[int, int]]:
+    """(input, output) pairs: the two lists zipped; a single value goes with every value of the other."""
+    ins, outs = _as_list(input_len), _as_list(output_len)
+    if len(ins) != len(outs) and 1 not in (len(ins), len(outs)):
+        raise ValueError(f"--input-len and --output-len must list as many values, or one of them a single value; "
+                         f"got {len(ins)} and {len(outs)}")
+    n = max(len(ins), len(outs))
+    return [(ins[i if len(ins) > 1 else 0], outs[i if len(outs) > 1 else 0]) for i in range(n)]
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags that cannot describe a run (ValueError naming the flag, the value, what is allowed)."""
-    _check_int("--input-len", args.input_len)
-    _check_int("--output-len", args.output_len)
+    for v in _as_list(args.input_len):
+        _check_int("--input-len", v)
+    for v in _as_list(args.output_len):
+        _check_int("--output-len", v)
+    workloads(args.input_len, args.output_len)
+    for flag in ("slo_ttft_ms", "slo_tpot_ms"):
+        if getattr(args, flag, None) is not None:
+            _check_rate("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.num_requests is not None:
         _check_int("--num-requests", args.num_requests)
     if not args.concurrency:
@@ -80,7 +110,8 @@ def _sync(device: torch.device) -> None:
 
 
 def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurrency: int,
-                  request_rate: float = float("inf"), seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  request_rate: float = float("inf"), seed: int = 0, progress: bool = True,
+                  slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None) -> dict[str, Any]:
     """Serve `prompts` through `llm` under the given concurrency; return the metrics dict."""
     _check_int("concurrency", concurrency)
     _check_int("output_len", output_len)
@@ -114,7 +145,7 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
             next(iter(inflight.values())).wait(0.002)
     wall = time.perf_counter() - t0
     bar.close()
-    ttft, tpot, n_out = [], [], 0
+    ttft, tpot, n_out, good, good_tokens = [], [], 0, 0, 0
     for i, o in outs.items():
         m = o.metrics
         n = len(o.outputs[0].token_ids)
@@ -122,6 +153,9 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
         ttft.append(1e3 * (m["first_token_time"] - submit_t[i]))
         if n > 1:
             tpot.append(1e3 * (m["finished_time"] - m["first_token_time"]) / (n - 1))
+        if ((slo_ttft_ms is None or ttft[-1] <= slo_ttft_ms)
+                and (slo_tpot_ms is None or n <= 1 or tpot[-1] <= slo_tpot_ms)):
+            good, good_tokens = good + 1, good_tokens + n
     stats = llm.executor.stats()
     total_blocks = llm.kv_cache_manager.num_blocks
     peak = int(stats["kv_blocks_used"].max()) if len(stats) else 0
@@ -132,7 +166,43 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
         "requests_per_s": len(prompts) / wall, "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
         "iterations": len(stats), "mean_batch_size": float(stats["batch_size"].mean()) if len(stats) else 0.0,
         "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "peak_kv_pct": 100.0 * peak / total_blocks,
+        "goodput": {"slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "num_requests": good,
+                    "requests_per_s": good / wall, "output_tokens_per_s": good_tokens / wall},
+        "overlap": bool(llm.executor.overlap),
+        "loop_ms": {col: float(stats[col].mean()) if len(stats) else 0.0 for col in _LOOP_COLUMNS},
     }
+
+
+_LOOP_COLUMNS = ("schedule_ms", "prepare_ms", "forward_ms", "sampling_ms", "output_ms", "device_idle_ms", "duration_ms")
+
+
+def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, warmup: int = 4) -> dict[str, Any]:
+    """The engine's decode step alone: `batch_size` sequences at `context_len`, forward + greedy pick,
+    `steps` times back to back (CUDA graphs when the engine has them), no scheduler and no host work.
+
+    Reads the serving cache's first blocks and writes only into its scratch block, so it never
+    disturbs cached prefixes; call it while the executor is idle.
+    """
+    _check_int("batch_size", batch_size)
+    _check_int("context_len", context_len)
+    engine, kv = llm.engine, llm.executor.kv_cache
+    bs = kv.block_size
+    table = list(range(min(kv.num_blocks, -(-context_len // bs))))
+    context_len = min(context_len, len(table) * bs)
+    vocab = engine.config.vocab_size
+    seqs = [SequenceInput([(vocab // 2 + i) % vocab], context_len - 1, table) for i in range(batch_size)]
+    batch = ForwardBatch.build(seqs, bs, device=engine.device)
+    batch.slot_mapping = torch.full_like(batch.slot_mapping, kv.scratch_block * bs)  # writes: scratch only
+    for _ in range(warmup):
+        engine.forward(batch, kv).argmax(-1)
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.forward(batch, kv).argmax(-1)
+    _sync(engine.device)
+    step_s = (time.perf_counter() - t0) / steps
+    return {"batch_size": batch_size, "context_len": context_len, "steps": steps, "step_ms": 1e3 * step_s,
+            "output_tokens_per_s": batch_size / step_s}
 
 
 def hf_baseline(loaded: Any, prompts: list[list[int]], output_len: int, concurrency: int,
@@ -170,12 +240,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a model name/path, or synthetic:<preset>")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--input-len", type=int, nargs="+", default=[128],
+                   help="prompt tokens; several values: one workload each, paired with --output-len")
+    p.add_argument("--output-len", type=int, nargs="+", default=[64])
     p.add_argument("--num-requests", type=int, default=None,
                    help="requests per concurrency level (default: max(8, 2 x concurrency))")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (open loop, seeded); inf: closed loop")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request's TTFT must be at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: a request's TPOT must be at most this")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlapped scheduling (default: on on CUDA, off on the CPU)")
+    p.add_argument("--decode-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the engine's bare decode step at each concurrency (the serving / decode-only column)")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
@@ -186,6 +264,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the JSON here")
 
 
+def _table(runs: list[dict[str, Any]]) -> None:
+    print(f"{'in/out':>9} {'conc':>5} {'kit tok/s':>10} {'decode tok/s':>12} {'serve/dec':>9} {'hf tok/s':>9} "
+          f"{'ratio':>6} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'goodput r/s':>11}")
+    for run in runs:
+        k = run["kit"]
+        hf = run.get("hf", {}).get("output_tokens_per_s", float("nan"))
+        dec = run.get("decode_only", {}).get("output_tokens_per_s", float("nan"))
+        print(f"{k['input_len']:>4}/{k['output_len']:<4} {k['concurrency']:>5} {k['output_tokens_per_s']:>10.1f} "
+              f"{dec:>12.1f} {run.get('serving_over_decode_only', float('nan')):>9.2f} {hf:>9.1f} "
+              f"{run.get('speedup_vs_hf', float('nan')):>6.2f} {k['ttft_ms']['p50']:>9.1f} {k['tpot_ms']['p50']:>9.2f} "
+              f"{k['tpot_ms']['p99']:>9.2f} {k['goodput']['requests_per_s']:>11.2f}")
+
+
 def main(args: argparse.Namespace) -> int:
     check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -194,34 +285,42 @@ def main(args: argparse.Namespace) -> int:
         loaded = ModelLoader.synthetic(args.model.split(":", 1)[1], seed=args.seed, device=device, dtype=dtype)
     else:
         loaded = ModelLoader(args.model, device=device, dtype=dtype).load()
+    pairs = workloads(args.input_len, args.output_len)
     max_c = max(args.concurrency)
-    bc = BuildConfig(max_batch_size=max_c, max_input_len=args.input_len,
-                     max_seq_len=args.input_len + args.output_len,
+    bc = BuildConfig(max_batch_size=max_c, max_input_len=max(i for i, _ in pairs),
+                     max_seq_len=max(i + o for i, o in pairs),
                      max_num_tokens=max(2048, max_c), use_cuda_graphs=not args.no_cuda_graphs)
+
     def count(c: int) -> int:
         return args.num_requests or max(8, 2 * c)
 
-    prompts = make_prompts(loaded.config.vocab_size, args.input_len, max(count(c) for c in args.concurrency), args.seed)
+    n_prompts = max(count(c) for c in args.concurrency)
+    prompts = {i: make_prompts(loaded.config.vocab_size, i, n_prompts, args.seed) for i, _ in pairs}
     results: dict[str, Any] = {"model": args.model, "environment": environment(device), "build_config": bc.to_dict(),
                                "quantization": args.quantization, "runs": []}
+    slo = {"slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms}
     with LLM(loaded, device=device, build_config=bc, quantization=args.quantization,
-             kv_cache_config=None, tensor_parallel_size=args.tp) as llm:
+             kv_cache_config=None, tensor_parallel_size=args.tp, overlap=args.overlap) as llm:
         results["startup_s"] = llm.startup_seconds
-        run_benchmark(llm, prompts[:max(2, min(4, len(prompts)))], min(8, args.output_len), 2, progress=False)  # warm-up
-        for c in args.concurrency:
-            run = {"kit": run_benchmark(llm, prompts[:count(c)], args.output_len, c, args.request_rate, args.seed)}
-            results["runs"].append(run)
+        results["overlap"] = llm.executor.overlap
+        first = prompts[pairs[0][0]]
+        run_benchmark(llm, first[:max(2, min(4, len(first)))], min(8, pairs[0][1]), 2, progress=False)  # warm-up
+        for in_len, out_len in pairs:
+            for c in args.concurrency:
+                run = {"kit": run_benchmark(llm, prompts[in_len][:count(c)], out_len, c, args.request_rate, args.seed,
+                                            **slo)}
+                if args.decode_only:
+                    run["decode_only"] = decode_only(llm, c, in_len + out_len // 2)
+                    run["serving_over_decode_only"] = (run["kit"]["output_tokens_per_s"]
+                                                       / run["decode_only"]["output_tokens_per_s"])
+                results["runs"].append(run)
     if args.baseline == "hf":
         for run in results["runs"]:
-            c = run["kit"]["concurrency"]
-            run["hf"] = hf_baseline(loaded, prompts[:count(c)], args.output_len, c)
-            run["speedup_vs_hf"] = run["kit"]["output_tokens_per_s"] / run["hf"]["output_tokens_per_s"]
-    print(f"{'concurrency':>11} {'kit tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}")
-    for run in results["runs"]:
-        k = run["kit"]
-        hf = run.get("hf", {}).get("output_tokens_per_s", float("nan"))
-        print(f"{k['concurrency']:>11} {k['output_tokens_per_s']:>10.1f} {hf:>9.1f} "
-              f"{run.get('speedup_vs_hf', float('nan')):>6.2f} {k['ttft_ms']['p50']:>12.1f} {k['tpot_ms']['p50']:>12.2f}")
+            k = run["kit"]
+            run["hf"] = hf_baseline(loaded, prompts[k["input_len"]][:count(k["concurrency"])], k["output_len"],
+                                    k["concurrency"])
+            run["speedup_vs_hf"] = k["output_tokens_per_s"] / run["hf"]["output_tokens_per_s"]
+    _table(results["runs"])
     write_results(results, args.out)
     return 0
 

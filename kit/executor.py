@@ -6,10 +6,14 @@ have this shape too), and `step()` reads exactly so:
     out = scheduler.schedule()                           # who runs, how many tokens each
     batch = ForwardBatch.build(out.scheduled)            # flatten into one batch
     logits = engine.forward(batch, kv_cache)             # one forward pass for everyone
-    tokens = sampler.sample(logits, contexts)            # next token per finished prompt / decode
+    sampled = sampler.sample_async(logits, contexts)     # next token per finished prompt / decode (device)
+    scheduler.advance(out)                               # computed tokens move on, placeholders appended
     verdicts = output_processor.add_token(...)           # every stop decision, once per token
-    scheduler.update(out, tokens, verdicts)              # advance, append, free blocks
+    scheduler.commit(tokens, verdicts)                   # tokens over placeholders, free finished blocks
     output_processor.publish(...)                        # snapshots to the callers
+
+With `overlap` (on by default on CUDA) the last three lines of step N run after step N + 1
+was launched, while the device computes it (kit/executor_loop.py tells how).
 
 `submit()` validates a request (the one validation path: types in `GenerationRequest`,
 ranges here) and returns a `GenerationResult` at once. A failure that belongs to one
@@ -32,26 +36,24 @@ from typing import Any
 import pandas as pd
 import torch
 
-from kit.batch import ForwardBatch, SequenceInput
 from kit.beam_search import BeamSearch, check_beam_request
 from kit.engine import Engine
+from kit.executor_loop import StepLoop, needs_synchronous_step
+from kit.iteration_stats import STATS_COLUMNS, DeviceClock
 from kit.kv_cache import KVCacheManager
 from kit.kv_cache_config import KvCacheConfig, num_kv_blocks
 from kit.kv_cache_inspector import KVCacheInspector
 from kit.logits_processors import LogitsPass
-from kit.output_processor import CompletionState, OutputProcessor, RequestState
+from kit.output_processor import OutputProcessor, RequestState
 from kit.outputs import GenerationResult
 from kit.request import GenerationRequest, RequestStatus
 from kit.sampling import Sampler
-from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kit.scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["Executor", "GenerationRequest", "GenerationResult", "KvCacheConfig", "STATS_COLUMNS"]
+__all__ = ["Executor", "GenerationRequest", "GenerationResult", "KvCacheConfig", "STATS_COLUMNS",
+           "needs_synchronous_step"]
 
 _ids = itertools.count()
-
-STATS_COLUMNS = ("iteration", "time_s", "duration_ms", "request_ids", "num_prefill_tokens", "num_decode_tokens",
-                 "batch_size", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "preempted_request_ids",
-                 "num_waiting")
 
 _EXIT_JOIN_S = 120.0  # at interpreter exit, wait this long for an iteration in progress to end
 _LIVE: "weakref.WeakSet[Executor]" = weakref.WeakSet()  # loops that may still run
@@ -68,11 +70,7 @@ def _shutdown_live_executors() -> None:
 
 atexit.register(_shutdown_live_executors)
 
-# one sampling row: (scheduler request id, its state, the completion that samples, logits row)
-_Row = tuple[str, RequestState, CompletionState, int]
-
-
-class Executor:
+class Executor(StepLoop):
     """Runs an `Engine` over a stream of requests in a background thread.
 
     `build_config` (default: the engine's) gives every budget: batch size, tokens per step,
@@ -82,7 +80,7 @@ class Executor:
 
     def __init__(self, engine: Engine, *, build_config: Any = None, kv_cache_config: KvCacheConfig | None = None,
                  tokenizer: Any = None, enable_chunked_prefill: bool = True, policy: Any = "guaranteed_no_evict",
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000,
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000, overlap: bool | None = None,
                  logits_pass: LogitsPass | None = None) -> None:
         bc = build_config if build_config is not None else engine.build_config
         if bc is None:
@@ -90,6 +88,8 @@ class Executor:
         kvc = KvCacheConfig() if kv_cache_config is None else kv_cache_config
         if not isinstance(kvc, KvCacheConfig):
             raise TypeError(f"kv_cache_config must be a KvCacheConfig or None, got {type(kvc).__name__}")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True, False or None (on when the engine is on CUDA), got {overlap!r}")
         if not isinstance(max_stats_rows, int) or isinstance(max_stats_rows, bool) or max_stats_rows < 1:
             raise ValueError(f"max_stats_rows must be an int >= 1, got {max_stats_rows!r}")
         self.engine = engine
@@ -124,6 +124,10 @@ class Executor:
         self._closed = False  # set under the lock when the loop has exited: submit refuses from then on
         self._iteration = 0
         self._t0 = time.monotonic()
+        self.overlap = engine.device.type == "cuda" if overlap is None else overlap
+        self.clock = DeviceClock(engine.device, self._t0)
+        self._pending = None  # the step in flight (overlap): launched, its tokens not read yet
+        self._last_device_end: float | None = None  # when the device ended the last step (None after idling)
         # NOTE: the thread holds the executor only, never an LLM, so an LLM can be collected (its
         # finalizer then shuts this loop down)
         self._thread = threading.Thread(target=self._loop, name="kit-executor", daemon=True)
@@ -209,7 +213,9 @@ class Executor:
     def stats(self) -> pd.DataFrame:
         """One row per iteration (the last `max_stats_rows`). Columns: `iteration, time_s, duration_ms,
         request_ids, num_prefill_tokens, num_decode_tokens, batch_size, kv_blocks_used, kv_blocks_total,
-        num_preemptions, preempted_request_ids, num_waiting`.
+        num_preemptions, preempted_request_ids, num_waiting`, then where the time went
+        (kit/iteration_stats.py: `schedule_ms, prepare_ms, forward_ms, sampling_ms, output_ms,
+        device_idle_ms`, the `overlap` flag, and the start/end times of each lane).
 
         `kv_blocks_used` is what the iteration held while it ran (taken when it was
         scheduled); the recorded block maps (`kv_cache_history`) are taken after it, once
@@ -236,11 +242,16 @@ class Executor:
             try:
                 self._drain_inbox()
                 if not self.scheduler.has_unfinished():
+                    if self._pending is not None:
+                        self.flush()
+                        continue
+                    self._last_device_end = None  # idle from here on: not a gap of the loop
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
                 self.step()
             except Exception as e:  # noqa: BLE001 - any failure must reach the callers, not hang them
+                self._pending = None
                 self._fail_all(e)
         with self._lock:
             self._closed = True
@@ -270,159 +281,6 @@ class Executor:
                 self.output_processor.end(sid, RequestStatus.FINISHED_ABORTED)
             self.beam_search.release(rid)  # beam search: the other beams' blocks
             self._publish(state, final=True)
-
-    # ------------------------------------------------------------------- step
-    def step(self) -> SchedulerOutput:
-        """One iteration: schedule -> batch -> forward -> sample -> update -> output."""
-        t_start = time.monotonic()
-        out = self.scheduler.schedule()
-        self._report_rejected(out)
-        if not out.scheduled:
-            return out
-        batch, rows = self._build_batch(out)
-        logits = self.engine.forward(batch, self.kv_cache)  # (num logits rows, vocab)
-        sampling_rows = self._collect_rows(out, logits, rows)
-        tokens = self._sample(logits, sampling_rows)
-        sampled, verdicts, touched = self._apply_tokens(sampling_rows, tokens)
-        # beam search (kit/beam_search.py): beam requests take their rows here, in this synchronous step
-        self.beam_search.advance(out, logits, rows, self.scheduler, self.output_processor, sampled, verdicts, touched)
-        finished = self.scheduler.update(out, sampled, verdicts)
-        for rid in finished:  # verdicts are already applied; this only covers the scheduler's length guard
-            self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
-        # NOTE: record before publishing, so a caller woken by its result sees this iteration's stats
-        self._record(out, t_start)
-        self._output(touched)
-        return out
-
-    def _report_rejected(self, out: SchedulerOutput) -> None:
-        for rid, reason in out.rejected:
-            owner = self.output_processor.owner(rid)
-            if owner is not None:
-                self._fail(owner[0], ValueError(f"request {owner[0].greq.request_id!r} rejected: {reason}"))
-
-    def _build_batch(self, out: SchedulerOutput) -> tuple[ForwardBatch, list[tuple[int, int, bool]]]:
-        """The ForwardBatch and, per scheduled seq, (first logits row, rows, prompt-logprob rows?)."""
-        seqs, rows, row = [], [], 0
-        for s in out.scheduled:
-            want_prompt = self.output_processor.wants_prompt_logits(s.request_id, s.num_computed_tokens)
-            mode = "all" if want_prompt else ("last" if s.is_last_chunk else "none")
-            n = len(s.token_ids) if mode == "all" else int(mode == "last")
-            seqs.append(SequenceInput(s.token_ids, s.num_computed_tokens, s.block_table, mode))
-            seqs.extend(extra := self.beam_search.extra_inputs(s))  # beam search: the other beams' rows
-            n += len(extra)
-            rows.append((row, n, want_prompt))
-            row += n
-        return ForwardBatch.build(seqs, self.kv_cache_manager.block_size, device=self.engine.device), rows
-
-    def _collect_rows(self, out: SchedulerOutput, logits: torch.Tensor,
-                      rows: list[tuple[int, int, bool]]) -> list[_Row]:
-        """Hand prompt-logprob rows to the output processor; list the rows to sample (n > 1 fan-out)."""
-        picks: list[_Row] = []
-        for s, (first, n, prompt_rows) in zip(out.scheduled, rows):
-            if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
-                self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)],
-                                                        logits[first + n - 1] if s.is_last_chunk else None)
-            if s.is_last_chunk and not self.beam_search.owns(s.request_id):  # beam rows: BeamSearch.advance
-                state, _ = self.output_processor.owner(s.request_id)
-                for c in self.output_processor.sampling_rows(s.request_id):
-                    picks.append((s.request_id, state, c, first + n - 1))
-        return picks
-
-    def _sample(self, logits: torch.Tensor, picks: list[_Row]) -> list[tuple[int, float, Any] | None]:
-        """One (token, logprob, top logprobs) per pick; None where that request failed (it is failed here)."""
-        if not picks:
-            return []
-        idx = [p[3] for p in picks]
-        sel = logits if idx == list(range(logits.shape[0])) else logits[idx]  # (len(picks), vocab)
-        comps, raw = [p[2] for p in picks], sel
-        try:  # the logits hooks of the batch pass (kit/logits_processors.py), then the sampler
-            sel = self.logits_pass.apply(raw, comps)
-            r = self.sampler.sample(sel, [c.context for c in comps], self.eos_token_ids)
-            self.logits_pass.after_sample(raw, sel, r.token_ids, comps)
-            return list(zip(r.token_ids, r.logprobs, r.top_logprobs))
-        except Exception:  # noqa: BLE001 - find the rows at fault: their requests fail, the others go on
-            results: list[tuple[int, float, Any] | None] = []
-            for i, (_, state, comp, _) in enumerate(picks):
-                try:
-                    one = self.logits_pass.apply(raw[i:i + 1], [comp])
-                    r = self.sampler.sample(one, [comp.context], self.eos_token_ids)
-                    self.logits_pass.after_sample(raw[i:i + 1], one, r.token_ids, [comp])
-                    results.append((r.token_ids[0], r.logprobs[0], r.top_logprobs[0]))
-                except Exception as e:  # noqa: BLE001
-                    self._fail(state, e)
-                    results.append(None)
-            return results
-
-    def _apply_tokens(self, picks: list[_Row], tokens: list[tuple[int, float, Any] | None]):
-        """Give each sampled token to the output processor; collect the scheduler's tokens and verdicts."""
-        sampled: dict[str, int] = {}
-        verdicts: dict[str, RequestStatus] = {}
-        touched: dict[str, RequestState] = {}
-        live, failed = self.output_processor.states, False
-        for (rid, state, comp, _), tok in zip(picks, tokens):
-            if tok is None or state.greq.request_id not in live:
-                continue  # failed earlier in this step
-            try:
-                verdict = self.output_processor.add_token(state, comp, *tok)
-            except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: this request fails alone
-                self._fail(state, e)
-                failed = True
-                continue
-            touched[state.greq.request_id] = state
-            if comp.index == 0 and len(comp.token_ids) == 1:  # its first token
-                req = self.scheduler.get(rid)
-                if req is not None:
-                    state.num_cached_tokens = req.num_cached_tokens  # prefix-cache hit of its first admission
-            if comp.request_id == rid:
-                sampled[rid] = tok[0]
-                if verdict is not None:
-                    verdicts[rid] = verdict
-        if failed:  # drop tokens of requests failed after their token was taken (n > 1 siblings)
-            for rid in list(sampled):
-                if self.output_processor.owner(rid) is None:
-                    del sampled[rid]
-                    verdicts.pop(rid, None)
-                    self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)
-        return sampled, verdicts, touched
-
-    def _output(self, touched: dict[str, RequestState]) -> None:
-        for state in touched.values():
-            try:
-                for comp, req in self.output_processor.children(state):  # n > 1: fork the siblings
-                    parent = self.scheduler.get(state.completions[0].request_id)
-                    try:
-                        if parent is None:
-                            self.scheduler.add_request(req)
-                        else:
-                            self.scheduler.fork(parent.request_id, req)
-                    except ValueError as e:  # e.g. it can never fit the pool: this completion ends with the error
-                        comp.finish_reason = "error"
-                        state.error = str(e)
-                self._publish(state)
-            except Exception as e:  # noqa: BLE001 - creating this request's output failed: it alone fails
-                self._fail(state, e)
-
-    def _publish(self, state: RequestState, final: bool = False) -> None:
-        self.output_processor.publish(state, final=final)
-        if state.greq.request_id not in self.output_processor.states:
-            self._forget(state.greq.request_id)
-
-    def _record(self, out: SchedulerOutput, t_start: float) -> None:
-        self._iteration += 1
-        row = {
-            "iteration": self._iteration, "time_s": t_start - self._t0,
-            "duration_ms": 1e3 * (time.monotonic() - t_start),
-            "request_ids": [s.request_id for s in out.scheduled],
-            "num_prefill_tokens": out.num_prefill_tokens, "num_decode_tokens": out.num_decode_tokens,
-            "batch_size": out.batch_size, "kv_blocks_used": out.kv_blocks_used,
-            "kv_blocks_total": self.kv_cache_manager.num_blocks,
-            "num_preemptions": len(out.preempted_request_ids),
-            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting}
-        snap = self.inspector.snapshot(step=self._iteration) if self.record_kv_cache else None
-        with self._lock:
-            self._stats.append(row)
-            if snap is not None:
-                self._kv_snapshots.append(snap)
 
     # ---------------------------------------------------------------- failure
     def _forget(self, request_id: str) -> None:

@@ -94,7 +94,7 @@ class LLM:
             self.executor = Executor(engine, build_config=build_config, kv_cache_config=args.kv_cache_config_to_use(),
                                      tokenizer=self.tokenizer, enable_chunked_prefill=args.enable_chunked_prefill,
                                      policy=args.scheduler_policy, record_kv_cache=args.record_kv_cache,
-                                     max_stats_rows=args.max_stats_rows,
+                                     max_stats_rows=args.max_stats_rows, overlap=args.overlap,
                                      logits_pass=LogitsPass(args.batched_logits_processor, guided))
         except BaseException:
             if isinstance(engine, DistributedEngine):

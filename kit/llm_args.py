@@ -99,6 +99,7 @@ class LlmArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool | None = None  # the kit's shorthand for kv_cache_config.enable_block_reuse
     scheduler_policy: Any = "guaranteed_no_evict"  # a SchedulerPolicy or its value
+    overlap: bool | None = None  # overlapped scheduling (kit/executor_loop.py); None: on when on CUDA
     # ---- quantization
     quant_config: QuantConfig | None = None
     calib_config: CalibConfig | None = None

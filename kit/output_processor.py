@@ -68,10 +68,18 @@ class CompletionState:
         self.matcher: Any = None  # guided decoding
         self.generation_logits: list[torch.Tensor] = []  # raw rows, with return_generation_logits
         self.last_rank: int | None = None  # rank of the newest token, with logprobs
+        self._cumulative: float | None = None  # set by a beam search (kit/beam_search.py)
 
     @property
     def cumulative_logprob(self) -> float:
+        """Sum of the kept tokens' logprobs, or the score a beam search set (its hypothesis' sum)."""
+        if self._cumulative is not None:
+            return self._cumulative
         return float(sum(self.token_logprobs[:self.num_kept]))
+
+    @cumulative_logprob.setter
+    def cumulative_logprob(self, value: float) -> None:
+        self._cumulative = float(value)
 
 
 class RequestState:

@@ -36,8 +36,10 @@ from kit.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
 
 __all__ = [
     "SamplingContext",
+    "SampledBatch",
     "SamplerOutput",
     "Sampler",
+    "to_device",
     "prompt_logprobs",
     "find_stop",
 ]
@@ -62,8 +64,72 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float] | None]  # top params.logprobs + the sampled token
 
 
+class SampledBatch:
+    """One pass of the `Sampler`, still on the device: what the next step and the host need.
+
+    `token_ids` (R,) stays on the device, where the next step's input ids are gathered from
+    it; `packed` (R, 2 + 2 * max_k) float64 holds token, logprob, top-k logprobs and top-k
+    ids, and is the only thing that crosses to the host: `start_copy()` queues one
+    non-blocking copy into pinned memory and records a CUDA event; `result()` waits for that
+    event only (on the CPU it is already there). Token ids < 2**53 are exact in float64.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, ks: list[int | None]) -> None:
+        self.token_ids = token_ids  # (R,) int64, device
+        self.packed = packed  # (R, 2 + 2 * max_k) float64, device
+        self.ks = ks
+        self._host: torch.Tensor | None = None
+        self._event: Any = None
+
+    def start_copy(self) -> "SampledBatch":
+        """Queue the device->host copy (pinned, non-blocking) and record its event; a no-op on the CPU."""
+        if self.packed.device.type == "cuda" and self._host is None:
+            self._host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+            self._host.copy_(self.packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        """True when `result()` would not wait."""
+        return self._event is None or self._event.query()
+
+    def result(self) -> SamplerOutput:
+        """The host view (waits for this batch's copy only, never for the whole device)."""
+        if self.packed.device.type == "cuda":
+            self.start_copy()
+            self._event.synchronize()
+            host = self._host
+        else:
+            host = self.packed
+        rows = host.tolist()
+        tokens = [int(r[0]) for r in rows]
+        lps = [r[1] for r in rows]
+        max_k = (host.shape[1] - 2) // 2
+        top: list[dict[int, float] | None] = [None] * len(rows)
+        for i, k in enumerate(self.ks):
+            if k is not None:
+                r = rows[i]
+                top[i] = {int(t): v for t, v in zip(r[2 + max_k:2 + max_k + k], r[2:2 + k])}
+                top[i][tokens[i]] = lps[i]
+        return SamplerOutput(token_ids=tokens, logprobs=lps, top_logprobs=top)
+
+
 class Sampler:
-    """Stateless: logits (num_rows, vocab) + one SamplingContext per row -> tokens."""
+    """Stateless: logits (num_rows, vocab) + one SamplingContext per row -> tokens.
+
+    The whole batch is one pass of batched tensor ops with per-row parameter tensors;
+    there is no per-row loop over the vocabulary. Top-k and top-p use `torch.topk` over
+    `k_max` candidates instead of sorting the vocabulary: k_max is the largest top_k of
+    the batch, and a row with top_p < 1 but no top_k looks at the `top_p_candidates`
+    most likely tokens (its nucleus is cut there if it would be larger: past the first
+    1024 tokens of a real model's distribution lies a negligible mass). The draw itself
+    runs over the whole vocabulary (see `_draw`), so a seeded row's noise is the same
+    whatever the batch holds.
+    """
+
+    top_p_candidates: int = 1024
 
     @staticmethod
     def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
@@ -75,6 +141,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, contexts: list[SamplingContext],
                eos_token_ids: tuple[int, ...] = ()) -> SamplerOutput:
         """One token per row of `logits` (num_rows, vocab), row i under contexts[i]."""
+        return self.sample_async(logits, contexts, eos_token_ids).result()
+
+    def sample_async(self, logits: torch.Tensor, contexts: list[SamplingContext],
+                     eos_token_ids: tuple[int, ...] = ()) -> SampledBatch:
+        """`sample` without waiting: the result stays on the device until `SampledBatch.result()`."""
         if logits.dim() != 2 or logits.shape[0] != len(contexts):
             raise ValueError(f"logits must be (num_rows={len(contexts)}, vocab), "
                              f"got {tuple(logits.shape)}")
@@ -85,112 +156,183 @@ class Sampler:
         # once; an all-greedy batch stops here: one kernel, no per-row work.
         token_ids = logits.argmax(dim=-1)  # (R,); ties -> lowest id
         random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
-        if random_rows:
-            idx = torch.tensor(random_rows, device=logits.device)
-            warped = self.apply_warpers(logits[idx], [contexts[i].params for i in random_rows])
-            token_ids[idx] = self._draw(warped, [contexts[i].generator for i in random_rows])
-
-        sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # (R,)
-        # one device->host copy for both (token ids < 2**53 are exact in float64)
-        tokens_f, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
-        tokens = [int(t) for t in tokens_f]
+        if len(random_rows) == len(contexts):
+            token_ids = self._sample_random(logits, contexts)
+        elif random_rows:
+            idx = to_device(random_rows, logits.device)
+            token_ids[idx] = self._sample_random(logits[idx], [contexts[i] for i in random_rows])
+        sampled_lp = raw_logprobs.gather(1, token_ids[:, None])  # (R, 1)
         ks = [c.params.logprobs for c in contexts]
         max_k = max((k for k in ks if k is not None), default=0)
-        top_lp, top_ids = [[]] * len(ks), [[]] * len(ks)
+        cols = [token_ids[:, None].double(), sampled_lp.double()]
         if max_k:  # one topk for the whole batch, each row keeps its own k
             vals, ids = raw_logprobs.topk(max_k, dim=-1)  # (R, max_k) each
-            top_lp, top_ids = vals.tolist(), ids.tolist()
-        top: list[dict[int, float] | None] = [None] * len(ks)
-        for i, k in enumerate(ks):
-            if k is not None:
-                top[i] = dict(zip(top_ids[i][:k], top_lp[i][:k]))
-                top[i][tokens[i]] = lps[i]
-        return SamplerOutput(token_ids=tokens, logprobs=lps, top_logprobs=top)
+            cols += [vals.double(), ids.double()]
+        return SampledBatch(token_ids, torch.cat(cols, dim=1), ks)
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, contexts: list[SamplingContext],
                         eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
         """min_tokens, repetition, presence and frequency: what can change the argmax.
 
-        Returns float32 (R, V); a copy when any row changes, else `logits` itself
-        (never modified in place).
+        Returns float32 (R, V); a copy when any row changes, else `logits` itself (never
+        modified in place). Each penalty is one batched op over the rows that use it: the
+        token ids of those rows are gathered into one (row, token) index list, scattered
+        into a (rows, V) seen-mask or count tensor, and applied with per-row parameter tensors.
         """
         logits = logits.float()
-        copied = False
-        vocab = logits.shape[1]
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        rep: list[int] = []
+        pres_freq: list[int] = []
         for i, ctx in enumerate(contexts):
             p, out = ctx.params, ctx.output_token_ids
-            banned: list[int] = []
             if len(out) < p.min_tokens:
                 # NOTE: ignore_eos spares eos only; stop_token_ids still end a sequence.
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-            rep = p.repetition_penalty != 1.0
-            pres_freq = bool(out) and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
-            if not (banned or rep or pres_freq):
-                continue
-            if not copied:
-                logits, copied = logits.clone(), True
-            row = logits[i]  # (V,) view into the copy
-            dev = row.device
-            if banned:
-                row[torch.tensor(banned, device=dev)] = -math.inf
-            if rep:
-                # NOTE: vLLM/CTRL rule: dividing a negative logit would *raise* it, so
-                # positive logits are divided and the others multiplied.
-                seen = torch.tensor(ctx.prompt_token_ids + out, device=dev, dtype=torch.long).unique()
-                vals = row[seen]
-                r = p.repetition_penalty
-                row[seen] = torch.where(vals > 0, vals / r, vals * r)
-            if pres_freq:
-                counts = torch.bincount(torch.tensor(out, device=dev), minlength=vocab)[:vocab]
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+                ban_rows += [i] * len(banned)
+                ban_ids += banned
+            if p.repetition_penalty != 1.0:
+                rep.append(i)
+            if out and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+                pres_freq.append(i)
+        if not (ban_ids or rep or pres_freq):
+            return logits
+        logits = logits.clone()
+        dev, vocab = logits.device, logits.shape[1]
+        if ban_ids:
+            ban = to_device([ban_rows, ban_ids], dev)
+            logits[ban[0], ban[1]] = -math.inf
+        if rep:
+            # NOTE: vLLM/CTRL rule: dividing a negative logit would *raise* it, so
+            # positive logits are divided and the others multiplied.
+            seen = _scatter_rows([contexts[i].prompt_token_ids + contexts[i].output_token_ids for i in rep],
+                                 vocab, dev, torch.bool)  # (len(rep), V)
+            idx = to_device(rep, dev)
+            r = to_device([contexts[i].params.repetition_penalty for i in rep], dev, torch.float32)[:, None]
+            sub = logits[idx]  # (len(rep), V)
+            logits[idx] = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+        if pres_freq:
+            counts = _scatter_rows([contexts[i].output_token_ids for i in pres_freq], vocab, dev,
+                                   torch.float32)  # (len(pres_freq), V)
+            idx = to_device(pres_freq, dev)
+            pf = to_device([(contexts[i].params.frequency_penalty, contexts[i].params.presence_penalty)
+                            for i in pres_freq], dev, torch.float32)  # (len(pres_freq), 2)
+            logits[idx] -= pf[:, :1] * counts + pf[:, 1:] * (counts > 0)
         return logits
 
-    @staticmethod
-    def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    @classmethod
+    def apply_warpers(cls, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """temperature, top_k, top_p, min_p for random rows; masked logits become -inf.
 
         Returns a new float32 (R, V); softmax of it is the distribution a row is
         drawn from. A temperature below 1e-5 counts as 1 here: `sample` sends only
         random rows, and greedy rows take the argmax before any warper.
         """
-        vocab = logits.shape[1]
-        dev = logits.device
-        temp = torch.tensor([p.temperature if p.temperature >= GREEDY_TEMPERATURE else 1.0
-                             for p in params], device=dev)
-        logits = logits.float() / temp[:, None]  # (R, V)
-        # top_k off (0/-1) or larger than the vocab -> keep all V.
-        ks = [vocab if p.top_k <= 0 else min(p.top_k, vocab) for p in params]
-        top_ps = [p.top_p for p in params]
-        if any(k < vocab for k in ks) or any(tp < 1.0 for tp in top_ps):
-            # Sort ascending once and mask in sorted order, as vLLM does.
-            sorted_logits, order = logits.sort(dim=-1)  # (R, V) each
-            k = torch.tensor(ks, device=dev)
-            kth = sorted_logits.gather(1, (vocab - k)[:, None])  # (R, 1): k-th largest
-            # NOTE: by value: ties with the k-th largest logit are all kept.
-            sorted_logits.masked_fill_(sorted_logits < kth, -math.inf)
-            # top_p: drop the smallest tokens while their total mass <= 1 - top_p;
-            # what remains is the smallest set with mass >= top_p (the nucleus).
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (R, V)
-            drop = cum <= 1.0 - torch.tensor(top_ps, device=dev)[:, None]
-            drop[:, -1] = False  # the most likely token always stays
-            sorted_logits.masked_fill_(drop, -math.inf)
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        min_ps = [p.min_p for p in params]
-        if any(m > 0.0 for m in min_ps):
-            probs = logits.softmax(dim=-1)  # (R, V)
-            floor = torch.tensor(min_ps, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
-            logits = logits.masked_fill(probs < floor, -math.inf)
-        return logits
+        x, per_row, ks, trunc, min_p = cls._temper(logits, params)
+        if trunc:
+            vals, ids, _ = cls._top_k_top_p(x, trunc, ks, per_row)
+            rows = to_device(trunc, x.device)
+            x[rows] = torch.full_like(x[rows], -math.inf).scatter_(1, ids, vals)
+        return cls._min_p(x, per_row, min_p)
+
+    def _sample_random(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> torch.Tensor:
+        """Tokens (R,) for random rows: rows cut by top-k/top-p draw among their candidates, the others
+        from the whole vocabulary."""
+        x, per_row, ks, trunc, min_p = self._temper(logits, [c.params for c in contexts])
+        if not trunc:
+            return self._draw(self._min_p(x, per_row, min_p), [c.generator for c in contexts])
+        dev = x.device
+        every = len(trunc) == x.shape[0]
+        idx = None if every else to_device(trunc, dev)
+        seeded = any(contexts[i].generator is not None for i in trunc)
+        vals, ids, widths = self._top_k_top_p(x, trunc, ks, per_row, canonical=seeded)
+        sub = per_row if every else per_row[idx]
+        pos = self._draw(self._min_p(vals, sub, min_p), [contexts[i].generator for i in trunc], widths)  # (r,)
+        picked = ids.gather(1, pos[:, None]).squeeze(1)
+        if every:
+            return picked
+        tokens = torch.empty(x.shape[0], dtype=torch.long, device=dev)
+        tokens[idx] = picked
+        cut = set(trunc)
+        full = [i for i in range(x.shape[0]) if i not in cut]
+        if full:
+            idx = to_device(full, dev)
+            tokens[idx] = self._draw(self._min_p(x[idx], per_row[idx], min_p), [contexts[i].generator for i in full])
+        return tokens
 
     @staticmethod
-    def _draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """One token per row from softmax(logits), by the exponential race.
+    def _temper(logits: torch.Tensor, params: list[SamplingParams]):
+        """(logits / temperature, per-row (R, 4) temperature/top_k/top_p/min_p, top_k per row, rows to cut,
+        any min_p)."""
+        vocab = logits.shape[1]
+        # one host->device copy for every per-row parameter
+        table = [(p.temperature if p.temperature >= GREEDY_TEMPERATURE else 1.0,
+                  vocab if p.top_k <= 0 else min(p.top_k, vocab), p.top_p, p.min_p) for p in params]
+        per_row = to_device(table, logits.device, torch.float64).float()  # (R, 4)
+        ks = [int(t[1]) for t in table]
+        trunc = [i for i, t in enumerate(table) if t[1] < vocab or t[2] < 1.0]
+        # NOTE: whether any row uses min_p is known on the host: skipping it needs no device read
+        return logits.float() / per_row[:, :1], per_row, ks, trunc, any(t[3] > 0.0 for t in table)
+
+    @staticmethod
+    def _min_p(x: torch.Tensor, per_row: torch.Tensor, used: bool) -> torch.Tensor:
+        """Mask tokens less likely than min_p times the row's most likely one (any row width)."""
+        if not used:
+            return x
+        probs = x.softmax(dim=-1)
+        floor = per_row[:, 3:4] * probs.amax(dim=-1, keepdim=True)
+        return x.masked_fill(probs < floor, -math.inf)
+
+    @classmethod
+    def _top_k_top_p(cls, logits: torch.Tensor, rows: list[int], ks: list[int], per_row: torch.Tensor,
+                     canonical: bool = True):
+        """Candidates of `rows`: (values (r, k_max), masked ones -inf; token ids; each row's own width).
+
+        top_k first (one torch.topk over k_max, no vocabulary sort), then the nucleus within it.
+        A row keeps exactly its own width (top_k, or `top_p_candidates`); with `canonical`
+        (a seeded row is among them) of tied logits (common in bf16) the lowest ids, so that a
+        seeded row's candidates, in order, never depend on the batch.
+        """
+        vocab, dev = logits.shape[1], logits.device
+        cap = min(vocab, cls.top_p_candidates)
+        widths = [ks[i] if ks[i] < vocab else cap for i in rows]  # what the row alone looks at
+        k_max = max(widths)
+        every = len(rows) == logits.shape[0]
+        idx = None if every else to_device(rows, dev)
+        sub = logits if every else logits[idx]  # (r, V)
+        params = per_row if every else per_row[idx]  # (r, 4)
+        if canonical:
+            ids = _sort_key(sub).topk(k_max, dim=-1).indices  # (r, k_max): descending, ties by lowest id
+            vals = sub.gather(1, ids)  # (r, k_max)
+        else:  # no seeded row: which of tied logits comes first may vary, and no one can tell
+            vals, ids = sub.topk(k_max, dim=-1)
+        # (2, r): each row's width, and whether it has a top_k at all
+        info = to_device([widths, [int(ks[i] < vocab) for i in rows]], dev)
+        vals = vals.masked_fill(torch.arange(k_max, device=dev)[None, :] >= info[0][:, None], -math.inf)
+        # top_p over the survivors: a row with top_k normalises over its k, one without over the vocabulary
+        lse = torch.where(info[1, :, None].bool(), vals.logsumexp(-1, keepdim=True),
+                          sub.logsumexp(-1, keepdim=True))  # (r, 1)
+        probs = (vals - lse).exp()  # (r, k_max), descending
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        # the smallest set with mass >= top_p: keep a token while the mass before it is < top_p
+        drop = (before >= params[:, 2:3]) & (params[:, 2:3] < 1.0)
+        drop[:, 0] = False  # the most likely token always stays
+        return vals.masked_fill(drop, -math.inf), ids, widths
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, generators: list[torch.Generator | None],
+              widths: list[int] | None = None) -> torch.Tensor:
+        """One position per row from softmax(logits), by the exponential race.
 
         argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and needs
-        no cumsum or host sync. Seeded rows fill their E from their own generator.
+        no cumsum or host sync. Unseeded rows share one draw from the default RNG;
+        seeded rows are grouped after it, each filling its E from its own generator
+        (one small launch per seeded row: a generator cannot be batched). A seeded row
+        draws exactly `widths[j]` values (its own candidate count, or the vocabulary), so
+        its noise, like its tokens, does not depend on what else the batch holds.
         """
-        probs = logits.softmax(dim=-1)  # (R, V)
+        probs = logits.softmax(dim=-1)  # (R, W)
         q = torch.empty_like(probs)
         if any(g is None for g in generators):
             q.exponential_()  # unseeded rows share the default RNG
@@ -198,9 +340,46 @@ class Sampler:
             if g is not None:
                 # NOTE: row j's noise depends only on its generator's state, so the
                 # same seed gives the same draw whatever the batch holds.
-                q[j].exponential_(generator=g)
+                w = q.shape[1] if widths is None else widths[j]
+                q[j, :w].exponential_(generator=g)
+                q[j, w:] = 1.0  # beyond the row's own candidates: probability 0 anyway
         # NOTE: clamp so that an exact 0 draw cannot give 0/0 = NaN.
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # (R,)
+
+
+def _sort_key(x: torch.Tensor) -> torch.Tensor:
+    """(R, V) int64 keys that order float32 `x` by value, then by lowest id: topk of them is canonical.
+
+    The float's bits, made monotonic (negative floats flip their magnitude bits), go in the high
+    32 bits, V - 1 - id in the low ones.
+    """
+    bits = x.float().contiguous().view(torch.int32).long()  # (R, V)
+    mono = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    low = (x.shape[1] - 1 - torch.arange(x.shape[1], device=x.device))[None, :]
+    return (mono << 32) | low
+
+
+def to_device(data: Any, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of `data` on `device`; on CUDA through pinned memory, so the copy never blocks the host.
+
+    NOTE: a copy from pageable memory makes CUDA wait for the stream first: in the serving
+    loop that would stall the host until the forward pass ends, which is what overlap avoids.
+    """
+    t = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _scatter_rows(rows: list[list[int]], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(len(rows), vocab): per row, how often each token id occurs (bool: whether it occurs)."""
+    row_idx = [r for r, ids in enumerate(rows) for _ in ids]
+    tok_idx = [t for ids in rows for t in ids]
+    out = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    if tok_idx:
+        index = to_device([row_idx, tok_idx], device)
+        out.index_put_((index[0], index[1]), torch.ones(len(tok_idx), device=device), accumulate=True)
+    return out > 0 if dtype == torch.bool else out
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int],

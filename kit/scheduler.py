@@ -33,10 +33,9 @@ slot, token budget and KV blocks allow. Two policies decide what "blocks allow" 
   blocks may be passed by later requests for at most `max_bypass_steps` steps; after
   that it blocks admission until it fits, so no request starves under a stream.
 
-A request whose budget cannot fit the whole pool is rejected (FINISHED_ERROR, reported
-in `SchedulerOutput.rejected`) instead of waiting forever. Without chunked prefill a
-prompt is scheduled whole or not at all; only a preempted request whose prompt+outputs
-exceed `max_num_tokens` is recomputed in chunks of exactly `max_num_tokens`.
+A request whose budget cannot fit the whole pool is rejected (FINISHED_ERROR, in
+`SchedulerOutput.rejected`). Without chunked prefill a prompt is scheduled whole or not at
+all (a preempted request longer than `max_num_tokens` is recomputed in such chunks).
 
 n > 1 completions: `fork(parent_id, child)` queues a child that already shares the
 parent's full prompt blocks. If nothing can run because waiting children hold the
@@ -55,9 +54,11 @@ from typing import Mapping
 from kit.beam_search import beam_extra_blocks, beam_tokens
 from kit.kv_cache import KVCacheManager
 from kit.request import Request, RequestStatus, length_finished
-from kit.scheduler_output import ScheduledSequence, SchedulerConfig, SchedulerOutput, SchedulerPolicy
+from kit.scheduler_output import (PLACEHOLDER_TOKEN, ScheduledSequence, SchedulerConfig, SchedulerOutput,
+                                  SchedulerPolicy)
 
-__all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy", "ScheduledSequence"]
+__all__ = ["PLACEHOLDER_TOKEN", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy",
+           "ScheduledSequence"]
 
 
 class Scheduler:
@@ -383,6 +384,50 @@ class Scheduler:
             if status is not None and self.finish(req.request_id, status):
                 done.append(req.request_id)
         for rid, status in finished.items():
+            if self.finish(rid, status):
+                done.append(rid)
+        return tuple(done)
+
+    def advance(self, output: SchedulerOutput) -> dict[str, int]:
+        """Apply a launched step whose tokens are not known yet (overlapped scheduling).
+
+        `update` without the token values: computed tokens move on, full blocks are hashed (so
+        earlier steps must be committed), each `is_last_chunk` sequence gets `PLACEHOLDER_TOKEN`
+        as its newest output and a request at its length limit ends (FINISHED_LENGTH). Returns
+        {request_id: placeholder index in output_token_ids} for `commit`.
+        """
+        placeholders: dict[str, int] = {}
+        for seq in output.scheduled:
+            req = self._requests.get(seq.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # finished (or preempted) since it was scheduled: its slot in the step is discarded
+            if req.num_computed_tokens != seq.num_computed_tokens:
+                raise RuntimeError(f"advance: stale SchedulerOutput for {seq.request_id!r} (has "
+                                   f"{req.num_computed_tokens} computed tokens, the output says "
+                                   f"{seq.num_computed_tokens})")
+            req.num_computed_tokens += len(seq.token_ids)
+            self.kv_cache_manager.cache_full_blocks(req)
+            if not seq.is_last_chunk:
+                continue
+            placeholders[req.request_id] = len(req.output_token_ids)
+            req.output_token_ids.append(PLACEHOLDER_TOKEN)
+            if length_finished(req.num_output_tokens, req.max_tokens, req.num_tokens, self.config.max_seq_len):
+                self.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
+        return placeholders
+
+    def commit(self, placeholders: Mapping[str, int], sampled: Mapping[str, int],
+               finished: Mapping[str, RequestStatus] | None = None) -> tuple[str, ...]:
+        """The tokens of an `advance`d step are known: write them over their placeholders, apply verdicts.
+
+        Ids gone from the scheduler (aborted, ended a step before) are skipped. Returns those finished here.
+        """
+        for rid, token in sampled.items():
+            req = self._requests.get(rid)
+            index = placeholders.get(rid)
+            if req is not None and index is not None and index < len(req.output_token_ids):
+                req.output_token_ids[index] = int(token)
+        done = []
+        for rid, status in (finished or {}).items():
             if self.finish(rid, status):
                 done.append(rid)
         return tuple(done)

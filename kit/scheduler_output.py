@@ -11,7 +11,11 @@ import enum
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-__all__ = ["ScheduledSequence", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy"]
+__all__ = ["PLACEHOLDER_TOKEN", "ScheduledSequence", "SchedulerConfig", "SchedulerOutput", "SchedulerPolicy"]
+
+# NOTE: overlapped scheduling appends this in place of a token still being sampled on the device
+# (`Scheduler.advance`); `Scheduler.commit` writes the real id over it one step later. Never a vocabulary id.
+PLACEHOLDER_TOKEN = -1
 
 
 class SchedulerPolicy(enum.Enum):

@@ -130,7 +130,7 @@ def test_the_reported_cases_fail_alone(llm, reference):
 
 def test_a_failure_inside_the_loop_fails_only_its_request(llm, reference):
     proc, sampler = llm.executor.output_processor, llm.executor.sampler
-    real_check, real_sample = proc.check_stop, sampler.sample
+    real_check, real_sample, real_sample_async = proc.check_stop, sampler.sample, sampler.sample_async
 
     def check(state, comp, token):
         if state.greq.request_id == "detok-victim":
@@ -142,7 +142,12 @@ def test_a_failure_inside_the_loop_fails_only_its_request(llm, reference):
             raise IndexError("injected sampler failure")
         return real_sample(logits, contexts, eos)
 
-    proc.check_stop, sampler.sample = check, sample
+    def sample_async(logits, contexts, eos=()):  # the executor's batch pass; `sample` is its per-row retry
+        if any(c.params.seed == 4242 for c in contexts):
+            raise IndexError("injected sampler failure")
+        return real_sample_async(logits, contexts, eos)
+
+    proc.check_stop, sampler.sample, sampler.sample_async = check, sample, sample_async
     try:
         fixed = llm.generate_async(FIXED, GREEDY)
         victim = llm.executor.submit(GenerationRequest([3, 4, 5], GREEDY, request_id="detok-victim"))
@@ -153,7 +158,7 @@ def test_a_failure_inside_the_loop_fails_only_its_request(llm, reference):
             seeded.result(timeout=60)
         assert fixed.result(timeout=60).outputs[0].token_ids == reference
     finally:
-        proc.check_stop, sampler.sample = real_check, real_sample
+        proc.check_stop, sampler.sample, sampler.sample_async = real_check, real_sample, real_sample_async
     _wait_idle(llm)
 
 

@@ -1,0 +1,181 @@
+"""The serving loop against the bare decode step: does the loop keep the GPU busy? (one GPU run, ~240 s)
+
+For synthetic Llama-3.2-1B and Llama-3.1-8B (bf16), workloads 128/128 and 1024/128 tokens, at
+concurrency 1, 8 and 64, with overlapped scheduling on and off (one engine per model: the
+executor's `overlap` flag is switched between runs, while it is idle), reports the serving
+throughput (`kit.bench.run_benchmark`), TTFT/TPOT p50/p99, the loop's time split, and the same
+engine's decode-only throughput at the same batch and mean context (`kit.bench.decode_only`),
+so that `serving_over_decode_only` is measured in the same run. Also: Qwen2.5-0.5B at
+concurrency 64 (p50 and p99 TPOT; its 152k vocabulary exercises the sampler), the sampler's
+batch pass alone at 64 x 151,936 (greedy and top-p), and Hugging Face `generate` for 1B at
+concurrency 1 and 8 while the time budget allows. Items that would pass the budget are skipped
+and listed under "skipped".
+
+    python bench/serving.py --out bench/results/serving_h100.json
+    python bench/serving.py --smoke --out /tmp/serving_smoke.json     # same code path, CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kit.bench import decode_only, hf_baseline, make_prompts, run_benchmark
+from kit.builder import BuildConfig
+from kit.llm import LLM
+from kit.loader import ModelLoader
+from kit.sampling import Sampler, SamplingContext
+from kit.sampling_params import SamplingParams
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the code path in seconds")
+    p.add_argument("--budget-s", type=float, default=240.0, help="skip what would start after this many seconds")
+    return p.parse_args(argv)
+
+
+def plan(smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return {"device": "cpu", "dtype": torch.float32, "num_layers": 1,
+                "models": [("qwen2.5-0.5b", [(8, 4), (16, 4)], [1])], "qwen": ("qwen2.5-0.5b", 2, (8, 4)),
+                "hf": ("qwen2.5-0.5b", [1], (8, 4)), "sampler": (4, 2000)}
+    return {"device": "cuda", "dtype": torch.bfloat16, "num_layers": None,
+            "models": [("llama-3.2-1b", [(128, 128), (1024, 128)], [1, 8, 64]),
+                       ("llama-3.1-8b", [(128, 128), (1024, 128)], [1, 8, 64])],
+            "qwen": ("qwen2.5-0.5b", 64, (128, 128)), "hf": ("llama-3.2-1b", [1, 8], (128, 128)),
+            "sampler": (64, 151936)}
+
+
+def num_requests(c: int, in_len: int, smoke: bool) -> int:
+    if smoke:
+        return 2 * c
+    return {1: 4, 8: 16}.get(c, c if in_len > 512 else 2 * c)  # 1024-token prompts at c=64: one wave
+
+
+def sampler_case(rows: int, vocab: int, device: str) -> dict[str, Any]:
+    """The Sampler's batch pass alone (forward excluded): ms per step, greedy and top-p rows."""
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(rows, vocab, device=device, generator=g).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    out = {}
+    for name, sp in (("greedy", SamplingParams(temperature=0.0, max_tokens=8)),
+                     ("top_p_0.9", SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8)),
+                     ("top_k_50_top_p_0.95_seeded", SamplingParams(temperature=0.7, top_k=50, top_p=0.95, seed=1,
+                                                                   max_tokens=8))):
+        contexts = [SamplingContext(sp, [1, 2], [3], Sampler.make_generator(sp, device)) for _ in range(rows)]
+        sampler = Sampler()
+        for _ in range(3):
+            sampler.sample(logits, contexts)
+        steps = 20
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = sampler.sample_async(logits, contexts).start_copy()
+        batch.result()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[name] = 1e3 * (time.perf_counter() - t0) / steps
+    return {"rows": rows, "vocab": vocab, "ms_per_step": out}
+
+
+def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int], cfg: dict[str, Any],
+                res: dict[str, Any], deadline: float, smoke: bool) -> None:
+    loaded = ModelLoader.synthetic(name, device=cfg["device"], dtype=cfg["dtype"], num_layers=cfg["num_layers"])
+    bc = BuildConfig(max_batch_size=max(concurrency), max_input_len=max(i for i, _ in pairs),
+                     max_seq_len=max(i + o for i, o in pairs), max_num_tokens=2048)
+    prompts = {i: make_prompts(loaded.config.vocab_size, i, max(num_requests(c, i, smoke) for c in concurrency))
+               for i, _ in pairs}
+    with LLM(loaded, device=cfg["device"], build_config=bc, enable_build_cache=False) as llm:
+        run_benchmark(llm, prompts[pairs[0][0]][:2], 4, 2, progress=False)  # warm-up
+        for in_len, out_len in pairs:
+            for c in concurrency:
+                dec = decode_only(llm, c, in_len + out_len // 2)
+                for overlap in (True, False):
+                    key = f"{name} {in_len}/{out_len} c={c} overlap={overlap}"
+                    if time.monotonic() > deadline:
+                        res["skipped"].append(key)
+                        continue
+                    llm.executor.overlap = overlap  # idle between runs: the next step reads the flag
+                    kit = run_benchmark(llm, prompts[in_len][:num_requests(c, in_len, smoke)], out_len, c,
+                                        progress=False)
+                    row = {"model": name, "input_len": in_len, "output_len": out_len, "concurrency": c,
+                           "overlap": overlap, "kit": kit, "decode_only": dec,
+                           "serving_over_decode_only": kit["output_tokens_per_s"] / dec["output_tokens_per_s"],
+                           "tpot_over_decode_step": kit["tpot_ms"]["p50"] / dec["step_ms"]}
+                    res["runs"].append(row)
+                    print(f"{key:42s} {kit['output_tokens_per_s']:9.1f} tok/s  decode-only "
+                          f"{dec['output_tokens_per_s']:9.1f}  ratio {row['serving_over_decode_only']:.2f}  "
+                          f"TTFT p50 {kit['ttft_ms']['p50']:8.1f}  TPOT p50 {kit['tpot_ms']['p50']:6.2f} "
+                          f"p99 {kit['tpot_ms']['p99']:6.2f} ms (decode step {dec['step_ms']:.2f} ms)", flush=True)
+    del llm, loaded
+    gc.collect()
+    if cfg["device"] == "cuda":
+        torch.cuda.empty_cache()
+
+
+def hf_runs(cfg: dict[str, Any], res: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
+    """Hugging Face `generate` on the same synthetic weights, beside the kit runs of that model."""
+    hname, hcs, (hi, ho) = cfg["hf"]
+    out: list[dict[str, Any]] = []
+    loaded = None
+    for c in hcs:
+        if time.monotonic() > deadline:
+            res["skipped"].append(f"hf {hname} c={c}")
+            continue
+        if loaded is None:
+            loaded = ModelLoader.synthetic(hname, device=cfg["device"], dtype=cfg["dtype"],
+                                           num_layers=cfg["num_layers"])
+        prompts = make_prompts(loaded.config.vocab_size, hi, max(2, c))
+        hf = hf_baseline(loaded, prompts, ho, c, progress=False)
+        kit = next((r for r in res["runs"] if r["model"] == hname and r["concurrency"] == c and r["overlap"]
+                    and r["input_len"] == hi), None)
+        entry = {"model": hname, "concurrency": c, "input_len": hi, "output_len": ho, "hf": hf}
+        if kit is not None:
+            entry["kit_over_hf"] = kit["kit"]["output_tokens_per_s"] / hf["output_tokens_per_s"]
+        out.append(entry)
+        print(f"hf generate {hname} c={c}: {hf['output_tokens_per_s']:.1f} tok/s", flush=True)
+    del loaded
+    gc.collect()
+    if cfg["device"] == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s * 0.92
+    cfg = plan(args.smoke)
+    dev = cfg["device"]
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                           "torch": torch.__version__, "smoke": args.smoke, "runs": [], "skipped": []}
+    res["sampler"] = sampler_case(*cfg["sampler"], dev)
+    print(f"sampler pass {res['sampler']}", flush=True)
+    # order: the 1B model, Qwen (its p99 TPOT target), the HF baseline for 1B, then 8B (the longest)
+    first, *rest = cfg["models"]
+    serve_model(*first, cfg, res, deadline, args.smoke)
+    qname, qc, (qi, qo) = cfg["qwen"]
+    if time.monotonic() < deadline:
+        serve_model(qname, [(qi, qo)], [qc], cfg, res, deadline, args.smoke)
+    else:
+        res["skipped"].append(f"{qname} c={qc}")
+    res["hf"] = hf_runs(cfg, res, deadline)
+    for name, pairs, conc in rest:
+        serve_model(name, pairs, conc, cfg, res, deadline, args.smoke)
+    res["wall_s"] = time.monotonic() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out} ({res['wall_s']:.0f} s, skipped {len(res['skipped'])})")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Where the time of an executor iteration goes: the columns of `Executor.stats()` and the clocks behind them.
+
+One row per iteration. The first columns say what ran (`STATS_COLUMNS[:12]`, unchanged
+since the first executor); the rest say where the time went:
+
+    overlap          this step ran overlapped (its tokens were read one step late)
+    schedule_ms      host: `scheduler.schedule()`
+    prepare_ms       host: building the ForwardBatch (and gathering decode ids from the device)
+    forward_ms       device: the forward pass (CUDA events on a GPU, the wall clock on the CPU)
+    sampling_ms      device: the sampler's batch pass
+    output_ms        host: tokens -> stop checks, detokenization, publishing (the step's post-processing)
+    device_idle_ms   device: idle between the end of the previous step's sampling and this forward
+
+and, for drawing lanes (`widgets.loop_lanes.LoopLanes`), when each phase started or ended, in
+seconds since the executor started (the `time_s` clock): host `cpu_schedule_s`, `cpu_prepare_s`,
+`cpu_launch_s` (forward + sampling enqueued from here...), `cpu_launch_end_s` (...to here),
+`cpu_output_s`, `cpu_output_end_s`; device `gpu_forward_s`, `gpu_sampling_s`, `gpu_end_s`.
+On CUDA the device times come from events laid on the host clock through one anchor event
+recorded when the executor started (the two clocks agree to a few microseconds over a run).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["STATS_COLUMNS", "TIMING_COLUMNS", "DeviceClock", "StepTimes"]
+
+TIMING_COLUMNS = ("overlap", "schedule_ms", "prepare_ms", "forward_ms", "sampling_ms", "output_ms", "device_idle_ms",
+                  "cpu_schedule_s", "cpu_prepare_s", "cpu_launch_s", "cpu_launch_end_s", "cpu_output_s",
+                  "cpu_output_end_s", "gpu_forward_s", "gpu_sampling_s", "gpu_end_s")
+STATS_COLUMNS = ("iteration", "time_s", "duration_ms", "request_ids", "num_prefill_tokens", "num_decode_tokens",
+                 "batch_size", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "preempted_request_ids",
+                 "num_waiting") + TIMING_COLUMNS
+
+
+class DeviceClock:
+    """Marks in the device's stream, read back as seconds on the executor's clock.
+
+    CUDA: a mark is an event recorded on the current stream (`seconds` needs it completed);
+    CPU: the device is the calling thread, so a mark is the wall clock.
+    """
+
+    def __init__(self, device: torch.device, t0: float) -> None:
+        self.t0 = t0
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self._anchor = torch.cuda.Event(enable_timing=True)
+            self._anchor.record()
+            self._anchor.synchronize()
+            self._anchor_s = time.monotonic() - t0
+
+    def mark(self) -> Any:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.monotonic() - self.t0
+
+    def seconds(self, mark: Any) -> float:
+        if not self.cuda:
+            return mark
+        mark.synchronize()  # a no-op once the step's tokens are on the host (recorded before their copy)
+        return self._anchor_s + self._anchor.elapsed_time(mark) / 1e3
+
+
+@dataclass
+class StepTimes:
+    """Host times (seconds on the executor clock) and device marks of one step."""
+
+    schedule: float
+    prepare: float = 0.0
+    launch: float = 0.0
+    launch_end: float = 0.0
+    output: float = 0.0
+    output_end: float = 0.0
+    forward_mark: Any = None  # device marks: forward start, sampling start, sampling end
+    sampling_mark: Any = None
+    end_mark: Any = None
+
+    def row(self, clock: DeviceClock, previous_end_s: float | None, overlap: bool) -> dict[str, Any]:
+        """The timing columns (TIMING_COLUMNS) of this step; device marks must be completed."""
+        fwd, smp, end = (clock.seconds(m) for m in (self.forward_mark, self.sampling_mark, self.end_mark))
+        return {"overlap": overlap, "schedule_ms": 1e3 * (self.prepare - self.schedule),
+                "prepare_ms": 1e3 * (self.launch - self.prepare), "forward_ms": 1e3 * (smp - fwd),
+                "sampling_ms": 1e3 * (end - smp), "output_ms": 1e3 * (self.output_end - self.output),
+                "device_idle_ms": 1e3 * max(0.0, fwd - previous_end_s) if previous_end_s is not None else 0.0,
+                "cpu_schedule_s": self.schedule, "cpu_prepare_s": self.prepare, "cpu_launch_s": self.launch,
+                "cpu_launch_end_s": self.launch_end, "cpu_output_s": self.output,
+                "cpu_output_end_s": self.output_end, "gpu_forward_s": fwd, "gpu_sampling_s": smp, "gpu_end_s": end}

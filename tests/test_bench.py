@@ -1,0 +1,63 @@
+"""kit/bench.py: workloads, goodput under SLOs, the same-run decode-only step, the --overlap flags."""
+
+import argparse
+import math
+
+import pytest
+
+from kit.bench import add_arguments, check_arguments, decode_only, make_prompts, run_benchmark, workloads
+from kit.builder import BuildConfig
+from kit.llm import LLM
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    from kit.loader import ModelLoader
+
+    tiny = ModelLoader(tiny_checkpoints["llama"][0]).load()
+    bc = BuildConfig(max_batch_size=4, max_input_len=16, max_seq_len=32, max_num_tokens=64, block_size=4)
+    with LLM(tiny, device="cpu", build_config=bc, overlap=True, enable_prefix_caching=True) as llm:
+        yield llm
+
+
+def test_workloads_pair_input_and_output_lengths():
+    assert workloads([128, 1024], [128]) == [(128, 128), (1024, 128)]
+    assert workloads(8, 4) == [(8, 4)]
+    assert workloads([1, 2], [3, 4]) == [(1, 3), (2, 4)]
+    with pytest.raises(ValueError, match="as many values"):
+        workloads([1, 2, 3], [4, 5])
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--input-len", "128", "1024", "--output-len", "128", "--no-overlap", "--slo-ttft-ms", "300"])
+    assert args.input_len == [128, 1024] and args.overlap is False and args.slo_ttft_ms == 300.0
+    assert p.parse_args([]).overlap is None and p.parse_args([]).decode_only is True
+    check_arguments(args)
+    with pytest.raises(ValueError, match="--slo-tpot-ms must be a number > 0"):
+        check_arguments(argparse.Namespace(**{**vars(args), "slo_tpot_ms": -1.0}))
+    with pytest.raises(ValueError, match="--input-len must be an integer >= 1, got 0"):
+        check_arguments(argparse.Namespace(**{**vars(args), "input_len": [8, 0]}))
+
+
+def test_goodput_counts_the_requests_within_the_slos(llm):
+    prompts = make_prompts(llm.engine.config.vocab_size, 6, 4, seed=1)
+    loose = run_benchmark(llm, prompts, 3, 2, progress=False, slo_ttft_ms=1e9, slo_tpot_ms=1e9)
+    assert loose["goodput"]["num_requests"] == 4 and loose["overlap"] is True
+    assert math.isclose(loose["goodput"]["output_tokens_per_s"], loose["output_tokens_per_s"])
+    tight = run_benchmark(llm, prompts, 3, 2, progress=False, slo_ttft_ms=1e-6)
+    assert tight["goodput"]["num_requests"] == 0 and tight["goodput"]["requests_per_s"] == 0.0
+    assert set(tight["loop_ms"]) >= {"schedule_ms", "forward_ms", "output_ms", "device_idle_ms"}
+    poisson = run_benchmark(llm, prompts, 2, 4, request_rate=200.0, seed=3, progress=False)
+    assert poisson["request_rate"] == 200.0 and poisson["output_tokens"] == 8
+
+
+def test_decode_only_leaves_the_serving_cache_alone(llm):
+    kv = llm.kv_cache_manager
+    prompt = make_prompts(llm.engine.config.vocab_size, 12, 1, seed=2)[0]
+    first = run_benchmark(llm, [prompt], 3, 1, progress=False)
+    cached = kv.num_cached_blocks
+    before = llm.executor.kv_cache.k[:, :kv.num_blocks].clone()
+    r = decode_only(llm, 3, 14, steps=2, warmup=1)
+    assert r["batch_size"] == 3 and r["context_len"] == 14 and r["output_tokens_per_s"] > 0
+    assert (llm.executor.kv_cache.k[:, :kv.num_blocks] == before).all()  # only the scratch block was written
+    again = run_benchmark(llm, [prompt], 3, 1, progress=False)
+    assert kv.num_cached_blocks == cached and first["output_tokens"] == again["output_tokens"] == 3
