@@ -42,6 +42,7 @@ from kit.outputs import GenerationResult
 from kit.request import GenerationRequest, RequestStatus
 from kit.sampling import Sampler
 from kit.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kit.speculative import Speculator
 
 __all__ = ["Executor", "GenerationRequest", "GenerationResult", "KvCacheConfig", "STATS_COLUMNS"]
 
@@ -49,7 +50,7 @@ _ids = itertools.count()
 
 STATS_COLUMNS = ("iteration", "time_s", "duration_ms", "request_ids", "num_prefill_tokens", "num_decode_tokens",
                  "batch_size", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "preempted_request_ids",
-                 "num_waiting")
+                 "num_waiting", "num_draft_tokens", "num_accepted_draft_tokens")
 
 _EXIT_JOIN_S = 120.0  # at interpreter exit, wait this long for an iteration in progress to end
 _LIVE: "weakref.WeakSet[Executor]" = weakref.WeakSet()  # loops that may still run
@@ -80,7 +81,8 @@ class Executor:
 
     def __init__(self, engine: Engine, *, build_config: Any = None, kv_cache_config: KvCacheConfig | None = None,
                  tokenizer: Any = None, enable_chunked_prefill: bool = True, policy: Any = "guaranteed_no_evict",
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000,
+                 speculator: Speculator | None = None) -> None:
         bc = build_config if build_config is not None else engine.build_config
         if bc is None:
             raise ValueError("Executor: build_config is required when the engine carries none")
@@ -105,8 +107,12 @@ class Executor:
         self.sampler = Sampler()
         self.eos_token_ids = tuple(engine.config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ())
-        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device)
+        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device,
+                                                speculative=speculator is not None)
         self.record_kv_cache = record_kv_cache
+        self.speculator = speculator  # speculative decoding (kit/speculative/); None: plain decoding
+        if speculator is not None:
+            speculator.attach(num_blocks, bc.block_size)
         self._stats: deque[dict[str, Any]] = deque(maxlen=max_stats_rows)
         self._kv_snapshots: deque[pd.DataFrame] = deque(maxlen=max_stats_rows)
         self._inflight: set[str] = set()  # ids submitted and not yet finished (guarded by the lock)
@@ -259,11 +265,15 @@ class Executor:
                 self.scheduler.finish(sid, RequestStatus.FINISHED_ABORTED)
                 self.output_processor.end(sid, RequestStatus.FINISHED_ABORTED)
             self._publish(state, final=True)
+        if self.speculator is not None:
+            self.speculator.release_finished(self.scheduler)  # draft KV blocks of aborted requests
 
     # ------------------------------------------------------------------- step
     def step(self) -> SchedulerOutput:
         """One iteration: schedule -> batch -> forward -> sample -> update -> output."""
         t_start = time.monotonic()
+        if self.speculator is not None:  # NOTE: drafts need the last step's tokens: a synchronous step, always
+            self.speculator.propose(self.scheduler, self.output_processor.context_of)  # drafts -> the scheduler
         out = self.scheduler.schedule()
         self._report_rejected(out)
         if not out.scheduled:
@@ -273,6 +283,9 @@ class Executor:
         sampling_rows = self._collect_rows(out, logits, rows)
         tokens = self._sample(logits, sampling_rows)
         sampled, verdicts, touched = self._apply_tokens(sampling_rows, tokens)
+        if self.speculator is not None:  # speculating sequences: verify their drafts, several tokens each
+            for state, error in self.speculator.apply(out, logits, rows, self.output_processor, sampled, verdicts, touched):
+                self._fail(state, error)
         finished = self.scheduler.update(out, sampled, verdicts)
         for rid in finished:  # verdicts are already applied; this only covers the scheduler's length guard
             self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
@@ -292,7 +305,7 @@ class Executor:
         seqs, rows, row = [], [], 0
         for s in out.scheduled:
             want_prompt = self.output_processor.wants_prompt_logits(s.request_id, s.num_computed_tokens)
-            mode = "all" if want_prompt else ("last" if s.is_last_chunk else "none")
+            mode = "all" if want_prompt or s.num_draft_tokens else ("last" if s.is_last_chunk else "none")
             n = len(s.token_ids) if mode == "all" else int(mode == "last")
             seqs.append(SequenceInput(s.token_ids, s.num_computed_tokens, s.block_table, mode))
             rows.append((row, n, want_prompt))
@@ -306,7 +319,7 @@ class Executor:
         for s, (first, n, prompt_rows) in zip(out.scheduled, rows):
             if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
                 self.output_processor.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)])
-            if s.is_last_chunk:
+            if s.is_last_chunk and not s.num_draft_tokens:  # drafts are verified by the speculator
                 state, _ = self.output_processor.owner(s.request_id)
                 for c in self.output_processor.sampling_rows(s.request_id):
                     picks.append((s.request_id, state, c, first + n - 1))
@@ -396,7 +409,8 @@ class Executor:
             "batch_size": out.batch_size, "kv_blocks_used": out.kv_blocks_used,
             "kv_blocks_total": self.kv_cache_manager.num_blocks,
             "num_preemptions": len(out.preempted_request_ids),
-            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting}
+            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting,
+            "num_draft_tokens": 0, "num_accepted_draft_tokens": 0, **(self.speculator.step_counts if self.speculator else {})}
         snap = self.inspector.snapshot(step=self._iteration) if self.record_kv_cache else None
         with self._lock:
             self._stats.append(row)

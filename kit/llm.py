@@ -30,6 +30,7 @@ from kit.loader import LoadedModel, ModelLoader
 from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
 from kit.request import GenerationRequest, prompt_token_ids_of
 from kit.sampling_params import SamplingParams
+from kit.speculative import DraftModelDrafter, DraftTargetDecodingConfig, NGramDecodingConfig, NGramDrafter, Speculator
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "SamplingParams", "BuildConfig", "KvCacheConfig"]
 
@@ -44,7 +45,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool | None = None,
                  scheduler_policy: str = "guaranteed_no_evict", quantization: Any = None, backend: str = "torch",
                  enable_build_cache: bool = True, skip_build_cache: bool = False,
-                 record_kv_cache: bool = False, max_stats_rows: int = 1000) -> None:
+                 record_kv_cache: bool = False, max_stats_rows: int = 1000, speculative_config: Any = None) -> None:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if backend == "tensorrt":
@@ -68,9 +69,11 @@ class LLM:
         kvc = kv_cache_config or KvCacheConfig()
         if enable_prefix_caching is not None:
             kvc = dataclasses.replace(kvc, enable_block_reuse=enable_prefix_caching)
+        self.speculative_config = speculative_config
+        speculator = None if speculative_config is None else self._speculator(speculative_config, backend)
         self.executor = Executor(engine, build_config=build_config, kv_cache_config=kvc, tokenizer=self.tokenizer,
                                  enable_chunked_prefill=enable_chunked_prefill, policy=scheduler_policy,
-                                 record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows)
+                                 record_kv_cache=record_kv_cache, max_stats_rows=max_stats_rows, speculator=speculator)
         # NOTE: the finalizer holds the executor, not the LLM: dropping the LLM without shutdown()
         # stops the loop and its thread; it also runs at interpreter exit (the atexit hook)
         self._finalizer = weakref.finalize(self, Executor.shutdown, self.executor)
@@ -87,6 +90,23 @@ class LLM:
         if result.loaded is not None:
             self.loaded = result.loaded
         return result.engine
+
+    def _speculator(self, config: Any, backend: str) -> Speculator:
+        """Speculative decoding (TensorRT-LLM's `speculative_config=`): an n-gram or a draft-model drafter."""
+        if isinstance(config, NGramDecodingConfig):
+            return Speculator(config, NGramDrafter(config))
+        if not isinstance(config, DraftTargetDecodingConfig):
+            raise TypeError(f"speculative_config must be a DraftTargetDecodingConfig or an NGramDecodingConfig, got "
+                            f"{type(config).__name__}")
+        draft = config.speculative_model_dir
+        if not isinstance(draft, Engine):  # a name, a path or a LoadedModel: built like the target (build cache)
+            draft = Builder(backend, device=self.engine.device).get_engine(
+                draft, self.build_config, quantization=config.speculative_model_quantization, progress=False).engine
+        if draft.config.vocab_size != self.engine.config.vocab_size:
+            raise ValueError(f"DraftTargetDecodingConfig.speculative_model_dir: the draft's vocabulary has "
+                             f"{draft.config.vocab_size} tokens, the target's {self.engine.config.vocab_size}; they must "
+                             "share one vocabulary")
+        return Speculator(config, DraftModelDrafter(draft, config.max_draft_len))
 
     # -------------------------------------------------------------- properties
     @property

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from collections import deque
 from operator import itemgetter
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from kit.kv_cache import KVCacheManager
 from kit.request import Request, RequestStatus, length_finished
@@ -75,6 +75,7 @@ class Scheduler:
         self._rejected: list[tuple[str, str]] = []  # to report in the next SchedulerOutput
         self._forked: set[str] = set()  # waiting children that already hold shared blocks
         self._blocked: tuple[str, int] | None = None  # (waiting head lacking blocks, steps it was bypassed)
+        self._draft_tokens: dict[str, list[int]] = {}  # speculative drafts for the next schedule() only
         self.num_steps = 0
         self.num_preemptions = 0
 
@@ -120,6 +121,12 @@ class Scheduler:
             child.num_cached_tokens = child.num_computed_tokens
         self._enqueue(child, front=True)
         return child.num_computed_tokens
+
+    def set_draft_tokens(self, request_id: str, token_ids: list[int]) -> None:
+        """Speculative decoding: drafts to verify after this decoding request's newest token, in the
+        next `schedule()` only. It schedules 1 + d tokens (d <= len(token_ids), cut to the token budget
+        and to the request's KV budget), and `update` takes the list of tokens the step emitted."""
+        self._draft_tokens[request_id] = list(token_ids)
 
     def finish(self, request_id: str, status: RequestStatus) -> bool:
         """End a request in any state (stop, abort, error): free its blocks, drop it from the queues.
@@ -198,6 +205,8 @@ class Scheduler:
         budget = self.config.max_num_tokens
         entries: dict[str, tuple[Request, int, bool]] = {}  # id -> (request, num tokens, was prefill)
         preempted: list[str] = []
+        drafts, self._draft_tokens = self._draft_tokens, {}
+        scheduled_drafts: dict[str, list[int]] = {}  # id -> drafts scheduled this step
         starved = False  # a running request got no tokens: admit nobody, so it is served next
         # 1. running requests: decodes first, then continuing prefills, each in admission order
         # NOTE: is_prefill is read once per request (the sort key), and carried into the entry
@@ -207,6 +216,13 @@ class Scheduler:
             n = self._num_tokens_to_schedule(req, req.num_computed_tokens, budget)
             if n == 0:
                 starved = True
+                continue
+            d = self._num_drafts(req, was_prefill, drafts.get(req.request_id, ()), budget - n)
+            # NOTE: a decode that cannot get slots for its drafts decodes plainly (it never preempts for drafts)
+            if d and kv.allocate_slots(req, n + d) is not None:
+                scheduled_drafts[req.request_id] = drafts[req.request_id][:d]
+                entries[req.request_id] = (req, n + d, was_prefill)
+                budget -= n + d
                 continue
             while kv.allocate_slots(req, n) is None:
                 if policy is SchedulerPolicy.GUARANTEED_NO_EVICT:
@@ -237,7 +253,14 @@ class Scheduler:
                 head = self.waiting[0]
                 self.finish(head.request_id, RequestStatus.FINISHED_ERROR)
                 self._rejected.append((head.request_id, "cannot get KV blocks even with nothing running"))
-        return self._output(entries, preempted)
+        return self._output(entries, preempted, scheduled_drafts)
+
+    def _num_drafts(self, req: Request, was_prefill: bool, drafts: Sequence[int], budget: int) -> int:
+        """Drafts a decode step may verify: within the token budget and the request's KV budget, so a
+        speculating request never holds more blocks than its reservation (prompt + max_tokens - 1)."""
+        if was_prefill or not drafts:
+            return 0
+        return max(0, min(len(drafts), budget, self._max_kv_tokens(req) - req.num_tokens))
 
     def _num_tokens_to_schedule(self, req: Request, num_computed: int, budget: int) -> int:
         pending = req.num_tokens - num_computed
@@ -313,17 +336,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _output(self, entries: dict[str, tuple[Request, int, bool]], preempted: list[str]) -> SchedulerOutput:
+    def _output(self, entries: dict[str, tuple[Request, int, bool]], preempted: list[str],
+                drafts: dict[str, list[int]]) -> SchedulerOutput:
         kv = self.kv_cache_manager
         seqs, num_prefill, num_decode = [], 0, 0
         for req, n, was_prefill in entries.values():
             start = req.num_computed_tokens
+            d = drafts.get(req.request_id, ())
             seqs.append(ScheduledSequence(
                 request_id=req.request_id,
-                token_ids=tuple(req.token_ids_between(start, start + n)),
+                token_ids=tuple(req.token_ids_between(start, start + n - len(d))) + tuple(d),
                 num_computed_tokens=start,
                 block_table=tuple(kv.block_table(req.request_id)),
-                is_last_chunk=start + n == req.num_tokens,
+                is_last_chunk=start + n - len(d) == req.num_tokens,
+                num_draft_tokens=len(d),
             ))
             if was_prefill:
                 num_prefill += n
@@ -341,7 +367,9 @@ class Scheduler:
         """Apply a computed step: advance `num_computed_tokens`, append sampled tokens, end requests.
 
         `sampled` maps each sequence with `is_last_chunk` to its new token (mid-prefill
-        sequences: None or absent). `finished` holds the executor's verdicts for this step
+        sequences: None or absent); a sequence that verified drafts maps to the list of tokens it
+        emitted (accepted drafts, then the target's token; fewer if a stop cut them), and its
+        slots past the accepted tokens are rolled back. `finished` holds the executor's verdicts for this step
         (stop token / stop string -> FINISHED_STOPPED, failure -> FINISHED_ERROR); they win
         over the length check, which ends a request with FINISHED_LENGTH at `max_tokens`
         outputs or `max_seq_len` tokens. Full blocks are hashed into the prefix cache here.
@@ -362,14 +390,21 @@ class Scheduler:
                 raise ValueError(f"update: no sampled token for {seq.request_id!r}, whose last chunk was computed")
             if not seq.is_last_chunk and token is not None:
                 raise ValueError(f"update: {seq.request_id!r} is mid-prefill; its sampled token must be None")
+            if isinstance(token, (list, tuple)) and not 1 <= len(token) <= seq.num_draft_tokens + 1:
+                raise ValueError(f"update: {seq.request_id!r} verified {seq.num_draft_tokens} drafts, so it emits 1 to "
+                                 f"{seq.num_draft_tokens + 1} tokens; got {len(token)}")
             live.append((req, seq, token))
         done: list[str] = []
         for req, seq, token in live:
-            req.num_computed_tokens += len(seq.token_ids)
+            tokens = token if isinstance(token, (list, tuple)) else (token,)
+            # NOTE: drafts count as computed only as far as they were accepted (len(tokens) - 1 of them)
+            req.num_computed_tokens += len(seq.token_ids) - seq.num_draft_tokens + max(0, len(tokens) - 1)
+            if seq.num_draft_tokens:
+                self.kv_cache_manager.rollback(req, req.num_computed_tokens)
             self.kv_cache_manager.cache_full_blocks(req)
             if token is None:
                 continue
-            req.output_token_ids.append(int(token))
+            req.output_token_ids.extend(int(t) for t in tokens)
             status = finished.pop(req.request_id, None)
             # NOTE: the same length rule the executor's output processor decides with; here it guards the
             # KV reservation for callers that pass no verdicts (the executor's verdict always comes first)
