@@ -112,7 +112,7 @@ class Executor:
         self.record_kv_cache = record_kv_cache
         self.speculator = speculator  # speculative decoding (kit/speculative/); None: plain decoding
         if speculator is not None:
-            speculator.attach(num_blocks, bc.block_size)
+            speculator.attach(self.scheduler)  # a draft KV pool like the target's; freed as requests finish
         self._stats: deque[dict[str, Any]] = deque(maxlen=max_stats_rows)
         self._kv_snapshots: deque[pd.DataFrame] = deque(maxlen=max_stats_rows)
         self._inflight: set[str] = set()  # ids submitted and not yet finished (guarded by the lock)
@@ -265,8 +265,6 @@ class Executor:
                 self.scheduler.finish(sid, RequestStatus.FINISHED_ABORTED)
                 self.output_processor.end(sid, RequestStatus.FINISHED_ABORTED)
             self._publish(state, final=True)
-        if self.speculator is not None:
-            self.speculator.release_finished(self.scheduler)  # draft KV blocks of aborted requests
 
     # ------------------------------------------------------------------- step
     def step(self) -> SchedulerOutput:

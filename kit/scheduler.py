@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from collections import deque
 from operator import itemgetter
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from kit.kv_cache import KVCacheManager
 from kit.request import Request, RequestStatus, length_finished
@@ -76,6 +76,7 @@ class Scheduler:
         self._forked: set[str] = set()  # waiting children that already hold shared blocks
         self._blocked: tuple[str, int] | None = None  # (waiting head lacking blocks, steps it was bypassed)
         self._draft_tokens: dict[str, list[int]] = {}  # speculative drafts for the next schedule() only
+        self.on_finish: list[Callable[[str], None]] = []  # called with the id of every request that ends
         self.num_steps = 0
         self.num_preemptions = 0
 
@@ -145,6 +146,8 @@ class Scheduler:
         self._forked.discard(request_id)
         self.kv_cache_manager.free(request_id)
         request.status = status
+        for callback in self.on_finish:
+            callback(request_id)
         return True
 
     def _validate_new(self, request: Request) -> None:

@@ -56,10 +56,13 @@ class Speculator:
         self.num_accepted_draft_tokens = 0
         self.num_verify_steps = 0  # (request, target forward) pairs that verified drafts
 
-    def attach(self, num_blocks: int, block_size: int) -> None:
-        """Give a model drafter its KV pool (same geometry as the target's)."""
+    def attach(self, scheduler: Scheduler) -> None:
+        """Serve this scheduler: a model drafter gets a KV pool of the target pool's geometry, and the
+        drafter forgets every request the scheduler ends (stop, length, abort, error)."""
+        kv = scheduler.kv_cache_manager
         if hasattr(self.drafter, "attach"):
-            self.drafter.attach(num_blocks, block_size)
+            self.drafter.attach(kv.num_blocks, kv.block_size)
+        scheduler.on_finish.append(lambda request_id: self.drafter.release((request_id,)))
 
     # ------------------------------------------------------------------ drafts
     def propose(self, scheduler: Scheduler, context_of: Callable[[str], SamplingContext | None]) -> None:
