@@ -81,6 +81,10 @@ class NGramDecodingConfig(DecodingBaseConfig):
     - `is_keep_all`: keep every continuation seen after an n-gram (False: only the latest one);
     - `is_use_oldest`: of several continuations, draft the oldest one (False: the newest);
     - `is_public_pool`: one pool shared by all requests (False: one pool per request).
+
+    NOTE: with a public pool a request's drafts depend on what other requests wrote. Greedy output
+    never changes, and sampling keeps the target's distribution, but a *seeded* sampled request
+    repeats its tokens exactly only with a private pool (`is_public_pool=False`).
     """
 
     max_matching_ngram_size: int = 2
