@@ -48,6 +48,7 @@ class DraftModelDrafter:
         """Allocate the draft's KV pool (the executor calls this with its own pool's geometry)."""
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, False)
         self.kv_cache = self.engine.allocate_kv_cache(num_blocks, block_size)
+        self.engine.capture_cuda_graphs(self.kv_cache)  # one-token draft steps replay graphs (a no-op on the CPU)
 
     # ------------------------------------------------------------------ state
     def _sync(self, rid: str, tokens: list[int]) -> Request:
