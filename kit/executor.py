@@ -206,7 +206,7 @@ class Executor:
     def stats(self) -> pd.DataFrame:
         """One row per iteration (the last `max_stats_rows`). Columns: `iteration, time_s, duration_ms,
         request_ids, num_prefill_tokens, num_decode_tokens, batch_size, kv_blocks_used, kv_blocks_total,
-        num_preemptions, preempted_request_ids, num_waiting`.
+        num_preemptions, preempted_request_ids, num_waiting, num_draft_tokens, num_accepted_draft_tokens`.
 
         `kv_blocks_used` is what the iteration held while it ran (taken when it was
         scheduled); the recorded block maps (`kv_cache_history`) are taken after it, once

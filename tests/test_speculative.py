@@ -289,3 +289,22 @@ def test_draft_with_another_vocabulary_is_refused(tiny):
             speculative_config=DraftTargetDecodingConfig(speculative_model_dir=draft))
     with pytest.raises(TypeError, match="speculative_config must be"):
         LLM(tiny, device="cpu", build_config=BuildConfig(**BC), speculative_config={"max_draft_len": 2})
+
+
+def test_preemption_under_max_utilization_keeps_speculative_greedy_identical(tiny):
+    from kit.kv_cache_config import KvCacheConfig
+
+    prompts = _repetitive_prompts(16, seed=9)
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with LLM(tiny, device="cpu", build_config=BuildConfig(**BC)) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    with LLM(tiny, device="cpu", build_config=BuildConfig(**BC), scheduler_policy="max_utilization",
+             kv_cache_config=KvCacheConfig(num_blocks=40),
+             speculative_config=DraftTargetDecodingConfig(max_draft_len=4, speculative_model_dir=_draft(0.01))) as llm:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        stats = llm.executor.stats()
+        llm.kv_cache_manager.check_invariants()
+        assert llm.kv_cache_manager.num_used_blocks == 0
+        assert llm.executor.speculator.drafter.kv_cache_manager.num_used_blocks == 0
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert stats["num_preemptions"].sum() > 0 and stats["num_accepted_draft_tokens"].sum() > 0
