@@ -308,3 +308,13 @@ def test_preemption_under_max_utilization_keeps_speculative_greedy_identical(tin
         assert llm.executor.speculator.drafter.kv_cache_manager.num_used_blocks == 0
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert stats["num_preemptions"].sum() > 0 and stats["num_accepted_draft_tokens"].sum() > 0
+
+
+def test_max_concurrency_turns_speculation_off_in_larger_batches(tiny):
+    prompts = _repetitive_prompts(6, seed=4)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for cap, drafted in ((2, False), (8, True)):
+        with LLM(tiny, device="cpu", build_config=BuildConfig(**BC),
+                 speculative_config=NGramDecodingConfig(max_draft_len=3, max_concurrency=cap)) as llm:
+            llm.generate(prompts, sp, use_tqdm=False)  # all 6 run together: above a cap of 2
+            assert (llm.executor.speculator.num_draft_tokens > 0) is drafted

@@ -71,7 +71,7 @@ class Speculator:
         self.step_counts = dict.fromkeys(self.step_counts, 0)
         self.release_finished(scheduler)
         cap = self.config.max_concurrency
-        if cap is not None and scheduler.num_running + scheduler.num_waiting > cap:
+        if cap is not None and scheduler.num_running > cap:  # TensorRT-LLM: no speculation above this batch size
             return
         items = []
         for req in scheduler.running:
