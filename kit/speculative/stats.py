@@ -12,6 +12,9 @@ columns the acceptance widget (widgets/speculative.py) reads:
     request_id  step  position  token_id  text  kind  accepted
     kind: 'accepted' (a draft the target kept), 'rejected' (a draft it refused, and every draft
     after it), 'target' (the token the target itself produced: the correction or the bonus)
+
+Only verifications are recorded: a step in which a request had no draft (no n-gram match,
+no budget) decodes plainly, and its token is not in the frame.
 """
 
 from __future__ import annotations
