@@ -42,7 +42,7 @@ from kit.batch import KVCache, SequenceInput
 from kit.kv_cache import KVCacheManager
 from kit.kv_fork import fork_tables
 from kit.output_processor import CompletionState, RequestState
-from kit.request import GenerationRequest, Request, RequestStatus
+from kit.request import GenerationRequest, Request, RequestStatus, beam_extra_blocks, beam_tokens
 from kit.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 from kit.scheduler_output import SchedulerPolicy
 
@@ -51,21 +51,6 @@ __all__ = ["BeamHistory", "BeamSearch", "BeamState", "Hypothesis", "beam_extra_b
 
 _NEG = -1.0e9  # Hugging Face's "never pick this" score; kept so that float arithmetic matches it
 HISTORY_COLUMNS = ("step", "beam", "parent", "token", "text", "cumulative_logprob", "score", "kind", "rank")
-
-
-# ---------------------------------------------------------------- the scheduler's budgets
-def beam_tokens(request: Request, num_tokens: int) -> int:
-    """Tokens a step of `num_tokens` for `request` computes: every beam its own, once the beams exist."""
-    return num_tokens * request.beam_width if request.beam_width > 1 and request.num_output_tokens else num_tokens
-
-
-def beam_extra_blocks(request: Request, block_size: int, max_kv_tokens: int) -> int:
-    """KV blocks the beams other than the leader may hold at most: their own blocks past the prompt's
-    shared full blocks, plus one each for the partial block copied while re-mapping."""
-    if request.beam_width <= 1:
-        return 0
-    shared = request.num_prompt_tokens // block_size * block_size
-    return (request.beam_width - 1) * (-(-(max_kv_tokens - shared) // block_size) + 1)
 
 
 # ---------------------------------------------------------------- validation

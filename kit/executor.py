@@ -49,6 +49,7 @@ from kit.outputs import GenerationResult
 from kit.request import GenerationRequest, RequestStatus
 from kit.sampling import Sampler
 from kit.scheduler import Scheduler, SchedulerConfig
+from kit.speculative import Speculator
 
 __all__ = ["Executor", "GenerationRequest", "GenerationResult", "KvCacheConfig", "STATS_COLUMNS",
            "needs_synchronous_step"]
@@ -81,7 +82,7 @@ class Executor(StepLoop):
     def __init__(self, engine: Engine, *, build_config: Any = None, kv_cache_config: KvCacheConfig | None = None,
                  tokenizer: Any = None, enable_chunked_prefill: bool = True, policy: Any = "guaranteed_no_evict",
                  record_kv_cache: bool = False, max_stats_rows: int = 1000, overlap: bool | None = None,
-                 logits_pass: LogitsPass | None = None) -> None:
+                 logits_pass: LogitsPass | None = None, speculator: Speculator | None = None) -> None:
         bc = build_config if build_config is not None else engine.build_config
         if bc is None:
             raise ValueError("Executor: build_config is required when the engine carries none")
@@ -110,9 +111,13 @@ class Executor(StepLoop):
         self.logits_pass = logits_pass if logits_pass is not None else LogitsPass()  # processors, guided mask
         self.eos_token_ids = tuple(engine.config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ())
-        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device)
+        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, bc.max_seq_len, engine.device,
+                                                speculative=speculator is not None)
         self.beam_search = BeamSearch(self.kv_cache_manager, self.kv_cache, self.eos_token_ids, tokenizer)
         self.record_kv_cache = record_kv_cache
+        self.speculator = speculator  # speculative decoding (kit/speculative/); None: plain decoding
+        if speculator is not None:
+            speculator.attach(self.scheduler)  # a draft KV pool like the target's; freed as requests finish
         self._stats: deque[dict[str, Any]] = deque(maxlen=max_stats_rows)
         self._kv_snapshots: deque[pd.DataFrame] = deque(maxlen=max_stats_rows)
         self._inflight: set[str] = set()  # ids submitted and not yet finished (guarded by the lock)
@@ -155,6 +160,9 @@ class Executor(StepLoop):
             raise ValueError(f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         sp.check_vocab(self.vocab_size)
         check_beam_request(request, bc.max_beam_width, cfg.policy)  # beam search (kit/beam_search.py)
+        if sp.use_beam_search and self.speculator is not None:
+            raise ValueError("use_beam_search=True cannot be combined with speculative decoding (this LLM has a "
+                             "speculative_config), as in TensorRT-LLM")
         self.logits_pass.validate(sp)
 
     def submit(self, request: GenerationRequest) -> GenerationResult:
@@ -213,9 +221,9 @@ class Executor(StepLoop):
     def stats(self) -> pd.DataFrame:
         """One row per iteration (the last `max_stats_rows`). Columns: `iteration, time_s, duration_ms,
         request_ids, num_prefill_tokens, num_decode_tokens, batch_size, kv_blocks_used, kv_blocks_total,
-        num_preemptions, preempted_request_ids, num_waiting`, then where the time went
-        (kit/iteration_stats.py: `schedule_ms, prepare_ms, forward_ms, sampling_ms, output_ms,
-        device_idle_ms`, the `overlap` flag, and the start/end times of each lane).
+        num_preemptions, preempted_request_ids, num_waiting, num_draft_tokens, num_accepted_draft_tokens`, then
+        where the time went (kit/iteration_stats.py: `schedule_ms, prepare_ms, forward_ms, sampling_ms,
+        output_ms, device_idle_ms`, the `overlap` flag, and the start/end times of each lane).
 
         `kv_blocks_used` is what the iteration held while it ran (taken when it was
         scheduled); the recorded block maps (`kv_cache_history`) are taken after it, once

@@ -17,6 +17,10 @@ N + 1; that extra token is discarded and its blocks are freed after it (stream o
 the freed blocks safe: any later step that reuses them runs after N + 1 on the device).
 Length limits are known without the token, so a request never runs past max_tokens.
 
+With speculative decoding (kit/speculative/) every step is synchronous: the drafts of step
+N + 1 are proposed from step N's accepted tokens, and a verified step emits a list of tokens
+per request, applied by `scheduler.update` (which rolls the rejected drafts' slots back).
+
 `needs_synchronous_step` says which requests need their step resolved at once (host
 state the next step needs: n > 1 siblings to fork, prompt logprobs, penalties and min_tokens
 that read the newest token); such a step runs synchronously inside the overlapped loop.
@@ -78,7 +82,7 @@ class InflightStep:
     placeholders: dict[str, int] = field(default_factory=dict)  # from scheduler.advance
     sync: bool = True
     after: tuple | None = None  # (raw rows, rows the sampler saw, completions): LogitsPass.after_sample at resolve
-    beams: tuple | None = None  # (logits, rows) of a step with beam requests: BeamSearch.advance at resolve
+    logits_rows: tuple | None = None  # (logits, rows): beam search / speculative verification read them at resolve
 
 
 class StepLoop:
@@ -91,6 +95,8 @@ class StepLoop:
     def step(self) -> SchedulerOutput:
         """One iteration: schedule and launch a step; resolve the one before (overlap) or this one."""
         times = StepTimes(schedule=time.monotonic() - self._t0)
+        if self.speculator is not None:  # NOTE: drafts need the last step's tokens: a synchronous loop
+            self.speculator.propose(self.scheduler, self.output_processor.context_of)  # drafts -> the scheduler
         out = self.scheduler.schedule()
         times.prepare = time.monotonic() - self._t0
         self._report_rejected(out)
@@ -98,7 +104,9 @@ class StepLoop:
         prev, self._pending = self._pending, None
         if prev is not None:
             self._resolve(prev)
-        if launched is not None:
+        if launched is not None and self.speculator is not None:
+            self._resolve(launched, update=True)
+        elif launched is not None:
             launched.placeholders = self.scheduler.advance(out)
             if launched.sync or not self.overlap:
                 self._resolve(launched)
@@ -127,8 +135,8 @@ class StepLoop:
             step.sampled.start_copy()
         times.launch_end = time.monotonic() - self._t0
         has_beams = any(self.beam_search.owns(s.request_id) for s in out.scheduled)
-        if has_beams:
-            step.beams = (logits, rows)
+        if has_beams or self.speculator is not None:
+            step.logits_rows = (logits, rows)
         step.sync = (step.results is not None or has_beams
                      or any(needs_synchronous_step(p[1], p[2]) for p in picks))
         return step
@@ -146,7 +154,8 @@ class StepLoop:
         num_tokens = 0
         for s in out.scheduled:
             want_prompt = self.output_processor.wants_prompt_logits(s.request_id, s.num_computed_tokens)
-            mode = "all" if want_prompt else ("last" if s.is_last_chunk else "none")
+            # a speculating sequence needs a row per draft (kit/speculative/ verifies them)
+            mode = "all" if want_prompt or s.num_draft_tokens else ("last" if s.is_last_chunk else "none")
             n = len(s.token_ids) if mode == "all" else int(mode == "last")
             seqs.append(SequenceInput(s.token_ids, s.num_computed_tokens, s.block_table, mode))
             seqs.extend(extra := self.beam_search.extra_inputs(s))  # beam search: the other beams' rows
@@ -180,7 +189,8 @@ class StepLoop:
             if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
                 op.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)],
                                      logits[first + n - 1] if s.is_last_chunk else None)
-            if s.is_last_chunk and not self.beam_search.owns(s.request_id):  # beam rows: BeamSearch.advance
+            # beam rows: BeamSearch.advance; drafts: the speculator verifies them
+            if s.is_last_chunk and not s.num_draft_tokens and not self.beam_search.owns(s.request_id):
                 state, _ = op.owner(s.request_id)
                 for c in op.sampling_rows(s.request_id):
                     picks.append((s.request_id, state, c, first + n - 1))
@@ -221,8 +231,9 @@ class StepLoop:
         step.results = results
 
     # ----------------------------------------------------------------- resolve
-    def _resolve(self, step: InflightStep) -> None:
-        """The step's tokens reach the host: verdicts, scheduler commit, stats, publishing."""
+    def _resolve(self, step: InflightStep, update: bool = False) -> None:
+        """The step's tokens reach the host: verdicts, scheduler commit (`update`: the synchronous
+        scheduler.update of speculative steps), stats, publishing."""
         step.times.output = time.monotonic() - self._t0
         results = step.results
         if results is None:
@@ -233,13 +244,19 @@ class StepLoop:
                 if step.after is not None:
                     results = self._after_sample(step, results)
         sampled, verdicts, touched = self._apply_tokens(step.picks, results)
-        if step.beams is not None:  # beam search (kit/beam_search.py): beam requests take their rows here
-            self.beam_search.advance(step.out, *step.beams, self.scheduler, self.output_processor, sampled, verdicts,
-                                     touched)
-        self.scheduler.commit(step.placeholders, sampled, verdicts)
-        for rid in step.placeholders:  # ended by the scheduler's length guard at advance, or by a verdict
-            if self.scheduler.get(rid) is None:
-                self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
+        if update:  # speculative decoding: verify the drafts, several tokens per sequence
+            for state, error in self.speculator.apply(step.out, *step.logits_rows, self.output_processor, sampled,
+                                                      verdicts, touched):
+                self._fail(state, error)
+            ended = self.scheduler.update(step.out, sampled, verdicts)
+        else:
+            if step.logits_rows is not None:  # beam search (kit/beam_search.py): beam requests take their rows here
+                self.beam_search.advance(step.out, *step.logits_rows, self.scheduler, self.output_processor, sampled,
+                                         verdicts, touched)
+            self.scheduler.commit(step.placeholders, sampled, verdicts)
+            ended = [rid for rid in step.placeholders if self.scheduler.get(rid) is None]
+        for rid in ended:  # ended by the scheduler's length guard, or by a verdict
+            self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
         # NOTE: record before publishing, so a caller woken by its result sees this iteration's stats;
         # the row's output time is completed after publishing
         step.times.output_end = time.monotonic() - self._t0
@@ -319,6 +336,9 @@ class StepLoop:
                 self._fail(state, e)
 
     def _publish(self, state: RequestState, final: bool = False) -> None:
+        # NOTE: forget a finishing request before its last snapshot wakes the caller, who may count in-flight ones
+        if final or state.finished:
+            self._forget(state.greq.request_id)
         self.output_processor.publish(state, final=final)
         if state.greq.request_id not in self.output_processor.states:
             self._forget(state.greq.request_id)
@@ -335,7 +355,9 @@ class StepLoop:
             "batch_size": out.batch_size, "kv_blocks_used": out.kv_blocks_used,
             "kv_blocks_total": self.kv_cache_manager.num_blocks,
             "num_preemptions": len(out.preempted_request_ids),
-            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting, **timing}
+            "preempted_request_ids": list(out.preempted_request_ids), "num_waiting": out.num_waiting,
+            "num_draft_tokens": 0, "num_accepted_draft_tokens": 0,
+            **(self.speculator.step_counts if self.speculator is not None else {}), **timing}
         snap = self.inspector.snapshot(step=self._iteration) if self.record_kv_cache else None
         with self._lock:
             self._stats.append(row)

@@ -34,7 +34,7 @@ TIMING_COLUMNS = ("overlap", "schedule_ms", "prepare_ms", "forward_ms", "samplin
                   "cpu_output_end_s", "gpu_forward_s", "gpu_sampling_s", "gpu_end_s")
 STATS_COLUMNS = ("iteration", "time_s", "duration_ms", "request_ids", "num_prefill_tokens", "num_decode_tokens",
                  "batch_size", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "preempted_request_ids",
-                 "num_waiting") + TIMING_COLUMNS
+                 "num_waiting", "num_draft_tokens", "num_accepted_draft_tokens") + TIMING_COLUMNS
 
 
 class DeviceClock:

@@ -316,7 +316,29 @@ class KVCacheManager:
         table = self._tables.pop(rid, None)
         self._num_slots.pop(rid, None)
         self._hashes.pop(rid, None)
-        for b in reversed(table or ()):
+        self._release(table or ())
+
+    def rollback(self, request: Request | str, num_tokens: int) -> int:
+        """Shrink the request's slots to `num_tokens` (speculative drafts the target rejected).
+
+        Blocks wholly past `num_tokens` go back to the pool (tail first); returns how many. They
+        hold only uncomputed slots, so none of them is hashed or shared. Unknown ids: 0.
+        """
+        rid = request if isinstance(request, str) else request.request_id
+        table = self._tables.get(rid)
+        if num_tokens < 0:
+            raise ValueError(f"rollback: num_tokens must be >= 0, got {num_tokens}")
+        if table is None or num_tokens >= self._num_slots[rid]:
+            return 0
+        keep = self.num_blocks_for(num_tokens)
+        released = table[keep:]
+        del table[keep:]
+        self._num_slots[rid] = num_tokens
+        self._release(released)
+        return len(released)
+
+    def _release(self, blocks: Sequence[int]) -> None:
+        for b in reversed(blocks):
             self._ref_count[b] -= 1
             if self._ref_count[b] == 0:
                 if self._block_hash[b] is not None:

@@ -43,6 +43,7 @@ from kit.outputs import CompletionOutput, GenerationResult, RequestOutput
 from kit.parallel import DistributedEngine, build_parallel_engine, check_parallel_sizes
 from kit.request import GenerationRequest, prompt_token_ids_of
 from kit.sampling_params import SamplingParams
+from kit.speculative import DraftModelDrafter, DraftTargetDecodingConfig, NGramDecodingConfig, NGramDrafter, Speculator
 from kit.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "SamplingParams", "BuildConfig", "KvCacheConfig"]
@@ -90,12 +91,16 @@ class LLM:
             guided = GuidedDecoder(self.tokenizer.hf, engine.config.vocab_size,
                                    tuple(engine.config.eos_token_ids) or (self.tokenizer.eos_token_id,),
                                    args.guided_decoding_backend)
+        self.speculative_config = args.speculative_config
+        speculator = None if args.speculative_config is None else self._speculator(args.speculative_config,
+                                                                                    args.backend)
         try:
             self.executor = Executor(engine, build_config=build_config, kv_cache_config=args.kv_cache_config_to_use(),
                                      tokenizer=self.tokenizer, enable_chunked_prefill=args.enable_chunked_prefill,
                                      policy=args.scheduler_policy, record_kv_cache=args.record_kv_cache,
                                      max_stats_rows=args.max_stats_rows, overlap=args.overlap,
-                                     logits_pass=LogitsPass(args.batched_logits_processor, guided))
+                                     logits_pass=LogitsPass(args.batched_logits_processor, guided),
+                                     speculator=speculator)
         except BaseException:
             if isinstance(engine, DistributedEngine):
                 engine.shutdown()
@@ -129,6 +134,23 @@ class LLM:
         if result.loaded is not None:
             self.loaded = result.loaded
         return result.engine
+
+    def _speculator(self, config: Any, backend: str) -> Speculator:
+        """Speculative decoding (TensorRT-LLM's `speculative_config=`): an n-gram or a draft-model drafter."""
+        if isinstance(config, NGramDecodingConfig):
+            return Speculator(config, NGramDrafter(config))
+        if not isinstance(config, DraftTargetDecodingConfig):
+            raise TypeError(f"speculative_config must be a DraftTargetDecodingConfig or an NGramDecodingConfig, got "
+                            f"{type(config).__name__}")
+        draft = config.speculative_model_dir
+        if not isinstance(draft, Engine):  # a name, a path or a LoadedModel: built like the target (build cache)
+            draft = Builder(backend, device=self.engine.device).get_engine(
+                draft, self.build_config, quantization=config.speculative_model_quantization, progress=False).engine
+        if draft.config.vocab_size != self.engine.config.vocab_size:
+            raise ValueError(f"DraftTargetDecodingConfig.speculative_model_dir: the draft's vocabulary has "
+                             f"{draft.config.vocab_size} tokens, the target's {self.engine.config.vocab_size}; they must "
+                             "share one vocabulary")
+        return Speculator(config, DraftModelDrafter(draft, config.max_draft_len))
 
     # -------------------------------------------------------------- properties
     @property

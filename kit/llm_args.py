@@ -107,7 +107,8 @@ class LlmArgs:
     # ---- decoding hooks
     batched_logits_processor: Any = None
     guided_decoding_backend: str | None = None
-    # ---- speculative decoding (speculative_config) goes here
+    # ---- speculative decoding (kit/speculative/: DraftTargetDecodingConfig, NGramDecodingConfig)
+    speculative_config: Any = None
     # ---- build cache, backend, statistics
     backend: str = "torch"
     enable_build_cache: bool = True

@@ -38,6 +38,7 @@ from kit.outputs import CompletionOutput, GenerationResult, Logprob, RequestOutp
 from kit.request import GenerationRequest, Request, RequestStatus, length_finished
 from kit.sampling import Sampler, SamplingContext, find_stop, prompt_logprobs
 from kit.sampling_params import SamplingParams
+from kit.speculative.stats import SpeculativeStats
 
 __all__ = ["CompletionState", "OutputProcessor", "RequestState"]
 
@@ -69,6 +70,9 @@ class CompletionState:
         self.generation_logits: list[torch.Tensor] = []  # raw rows, with return_generation_logits
         self.last_rank: int | None = None  # rank of the newest token, with logprobs
         self._cumulative: float | None = None  # set by a beam search (kit/beam_search.py)
+        self.num_forwards = 0  # target forwards that gave this completion tokens
+        self.num_draft_tokens = 0  # speculative decoding: drafts verified, and accepted
+        self.num_accepted_draft_tokens = 0
 
     @property
     def cumulative_logprob(self) -> float:
@@ -109,11 +113,12 @@ class OutputProcessor:
     """Per-request output state of the executor; see the module docstring."""
 
     def __init__(self, tokenizer: Any, eos_token_ids: tuple[int, ...], max_seq_len: int | None,
-                 device: torch.device) -> None:
+                 device: torch.device, *, speculative: bool = False) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_seq_len = max_seq_len
         self.device = device
+        self.speculative = speculative  # an executor that speculates: outputs carry spec_stats
         self.states: dict[str, RequestState] = {}  # GenerationRequest id -> state
         self._owner: dict[str, tuple[RequestState, CompletionState]] = {}  # scheduler request id -> owner
 
@@ -142,6 +147,11 @@ class OutputProcessor:
     def owner(self, request_id: str) -> tuple[RequestState, CompletionState] | None:
         """(request state, completion) of a scheduler request id, or None once it is gone."""
         return self._owner.get(request_id)
+
+    def context_of(self, request_id: str) -> SamplingContext | None:
+        """The sampling context of a scheduler request id (None once it is gone)."""
+        owner = self._owner.get(request_id)
+        return None if owner is None else owner[1].context
 
     def pop(self, request_id: str) -> RequestState | None:
         """Forget a submitted request; return its state (None if unknown)."""
@@ -199,6 +209,25 @@ class OutputProcessor:
     def add_token(self, state: RequestState, comp: CompletionState, token: int, logprob: float,
                   top: dict[int, float] | None) -> RequestStatus | None:
         """Record one sampled token of `comp`; return its stop verdict (None: it goes on)."""
+        comp.num_forwards += 1
+        return self._add(state, comp, token, logprob, top)
+
+    def add_tokens(self, state: RequestState, comp: CompletionState, tokens: list[tuple[int, float, Any]],
+                   num_draft_tokens: int, num_accepted: int) -> tuple[int, RequestStatus | None]:
+        """Speculative decoding: the tokens one target forward gave `comp` (accepted drafts, then the
+        target's own), each through the stop checks in order, as if decoded one by one; the first
+        verdict drops the rest. Returns (tokens taken, verdict)."""
+        comp.num_forwards += 1
+        comp.num_draft_tokens += num_draft_tokens
+        comp.num_accepted_draft_tokens += num_accepted
+        for i, (token, logprob, top) in enumerate(tokens):
+            verdict = self._add(state, comp, token, logprob, top)
+            if verdict is not None:
+                return i + 1, verdict
+        return len(tokens), None
+
+    def _add(self, state: RequestState, comp: CompletionState, token: int, logprob: float,
+             top: dict[int, float] | None) -> RequestStatus | None:
         comp.token_ids.append(token)
         comp.token_logprobs.append(logprob)
         if comp.logprobs is not None:
@@ -324,10 +353,12 @@ class OutputProcessor:
             token_ids = list(state.greq.prompt_token_ids) + token_ids
             ids_diff = (list(state.greq.prompt_token_ids) if first else []) + ids_diff
             visible, text_diff = prompt_text + visible, (prompt_text if first else "") + text_diff
+        spec = SpeculativeStats(c.num_draft_tokens, c.num_accepted_draft_tokens, c.num_forwards,
+                                len(c.token_ids)) if self.speculative else None
         return CompletionOutput(c.index, visible, token_ids, c.finish_reason, c.cumulative_logprob,
                                 list(logprobs) if logprobs is not None else None, c.stop_reason,
                                 text_diff=text_diff, token_ids_diff=ids_diff, generation_logits=gen_logits,
-                                logprobs_diff=list(lp_diff))
+                                logprobs_diff=list(lp_diff), spec_stats=spec)
 
     def fail(self, state: RequestState, error: BaseException) -> None:
         """End the request with `error` (raised by its result); forget it."""

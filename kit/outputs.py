@@ -53,6 +53,7 @@ class CompletionOutput:
     token_ids_diff: list[int] = field(default_factory=list)
     generation_logits: Any = None  # torch.Tensor (len(token_ids), vocab) with return_generation_logits
     logprobs_diff: TokenLogprobs = field(default_factory=list)
+    spec_stats: Any = None  # speculative decoding: a kit.speculative.SpeculativeStats (None without it)
 
     @property
     def finished(self) -> bool:
@@ -83,6 +84,12 @@ class RequestOutput:
     @property
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
+
+    @property
+    def spec_stats(self) -> Any:
+        """Speculative decoding: the completions' `SpeculativeStats` summed (None without speculation)."""
+        stats = [o.spec_stats for o in self.outputs if o.spec_stats is not None]
+        return sum(stats[1:], stats[0]) if stats else None
 
     def __repr__(self) -> str:
         state = "finished" if self.finished else "running"

@@ -36,7 +36,7 @@ import numpy as np
 
 from kit.sampling_params import SamplingParams
 
-__all__ = ["GenerationRequest", "Request", "RequestStatus", "length_finished", "prompt_token_ids_of"]
+__all__ = ["GenerationRequest", "Request", "RequestStatus", "length_finished", "prompt_token_ids_of", "beam_tokens", "beam_extra_blocks"]
 
 
 class RequestStatus(enum.Enum):
@@ -199,3 +199,18 @@ class GenerationRequest:
                              f"n > 1 completions), got {self.request_id!r}")
         if not isinstance(self.streaming, bool):
             raise TypeError(f"streaming must be a bool, got {self.streaming!r}")
+
+
+# beam search's budgets (kit/beam_search.py runs the search; the scheduler counts with these)
+def beam_tokens(request: Request, num_tokens: int) -> int:
+    """Tokens a step of `num_tokens` for `request` computes: every beam its own, once the beams exist."""
+    return num_tokens * request.beam_width if request.beam_width > 1 and request.num_output_tokens else num_tokens
+
+
+def beam_extra_blocks(request: Request, block_size: int, max_kv_tokens: int) -> int:
+    """KV blocks the beams other than the leader may hold at most: their own blocks past the prompt's
+    shared full blocks, plus one each for the partial block copied while re-mapping."""
+    if request.beam_width <= 1:
+        return 0
+    shared = request.num_prompt_tokens // block_size * block_size
+    return (request.beam_width - 1) * (-(-(max_kv_tokens - shared) // block_size) + 1)

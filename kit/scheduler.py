@@ -49,11 +49,11 @@ from __future__ import annotations
 
 from collections import deque
 from operator import itemgetter
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
-from kit.beam_search import beam_extra_blocks, beam_tokens
 from kit.kv_cache import KVCacheManager
-from kit.request import Request, RequestStatus, length_finished
+from kit.request import Request, RequestStatus, beam_extra_blocks, beam_tokens
+from kit.scheduler_update import StepUpdates
 from kit.scheduler_output import (PLACEHOLDER_TOKEN, ScheduledSequence, SchedulerConfig, SchedulerOutput,
                                   SchedulerPolicy)
 
@@ -61,7 +61,7 @@ __all__ = ["PLACEHOLDER_TOKEN", "Scheduler", "SchedulerConfig", "SchedulerOutput
            "ScheduledSequence"]
 
 
-class Scheduler:
+class Scheduler(StepUpdates):
     """Decides each step's batch; owns request state and drives the `KVCacheManager`.
 
     The executor calls `add_request` / `fork` / `finish` between steps and
@@ -77,6 +77,8 @@ class Scheduler:
         self._rejected: list[tuple[str, str]] = []  # to report in the next SchedulerOutput
         self._forked: set[str] = set()  # waiting children that already hold shared blocks
         self._blocked: tuple[str, int] | None = None  # (waiting head lacking blocks, steps it was bypassed)
+        self._draft_tokens: dict[str, list[int]] = {}  # speculative drafts for the next schedule() only
+        self.on_finish: list[Callable[[str], None]] = []  # called with the id of every request that ends
         self.num_steps = 0
         self.num_preemptions = 0
 
@@ -123,6 +125,12 @@ class Scheduler:
         self._enqueue(child, front=True)
         return child.num_computed_tokens
 
+    def set_draft_tokens(self, request_id: str, token_ids: list[int]) -> None:
+        """Speculative decoding: drafts to verify after this decoding request's newest token, in the
+        next `schedule()` only. It schedules 1 + d tokens (d <= len(token_ids), cut to the token budget
+        and to the request's KV budget), and `update` takes the list of tokens the step emitted."""
+        self._draft_tokens[request_id] = list(token_ids)
+
     def finish(self, request_id: str, status: RequestStatus) -> bool:
         """End a request in any state (stop, abort, error): free its blocks, drop it from the queues.
 
@@ -140,6 +148,8 @@ class Scheduler:
         self._forked.discard(request_id)
         self.kv_cache_manager.free(request_id)
         request.status = status
+        for callback in self.on_finish:
+            callback(request_id)
         return True
 
     def _validate_new(self, request: Request) -> None:
@@ -201,6 +211,8 @@ class Scheduler:
         budget = self.config.max_num_tokens
         entries: dict[str, tuple[Request, int, bool]] = {}  # id -> (request, num tokens, was prefill)
         preempted: list[str] = []
+        drafts, self._draft_tokens = self._draft_tokens, {}
+        scheduled_drafts: dict[str, list[int]] = {}  # id -> drafts scheduled this step
         starved = False  # a running request got no tokens: admit nobody, so it is served next
         # 1. running requests: decodes first, then continuing prefills, each in admission order
         # NOTE: is_prefill is read once per request (the sort key), and carried into the entry
@@ -211,6 +223,13 @@ class Scheduler:
             cost = beam_tokens(req, n)  # beam search: every beam computes its token (kit/beam_search.py)
             if n == 0 or cost > budget:
                 starved = True
+                continue
+            d = self._num_drafts(req, was_prefill, drafts.get(req.request_id, ()), budget - n)
+            # NOTE: a decode that cannot get slots for its drafts decodes plainly (it never preempts for drafts)
+            if d and kv.allocate_slots(req, n + d) is not None:
+                scheduled_drafts[req.request_id] = drafts[req.request_id][:d]
+                entries[req.request_id] = (req, n + d, was_prefill)
+                budget -= n + d
                 continue
             while kv.allocate_slots(req, n) is None:
                 if policy is SchedulerPolicy.GUARANTEED_NO_EVICT:
@@ -241,7 +260,14 @@ class Scheduler:
                 head = self.waiting[0]
                 self.finish(head.request_id, RequestStatus.FINISHED_ERROR)
                 self._rejected.append((head.request_id, "cannot get KV blocks even with nothing running"))
-        return self._output(entries, preempted)
+        return self._output(entries, preempted, scheduled_drafts)
+
+    def _num_drafts(self, req: Request, was_prefill: bool, drafts: Sequence[int], budget: int) -> int:
+        """Drafts a decode step may verify: within the token budget and the request's KV budget, so a
+        speculating request never holds more blocks than its reservation (prompt + max_tokens - 1)."""
+        if was_prefill or not drafts:
+            return 0
+        return max(0, min(len(drafts), budget, self._max_kv_tokens(req) - req.num_tokens))
 
     def _num_tokens_to_schedule(self, req: Request, num_computed: int, budget: int) -> int:
         pending = req.num_tokens - num_computed
@@ -318,17 +344,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _output(self, entries: dict[str, tuple[Request, int, bool]], preempted: list[str]) -> SchedulerOutput:
+    def _output(self, entries: dict[str, tuple[Request, int, bool]], preempted: list[str],
+                drafts: dict[str, list[int]]) -> SchedulerOutput:
         kv = self.kv_cache_manager
         seqs, num_prefill, num_decode = [], 0, 0
         for req, n, was_prefill in entries.values():
             start = req.num_computed_tokens
+            d = drafts.get(req.request_id, ())
             seqs.append(ScheduledSequence(
                 request_id=req.request_id,
-                token_ids=tuple(req.token_ids_between(start, start + n)),
+                token_ids=tuple(req.token_ids_between(start, start + n - len(d))) + tuple(d),
                 num_computed_tokens=start,
                 block_table=tuple(kv.block_table(req.request_id)),
-                is_last_chunk=start + n == req.num_tokens,
+                is_last_chunk=start + n - len(d) == req.num_tokens,
+                num_draft_tokens=len(d),
             ))
             if was_prefill:
                 num_prefill += n
@@ -340,97 +369,6 @@ class Scheduler:
             preempted_request_ids=tuple(preempted), rejected=rejected, num_waiting=len(self.waiting),
             kv_blocks_used=kv.num_used_blocks, step=self.num_steps,
         )
-
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int | None],
-               finished: Mapping[str, RequestStatus] | None = None) -> tuple[str, ...]:
-        """Apply a computed step: advance `num_computed_tokens`, append sampled tokens, end requests.
-
-        `sampled` maps each sequence with `is_last_chunk` to its new token (mid-prefill
-        sequences: None or absent). `finished` holds the executor's verdicts for this step
-        (stop token / stop string -> FINISHED_STOPPED, failure -> FINISHED_ERROR); they win
-        over the length check, which ends a request with FINISHED_LENGTH at `max_tokens`
-        outputs or `max_seq_len` tokens. Full blocks are hashed into the prefix cache here.
-        Sequences finished since `schedule()` are skipped. Returns the ids finished here.
-        """
-        finished = dict(finished or {})
-        live = []
-        for seq in output.scheduled:  # validate everything before changing anything
-            req = self._requests.get(seq.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue
-            if req.num_computed_tokens != seq.num_computed_tokens:
-                raise RuntimeError(f"update: stale SchedulerOutput for {seq.request_id!r} (has "
-                                   f"{req.num_computed_tokens} computed tokens, the output says "
-                                   f"{seq.num_computed_tokens})")
-            token = sampled.get(seq.request_id)
-            if seq.is_last_chunk and token is None:
-                raise ValueError(f"update: no sampled token for {seq.request_id!r}, whose last chunk was computed")
-            if not seq.is_last_chunk and token is not None:
-                raise ValueError(f"update: {seq.request_id!r} is mid-prefill; its sampled token must be None")
-            live.append((req, seq, token))
-        done: list[str] = []
-        for req, seq, token in live:
-            req.num_computed_tokens += len(seq.token_ids)
-            self.kv_cache_manager.cache_full_blocks(req)
-            if token is None:
-                continue
-            req.output_token_ids.append(int(token))
-            status = finished.pop(req.request_id, None)
-            # NOTE: the same length rule the executor's output processor decides with; here it guards the
-            # KV reservation for callers that pass no verdicts (the executor's verdict always comes first)
-            if status is None and length_finished(req.num_output_tokens, req.max_tokens, req.num_tokens,
-                                                  self.config.max_seq_len):
-                status = RequestStatus.FINISHED_LENGTH
-            if status is not None and self.finish(req.request_id, status):
-                done.append(req.request_id)
-        for rid, status in finished.items():
-            if self.finish(rid, status):
-                done.append(rid)
-        return tuple(done)
-
-    def advance(self, output: SchedulerOutput) -> dict[str, int]:
-        """Apply a launched step whose tokens are not known yet (overlapped scheduling).
-
-        `update` without the token values: computed tokens move on, full blocks are hashed (so
-        earlier steps must be committed), each `is_last_chunk` sequence gets `PLACEHOLDER_TOKEN`
-        as its newest output and a request at its length limit ends (FINISHED_LENGTH). Returns
-        {request_id: placeholder index in output_token_ids} for `commit`.
-        """
-        placeholders: dict[str, int] = {}
-        for seq in output.scheduled:
-            req = self._requests.get(seq.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # finished (or preempted) since it was scheduled: its slot in the step is discarded
-            if req.num_computed_tokens != seq.num_computed_tokens:
-                raise RuntimeError(f"advance: stale SchedulerOutput for {seq.request_id!r} (has "
-                                   f"{req.num_computed_tokens} computed tokens, the output says "
-                                   f"{seq.num_computed_tokens})")
-            req.num_computed_tokens += len(seq.token_ids)
-            self.kv_cache_manager.cache_full_blocks(req)
-            if not seq.is_last_chunk:
-                continue
-            placeholders[req.request_id] = len(req.output_token_ids)
-            req.output_token_ids.append(PLACEHOLDER_TOKEN)
-            if length_finished(req.num_output_tokens, req.max_tokens, req.num_tokens, self.config.max_seq_len):
-                self.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
-        return placeholders
-
-    def commit(self, placeholders: Mapping[str, int], sampled: Mapping[str, int],
-               finished: Mapping[str, RequestStatus] | None = None) -> tuple[str, ...]:
-        """The tokens of an `advance`d step are known: write them over their placeholders, apply verdicts.
-
-        Ids gone from the scheduler (aborted, ended a step before) are skipped. Returns those finished here.
-        """
-        for rid, token in sampled.items():
-            req = self._requests.get(rid)
-            index = placeholders.get(rid)
-            if req is not None and index is not None and index < len(req.output_token_ids):
-                req.output_token_ids[index] = int(token)
-        done = []
-        for rid, status in (finished or {}).items():
-            if self.finish(rid, status):
-                done.append(rid)
-        return tuple(done)
 
     def _repr_html_(self) -> str:
         def rows(reqs) -> str:

@@ -78,6 +78,7 @@ class ScheduledSequence(NamedTuple):
     num_computed_tokens: int  # tokens already in the cache before this step
     block_table: tuple[int, ...]  # covers num_computed_tokens + len(token_ids) slots
     is_last_chunk: bool  # computes the last known token: sample from the logits of its last row
+    num_draft_tokens: int = 0  # speculative drafts at the end of token_ids (verified, not sampled from)
 
     @property
     def num_scheduled_tokens(self) -> int:
