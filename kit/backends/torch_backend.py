@@ -77,11 +77,14 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, network: Network, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, attention: str = "auto", fuse: bool = True) -> None:
+                 dtype: torch.dtype | None = None, attention: str = "auto", fuse: bool = True,
+                 kernels: str = "auto") -> None:
         if attention not in ("auto", "triton", "reference"):
             raise ValueError(f"attention must be 'auto', 'triton' or 'reference', got {attention!r}")
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be True or False, got {fuse!r}")
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
         self.network = network
         self.fuse = fuse
         self.config = network.config
@@ -96,8 +99,13 @@ class TorchBackend:
             elif attention == "triton":
                 raise RuntimeError("attention='triton' needs the triton package")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
-        # the fused ops: Triton kernels on a GPU, their torch references (the unfused math) elsewhere
-        self.kernel_impl = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        # the fused ops: Triton kernels on a GPU, their torch references (the unfused math) elsewhere;
+        # kernels="triton" on the CPU runs them through Triton's interpreter (TRITON_INTERPRET=1, for tests)
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        elif kernels == "triton" and not triton_available():
+            raise RuntimeError("kernels='triton' needs the triton package")
+        self.kernel_impl = kernels
         self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
                                                  for layer in network.layers]
         self.graphs: CUDAGraphRunner | None = None
