@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kit.config import ModelConfig
+from kit.quantization.config import QUANT_PRESETS
 
 __all__ = ["H100_COPY_BANDWIDTH", "H100_BF16_FLOPS", "WEIGHT_BITS", "StepCost", "decode_step_cost", "roofline_row",
            "describe_row"]
@@ -85,24 +86,39 @@ def _elem(name: str, dtype: str) -> int:
     return _ELEM[key]
 
 
+def _algo(quantization: Any) -> tuple[str | None, str | None]:
+    """(QuantAlgo name, 8-bit KV cache name or None) of a QuantConfig, an algo name or a preset name."""
+    if quantization is None:
+        return None, None
+    if hasattr(quantization, "quant_algo"):  # a QuantConfig
+        kv = quantization.kv_cache_quant_algo
+        return str(quantization.quant_algo.value), (str(kv.value).lower() if kv is not None else None)
+    name = str(quantization)
+    if name.upper() in WEIGHT_BITS:
+        return name.upper(), None
+    preset = name.lower().replace("-", "_")
+    if preset in QUANT_PRESETS:
+        return str(QUANT_PRESETS[preset][0].value), None
+    allowed = [k for k in WEIGHT_BITS if k] + list(QUANT_PRESETS)
+    raise ValueError(f"quantization must be None, a QuantConfig or one of {', '.join(allowed)}, got {quantization!r}")
+
+
 def decode_step_cost(config: ModelConfig, batch: int, context: int, *, dtype: str = "bfloat16",
-                     quantization: str | None = None, kv_cache_dtype: str | None = None,
+                     quantization: Any = None, kv_cache_dtype: str | None = None,
                      quantize_lm_head: bool = False) -> StepCost:
     """Bytes and FLOPs of one decode step: `batch` sequences, each attending over `context` tokens.
 
-    `dtype`: the activations' and unquantized weights' dtype; `quantization`: a `QuantAlgo` name
-    (its weight width from `WEIGHT_BITS`; the lm_head stays in `dtype` unless `quantize_lm_head`);
-    `kv_cache_dtype`: "int8" / "fp8" for an 8-bit cache (default: `dtype`).
+    `dtype`: the activations' and unquantized weights' dtype; `quantization`: a `QuantConfig`, a
+    `QuantAlgo` name or a preset name such as "fp8" / "int4_awq" (its weight width from `WEIGHT_BITS`;
+    the lm_head stays in `dtype` unless `quantize_lm_head`); `kv_cache_dtype`: "int8" / "fp8" for an
+    8-bit cache (default: the QuantConfig's KV-cache algorithm, else `dtype`).
     """
     if batch < 1 or context < 1:
         raise ValueError(f"batch and context must be >= 1, got {batch} and {context}")
     elem = _elem("dtype", dtype)
-    key = None if quantization is None else str(quantization).upper()
-    if key not in WEIGHT_BITS:
-        raise ValueError(f"quantization must be None or one of {', '.join(k for k in WEIGHT_BITS if k)}, "
-                         f"got {quantization!r}")
+    key, kv_algo = _algo(quantization)
     bits = WEIGHT_BITS[key] or 8.0 * elem
-    kv_elem = _elem("kv_cache_dtype", kv_cache_dtype or dtype)
+    kv_elem = _elem("kv_cache_dtype", kv_cache_dtype or kv_algo or dtype)
     c = config
     h, i, q, kv, layers, v = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size, c.num_hidden_layers, c.vocab_size
     linear = h * (q + 2 * kv) + q * h + 3 * h * i  # per block
@@ -119,7 +135,7 @@ def decode_step_cost(config: ModelConfig, batch: int, context: int, *, dtype: st
 
 
 def roofline_row(config: ModelConfig, batch: int, context: int, step_ms: float | None = None, *,
-                 dtype: str = "bfloat16", quantization: str | None = None, kv_cache_dtype: str | None = None,
+                 dtype: str = "bfloat16", quantization: Any = None, kv_cache_dtype: str | None = None,
                  bandwidth: float = H100_COPY_BANDWIDTH, peak_flops: float = H100_BF16_FLOPS) -> dict[str, Any]:
     """One decode step against its roofline, as flat columns (a row of `kit bench` or a results JSON).
 

@@ -4,6 +4,7 @@ import pytest
 
 from kit.config import ModelConfig
 from kit.loader import SYNTHETIC_PRESETS
+from kit.quantization.config import QuantConfig
 from kit.roofline import H100_COPY_BANDWIDTH, StepCost, decode_step_cost, describe_row, roofline_row
 
 CFG = ModelConfig(family="llama", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -32,6 +33,11 @@ def test_quantization_and_an_8bit_cache_shrink_the_bytes():
     assert fp8.weight_bytes - head_and_rest == linear / 2 and w4.weight_bytes - head_and_rest == linear * 4.25 / 16
     int8_kv = decode_step_cost(c, 1, 100, kv_cache_dtype="int8")
     assert int8_kv.kv_read_bytes == 100 * (2 * 32 * 2 + 2 * 4 * 2 * 2)  # values at 1 byte, a float32 scale per head
+    assert decode_step_cost(c, 1, 100, quantization="fp8") == fp8  # a preset name
+    assert decode_step_cost(c, 1, 100, quantization="int4_awq") == w4
+    qc = QuantConfig.from_name("fp8", kv_cache_quant_algo="int8")
+    assert decode_step_cost(c, 1, 100, quantization=qc) == decode_step_cost(c, 1, 100, quantization="FP8",
+                                                                            kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="quantization must be"):
         decode_step_cost(c, 1, 100, quantization="INT3")
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
