@@ -137,12 +137,18 @@ def run_model(name: str, args, device: str, dtype: torch.dtype, bandwidth: float
         torch.cuda.empty_cache()
 
 
+def _unfused(runs: list[dict], r: dict) -> dict | None:
+    """The unfused run of the same model and batch size as `r`."""
+    return next((x for x in runs if x["model"] == r["model"] and not x["fuse"] and x["batch_size"] == r["batch_size"]),
+                None)
+
+
 def summarise(out: dict) -> None:
     runs = out["runs"]
     for r in runs:
         if r["fuse"]:
-            base = next(x for x in runs if x["model"] == r["model"] and not x["fuse"] and x["batch_size"] == r["batch_size"])
-            r["speedup_vs_unfused"] = base["step_ms"] / r["step_ms"]
+            base = _unfused(runs, r)
+            r["speedup_vs_unfused"] = base["step_ms"] / r["step_ms"] if base else None
     out["targets"] = []
     for model, b, key, op, bound in TARGETS:
         row = next((r for r in runs if r["model"] == model and r["batch_size"] == b and r["fuse"]), None)
@@ -155,8 +161,8 @@ def summarise(out: dict) -> None:
     print(f"{'model':<14}{'batch':>6}{'unfused ms':>12}{'fused ms':>10}{'speedup':>9}{'roofline ms':>13}"
           f"{'fraction':>10}{'kernels':>14}")
     for r in runs:
-        if r["fuse"]:
-            base = next(x for x in runs if x["model"] == r["model"] and not x["fuse"] and x["batch_size"] == r["batch_size"])
+        base = _unfused(runs, r)
+        if r["fuse"] and base is not None:
             print(f"{r['model']:<14}{r['batch_size']:>6}{base['step_ms']:>12.3f}{r['step_ms']:>10.3f}"
                   f"{r['speedup_vs_unfused']:>9.2f}{r['roofline_ms']:>13.3f}{r['roofline_fraction']:>10.2f}"
                   f"{base['kernels_per_step']:>7}->{r['kernels_per_step']:<6}")
@@ -194,8 +200,17 @@ def main() -> None:
            "triton": triton_version, "dtype": str(dtype).replace("torch.", ""), "context": args.context,
            "steps": args.steps, "copy_bandwidth_tb_s": bandwidth / 1e12, "smoke": args.smoke,
            "runs": [], "profiles": []}
+    out["errors"] = []
     for name in args.models:
-        run_model(name, args, device, dtype, bandwidth, out)
+        try:
+            run_model(name, args, device, dtype, bandwidth, out)
+        except Exception as e:  # NOTE: one model failing must not lose the others' numbers from a scarce GPU run
+            out["errors"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            if args.smoke:
+                raise
+            if device == "cuda":
+                torch.cuda.empty_cache()
     summarise(out)
     out["wall_s"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:

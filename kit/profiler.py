@@ -306,9 +306,10 @@ class ProfiledEngine:
             self._sync()
         rows = []
         for e in prof.key_averages():
-            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) if cuda \
-                else e.self_cpu_time_total
-            if us > 0 and not (cuda and e.device_type.name != "CUDA"):
+            if cuda and e.device_type.name != "CUDA":
+                continue  # on a GPU: the kernels themselves, not the CPU ops that launched them
+            us = e.device_time_total if cuda else e.self_cpu_time_total
+            if us > 0:
                 rows.append({"name": e.key, "calls": e.count, "time_ms": us / 1e3})
         df = pd.DataFrame(rows, columns=["name", "calls", "time_ms"]).sort_values("time_ms", ascending=False)
         df["share_pct"] = 100.0 * df["time_ms"] / df["time_ms"].sum() if len(df) else []

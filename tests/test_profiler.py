@@ -91,3 +91,23 @@ def test_top_kernels(profiled):
     top = profiled.top_kernels(n=5, batch_size=1, seq_len=8)
     assert list(top.columns) == ["name", "calls", "time_ms", "share_pct"] and 0 < len(top) <= 5
     assert (top["time_ms"].diff().dropna() <= 0).all() and (top["calls"] >= 1).all()
+
+
+@pytest.mark.gpu
+def test_graphed_step_roofline_and_top_kernels_on_cuda():
+    import torch
+
+    from kit.loader import ModelLoader
+
+    net = NetworkBuilder(ModelLoader.synthetic("qwen2.5-0.5b", device="cuda", dtype=torch.bfloat16)).build()
+    prof = ProfiledEngine(Engine.from_network(net, device="cuda", dtype=torch.bfloat16))
+    prof.profile(batch_size=4, seq_len=256, phase="decode", iters=3, warmup=2)
+    graphed = prof.graphed_step_ms(iters=10)
+    assert graphed is not None and graphed > 0
+    table = prof.roofline()
+    assert list(table["kind"][-2:]) == ["step", "graphed step"]
+    assert table.iloc[-1]["latency_ms"] == graphed
+    top = prof.top_kernels(n=20, batch_size=4, seq_len=256)
+    assert top["name"].str.contains("rms_norm_kernel|rope_kv_kernel|silu_mul_kernel").any()
+    kernels = prof.count_kernels(batch_size=4, seq_len=256)
+    assert kernels.set_index("layer").loc["layers.1.rope", "kernels"] == 1  # no cos / sin tables on the GPU
