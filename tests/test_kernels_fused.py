@@ -25,7 +25,8 @@ from kit.kernels import (  # noqa: E402
 )
 from kit.config import ModelConfig  # noqa: E402
 from kit.loader import LoadedModel, ModelLoader, random_weights  # noqa: E402
-from kit.network import NetworkBuilder  # noqa: E402
+from kit.network import Network, NetworkBuilder  # noqa: E402
+from kit.quantization.config import QuantConfig  # noqa: E402
 from kit.ops import apply_rope, rms_norm, rope_cos_sin, swiglu  # noqa: E402
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -166,6 +167,19 @@ def test_fused_backend_equals_unfused_on_the_cpu(family, tiny_checkpoints):
     plain = run_chunks(Engine(net, TorchBackend(net, fuse=False)), seqs, SCHEDULE, block_size=4)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)  # on the CPU the fused ops run the unfused math
+
+
+def test_an_8bit_kv_cache_keeps_the_unfused_rope_and_write():
+    net = _tiny_network()
+    qnet = Network(net.config, net.layers, net.weights, name="tiny-int8-kv",
+                   quant_config=QuantConfig("NO_QUANT", kv_cache_quant_algo="int8"))
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    engines = {fuse: Engine(qnet, TorchBackend(qnet, fuse=fuse)) for fuse in (False, True)}
+    assert engines[True].allocate_kv_cache(2, 4).is_quantized
+    fused = run_chunks(engines[True], seqs, SCHEDULE, block_size=4)
+    plain = run_chunks(engines[False], seqs, SCHEDULE, block_size=4)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
 
 
 @requires_triton
