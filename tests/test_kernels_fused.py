@@ -211,12 +211,14 @@ def test_fused_decode_step_launches_fewer_kernels():
             engine.forward(batch, kv)
         counts[fuse] = counter
     fused, plain = counts[True], counts[False]
-    # gone, per block: 2 residual adds; the norms (2, with their weight products); rope's neg, cat and
-    # 2 products for q and for k plus the sum each; the K and V scatter; silu and its product.
-    # Once a step: the final norm, the cos / sin tables (positions * inv_freq, cat, cos, sin)
-    removed = Counter(add=2 * 2 + 2 * 2, rms_norm=2 * 2 + 1, mul=2 * (4 + 1 + 2) + 1 + 1, neg=2 * 2, cat=2 * 2 + 1,
-                      index_put_=2 * 2, silu=2, cos=1, sin=1)
-    added = Counter(fused_add_rms_norm=2 * 2 + 1, rope_kv_write=2, silu_mul=2)
+    # gone, per block: 2 residual adds; 2 norms (pow, mean, add eps, rsqrt, normalising and weight products);
+    # rope's neg, cat, 2 products and a sum for q and for k; the K and V scatter; silu and its product.
+    # Once a step: the final norm, the cos / sin tables (positions cast, times inv_freq, cat, cos, sin)
+    norms = 2 * 2 + 1
+    removed = Counter(add=2 * 2 + 2 * 2, pow=norms, mean=norms, add_=norms, rsqrt=norms,
+                      mul=2 * norms + 2 * 4 + 2 + 1, neg=2 * 2, cat=2 * 2 + 1, index_put_=2 * 2, silu=2,
+                      _to_copy=1, cos=1, sin=1)
+    added = Counter(fused_add_rms_norm=norms, rope_kv_write=2, silu_mul=2)
     assert fused.ops == plain.ops - removed + added
     assert fused.total == plain.total - sum(removed.values()) + sum(added.values())
     assert fused.syncs == plain.syncs == 0  # a forward pass never waits on the host

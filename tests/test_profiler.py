@@ -80,8 +80,9 @@ def test_count_kernels_per_layer(profiled):
     assert by_layer["layers.0.input_norm"] == 1  # one fused add + RMSNorm
     assert by_layer["layers.0.post_attention_norm"] == 1 and by_layer["final_norm"] == 1
     assert by_layer["layers.1.rope"] == 1  # rope and the K/V cache write
-    # on the CPU the first rope also builds the cos / sin tables, once a forward (the Triton kernel needs none)
-    assert by_layer["layers.0.rope"] == 1 + 4
+    # on the CPU the first rope also builds the cos / sin tables once a forward (positions cast, times
+    # inv_freq, cat, cos, sin); the Triton kernel needs none
+    assert by_layer["layers.0.rope"] == 1 + 5
     assert by_layer["layers.0.mlp"] == 3  # gate_up GEMM, silu_mul, down GEMM
     assert by_layer["layers.0.o_proj"] == 1 and by_layer["lm_head"] == 1  # a decode batch: no row gather
     assert df.attrs["host_syncs"] == 0

@@ -44,6 +44,21 @@ def launches_kernel(func: Any) -> bool:
     return not getattr(func, "is_view", False)
 
 
+def _decomposes(func: Any, args: Any) -> bool:
+    """Whether `func` runs as other ATen ops on the device of its first tensor argument.
+
+    NOTE: under `torch.inference_mode` (every `Engine.forward`) a composite op such as `to` or
+    `rms_norm` reaches the dispatch mode whole; the device runs it as the ops it decomposes into,
+    unless the device has a kernel of its own for it.
+    """
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is None or not hasattr(func, "decompose"):
+        return False
+    name = func.name()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(name, "CompositeImplicitAutograd") and not has(name, tensor.device.type.upper())
+
+
 class LaunchCounter(TorchDispatchMode):
     """Counts kernel launches (and host syncs) per scope; `scope` is set by the caller (e.g. a layer name)."""
 
@@ -68,13 +83,19 @@ class LaunchCounter(TorchDispatchMode):
         self.ops[name] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if not self._suspended:
+            if _decomposes(func, args):  # e.g. `to`, `rms_norm` on the CPU: count the ops it is made of
+                with self:
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
             name = func.__name__.split(".")[0]
             if name in _SYNC:
                 self.syncs += 1
             elif launches_kernel(func):
                 self.record(name)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
     @property
     def total(self) -> int:
