@@ -28,7 +28,6 @@ Bytes per step, with B sequences of context L (`elem` bytes per activation):
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -165,4 +164,4 @@ def describe_row(row: dict[str, Any]) -> str:
     text = f"{row['bytes_per_step'] / 1e9:.3f} GB/step, roofline {row['roofline_ms']:.3f} ms"
     if "step_ms" in row:
         text += f", measured {row['step_ms']:.3f} ms = {100 * row['roofline_fraction']:.0f}% of roofline"
-    return html.unescape(text)
+    return text

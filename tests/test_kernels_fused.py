@@ -169,6 +169,32 @@ def test_fused_backend_equals_unfused_on_the_cpu(family, tiny_checkpoints):
         assert torch.equal(a, b)  # on the CPU the fused ops run the unfused math
 
 
+class _WrapsProjections(TorchBackend):
+    """Like tensor parallel's backend: wraps o_proj / mlp and relies on their `hidden = hidden + proj`."""
+
+    def _wrapped(self, layer):
+        fn = TorchBackend._PREPARE[layer.kind](self, layer)
+
+        def run(env, batch, kv):
+            residual = env["hidden"]
+            env["hidden"] = torch.zeros_like(residual)
+            fn(env, batch, kv)  # 0 + proj(x)
+            env["hidden"] = residual + env["hidden"]  # (an all-reduce of env["hidden"] would go here)
+        return run
+
+    _PREPARE = {**TorchBackend._PREPARE, "o_proj": _wrapped, "mlp": _wrapped}
+
+
+def test_a_subclass_wrapping_the_projections_keeps_the_residual_add():
+    net = _tiny_network()
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    wrapped = _WrapsProjections(net)
+    assert wrapped.fuse and not wrapped.defer_residual and TorchBackend(net).defer_residual
+    for a, b in zip(run_chunks(Engine(net, wrapped), seqs, SCHEDULE, block_size=4),
+                    run_chunks(Engine(net, TorchBackend(net, fuse=False)), seqs, SCHEDULE, block_size=4)):
+        assert torch.equal(a, b)
+
+
 def test_an_8bit_kv_cache_keeps_the_unfused_rope_and_write():
     net = _tiny_network()
     qnet = Network(net.config, net.layers, net.weights, name="tiny-int8-kv",

@@ -15,6 +15,7 @@ With `fuse=True` (the default) a layer launches fewer kernels (`kit/kernels/`: T
 CUDA, the same torch ops as the unfused path elsewhere, so CPU numerics do not change):
 
     o_proj, mlp          write their output as `delta`; the residual add moves into the next norm
+                         (unless a subclass wraps o_proj / mlp: `defer_residual`)
     rmsnorm              residual += delta; x = rms_norm(residual): one kernel (`fused_add_rms_norm`)
     rope                 rotates q and k and writes k, v into the paged cache (`rope_kv_write`),
                          straight from the qkv GEMM's output; attention then only reads the cache
@@ -106,6 +107,10 @@ class TorchBackend:
         elif kernels == "triton" and not triton_available():
             raise RuntimeError("kernels='triton' needs the triton package")
         self.kernel_impl = kernels
+        # NOTE: the residual add moves into the next norm only when o_proj / mlp are prepared by this
+        # class itself: a subclass that wraps them (tensor parallel's all-reduce) relies on their
+        # `hidden = hidden + proj` and keeps it; its norms, rope and SiLU x up are still fused
+        self.defer_residual = fuse and all(self._PREPARE[k] is TorchBackend._PREPARE[k] for k in ("o_proj", "mlp"))
         self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
                                                  for layer in network.layers]
         self.graphs: CUDAGraphRunner | None = None
@@ -232,7 +237,7 @@ class TorchBackend:
     def _o_proj(self, layer: Layer) -> LayerFn:
         prefix = layer.weights[0].rsplit(".", 1)[0]
         lin = self._linear(layer, [prefix], layer.attrs["bias"])
-        if self.fuse:  # the next norm adds it into the residual stream
+        if self.defer_residual:  # the next norm adds it into the residual stream
             return lambda env, batch, kv: env.__setitem__("delta", lin(env["attn"]))
         return lambda env, batch, kv: env.__setitem__("hidden", env["hidden"] + lin(env["attn"]))
 
@@ -249,7 +254,11 @@ class TorchBackend:
             env["hidden"] = env["hidden"] + down(swiglu(gate, up))
 
         def run_mlp_fused(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
-            env["delta"] = down(silu_mul(gate_up(env["x"]), impl))  # the next norm adds it
+            out = down(silu_mul(gate_up(env["x"]), impl))
+            if self.defer_residual:
+                env["delta"] = out  # the next norm adds it
+            else:
+                env["hidden"] = env["hidden"] + out
         return run_mlp_fused if self.fuse else run_mlp
 
     def _lm_head(self, layer: Layer) -> LayerFn:
