@@ -15,8 +15,10 @@ import time
 
 import torch
 
-from kit.builder import BuildConfig, Builder
+from kit.backends.torch_backend import TorchBackend
+from kit.builder import BuildConfig
 from kit.batch import ForwardBatch, SequenceInput
+from kit.engine import Engine
 from kit.loader import ModelLoader
 from kit.network import NetworkBuilder
 
@@ -53,6 +55,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--fuse", nargs="+", choices=["on", "off"], default=["on"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context": args.context,
@@ -62,18 +65,18 @@ def main() -> None:
         network = NetworkBuilder(loaded).build()
         bs = 16
         max_seq = args.context + args.steps + bs
-        for graphs in (False, True):
+        for fuse, graphs in [(f == "on", g) for f in args.fuse for g in (False, True)]:
             bc = BuildConfig(max_batch_size=max(args.batch_sizes), max_seq_len=max_seq, max_input_len=max_seq // 2,
                              use_cuda_graphs=graphs, block_size=bs)
-            engine = Builder("torch", device="cuda").build(network, bc, loaded=loaded, enable_build_cache=False,
-                                                          progress=False)
+            engine = Engine(network, TorchBackend(network, device="cuda", dtype=torch.bfloat16, fuse=fuse),
+                            build_config=bc)
             t0 = time.perf_counter()
             kv = engine.allocate_kv_cache(max(args.batch_sizes) * -(-max_seq // bs) + 1, bs)
             engine.capture_cuda_graphs(kv)
             capture_s = time.perf_counter() - t0
             for b in args.batch_sizes:
                 sps = time_decode(engine, kv, b, args.context, args.steps, bs)
-                row = {"model": name, "cuda_graphs": graphs, "batch_size": b, "steps_per_s": sps,
+                row = {"model": name, "fuse": fuse, "cuda_graphs": graphs, "batch_size": b, "steps_per_s": sps,
                        "tokens_per_s": sps * b, "ms_per_step": 1e3 / sps, "graph_capture_s": capture_s if graphs else 0.0,
                        "backend": engine.backend.describe()}
                 results["runs"].append(row)
@@ -85,14 +88,14 @@ def main() -> None:
     for r in results["runs"]:
         if r["cuda_graphs"]:
             eager = next(x for x in results["runs"] if x["model"] == r["model"] and not x["cuda_graphs"]
-                         and x["batch_size"] == r["batch_size"])
+                         and x["batch_size"] == r["batch_size"] and x["fuse"] == r["fuse"])
             r["speedup_vs_eager"] = r["steps_per_s"] / eager["steps_per_s"]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"{'model':<26}{'batch':>6}{'eager ms':>10}{'graph ms':>10}{'speedup':>9}")
+    print(f"{'model':<26}{'fuse':>6}{'batch':>6}{'eager ms':>10}{'graph ms':>10}{'speedup':>9}")
     for r in results["runs"]:
         if r["cuda_graphs"]:
-            print(f"{r['model']:<26}{r['batch_size']:>6}{1e3 / (r['steps_per_s'] / r['speedup_vs_eager']):>10.2f}"
+            print(f"{r['model']:<26}{str(r['fuse']):>6}{r['batch_size']:>6}{1e3 / (r['steps_per_s'] / r['speedup_vs_eager']):>10.2f}"
                   f"{r['ms_per_step']:>10.2f}{r['speedup_vs_eager']:>9.2f}")
 
 

@@ -1,6 +1,10 @@
 """Per-layer profiles (prefill and decode) of SmolLM2 and a synthetic llama-3.2-1b, as JSON.
 
-    python bench/profile_layers.py --out profiles.json [--trace-dir DIR]
+    python bench/profile_layers.py --out profiles.json [--trace-dir DIR] [--fuse off]
+
+`--fuse off` profiles the PyTorch backend without its fused kernels (the layout of
+bench/results/profiles_h100.json, measured before they existed); each profile records
+`fuse`, the kernels each layer kind launches, and the per-kind roofline (`ProfiledEngine.roofline`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 
 import torch
 
+from kit.backends.torch_backend import TorchBackend
 from kit.engine import Engine
 from kit.loader import ModelLoader
 from kit.network import NetworkBuilder
@@ -24,6 +29,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", required=True)
     p.add_argument("--trace-dir", default=None)
+    p.add_argument("--fuse", choices=["on", "off"], default="on")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -34,12 +40,16 @@ def main() -> None:
             loaded = ModelLoader.synthetic(name.split(":", 1)[1], device=device, dtype=dtype)
         else:
             loaded = ModelLoader(name, device=device, dtype=dtype).load()
-        prof = ProfiledEngine(Engine.from_network(NetworkBuilder(loaded).build(), device=device, dtype=dtype))
+        net = NetworkBuilder(loaded).build()
+        prof = ProfiledEngine(Engine(net, TorchBackend(net, device=device, dtype=dtype, fuse=args.fuse == "on")))
         for phase, batch, seq in CASES:
             df = prof.profile(batch_size=batch, seq_len=seq, phase=phase, iters=args.iters)
             s = prof.last_summary
-            out["profiles"].append({"model": name, **s, "layers": df.to_dict(orient="records"),
-                                    "by_kind": ProfiledEngine.by_kind(df).to_dict(orient="records")})
+            kernels = prof.count_kernels(batch_size=batch, seq_len=seq, phase=phase)
+            out["profiles"].append({"model": name, "fuse": args.fuse == "on", **s, "layers": df.to_dict(orient="records"),
+                                    "by_kind": ProfiledEngine.by_kind(df).to_dict(orient="records"),
+                                    "roofline_by_kind": prof.roofline().to_dict(orient="records"),
+                                    "kernels_by_kind": kernels.groupby("kind", sort=False)["kernels"].sum().to_dict()})
             print(f"{name:<26}{phase:>8} b={batch:<3} unprofiled {s['unprofiled_ms']:8.3f} ms  sum of layers "
                   f"{s['profiled_sum_ms']:8.3f} ms  ({s['overhead_pct']:+.0f}%)  "
                   f"{s['total_bytes'] / 1e6:8.1f} MB -> {s['total_bytes'] / s['unprofiled_ms'] / 1e6:7.1f} GB/s")

@@ -15,6 +15,17 @@ With bandwidth and peak FLOP/s of the device, `bytes / bandwidth` and `flops / p
 each layer's two floors: decode layers sit on the bandwidth floor (intensity ~ 1-2
 FLOP/byte at batch 1), prefill GEMMs on the compute one. Timing every layer costs
 something: `last_summary` holds the unprofiled total of the same batch and the overhead.
+
+Beside the per-layer times (all on the last profiled batch):
+
+    roofline(bandwidth)      per layer kind and for the whole step: bytes, roofline_ms, achieved fraction
+    graphed_step_ms()        the decode step replayed from a CUDA graph, timed as a whole (GPU only)
+    top_kernels(n)           the kernels (GPU) or ops (CPU) that take the most time, from the PyTorch profiler
+    count_kernels()          kernels launched per layer (`kit.kernels.LaunchCounter`; works on the CPU)
+
+With the PyTorch backend's fused kernels a layer's time is that of its kernels: an
+`rmsnorm` row includes the residual add of the o_proj / mlp before it, and `rope`
+includes the K/V cache write (see kit/backends/torch_backend.py).
 """
 
 from __future__ import annotations
@@ -29,10 +40,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from kit.backends.base import LayerHook
+from kit.backends.cuda_graphs import CUDAGraphRunner
 from kit.batch import ForwardBatch, SequenceInput
 from kit.engine import Engine
+from kit.kernels import LaunchCounter
 from kit.layer_kinds import LAYER_KINDS, CostShape
 from kit.network import Layer, Network
+from kit.roofline import H100_BF16_FLOPS, H100_COPY_BANDWIDTH
 
 try:  # the nvtx package is a dependency; fall back to torch's binding if absent
     import nvtx as _nvtx
@@ -102,6 +116,19 @@ class _LayerTimer(LayerHook):
     def milliseconds(self) -> list[tuple[str, float]]:
         """(layer name, ms) of every layer timed; on a GPU, call after synchronizing."""
         return [(name, a.elapsed_time(b) if self.cuda else 1e3 * (b - a)) for name, a, b in self.events]
+
+
+class _Scope(LayerHook):
+    """Names the layer that is running for a `LaunchCounter`."""
+
+    def __init__(self, counter: LaunchCounter) -> None:
+        self.counter = counter
+
+    def before(self, layer: Layer, inputs: Mapping[str, torch.Tensor]) -> None:
+        self.counter.scope = layer.name
+
+    def after(self, layer: Layer, outputs: Mapping[str, torch.Tensor]) -> None:
+        self.counter.scope = ""
 
 
 def layer_cost(layer: Layer, network: Network, num_tokens: int, num_seqs: int, q_len: int, ctx_len: int,
@@ -235,6 +262,96 @@ class ProfiledEngine:
         df = self.engine.collective_timings()
         return df.groupby(["rank", "layer", "op"], sort=False).agg(
             latency_ms=("latency_ms", "mean"), bytes=("bytes", "first")).reset_index()
+
+    # ---------------------------------------------------------------- roofline
+    def roofline(self, bandwidth: float = H100_COPY_BANDWIDTH, peak_flops: float = H100_BF16_FLOPS) -> pd.DataFrame:
+        """The last profile against its roofline, one row per layer kind and one for the whole step.
+
+        Columns: `kind, count, latency_ms, bytes, flops, roofline_ms` (max of bytes / bandwidth and
+        flops / peak_flops), `achieved_fraction` (roofline_ms / latency_ms), `share_pct`. The `step`
+        row is the unprofiled forward pass; a `graphed step` row is added once `graphed_step_ms()`
+        has timed the same batch from a CUDA graph.
+        """
+        if self.last_frame is None:
+            raise ValueError("roofline() reads the last profile: call profile() first")
+        if not (bandwidth > 0 and peak_flops > 0):
+            raise ValueError(f"bandwidth and peak_flops must be > 0, got {bandwidth!r} and {peak_flops!r}")
+        g = self.by_kind(self.last_frame)[["kind", "count", "latency_ms", "bytes", "flops", "share_pct"]]
+        s = self.last_summary
+        steps = [{"kind": "step", "count": len(self.last_frame), "latency_ms": s["unprofiled_ms"],
+                  "bytes": s["total_bytes"], "flops": s["total_flops"], "share_pct": 100.0}]
+        if s.get("graphed_step_ms") is not None:
+            steps.append({**steps[0], "kind": "graphed step", "latency_ms": s["graphed_step_ms"]})
+        df = pd.concat([g, pd.DataFrame(steps)], ignore_index=True)
+        df["roofline_ms"] = 1e3 * pd.concat([df["bytes"] / bandwidth, df["flops"] / peak_flops], axis=1).max(axis=1)
+        df["achieved_fraction"] = df["roofline_ms"] / df["latency_ms"]
+        return df[["kind", "count", "latency_ms", "bytes", "flops", "roofline_ms", "achieved_fraction", "share_pct"]]
+
+    @torch.inference_mode()
+    def graphed_step_ms(self, iters: int = 50) -> float | None:
+        """The last profiled decode batch replayed from a CUDA graph (captured here, on the profiler's
+        own cache; the engine's graphs are not touched), timed as a whole; None where graphs cannot run."""
+        s = self.last_summary
+        if not s or s["phase"] != "decode":
+            raise ValueError("graphed_step_ms() replays the last profiled batch: profile a decode batch first")
+        backend = self.engine.backend
+        if self.engine.device.type != "cuda" or not hasattr(backend, "run_layers"):
+            return None
+        batch, kv, _ = self._batch(s["batch_size"], s["seq_len"], "decode")
+        runner = CUDAGraphRunner(backend, kv, (s["batch_size"],), batch.block_tables.shape[1])
+        for _ in range(3):
+            runner.run(batch)
+        self._sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            runner.run(batch)
+        end.record()
+        self._sync()
+        self.last_summary["graphed_step_ms"] = start.elapsed_time(end) / iters
+        return self.last_summary["graphed_step_ms"]
+
+    @torch.inference_mode()
+    def top_kernels(self, n: int = 10, batch_size: int = 1, seq_len: int = 128, phase: str = "decode") -> pd.DataFrame:
+        """The `n` kernels (GPU) or ops (CPU) that take the most time in one forward pass.
+
+        Columns: `name, calls, time_ms` (device time on a GPU, self CPU time on the CPU), `share_pct`.
+        """
+        batch, kv, _ = self._batch(batch_size, seq_len, phase)
+        cuda = self.engine.device.type == "cuda"
+        self.engine.forward(batch, kv)
+        self._sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            self.engine.forward(batch, kv)
+            self._sync()
+        rows = []
+        for e in prof.key_averages():
+            if cuda and e.device_type.name != "CUDA":
+                continue  # on a GPU: the kernels themselves, not the CPU ops that launched them
+            us = e.device_time_total if cuda else e.self_cpu_time_total
+            if us > 0:
+                rows.append({"name": e.key, "calls": e.count, "time_ms": us / 1e3})
+        df = pd.DataFrame(rows, columns=["name", "calls", "time_ms"]).sort_values("time_ms", ascending=False)
+        df["share_pct"] = 100.0 * df["time_ms"] / df["time_ms"].sum() if len(df) else []
+        return df.head(n).reset_index(drop=True)
+
+    @torch.inference_mode()
+    def count_kernels(self, batch_size: int = 1, seq_len: int = 128, phase: str = "decode") -> pd.DataFrame:
+        """Kernels each layer launches in one forward pass (`layer, kind, kernels`), counted on any device.
+
+        A fused op of `kit/kernels/` counts once; on a GPU every row is what one eager pass (and the
+        CUDA graph that records it) launches. `attrs["host_syncs"]` counts `.item()`-like waits.
+        """
+        batch, kv, _ = self._batch(batch_size, seq_len, phase)
+        with LaunchCounter() as counter:
+            self.engine.forward(batch, kv, hooks=[_Scope(counter)])
+        per_layer = counter.by_scope()
+        df = pd.DataFrame([{"layer": layer.name, "kind": layer.kind, "kernels": per_layer.get(layer.name, 0)}
+                           for layer in self.engine.network.layers])
+        df.attrs["host_syncs"] = counter.syncs
+        df.attrs["outside_layers"] = per_layer.get("", 0)
+        return df
 
     @staticmethod
     def by_kind(df: pd.DataFrame) -> pd.DataFrame:

@@ -56,3 +56,59 @@ def test_bad_arguments(profiled):
         profiled.profile(phase="both")
     with pytest.raises(ValueError, match="batch_size"):
         profiled.profile(batch_size=0)
+
+
+def test_roofline_table_per_kind_and_step(profiled):
+    df = profiled.profile(batch_size=1, seq_len=16, phase="decode", iters=2, warmup=1)
+    table = profiled.roofline(bandwidth=1e9, peak_flops=1e18)
+    kinds = ProfiledEngine.by_kind(df)
+    assert list(table["kind"]) == list(kinds["kind"]) + ["step"]
+    step = table.iloc[-1]
+    assert step["bytes"] == df["bytes"].sum() and step["latency_ms"] == profiled.last_summary["unprofiled_ms"]
+    assert (table["roofline_ms"] - 1e3 * table["bytes"] / 1e9).abs().max() < 1e-9  # bandwidth bound at batch 1
+    assert (table["achieved_fraction"] == table["roofline_ms"] / table["latency_ms"]).all()
+    assert profiled.graphed_step_ms() is None  # the CPU has no CUDA graphs
+    with pytest.raises(ValueError, match="bandwidth"):
+        profiled.roofline(bandwidth=0)
+
+
+def test_count_kernels_per_layer(profiled):
+    df = profiled.count_kernels(batch_size=2, seq_len=8, phase="decode")
+    net = profiled.engine.network
+    assert list(df["layer"]) == [layer.name for layer in net]
+    by_layer = dict(zip(df["layer"], df["kernels"]))
+    assert by_layer["layers.0.input_norm"] == 1  # one fused add + RMSNorm
+    assert by_layer["layers.0.post_attention_norm"] == 1 and by_layer["final_norm"] == 1
+    assert by_layer["layers.1.rope"] == 1  # rope and the K/V cache write
+    # on the CPU the first rope also builds the cos / sin tables once a forward (positions cast, times
+    # inv_freq, cat, cos, sin); the Triton kernel needs none
+    assert by_layer["layers.0.rope"] == 1 + 5
+    assert by_layer["layers.0.mlp"] == 3  # gate_up GEMM, silu_mul, down GEMM
+    assert by_layer["layers.0.o_proj"] == 1 and by_layer["lm_head"] == 1  # a decode batch: no row gather
+    assert df.attrs["host_syncs"] == 0
+
+
+def test_top_kernels(profiled):
+    top = profiled.top_kernels(n=5, batch_size=1, seq_len=8)
+    assert list(top.columns) == ["name", "calls", "time_ms", "share_pct"] and 0 < len(top) <= 5
+    assert (top["time_ms"].diff().dropna() <= 0).all() and (top["calls"] >= 1).all()
+
+
+@pytest.mark.gpu
+def test_graphed_step_roofline_and_top_kernels_on_cuda():
+    import torch
+
+    from kit.loader import ModelLoader
+
+    net = NetworkBuilder(ModelLoader.synthetic("qwen2.5-0.5b", device="cuda", dtype=torch.bfloat16)).build()
+    prof = ProfiledEngine(Engine.from_network(net, device="cuda", dtype=torch.bfloat16))
+    prof.profile(batch_size=4, seq_len=256, phase="decode", iters=3, warmup=2)
+    graphed = prof.graphed_step_ms(iters=10)
+    assert graphed is not None and graphed > 0
+    table = prof.roofline()
+    assert list(table["kind"][-2:]) == ["step", "graphed step"]
+    assert table.iloc[-1]["latency_ms"] == graphed
+    top = prof.top_kernels(n=20, batch_size=4, seq_len=256)
+    assert top["name"].str.contains("rms_norm_kernel|rope_kv_kernel|silu_mul_kernel").any()
+    kernels = prof.count_kernels(batch_size=4, seq_len=256)
+    assert kernels.set_index("layer").loc["layers.1.rope", "kernels"] == 1  # no cos / sin tables on the GPU

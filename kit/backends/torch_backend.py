@@ -11,19 +11,39 @@ The math is `kit/ops.py`'s; the kinds of layer and what each computes are
 paged KV cache through the block tables with `ops.paged_attention` (the reference), or
 on a GPU with the Triton paged kernels (`triton_attention.py`: decode, and varlen prefill
 for prompt chunks and mixed batches), for bf16/fp16/fp32 and int8/fp8 caches alike.
+
+With `fuse=True` (the default) a layer launches fewer kernels (`kit/kernels/`: Triton on
+CUDA, the same torch ops as the unfused path elsewhere, so CPU numerics do not change):
+
+    o_proj, mlp          write their output as `delta`; the residual add moves into the next norm
+                         (unless a subclass wraps o_proj / mlp: `defer_residual`)
+    rmsnorm              residual += delta; x = rms_norm(residual): one kernel (`fused_add_rms_norm`)
+    rope                 rotates q and k and writes k, v into the paged cache (`rope_kv_write`),
+                         straight from the qkv GEMM's output; attention then only reads the cache
+    mlp                  silu(gate) * up in one kernel over the gate_up output (`silu_mul`)
+    lm_head              a decode batch (every row wants logits) skips the row gather
+
+The profiler's per-layer times follow the kernels: a norm's time includes the residual
+add of the layer before it, rope's time includes the K/V cache write (attention's time
+is the attention kernel alone). Hooks still see every layer's named outputs: `hidden`
+after o_proj / mlp is computed on access (hidden + delta) and `k` after rope is read
+back from the cache, so evaluation and the profiler see the same values as unfused.
+An 8-bit KV cache keeps the unfused rope and write (it quantizes on write).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from kit.backends.triton_attention import paged_decode_attention, paged_prefill_attention, triton_available
 from kit.backends.base import LayerHook
+from kit.backends.cuda_graphs import CUDAGraphRunner
+from kit.backends.triton_attention import paged_decode_attention, paged_prefill_attention, triton_available
 from kit.batch import ForwardBatch, KVCache
+from kit.kernels import fused_add_rms_norm, rope_kv_write, silu_mul
 from kit.layer_kinds import check_covers
 from kit.network import Layer, Network
 from kit.ops import apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
@@ -60,10 +80,16 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, network: Network, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, attention: str = "auto") -> None:
+                 dtype: torch.dtype | None = None, attention: str = "auto", fuse: bool = True,
+                 kernels: str = "auto") -> None:
         if attention not in ("auto", "triton", "reference"):
             raise ValueError(f"attention must be 'auto', 'triton' or 'reference', got {attention!r}")
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be True or False, got {fuse!r}")
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
         self.network = network
+        self.fuse = fuse
         self.config = network.config
         self.device = torch.device(device)
         self.dtype = dtype or network.weights["model.embed_tokens.weight"].dtype  # never quantized
@@ -81,6 +107,17 @@ class TorchBackend:
                 raise ValueError(f"attention='triton' on {self.device} needs TRITON_INTERPRET=1 (Triton's "
                                  f"interpreter); use attention='auto' or 'reference' there")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
+        # the fused ops: Triton kernels on a GPU, their torch references (the unfused math) elsewhere;
+        # kernels="triton" on the CPU runs them through Triton's interpreter (TRITON_INTERPRET=1, for tests)
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        elif kernels == "triton" and not triton_available():
+            raise RuntimeError("kernels='triton' needs the triton package")
+        self.kernel_impl = kernels
+        # NOTE: the residual add moves into the next norm only when o_proj / mlp are prepared by this
+        # class itself: a subclass that wraps them (tensor parallel's all-reduce) relies on their
+        # `hidden = hidden + proj` and keeps it; its norms, rope and SiLU x up are still fused
+        self.defer_residual = fuse and all(self._PREPARE[k] is TorchBackend._PREPARE[k] for k in ("o_proj", "mlp"))
         self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
                                                  for layer in network.layers]
         self.graphs: CUDAGraphRunner | None = None
@@ -96,7 +133,8 @@ class TorchBackend:
     def describe(self) -> str:
         mode = f"CUDA graphs for decode batch sizes {list(self.graphs.batch_sizes)}" if self.graphs else "eager"
         attn = "Triton paged attention" if self.decode_kernel is not None else "reference attention"
-        return f"PyTorch {torch.__version__} ({self.device.type}, {mode}, {attn})"
+        fused = f"fused norm/rope/activation ({self.kernel_impl})" if self.fuse else "unfused"
+        return f"PyTorch {torch.__version__} ({self.device.type}, {mode}, {attn}, {fused})"
 
     # --------------------------------------------------------------- preparing
     def _w(self, name: str) -> torch.Tensor:
@@ -118,7 +156,14 @@ class TorchBackend:
     def _rmsnorm(self, layer: Layer) -> LayerFn:
         w, eps = self._w(layer.weights[0]), layer.attrs["eps"]
         src, dst = layer.inputs[0], layer.outputs[0]
-        return lambda env, batch, kv: env.__setitem__(dst, rms_norm(env[src], w, eps))
+        if not self.fuse:
+            return lambda env, batch, kv: env.__setitem__(dst, rms_norm(env[src], w, eps))
+        impl = self.kernel_impl
+
+        def add_norm(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            # the residual update the o_proj / mlp before left in `delta`, added in place here
+            env[dst] = fused_add_rms_norm(env.pop("delta", None), env[src], w, eps, impl)
+        return add_norm
 
     def _qkv_proj(self, layer: Layer) -> LayerFn:
         attn = layer.weights[0].rsplit(".", 2)[0]
@@ -142,16 +187,30 @@ class TorchBackend:
         return qk_norm
 
     def _rotary(self, layer: Layer) -> LayerFn:
-        inv_freq = self.inv_freq
+        inv_freq, idx, impl = self.inv_freq, layer.attrs["layer_idx"], self.kernel_impl
 
-        def rotate(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+        def tables(env: Env, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
             if "rope_cos" not in env:  # the same for every layer: computed once per forward
                 cos, sin = rope_cos_sin(batch.positions, inv_freq, self.dtype)  # (T, D)
                 env["rope_cos"], env["rope_sin"] = cos[:, None, :], sin[:, None, :]  # (T, 1, D)
-            cos, sin = env["rope_cos"], env["rope_sin"]
+            return env["rope_cos"], env["rope_sin"]
+
+        def rotate(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            cos, sin = tables(env, batch)
             env["q"] = apply_rope(env["q"], cos, sin)
             env["k"] = apply_rope(env["k"], cos, sin)
-        return rotate
+
+        def rotate_and_write(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            if kv.is_quantized:  # an 8-bit cache quantizes on write, in the attention layer
+                return rotate(env, batch, kv)
+            kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
+            cos_sin = tables(env, batch) if impl == "torch" else None  # the Triton kernel makes its own
+            env["q"] = rope_kv_write(env["q"], env["k"], env["v"], batch.positions, inv_freq, kc, vc,
+                                     batch.slot_mapping, cos_sin, impl)
+            # NOTE: the rotated k lives in the cache only; a hook asking for it reads it back
+            env["k"] = _Deferred(lambda: kc.view(-1, kc.shape[2], kc.shape[3])[batch.slot_mapping])
+            env["kv_written"] = True
+        return rotate_and_write if self.fuse else rotate
 
     def _attention(self, layer: Layer) -> LayerFn:
         a = layer.attrs
@@ -171,8 +230,9 @@ class TorchBackend:
                 scales[0].view(-1, kvh)[batch.slot_mapping] = sk
                 scales[1].view(-1, kvh)[batch.slot_mapping] = sv
             else:
-                kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
-                vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
+                if not env.pop("kv_written", False):  # the fused rope wrote K/V already
+                    kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
+                    vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
                 q = q.to(kc.dtype)
             ks, vs = scales if scales is not None else (None, None)
             if self.decode_kernel is not None and batch.max_query_len == 1:
@@ -189,6 +249,8 @@ class TorchBackend:
     def _o_proj(self, layer: Layer) -> LayerFn:
         prefix = layer.weights[0].rsplit(".", 1)[0]
         lin = self._linear(layer, [prefix], layer.attrs["bias"])
+        if self.defer_residual:  # the next norm adds it into the residual stream
+            return lambda env, batch, kv: env.__setitem__("delta", lin(env["attn"]))
         return lambda env, batch, kv: env.__setitem__("hidden", env["hidden"] + lin(env["attn"]))
 
     def _mlp(self, layer: Layer) -> LayerFn:
@@ -197,15 +259,31 @@ class TorchBackend:
         down = self._linear(layer, [f"{mlp}.down_proj"], layer.attrs["bias"])
         inter = layer.attrs["intermediate_size"]
 
+        impl = self.kernel_impl
+
         def run_mlp(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
             gate, up = gate_up(env["x"]).split([inter, inter], dim=-1)
             env["hidden"] = env["hidden"] + down(swiglu(gate, up))
-        return run_mlp
+
+        def run_mlp_fused(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            out = down(silu_mul(gate_up(env["x"]), impl))
+            if self.defer_residual:
+                env["delta"] = out  # the next norm adds it
+            else:
+                env["hidden"] = env["hidden"] + out
+        return run_mlp_fused if self.fuse else run_mlp
 
     def _lm_head(self, layer: Layer) -> LayerFn:
         prefix = layer.weights[0].rsplit(".", 1)[0]
         head = self._linear(layer, [prefix], False)
-        return lambda env, batch, kv: env.__setitem__("logits", head(env["x"][batch.logits_indices]))
+
+        def logits(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            x = env["x"]
+            # NOTE: in a decode batch with a logits row per token the rows are 0..T-1: no gather kernel
+            if not (batch.max_query_len == 1 and batch.logits_indices.shape[0] == x.shape[0]):
+                x = x[batch.logits_indices]
+            env["logits"] = head(x)
+        return logits
 
     # one preparation per kind of `kit/layer_kinds.py`
     _PREPARE: dict[str, Callable[["TorchBackend", Layer], LayerFn]] = {
@@ -236,11 +314,11 @@ class TorchBackend:
                 fn(env, batch, kv_cache)
         else:
             for layer, fn in self.ops:
-                inputs = _named(layer.inputs, env, batch)
+                inputs = _Named(layer.inputs, env, batch)
                 for hook in hooks:
                     hook.before(layer, inputs)
                 fn(env, batch, kv_cache)
-                outputs = _named(layer.outputs, env, batch)
+                outputs = _Named(layer.outputs, env, batch)
                 for hook in reversed(hooks):
                     hook.after(layer, outputs)
         return env["logits"]
@@ -249,81 +327,38 @@ class TorchBackend:
 check_covers("TorchBackend", TorchBackend._PREPARE)
 
 
-def _named(names: Sequence[str], env: Env, batch: ForwardBatch) -> Mapping[str, torch.Tensor]:
-    """The tensors `names` refer to now: from the environment, or the batch for its own inputs."""
-    out = {n: env[n] for n in names if n in env}
-    out.update({n: getattr(batch, n) for n in names if n in _BATCH_INPUTS and n not in out})
-    return out
+class _Deferred:
+    """A tensor a fused layer did not materialise; computed if a hook asks for it."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]) -> None:
+        self.make = make
 
 
-class CUDAGraphRunner:
-    """Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+class _Named(Mapping[str, torch.Tensor]):
+    """The tensors `names` refer to now, from the environment or the batch; computed on access.
 
-    A decode step of a small model is hundreds of tiny kernels; launched one by one
-    from Python, the GPU waits on the CPU between them. A CUDA graph records the whole
-    step once and replays it with one launch. Graphs need fixed shapes and addresses,
-    so each bucket owns static input buffers: a batch of n sequences is copied into the
-    smallest bucket >= n, and the padding rows write their K/V into a scratch block
-    that no sequence owns (`KVCache.scratch_block`). Attention runs over the bucket's
-    full `max_blocks * block_size` context with the causal mask hiding what is not
-    there, which is why the build's `max_seq_len` matters for decode speed.
+    With fusion, `hidden` after o_proj / mlp is `hidden + delta` (the add happens in the next
+    norm) and `k` after rope sits in the cache: a hook that reads them gets the unfused values.
     """
 
-    def __init__(self, backend: TorchBackend, kv_cache: KVCache, batch_sizes: tuple[int, ...],
-                 max_blocks: int) -> None:
-        self.backend = backend
-        self.kv_cache = kv_cache
-        self.batch_sizes = tuple(sorted(batch_sizes))
-        self.max_blocks = max_blocks
-        dev = backend.device
-        n = self.batch_sizes[-1]
-        bs = kv_cache.block_size
-        i64 = dict(dtype=torch.long, device=dev)
-        self._ids = torch.zeros(n, **i64)
-        self._pos = torch.zeros(n, **i64)
-        self._slots = torch.full((n,), kv_cache.scratch_block * bs, **i64)
-        self._tables = torch.full((n, max_blocks), kv_cache.scratch_block, **i64)
-        self._seq_lens = torch.ones(n, **i64)
-        arange = torch.arange(n + 1, **i64)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.batches: dict[int, ForwardBatch] = {}
-        pool = None
-        for size in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
-            batch = ForwardBatch(self._ids[:size], self._pos[:size], arange[:size + 1], self._seq_lens[:size],
-                                 self._tables[:size], self._slots[:size], arange[:size], max_query_len=1,
-                                 max_seq_len=max_blocks * bs, block_size=bs)
-            for _ in range(2):  # warm up outside the graph (allocator, cuBLAS handles)
-                backend.run_layers(batch, kv_cache)
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = backend.run_layers(batch, kv_cache)
-            pool = graph.pool()
-            self.graphs[size] = graph
-            self.batches[size] = batch
-        torch.cuda.synchronize(dev)
+    def __init__(self, names: Sequence[str], env: Env, batch: ForwardBatch) -> None:
+        self._env, self._batch = env, batch
+        self._names = [n for n in names if n in env or n in _BATCH_INPUTS]
 
-    def can_run(self, batch: ForwardBatch, kv_cache: KVCache) -> bool:
-        return (kv_cache is self.kv_cache and batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs
-                and batch.num_seqs <= self.batch_sizes[-1] and batch.logits_indices.shape[0] == batch.num_seqs
-                and batch.block_tables.shape[1] <= self.max_blocks
-                and batch.max_seq_len <= self.max_blocks * batch.block_size)
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._env:
+            return getattr(self._batch, name)
+        value = self._env[name]
+        if isinstance(value, _Deferred):
+            return value.make()
+        if name == "hidden" and "delta" in self._env:
+            return value + self._env["delta"]
+        return value
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        n = batch.num_seqs
-        size = next(s for s in self.batch_sizes if s >= n)
-        self._ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self._pos[:n].copy_(batch.positions, non_blocking=True)
-        self._slots[:n].copy_(batch.slot_mapping, non_blocking=True)
-        self._seq_lens[:n].copy_(batch.seq_lens, non_blocking=True)
-        width = batch.block_tables.shape[1]
-        self._tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
-        self._tables[:n, width:] = self.kv_cache.scratch_block
-        if n < size:  # padding rows: position 0, writing into the scratch block only
-            self._ids[n:size] = 0
-            self._pos[n:size] = 0
-            self._slots[n:size] = self.kv_cache.scratch_block * self.kv_cache.block_size
-            self._tables[n:size] = self.kv_cache.scratch_block
-        self.graphs[size].replay()
-        return self.outputs[size][:n]
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
