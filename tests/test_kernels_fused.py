@@ -301,7 +301,7 @@ def test_fused_kernels_match_reference_on_cuda(hidden):
 def test_bf16_decode_with_fusion_matches_unfused_with_cuda_graphs():
     from kit.builder import BuildConfig
 
-    loaded = ModelLoader.synthetic("smollm2-135m", device="cuda", dtype=torch.bfloat16)
+    loaded = ModelLoader.synthetic("qwen2.5-0.5b", device="cuda", dtype=torch.bfloat16)
     net = NetworkBuilder(loaded).build()
     bc = BuildConfig(max_batch_size=4, max_seq_len=128, max_input_len=64, max_num_tokens=256)
     seqs = [list(range(100, 140)), list(range(300, 307)), list(range(500, 590))]

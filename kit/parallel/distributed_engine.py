@@ -127,12 +127,17 @@ class _Ranks:
                 except Exception:  # noqa: BLE001 - a peer gone at exit: the processes are stopped below
                     pass
             self.closed = True
+        # NOTE: NCCL's destroy_process_group waits for every rank, and the ranks leave the group once they
+        # have the SHUTDOWN: leave it together with them (not after joining them, which deadlocks), in a
+        # thread so that a rank that never arrives cannot hang this process; then join and reap them
+        leaving = threading.Thread(target=TensorParallelComm.destroy, name="kit-tp-destroy", daemon=True)
+        leaving.start()
+        leaving.join(timeout if self.broken is None else 1.0)
         for p in self.procs:
             p.join(timeout if self.broken is None else 1.0)
             if p.is_alive():
                 p.kill()
                 p.join(10.0)
-        TensorParallelComm.destroy()
 
 
 def _launch(tp: int, device: torch.device, timeout_s: float, from_torchrun: bool) -> tuple[TensorParallelComm, list]:
