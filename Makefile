@@ -35,17 +35,19 @@ demo: $(STAMP)
 	$(VENV)/bin/kit demo
 
 # The suite, then every chapter under nbmake (a limit per cell: a cell that needs more belongs in the
-# build cache or in a test). tests/ runs first: tests/test_quant_accuracy.py makes notebook 05's
-# quantized models and comparison, which the notebook then reads from $$KIT_CACHE_DIR. The run ends
-# with its wall time, the 15 slowest tests, the slowest notebook cells and the cache hits/misses.
+# build cache or in a test). `slow` tests and chapters (notebooks/conftest.py's SLOW_NOTEBOOKS) run in
+# `make test-slow`, tests before notebooks: tests/test_quant_accuracy.py's `full` tests make notebook
+# 05's quantized models and comparison, which the notebook then reads from $$KIT_CACHE_DIR. Each run ends
+# with its wall time, the 15 slowest tests, the slowest notebook cells and the build-cache hits/misses.
 NBMAKE_TIMEOUT ?= 60
 test: $(STAMP)
 	$(PY) -m pytest -q tests --nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT) notebooks
 
-# The long sweeps (`@pytest.mark.slow`, each with a short always-run version in `make test`)
-# (pytest's exit status 5, "no test selected", is a pass: a tree may have no long sweep)
+# The long sweeps (`@pytest.mark.slow`, each with a short always-run version in `make test`) and the
+# chapters that read their results; pytest's exit status 5, "no test selected", is a pass
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m "slow and not gpu and not browser" tests || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m "slow and not gpu and not browser" tests --nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT) notebooks \
+		|| [ $$? -eq 5 ]
 
 # JupyterLab in Debian's chromium, driven by Playwright (its own browser download is not used):
 # the widgets render, react to their controls, survive save + reload and a reopen on a new server;

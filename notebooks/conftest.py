@@ -18,12 +18,17 @@ from datetime import datetime
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbmake.nb_result import NotebookError, NotebookResult
 from nbmake.nb_run import NotebookRun
 
-__all__ = ["cell_text", "stale_cells", "cell_seconds"]
+__all__ = ["cell_text", "stale_cells", "cell_seconds", "SLOW_NOTEBOOKS"]
 
 DETERMINISTIC = "deterministic"
+# Chapters whose cells read what `slow` tests put in the build cache (05: the quantized models and the
+# comparison made by tests/test_quant_accuracy.py's `full` tests, minutes of CPU): marked `slow`, they
+# run in `make test-slow` after those tests, each cell then within `make test`'s per-cell limit.
+SLOW_NOTEBOOKS = frozenset({"05_quantization.ipynb"})
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
@@ -102,3 +107,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     f"{sum(t for t, _, _ in _CELL_TIMES):.0f} s)")
     for seconds, name, i in sorted(_CELL_TIMES, reverse=True)[:SLOWEST_CELLS]:
         terminalreporter.write_line(f"{seconds:8.1f} s  {name} cell {i}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).name in SLOW_NOTEBOOKS:
+            item.add_marker(pytest.mark.slow)
