@@ -5,20 +5,30 @@ successful execution, every code cell tagged `deterministic` must print the same
 outputs stored in the committed notebook (`text/plain` results and stdout, addresses masked).
 A mismatch fails the notebook's test with the cell and both texts, and `make notebooks`
 regenerates the stored outputs. Cells whose output depends on timing stay untagged.
+
+The same wrapper reads each executed cell's time (nbmake records it) and the run ends with the
+slowest cells of all notebooks: `make test` runs nbmake with a per-cell limit, and this list shows
+which cell to speed up (or to feed from the build cache) before it reaches that limit.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbmake.nb_result import NotebookError, NotebookResult
 from nbmake.nb_run import NotebookRun
 
-__all__ = ["cell_text", "stale_cells"]
+__all__ = ["cell_text", "stale_cells", "cell_seconds", "SLOW_NOTEBOOKS"]
 
 DETERMINISTIC = "deterministic"
+# Chapters whose cells read what `slow` tests put in the build cache (05: the quantized models and the
+# comparison made by tests/test_quant_accuracy.py's `full` tests, minutes of CPU): marked `slow`, they
+# run in `make test-slow` after those tests, each cell then within `make test`'s per-cell limit.
+SLOW_NOTEBOOKS = frozenset({"05_quantization.ipynb"})
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
@@ -49,12 +59,29 @@ def stale_cells(stored, executed) -> list[tuple[int, str, str]]:
     return stale
 
 
+def cell_seconds(nb) -> list[tuple[int, float]]:
+    """(cell index, seconds) of every code cell that carries nbclient's execution times."""
+    times = []
+    for i, cell in enumerate(nb.cells):
+        ex = cell.get("metadata", {}).get("execution", {})
+        start, end = ex.get("iopub.execute_input") or ex.get("shell.execute_request"), ex.get("shell.execute_reply")
+        if cell.cell_type == "code" and start and end:
+            seconds = (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                       - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+            times.append((i, seconds))
+    return times
+
+
+SLOWEST_CELLS = 10
+_CELL_TIMES: list[tuple[float, str, int]] = []  # (seconds, notebook, cell index) of every executed cell
+
 _execute = NotebookRun.execute
 
 
 def _execute_and_compare(self: NotebookRun) -> NotebookResult:
     stored = nbformat.read(str(self.filename), 4)
     result = _execute(self)
+    _CELL_TIMES.extend((t, Path(self.filename).name, i) for i, t in cell_seconds(result.nb))
     if result.error is not None:
         return result
     stale = stale_cells(stored, result.nb)
@@ -71,3 +98,18 @@ def _execute_and_compare(self: NotebookRun) -> NotebookResult:
 # NOTE: nbmake has no hook between executing a notebook and reporting it, so the check wraps its
 # runner: the notebook still executes exactly once per `pytest --nbmake` run.
 NotebookRun.execute = _execute_and_compare
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _CELL_TIMES:
+        return
+    terminalreporter.write_sep("=", f"slowest notebook cells ({len(_CELL_TIMES)} cells, "
+                                    f"{sum(t for t, _, _ in _CELL_TIMES):.0f} s)")
+    for seconds, name, i in sorted(_CELL_TIMES, reverse=True)[:SLOWEST_CELLS]:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {name} cell {i}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).name in SLOW_NOTEBOOKS:
+            item.add_marker(pytest.mark.slow)

@@ -1,10 +1,19 @@
-"""Session fixtures shared by the tests (the embedded model, tiny checkpoints), GPU skipping, and
-the suite's wall time printed at the end of every run."""
+"""Session fixtures shared by the tests (the embedded model, its quantized variants, tiny
+checkpoints), GPU skipping, and the time report printed at the end of every run.
+
+The time report: the suite's wall time, the 15 slowest tests (setup + call + teardown, so a session
+fixture's cost shows on the first test that uses it) and the build-cache lookups (quantization and
+result caches, from this process and from the notebooks' kernels, via KIT_CACHE_LOG). A test that
+takes more than ~20 s gets `@pytest.mark.slow` (`make test-slow`, which CI runs after `make test`)
+plus a short always-run version that checks the same thing on a smaller size.
+"""
 
 import importlib.util
 import os
 import sys
+import tempfile
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -53,6 +62,29 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def quantized_smollm2(smollm2):
+    """`quantized_smollm2(name, **overrides)`: SmolLM2 quantized with preset `name`, made once a session.
+
+    The calibration is notebook 05's (`calibration_texts()`, 8 windows of 128 tokens unless
+    overridden), so the quantization cache entries the tests make are the ones the notebook reads.
+    """
+    from kit.datasets import calibration_texts
+    from kit.quantization import QuantConfig, Quantizer
+
+    made = {}
+
+    def get(name, **overrides):
+        overrides = {"calib_size": 8, "calib_max_seq_len": 128, **overrides}
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = Quantizer(QuantConfig.from_name(name, **overrides)).quantize(
+                smollm2, calibration_texts(), progress=False)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """One tiny random Hugging Face checkpoint per supported family: {family: (path, hf_model)}."""
     from helpers import FAMILY_CONFIGS, make_hf_checkpoint
@@ -72,15 +104,40 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# NOTE: set when this conftest is imported (the start of collection) and reset at session start
-# when pytest calls that hook here, so the figure covers collection, every test and every notebook.
-_SUITE_START = time.perf_counter()
+# NOTE: pytest calls `pytest_sessionstart` before it imports this conftest when the run names
+# files or folders other than tests/ first, so the wall time is pytest's own session clock (which
+# starts before collection), falling back to this module's import time.
+_IMPORTED = time.perf_counter()
+_DURATIONS: dict[str, float] = defaultdict(float)
+SLOWEST = 15
+
+if "KIT_CACHE_LOG" not in os.environ:  # set before any test or notebook kernel starts; kernels inherit it
+    _fd, _path = tempfile.mkstemp(prefix="kit-cache-log-", suffix=".txt")
+    os.close(_fd)
+    os.environ["KIT_CACHE_LOG"] = _path
 
 
-def pytest_sessionstart(session):
-    global _SUITE_START
-    _SUITE_START = time.perf_counter()
+def pytest_runtest_logreport(report):
+    _DURATIONS[report.nodeid] += report.duration
+
+
+def _cache_lookups() -> str:
+    path = os.environ.get("KIT_CACHE_LOG")
+    try:
+        lines = Path(path).read_text().split() if path else []
+    except OSError:
+        return "unknown"
+    counts = Counter(zip(lines[0::3], lines[1::3]))
+    return ", ".join(f"{cache} {counts[cache, 'hit']} hits / {counts[cache, 'miss']} misses"
+                     for cache in sorted({c for c, _ in counts})) or "none"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    terminalreporter.write_line(f"suite wall time: {time.perf_counter() - _SUITE_START:.0f} s")
+    start = getattr(terminalreporter, "_session_start", None)
+    wall = start.elapsed().seconds if hasattr(start, "elapsed") else time.perf_counter() - _IMPORTED
+    tests = sum(_DURATIONS.values())
+    terminalreporter.write_sep("=", f"time report: {len(_DURATIONS)} tests, {tests:.0f} s in tests")
+    for nodeid, seconds in sorted(_DURATIONS.items(), key=lambda kv: -kv[1])[:SLOWEST]:
+        terminalreporter.write_line(f"{seconds:8.1f} s {100 * seconds / max(tests, 1e-9):5.1f} %  {nodeid}")
+    terminalreporter.write_line(f"build cache lookups: {_cache_lookups()}")
+    terminalreporter.write_line(f"suite wall time: {wall:.0f} s")

@@ -63,6 +63,10 @@ def test_compare_frame_and_widget(engines, windows):
     assert list(df["scheme"]) == ["float", "noisy"]
     assert df.loc[0, "ppl_delta_pct"] == 0.0 and df.loc[1, "ppl_delta_pct"] > 0
     assert df.loc[0, "linear_weight_ratio"] == 1.0 and df["num_tokens"].iloc[0] == 256
+    # one forward per engine and window gives exactly what the separate measurements give
+    assert df.loc[1, "perplexity"] == perplexity(noisy, windows[:2])
+    agreement = logit_agreement(ref, noisy, windows[:2])
+    assert df.loc[1, "kl_div"] == agreement["kl_div"] and df.loc[1, "top1_agreement"] == agreement["top1_agreement"]
     m = memory(ref)
     assert m["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
     from widgets.quant_compare import QuantComparison

@@ -164,7 +164,7 @@ def test_compare_results_are_cached_by_engine_content_and_windows(tmp_path, monk
     def no_eval(*args, **kwargs):
         raise AssertionError("compare evaluated an engine on a warm cache")
 
-    monkeypatch.setattr(evaluation, "perplexity", no_eval)
+    monkeypatch.setattr(evaluation, "_window_logits", no_eval)  # every forward compare runs
     second = evaluation.compare(engines, "float", windows, progress=False)
     pd.testing.assert_frame_equal(first, second)
     with pytest.raises(AssertionError, match="warm cache"):  # other windows: a new key, evaluated

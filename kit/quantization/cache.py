@@ -16,6 +16,10 @@ Entries appear only by an atomic rename of a complete temporary directory (as th
 build cache's do); an entry whose files do not match its manifest, or do not parse,
 is removed and rebuilt by the caller.
 
+With `KIT_CACHE_LOG=<file>` set, every lookup appends one line `<cache> hit|miss <key>` to that
+file (the test suite sets it, and its kernels inherit it, to report whether the notebooks and the
+tests share their entries).
+
 `tensor_digest` / `weights_digest` hash tensor contents (sha256 of the bytes, with name,
 dtype and shape); a tensor's digest is remembered until it is modified in place
 (torch's version counter) or freed.
@@ -110,6 +114,17 @@ def _write_atomic(entry: Path, files: dict[str, bytes | dict[str, torch.Tensor]]
     return entry
 
 
+def _log_lookup(cache: str, key: str, hit: bool) -> None:
+    """One line per lookup in the file named by KIT_CACHE_LOG, if set."""
+    path = os.environ.get("KIT_CACHE_LOG")
+    if path:
+        try:
+            with open(path, "a") as f:  # NOTE: one short append per line: concurrent writers do not interleave
+                f.write(f"{cache} {'hit' if hit else 'miss'} {key}\n")
+        except OSError:
+            pass
+
+
 def _manifest_ok(entry: Path) -> bool:
     try:
         files = json.loads((entry / "manifest.json").read_text())["files"]
@@ -134,14 +149,16 @@ class QuantCache:
     def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """(tensors, meta) of a complete entry, or None (a damaged entry is removed)."""
         entry = self.path(key)
-        if not entry.is_dir():
-            return None
-        if _manifest_ok(entry):
-            try:
-                return load_file(str(entry / "tensors.safetensors")), json.loads((entry / "meta.json").read_text())
-            except (OSError, ValueError, RuntimeError, SafetensorError):
-                pass
-        shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuild
+        if entry.is_dir():
+            if _manifest_ok(entry):
+                try:
+                    found = load_file(str(entry / "tensors.safetensors")), json.loads((entry / "meta.json").read_text())
+                    _log_lookup("quantized", key, True)
+                    return found
+                except (OSError, ValueError, RuntimeError, SafetensorError):
+                    pass
+            shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuild
+        _log_lookup("quantized", key, False)
         return None
 
     def discard(self, key: str) -> None:
@@ -169,14 +186,16 @@ class ResultCache:
 
     def get(self, key: str) -> Any:
         entry = self.path(key)
-        if not entry.is_dir():
-            return None
-        if _manifest_ok(entry):
-            try:
-                return json.loads((entry / "result.json").read_text())
-            except (OSError, ValueError):
-                pass
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_dir():
+            if _manifest_ok(entry):
+                try:
+                    found = json.loads((entry / "result.json").read_text())
+                    _log_lookup("results", key, True)
+                    return found
+                except (OSError, ValueError):
+                    pass
+            shutil.rmtree(entry, ignore_errors=True)
+        _log_lookup("results", key, False)
         return None
 
     def put(self, key: str, result: Any) -> Path:
