@@ -21,6 +21,7 @@ settings are left as the machine has them. The weights are made once, on the las
 from __future__ import annotations
 
 import argparse
+import os
 import gc
 import json
 import time
@@ -164,6 +165,10 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--budget-frac", type=float, default=0.75, help="GPU 0's cap in the fit test, x the weights")
     p.add_argument("--time-budget", type=float, default=240.0)
+    p.add_argument("--sizes", type=int, nargs="*", default=None, help="TP sizes to run (default 1, 2, 4 that fit)")
+    p.add_argument("--save-ref", default=None, help="TP=1: write its row and top-1 tokens here (.pt)")
+    p.add_argument("--ref", default=None, help="compare against the TP=1 row and tokens saved with --save-ref")
+    p.add_argument("--no-fit", action="store_true", help="skip the model-over-one-GPU experiment")
     args = p.parse_args()
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -176,6 +181,8 @@ def main() -> None:
     else:
         preset, layers, dtype, home = "llama-3.1-8b", None, torch.bfloat16, torch.device("cuda", gpus - 1)
         sizes = [s for s in (1, 2, 4) if s <= gpus]
+    if args.sizes:
+        sizes = args.sizes
     loaded = ModelLoader.synthetic(preset, seed=0, device=home, dtype=dtype, num_layers=layers)
     network = NetworkBuilder(loaded).build()
     prompt = torch.randint(0, loaded.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -186,7 +193,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "num_gpus": gpus if cuda else 0,
         "torch": torch.__version__, "model": f"synthetic:{preset}", "dtype": str(dtype).replace("torch.", ""),
         "context": args.context, "steps": args.steps, "max_batch": args.max_batch, "smoke": args.smoke, "runs": []}
-    base = None
+    # NOTE: --ref lets each TP size run in a process of its own (one NCCL group per process, never re-made)
+    base = None if args.ref is None else tuple(torch.load(args.ref).values())
     for tp in sizes:
         if time.perf_counter() - t_start > 0.6 * args.time_budget:
             results["runs"].append({"tp": tp, "skipped": "time budget"})
@@ -195,14 +203,16 @@ def main() -> None:
         arg = row.pop("top1")
         if base is None:
             base = (row, arg)
-        row["top1_agreement_vs_tp1"] = float((arg == base[1]).float().mean())
+            if args.save_ref:
+                torch.save({"row": dict(row), "top1": arg.cpu()}, args.save_ref)
+        row["top1_agreement_vs_tp1"] = float((arg.cpu() == base[1].cpu()).float().mean())
         row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
         key = f"tokens_per_s_b{args.max_batch}"
         row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
         results["runs"].append(row)
     del network
     gc.collect()
-    if gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget:
+    if not args.no_fit and gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget:
         results["fit"] = fit_experiment(loaded, args, device)
     else:
         results["fit"] = {"skipped": "needs 2 GPUs and time left"}
@@ -219,7 +229,9 @@ def main() -> None:
               f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} {r[f'throughput_b{args.max_batch}_ratio_vs_tp1']:>6.2f} "
               f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r['top1_agreement_vs_tp1']:>6.3f}")
     print("fit:", json.dumps(results["fit"]))
-    print(f"wall {results['wall_s']:.1f} s -> {args.out}")
+    print(f"wall {results['wall_s']:.1f} s -> {args.out}", flush=True)
+    if cuda:  # NOTE: the results are written; skip NCCL's teardown at interpreter exit, which can abort
+        os._exit(0)
 
 
 if __name__ == "__main__":
