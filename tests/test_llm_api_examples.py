@@ -250,9 +250,12 @@ def test_runtime_cuda_graph_config_and_beam_width(smollm2):  # llm_runtime.py, l
         assert llm.build_config.max_input_len == 64  # follows max_seq_len
         assert llm.generate("Hi", SamplingParams(max_tokens=2)).finished
     bc = BuildConfig(max_seq_len=256)
-    bc.max_beam_width = 4  # as the customize example does; the build refuses what it cannot do
-    with pytest.raises(ValueError, match="max_beam_width"):
-        LLM(smollm2, device="cpu", build_config=bc)
+    bc.max_beam_width = 4  # as the customize example does: beam search then runs up to 4 beams
+    with LLM(smollm2, device="cpu", build_config=bc) as llm:
+        out = llm.generate("Hi", SamplingParams(max_tokens=4, use_beam_search=True, best_of=4, n=2))
+        assert len(out.outputs) == 2 and out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
+        with pytest.raises(ValueError, match="max_beam_width"):  # more beams than the build allows
+            llm.generate("Hi", SamplingParams(max_tokens=4, use_beam_search=True, best_of=8))
     with pytest.raises(ValueError, match="max_beam_width"):
         LLM(smollm2, device="cpu", max_beam_width=0)
     with pytest.raises(TypeError, match="unexpected keyword argument.*max_batch"):
