@@ -254,6 +254,13 @@ JS_PAGE_STATE = """() => {
 }"""
 
 
+def _new_page(browser, console: list[str]):
+    """A 1600 x 1000 page whose console messages are appended to `console`."""
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.on("console", lambda m: console.append(m.text))
+    return page
+
+
 def _state(page):
     return page.evaluate(JS_PAGE_STATE)
 
@@ -379,9 +386,8 @@ def test_widgets_render_react_and_survive_save_and_reload(lab):
     n_cells = 5
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        console = []
-        page.on("console", lambda m: console.append(m.text))
+        console: list[str] = []
+        page = _new_page(browser, console)
         try:
             _open(page, lab)
             page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
@@ -487,9 +493,8 @@ def test_every_chapter_reopens_as_stored_with_its_widgets_and_no_dead_outputs(la
                     ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        console = []
-        page.on("console", lambda m: console.append(m.text))
+        console: list[str] = []
+        page = _new_page(browser, console)
         try:
             for path in CHAPTERS:
                 nb = json.loads(path.read_text())
@@ -498,8 +503,7 @@ def test_every_chapter_reopens_as_stored_with_its_widgets_and_no_dead_outputs(la
                 assert all("image/png" in o["data"] for c in nb["cells"] for o in c.get("outputs", [])
                            if WIDGET_VIEW in o.get("data", {})), f"{path.name}: a widget view without its PNG"
                 page.close()  # one page and a fresh workspace per chapter: only this notebook is open
-                page = browser.new_page(viewport={"width": 1600, "height": 1000})
-                page.on("console", lambda m: console.append(m.text))
+                page = _new_page(browser, console)
                 page.goto(f"{lab.url}/lab/workspaces/{path.stem}/tree/chapters/{path.name}?reset&token={lab.token}")
                 page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=90_000)
                 # each stored widget view settles as a restored figure, or as the error text looked for
