@@ -214,7 +214,8 @@ class StepLoop:
             sel = self.logits_pass.apply(raw, comps)
             step.sampled = self.sampler.sample_async(sel, [c.context for c in comps], self.eos_token_ids)
             step.row_of = {rid: i for i, (rid, _, comp, _) in enumerate(picks) if comp.request_id == rid}
-            step.after = (raw, sel, comps)
+            if self.logits_pass.needs_after_sample(comps):
+                step.after = (raw, sel, comps)
             return
         except Exception:  # noqa: BLE001
             pass
@@ -337,11 +338,10 @@ class StepLoop:
 
     def _publish(self, state: RequestState, final: bool = False) -> None:
         # NOTE: forget a finishing request before its last snapshot wakes the caller, who may count in-flight ones
+        # (the output processor forgets a request exactly when it is final or finished)
         if final or state.finished:
             self._forget(state.greq.request_id)
         self.output_processor.publish(state, final=final)
-        if state.greq.request_id not in self.output_processor.states:
-            self._forget(state.greq.request_id)
 
     def _record(self, step: InflightStep) -> dict[str, Any]:
         out, t = step.out, step.times

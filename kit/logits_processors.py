@@ -93,6 +93,13 @@ class LogitsPass:
             self.guided_decoder.apply(logits, guided, [comps[i].matcher for i in guided])
         return logits
 
+    @staticmethod
+    def needs_after_sample(comps: list[Any]) -> bool:
+        """True if `after_sample` has work for these completions (generation logits, logprob ranks, a
+        guided-decoding matcher); a step without any skips it."""
+        return any(c.params.return_generation_logits or c.params.logprobs is not None or c.matcher is not None
+                   for c in comps)
+
     def after_sample(self, raw: torch.Tensor, logits: torch.Tensor, tokens: list[int], comps: list[Any]) -> None:
         """Keep raw rows (return_generation_logits); record the rank of each sampled token in `logits` (what the
         sampler saw) where logprobs are asked for; advance the guided matchers."""
