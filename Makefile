@@ -39,9 +39,13 @@ demo: $(STAMP)
 # `make test-slow`, tests before notebooks: tests/test_quant_accuracy.py's `full` tests make notebook
 # 05's quantized models and comparison, which the notebook then reads from $$KIT_CACHE_DIR. Each run ends
 # with its wall time, the 15 slowest tests, the slowest notebook cells and the build-cache hits/misses.
+# The suite runs in one pytest-xdist worker per core (at most 4), a test file or notebook at a time per
+# worker (`--dist loadfile`: a module's fixtures are made once); build-cache entries appear by atomic
+# rename, so two workers may build the same entry at once.
 NBMAKE_TIMEOUT ?= 60
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 test: $(STAMP)
-	$(PY) -m pytest -q tests --nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT) notebooks
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests --nbmake --nbmake-timeout=$(NBMAKE_TIMEOUT) notebooks
 
 # The long sweeps (`@pytest.mark.slow`, each with a short always-run version in `make test`) and the
 # chapters that read their results; pytest's exit status 5, "no test selected", is a pass

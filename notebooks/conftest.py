@@ -13,7 +13,9 @@ which cell to speed up (or to feed from the build cache) before it reaches that 
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -73,15 +75,33 @@ def cell_seconds(nb) -> list[tuple[int, float]]:
 
 
 SLOWEST_CELLS = 10
-_CELL_TIMES: list[tuple[float, str, int]] = []  # (seconds, notebook, cell index) of every executed cell
+# NOTE: under pytest-xdist the notebooks execute in worker processes while the report is printed by the
+# controller, so every process appends its cells' times to one file that the workers inherit by name
+if "KIT_CELL_LOG" not in os.environ:
+    _fd, _path = tempfile.mkstemp(prefix="kit-cell-log-", suffix=".tsv")
+    os.close(_fd)
+    os.environ["KIT_CELL_LOG"] = _path
 
-_execute = NotebookRun.execute
+
+def _cell_times() -> list[tuple[float, str, int]]:
+    """(seconds, notebook, cell index) of every cell executed in this run, by any process."""
+    try:
+        rows = Path(os.environ["KIT_CELL_LOG"]).read_text().splitlines()
+    except OSError:
+        return []
+    # NOTE: one row per (notebook, cell): a notebook executed again in the same run keeps its last time
+    last = {(name, int(i)): float(t) for t, name, i in (row.split("\t") for row in rows if row.count("\t") == 2)}
+    return [(t, name, i) for (name, i), t in last.items()]
+
+# the runner as nbmake defines it, also when this module is imported a second time in one process
+_execute = getattr(NotebookRun.execute, "__wrapped__", NotebookRun.execute)
 
 
 def _execute_and_compare(self: NotebookRun) -> NotebookResult:
     stored = nbformat.read(str(self.filename), 4)
     result = _execute(self)
-    _CELL_TIMES.extend((t, Path(self.filename).name, i) for i, t in cell_seconds(result.nb))
+    with open(os.environ["KIT_CELL_LOG"], "a") as log:
+        log.writelines(f"{t}\t{Path(self.filename).name}\t{i}\n" for i, t in cell_seconds(result.nb))
     if result.error is not None:
         return result
     stale = stale_cells(stored, result.nb)
@@ -97,15 +117,17 @@ def _execute_and_compare(self: NotebookRun) -> NotebookResult:
 
 # NOTE: nbmake has no hook between executing a notebook and reporting it, so the check wraps its
 # runner: the notebook still executes exactly once per `pytest --nbmake` run.
+_execute_and_compare.__wrapped__ = _execute
 NotebookRun.execute = _execute_and_compare
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _CELL_TIMES:
+    times = _cell_times()
+    if not times or hasattr(config, "workerinput"):  # an xdist worker: the controller reports
         return
-    terminalreporter.write_sep("=", f"slowest notebook cells ({len(_CELL_TIMES)} cells, "
-                                    f"{sum(t for t, _, _ in _CELL_TIMES):.0f} s)")
-    for seconds, name, i in sorted(_CELL_TIMES, reverse=True)[:SLOWEST_CELLS]:
+    terminalreporter.write_sep("=", f"slowest notebook cells ({len(times)} cells, "
+                                    f"{sum(t for t, _, _ in times):.0f} s)")
+    for seconds, name, i in sorted(times, reverse=True)[:SLOWEST_CELLS]:
         terminalreporter.write_line(f"{seconds:8.1f} s  {name} cell {i}")
 
 

@@ -27,6 +27,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # NOTE: `make test` runs the suite in one pytest-xdist worker per core; each worker's torch then
+    # takes its share of the cores instead of all of them (oversubscribed threads slow every worker)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 # Test files that need an extra the machine may lack (a GPU box with only the core packages): the
 # `make setup` machine has every extra, so there nothing is ignored.
 _NEEDS = {

@@ -23,32 +23,53 @@ def smol_bf16():
     return ModelLoader("smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
 
 
-def test_bf16_logits_close_to_transformers(smol_bf16):
-    """bf16 tolerance: logits of magnitude ~10-30 agree to within 0.5 absolute at every position, and
-    the argmax agrees at >= 97% of positions (bf16 keeps 8 bits of mantissa: ~0.4% relative per op)."""
+@pytest.fixture(scope="module")
+def smol_fp32():
+    from kit.loader import ModelLoader
+
+    return ModelLoader("smollm2-135m", device="cuda", dtype=torch.float32).load()
+
+
+def _error_against(outs, refs):
+    """(largest |logit difference|, top-1 agreement) of per-position logits against a reference."""
+    worst, agree, total = 0.0, 0, 0
+    for out, ref in zip(outs, refs):
+        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+        agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
+        total += out.shape[0]
+    return worst, agree / total
+
+
+def test_bf16_logits_close_to_transformers(smol_bf16, smol_fp32):
+    """bf16 keeps 8 bits of mantissa (~0.4% relative per op), and two correct bf16 implementations round
+    differently, so they are not held to each other but to the same float32 reference: the kit's bf16
+    logits must be as close to transformers' float32 logits as transformers' own bf16 logits are (largest
+    difference within 1.5x of it, or 0.5), with top-1 agreement no more than 2 points below it."""
     from helpers import complete_schedule, run_chunks
     from kit.engine import Engine
     from kit.network import NetworkBuilder
 
-    hf = smol_bf16.to_transformers()
+    hf16, hf32 = smol_bf16.to_transformers(), smol_fp32.to_transformers()
     engine = Engine.from_network(NetworkBuilder(smol_bf16).build(), device="cuda")
     seqs = [smol_bf16.tokenizer.encode(p) for p in PROMPTS]
     sched = complete_schedule([[4, 3, 5, 2], [1, 1, 1, 1]], seqs)
     outs = run_chunks(engine, seqs, sched, 16)
-    worst, agree, total = 0.0, 0, 0
-    for out, seq in zip(outs, seqs):
-        with torch.no_grad():
-            ref = hf(torch.tensor([seq], device="cuda")).logits[0].float()
-        worst = max(worst, (out.float() - ref).abs().max().item())
-        agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
-        total += len(seq)
-    record = {"max_abs_logit_diff": worst, "top1_agreement": agree / total, "positions": total,
-              "device": torch.cuda.get_device_name()}
+    with torch.no_grad():
+        ref32 = [hf32(torch.tensor([seq], device="cuda")).logits[0].float() for seq in seqs]
+        ref16 = [hf16(torch.tensor([seq], device="cuda")).logits[0].float() for seq in seqs]
+    kit_worst, kit_agree = _error_against(outs, ref32)
+    hf_worst, hf_agree = _error_against(ref16, ref32)
+    direct_worst, direct_agree = _error_against(outs, ref16)
+    record = {"kit_bf16_vs_hf_fp32": {"max_abs_logit_diff": kit_worst, "top1_agreement": kit_agree},
+              "hf_bf16_vs_hf_fp32": {"max_abs_logit_diff": hf_worst, "top1_agreement": hf_agree},
+              "kit_bf16_vs_hf_bf16": {"max_abs_logit_diff": direct_worst, "top1_agreement": direct_agree},
+              "positions": sum(len(s) for s in seqs), "device": torch.cuda.get_device_name()}
     if os.environ.get("KIT_GPU_RESULTS"):
         with open(os.path.join(os.environ["KIT_GPU_RESULTS"], "bf16_parity.json"), "w") as f:
             json.dump(record, f, indent=2)
     print(record)
-    assert worst < 0.5 and agree / total >= 0.97
+    assert kit_worst <= max(0.5, 1.5 * hf_worst), record
+    assert kit_agree >= min(0.97, hf_agree - 0.02), record
 
 
 def test_cuda_graphs_and_triton_decode_do_not_change_greedy_outputs(smol_bf16):
@@ -65,6 +86,9 @@ def test_cuda_graphs_and_triton_decode_do_not_change_greedy_outputs(smol_bf16):
 
 
 def test_triton_decode_matches_reference_attention_in_the_engine(smol_bf16):
+    """The Triton kernel and the reference attention, both in bf16, are each held to a float32 run of the
+    reference path: the kernel's error must stay within 1.5x of the reference's own bf16 error (or 0.3),
+    and its top-1 agreement with float32 within 2 points of the reference's."""
     from helpers import run_chunks
     from kit.backends.torch_backend import TorchBackend
     from kit.engine import Engine
@@ -73,12 +97,16 @@ def test_triton_decode_matches_reference_attention_in_the_engine(smol_bf16):
     net = NetworkBuilder(smol_bf16).build()
     fast = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16))
     ref = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16, attention="reference"))
+    exact = Engine(net, TorchBackend(net, device="cuda", dtype=torch.float32, attention="reference"))
     assert fast.backend.decode_kernel is not None and ref.backend.decode_kernel is None
     seqs = [list(range(100, 100 + n)) for n in (40, 7, 90)]
     sched = [[40 - 6, 7 - 6, 90 - 6]] + [[1, 1, 1]] * 6
-    for a, b in zip(run_chunks(fast, seqs, sched, 16), run_chunks(ref, seqs, sched, 16)):
-        assert (a.float() - b.float()).abs().max().item() < 0.3
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.95
+    want = run_chunks(exact, seqs, sched, 16)
+    fast_worst, fast_agree = _error_against(run_chunks(fast, seqs, sched, 16), want)
+    ref_worst, ref_agree = _error_against(run_chunks(ref, seqs, sched, 16), want)
+    print({"triton": (fast_worst, fast_agree), "reference": (ref_worst, ref_agree)})
+    assert fast_worst <= max(0.3, 1.5 * ref_worst)
+    assert fast_agree >= min(0.95, ref_agree - 0.02)
 
 
 def test_explicit_cuda_graph_capture_and_hooks_agree_with_graph_replay(smol_bf16):

@@ -174,7 +174,10 @@ def check_command(command: str, tmp: Path) -> None:
 def _params() -> list:
     params = []
     for cmd in readme_commands(README.read_text()):
-        params.append(pytest.param(cmd, id=cmd))
+        # NOTE: building a TensorRT plan of SmolLM2 takes ~40 s on 2 cores: `make test-slow` runs that
+        # command, and tests/test_tensorrt_backend.py builds tiny plans through the same code in `make test`
+        marks = [pytest.mark.slow] if "--backend tensorrt" in cmd else []
+        params.append(pytest.param(cmd, id=cmd, marks=marks))
     return params
 
 

@@ -290,6 +290,7 @@ def test_reference_forward_half_precision_tracks_float32():
 
 
 # ----------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow  # the tiny plans above check the same lowering in make test
 def test_smollm2_plan(trt):  # ~40 s on 2 cores (+20 s the first time, to convert the GGUF)
     from kit.loader import ModelLoader
 
