@@ -66,11 +66,13 @@ def test_int4_half_split_layout_round_trips_and_keeps_the_bytes(group):
 
 
 # ------------------------------------------------------------------ stream_gemm, interpreter
-TILES = [None, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_M": 32, "SPLIT_K": 4}]
+TILES = [None, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_M": 32, "SPLIT_K": 4},
+         {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "USE_DOT": False}]
+TILE_IDS = ["one-program-a-tile", "split-k-2", "bm32-split-k-4", "gemv-fma"]
 
 
 @pytest.mark.parametrize("zero_point,group", [(False, 32), (True, 32), (False, 64)])
-@pytest.mark.parametrize("tile", TILES, ids=["one-program-a-tile", "split-k-2", "bm32-split-k-4"])
+@pytest.mark.parametrize("tile", TILES, ids=TILE_IDS)
 def test_stream_int4_equals_dequantized_product(zero_point, group, tile):
     q, s, z = int4.quantize_weight(weight(), group, zero_point)
     ref_w = int4.dequantize_weight(q, s, z, group)
@@ -91,7 +93,7 @@ def test_stream_int4_equals_dequantized_product(zero_point, group, tile):
     assert int(counters.abs().sum()) == 0  # split-K leaves its counters at zero
 
 
-@pytest.mark.parametrize("tile", TILES, ids=["one-program-a-tile", "split-k-2", "bm32-split-k-4"])
+@pytest.mark.parametrize("tile", TILES, ids=TILE_IDS)
 def test_stream_int8_equals_dequantized_product(tile):
     q, s = int8_weight_only.quantize_weight(weight(k=100))  # K not a multiple of BLOCK_K: masked tail
     counters = new_counters(N, "cpu")
@@ -102,7 +104,7 @@ def test_stream_int8_equals_dequantized_product(tile):
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["static", "per-token"])
-@pytest.mark.parametrize("tile", TILES[:2], ids=["one-program-a-tile", "split-k-2"])
+@pytest.mark.parametrize("tile", TILES[:2] + TILES[3:], ids=TILE_IDS[:2] + TILE_IDS[3:])
 def test_stream_fp8_quantizes_activations_in_the_prologue(per_token, tile):
     w = weight()
     qw, ws = fp8.quantize_weight_per_channel(w)
@@ -118,6 +120,40 @@ def test_stream_fp8_quantizes_activations_in_the_prologue(per_token, tile):
         y = stream_gemm(x, qw, ws, kind="fp8", out_features=N, counters=counters, x_scale=static,
                         per_token=per_token, config=tile)
         assert_rounded_once(y, (xq.float() @ qw.float().T) * xs * ws[None, :])
+
+
+@pytest.mark.parametrize("tile", TILES[:2] + TILES[3:], ids=TILE_IDS[:2] + TILE_IDS[3:])
+def test_stream_fp8_weight_only_keeps_activations_as_they_are(tile):
+    w = weight()
+    qw, ws = fp8.quantize_weight_per_channel(w)
+    counters = new_counters(N, "cpu")
+    for m in (1, 6):
+        x = acts(m)
+        y = stream_gemm(x, qw, ws, kind="fp8", out_features=N, counters=counters, weight_only=True, config=tile)
+        assert_rounded_once(y, x.float() @ fp8.dequantize(qw, ws).T)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_stream_int4_gemv_steps_over_several_groups_with_a_short_last_step(zero_point):
+    """BLOCK_K = 3 groups a step over 4 groups: the second step holds one group, the rest masked."""
+    q, s, z = int4.quantize_weight(weight(), 32, zero_point)
+    want_w = int4.dequantize_weight(q, s, z, 32)
+    counters = new_counters(N, "cpu")
+    x = acts(1)
+    for tile in ({"BLOCK_M": 1, "BLOCK_K": 96, "USE_DOT": False, "SPLIT_K": 2}, {"BLOCK_K": 96}):
+        y = stream_gemm(x, shuffle_int4(q, 32), transpose_groups(s), kind="int4", out_features=N, counters=counters,
+                        group_size=32, zero=transpose_groups(z), config=tile)
+        assert_rounded_once(y, x.float() @ want_w.T)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_stream_int8_bit_trick_codes_cover_every_value():
+    """The FMA path turns int8 codes into floats by their bits: every code -127..127 (and -128) is exact."""
+    q = torch.arange(-128, 128, dtype=torch.int8).reshape(16, 16)
+    eye = torch.eye(16, dtype=BF16)
+    y = stream_gemm(eye, q, torch.ones(16), kind="int8", out_features=16, counters=new_counters(16, "cpu"),
+                    config={"BLOCK_M": 1, "BLOCK_K": 16, "USE_DOT": False})
+    assert torch.equal(y.float(), q.float().T)
 
 
 def test_stream_fp8_activation_codes_are_exactly_torchs():
@@ -153,6 +189,13 @@ def test_stream_gemm_rejects_what_it_cannot_run():
         stream_gemm(acts(1, dtype=torch.float32), q, s, kind="int8", out_features=N, counters=c)
     with pytest.raises(ValueError, match="x_scale"):
         stream_gemm(acts(1), q, s, kind="fp8", out_features=N, counters=c)
+    with pytest.raises(ValueError, match="exactly one of"):
+        stream_gemm(acts(1), q, s, kind="fp8", out_features=N, counters=c, per_token=True, weight_only=True)
+    with pytest.raises(ValueError, match="BLOCK_M=1"):
+        stream_gemm(acts(1), q, s, kind="int8", out_features=N, counters=c, config={"USE_DOT": False})
+    with pytest.raises(ValueError, match="counters hold"):
+        stream_gemm(acts(40), q, s, kind="int8", out_features=N, counters=c,
+                    config={"BLOCK_M": 1, "USE_DOT": False, "SPLIT_K": 2})
     with pytest.raises(ValueError, match="kind 'int2'"):
         stream_gemm(acts(1), q, s, kind="int2", out_features=N, counters=c)
 
@@ -247,8 +290,10 @@ def compile(fn, sig, consts, warps, stages):
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     return "wgmma" if "wgmma" in k.asm["ptx"] else "mma.sync" if "mma.sync" in k.asm["ptx"] else "none"
 
-for wkind, xq, zero, split, bm, bn, warps in [(1, 0, True, 4, 16, 64, 4), (1, 0, False, 1, 16, 16, 4),
-                                              (0, 0, False, 8, 16, 128, 8), (2, 2, False, 2, 64, 128, 8)]:
+for wkind, xq, zero, split, bm, bn, warps, dot in [
+        (1, 0, True, 4, 16, 64, 4, True), (1, 0, False, 1, 16, 16, 4, True), (0, 0, False, 8, 16, 128, 8, True),
+        (2, 2, False, 2, 64, 128, 8, True), (2, 1, False, 1, 16, 64, 4, True), (1, 0, True, 4, 1, 64, 4, False),
+        (2, 0, False, 1, 1, 128, 8, False), (0, 0, False, 8, 1, 64, 4, False)]:
     w = {0: "*i8", 1: "*u8", 2: "*fp8e4nv"}[wkind]
     s = "*fp16" if wkind == 1 else "*fp32"
     sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "z_ptr": "*u8", "xs_ptr": "*fp32", "pqs_ptr": "*bf16",
@@ -256,7 +301,7 @@ for wkind, xq, zero, split, bm, bn, warps in [(1, 0, True, 4, 16, 64, 4), (1, 0,
            "M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym")}}
     consts = dict(WKIND=wkind, GROUP=128 if wkind == 1 else 0, HAS_ZERO=zero, HAS_PQS=wkind == 1, XQ=xq,
                   MAGIC=0x4300 if wkind == 1 else 0, MAGIC_BIAS=128.0 if wkind == 1 else 0.0, DOT_F32=False,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128 if dot else 256, SPLIT_K=split, USE_DOT=dot)
     print(wkind, bn, compile(_stream_kernel, sig, consts, warps, 3))
 sig = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
 print("dequant", compile(_dequantize_kernel, sig, dict(INT4=True, GROUP=128, HAS_ZERO=True, BLOCK_N=64, BLOCK_K=128), 4, 1))
@@ -272,7 +317,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     res = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.split("\n")
-    assert lines[:5] == ["1 64 wgmma", "1 16 mma.sync", "0 128 wgmma", "2 128 wgmma", "dequant none"], res.stdout
+    # the tensor-core tiles use wgmma (fp8 x fp8 too), the GEMV tiles (USE_DOT=False) no tensor cores
+    assert lines[:9] == ["1 64 wgmma", "1 16 mma.sync", "0 128 wgmma", "2 128 wgmma", "2 64 wgmma", "1 64 none",
+                         "2 128 none", "0 64 none", "dequant none"], res.stdout
 
 
 # ------------------------------------------------------------------ GPU
