@@ -276,6 +276,16 @@ def test_fp8_layer_streams_small_m_with_the_references_numerics(fast_on_cpu, alg
         assert_rounded_once(fast(x), ref.forward_reference(x))
 
 
+def test_fp8_layer_weight_only_decode_streams_bf16_activations(fast_on_cpu):
+    qc, q = _tiny_quantized(QuantAlgo.FP8)
+    prefix = ["model.layers.0.mlp.down_proj"]
+    fast = build_linear(q.weights, prefix, qc, bias=False, device="cpu", dtype=BF16)
+    fast.weight_only_decode = True
+    for m in (1, 4):
+        x = acts(m, k=128)
+        assert_rounded_once(fast(x), x.float() @ fast.dequantized_weight().T)  # no activation quantization
+
+
 # ------------------------------------------------------------------ compiled for Hopper, without a GPU
 _COMPILE = r"""
 import triton
@@ -375,3 +385,27 @@ def test_gpu_stream_gemm_split_k_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(y, want)
     assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fp8_layer_times_its_two_paths_once_and_matches_the_reference():
+    from kit.quantization.path_choice import CHOOSER
+
+    w = weight(n=1024, k=2048).cuda()
+    qc = QuantConfig(QuantAlgo.FP8)
+    st = fp8.quantize_linear(w, per_channel=False, input_amax=torch.tensor(8.0, device="cuda"))
+    kw = dict(bias=False, device="cuda", dtype=BF16)
+    fast = build_linear({f"l.{k}": v for k, v in st.items()}, ["l"], qc, **kw)
+    ref = build_linear({f"l.{k}": v for k, v in st.items()}, ["l"], qc, force_reference=True, **kw)
+    CHOOSER.clear()
+    for m in (1, 16):
+        x = acts(m, k=2048, device="cuda")
+        y = fast(x)
+        torch.testing.assert_close(y.float(), ref(x).float(), rtol=2e-2, atol=2e-2 * y.float().abs().max().item())
+        key = ("FP8", False, 1, m, 1024, 2048, str(BF16))
+        assert CHOOSER.choices[key] in ("stream", "scaled_mm") and set(CHOOSER.times[key]) == {"stream", "scaled_mm"}
+    fast.weight_only_decode = True
+    x = acts(1, k=2048, device="cuda")
+    want = x.float() @ fast.dequantized_weight().T
+    torch.testing.assert_close(fast(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

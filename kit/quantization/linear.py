@@ -15,12 +15,18 @@ compute dtype, y (T, sum of out_features). Every layer object has:
 | scheme                         | M <= `stream_max_m` (decode)                  | larger M (prefill)                      |
 | ------------------------------ | --------------------------------------------- | --------------------------------------- |
 | W8A16 / W4A16 (RTN, AWQ, GPTQ) | `stream_gemm`: weights streamed once, dequantized in registers | Triton dequantize to bf16 + cuBLAS |
-| FP8 (per tensor / per channel) | `stream_gemm`: fp8 weights, activations quantized in its prologue | `torch._scaled_mm` on FP8 tensor cores |
+| FP8 (per tensor / per channel) | the faster (timed once per shape, `path_choice.py`) of `stream_gemm` (activations quantized as it loads them) and `torch._scaled_mm` | `torch._scaled_mm` on FP8 tensor cores |
 | W8A8 / SmoothQuant             | `torch._int_mm` (int8 tensor cores, int32 out), then a fused epilogue (every M) |  |
 
 `stream_max_m` is an attribute of each layer (defaults `TRITON_MAX_M`, `FP8_STREAM_MAX_M`,
-`FP8_PT_STREAM_MAX_M`, crossovers measured on an H100 by `bench/quant_gemm.py`); setting it
-to 0 takes the large-M path at every M, which is how the benchmark compares the two.
+`FP8_PT_STREAM_MAX_M`; `bench/quant_gemm.py` measures both sides); setting it to 0 takes the
+large-M path at every M, which is how the benchmark compares the two. FP8's two decode paths
+compute the same product, so which one runs up to `stream_max_m` is measured, not fixed: the
+first eager call of a (M, N, K) times both and every later call (and CUDA graph) uses the
+winner. `FP8Linear.weight_only_decode = True` instead streams fp8 weights against bf16
+activations as they are (no activation quantization at all) up to `stream_max_m`: faster where
+the quantization costs, but the decode numerics then differ from the reference's (and from
+the same tokens in a batch above `stream_max_m`), so it is opt-in.
 
 Weight-only layers rearrange their tensors once, here, into the run-time layout of the
 kernels (`weight_layout.py`: int4 nibbles half-split per group, group scales transposed);
@@ -52,6 +58,7 @@ import torch.nn.functional as F
 from kit.quantization import fp8 as fp8_mod
 from kit.quantization import int4 as int4_mod
 from kit.quantization.int8_weight_only import dequantize_weight as int8_dequantize
+from kit.quantization.path_choice import CHOOSER
 from kit.quantization.smoothquant import int8_linear_reference
 
 from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
@@ -68,8 +75,8 @@ __all__ = ["QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8L
 
 # Crossovers (H100; bench/quant_gemm.py measures both sides of each at M = 1, 4, 16, 64, 256):
 TRITON_MAX_M = 64  # weight-only: above this many tokens, dequantize once and use cuBLAS
-FP8_STREAM_MAX_M = 16  # FP8 per tensor: up to this many tokens the streaming kernel, else _scaled_mm
-FP8_PT_STREAM_MAX_M = 16  # FP8 per token: the same (its prologue reads each token's row for the amax)
+FP8_STREAM_MAX_M = 64  # FP8 per tensor: up to this many tokens the faster (timed) of stream and _scaled_mm
+FP8_PT_STREAM_MAX_M = 64  # FP8 per token: the same (the stream's prologue reads each token's row for the amax)
 FP8_ROWWISE_MIN_M = 17  # FP8 _scaled_mm with row-wise scales: below this, tensor-wise GEMM + scaling epilogue
 
 
@@ -239,8 +246,9 @@ class FP8Linear(QuantLinear):
         # one scale per output row either way (per-tensor scales of fused prefixes expanded)
         self.row_scale = torch.cat([s.float().expand(n) for s, n in zip(weight_scales, sizes)])
         self.input_scale = input_scale
-        # tokens up to this many: the streaming kernel (activation quantization in its prologue)
+        # tokens up to this many: the faster of the streaming kernel and _scaled_mm (timed once per shape)
         self.stream_max_m = FP8_PT_STREAM_MAX_M if per_channel else FP8_STREAM_MAX_M
+        self.weight_only_decode = False  # opt-in: bf16 activations x fp8 weights up to stream_max_m
         super().__init__(in_features=qweight.shape[1], **kw)
         self._qw_t = self.qweight.t()  # (in, out) column-major: the layout _scaled_mm wants
         self.row_scale = self.row_scale.to(self.device).contiguous()  # (out,)
@@ -258,7 +266,7 @@ class FP8Linear(QuantLinear):
 
     def fast_path_name(self) -> str:
         tensorwise = not self.per_channel and len(self.weight_scales) == 1
-        return (f"triton stream (M<={self.stream_max_m}) / "
+        return (f"triton stream or _scaled_mm, timed (M<={self.stream_max_m}) / "
                 f"torch._scaled_mm ({'tensor-wise' if tensorwise else 'row-wise'} scales)")
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,14 +283,26 @@ class FP8Linear(QuantLinear):
         return (xq.float() @ self.qweight.float().T) * xs.float() * self.row_scale[None, :]
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.stream_max_m and x.dtype in (torch.bfloat16, torch.float16):
-            # decode: no separate quantization pass; the kernel quantizes x as it loads it
-            return stream_gemm(x, self.qweight, self.row_scale, kind="fp8", out_features=self.out_features,
-                               counters=self._counters, x_scale=None if self.per_channel else self.input_scale,
-                               per_token=self.per_channel)
-        return self._scaled_mm(x)
+        m = x.shape[0]
+        if m <= self.stream_max_m and x.dtype in (torch.bfloat16, torch.float16):
+            if self.weight_only_decode:
+                return self.forward_stream(x, weight_only=True)
+            key = ("FP8", self.per_channel, len(self.weight_scales), m, self.out_features, self.in_features,
+                   str(x.dtype))
+            paths = {"stream": lambda: self.forward_stream(x), "scaled_mm": lambda: self.forward_scaled_mm(x)}
+            path = CHOOSER.choose(key, paths, default="stream", device=x.device)
+            if path == "stream":
+                return self.forward_stream(x)
+        return self.forward_scaled_mm(x)
 
-    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stream(self, x: torch.Tensor, weight_only: bool = False) -> torch.Tensor:
+        # no separate quantization pass: the kernel quantizes x as it loads it (or keeps it, weight-only)
+        return stream_gemm(x, self.qweight, self.row_scale, kind="fp8", out_features=self.out_features,
+                           counters=self._counters,
+                           x_scale=None if self.per_channel or weight_only else self.input_scale,
+                           per_token=self.per_channel and not weight_only, weight_only=weight_only)
+
+    def forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel: codes + a (T, 1) scale (the static scale repeated, or each token's own)
         xq, xs = quantize_rows(x, to_fp8=True, static_scale=None if self.per_channel else self.input_scale)
         if not self.per_channel and len(self.weight_scales) == 1:
