@@ -238,6 +238,9 @@ class WeightOnlyLinear(QuantLinear):
 class FP8Linear(QuantLinear):
     """FP8 weights and activations: per-tensor (static input scale) or per-channel per-token."""
 
+    # opt-in (on the class: every layer; or per instance): bf16 activations x fp8 weights up to stream_max_m
+    weight_only_decode = False
+
     def __init__(self, qweight, weight_scales: list[torch.Tensor], input_scale, *, per_channel: bool, **kw) -> None:
         self.qweight, self.per_channel = qweight, per_channel
         self.scheme = "FP8 per-channel per-token" if per_channel else "FP8 per-tensor"
@@ -248,7 +251,6 @@ class FP8Linear(QuantLinear):
         self.input_scale = input_scale
         # tokens up to this many: the faster of the streaming kernel and _scaled_mm (timed once per shape)
         self.stream_max_m = FP8_PT_STREAM_MAX_M if per_channel else FP8_STREAM_MAX_M
-        self.weight_only_decode = False  # opt-in: bf16 activations x fp8 weights up to stream_max_m
         super().__init__(in_features=qweight.shape[1], **kw)
         self._qw_t = self.qweight.t()  # (in, out) column-major: the layout _scaled_mm wants
         self.row_scale = self.row_scale.to(self.device).contiguous()  # (out,)

@@ -64,7 +64,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
-__all__ = ["stream_gemm", "new_counters", "m_bucket", "STREAM_MAX_M", "KINDS", "X_QUANT", "DEFAULT_CONFIG"]
+__all__ = ["stream_gemm", "new_counters", "m_bucket", "tuned_configs", "STREAM_MAX_M", "KINDS", "X_QUANT",
+           "DEFAULT_CONFIG"]
 
 STREAM_MAX_M = 64  # the kernel's largest token count (BLOCK_M up to 64)
 KINDS = {"int8": 0, "int4": 1, "fp8": 2}
@@ -383,6 +384,19 @@ def _autotune(configs: list[triton.Config]):
 
 
 _TUNED = {bucket: _autotune(cs)(_stream_kernel) for bucket, cs in _CONFIGS.items()}
+
+
+def tuned_configs() -> list[dict]:
+    """What the autotuner chose so far: one row per (M bucket, N, K, kind, group, activation mode)."""
+    kinds = {v: k for k, v in KINDS.items()}
+    xq = {v: k for k, v in X_QUANT.items()}
+    rows = []
+    for tuner in _TUNED.values():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            bucket, n, k, wkind, group, x_quant = key[:6]
+            rows.append(dict(m_bucket=bucket, N=n, K=k, kind=kinds[wkind], group=group, x_quant=xq[x_quant],
+                             **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return rows
 
 
 # ------------------------------------------------------------------ the call
