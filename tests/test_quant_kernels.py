@@ -18,7 +18,7 @@ from kit.config import ModelConfig
 from kit.loader import LoadedModel, random_weights
 from kit.quantization import QuantAlgo, QuantConfig, Quantizer, build_linear, fp8, int4, int8_weight_only
 from kit.quantization import linear as linear_mod
-from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
+from kit.quantization.weight_layout import int4_bytes, int4_words, transpose_groups
 
 triton = pytest.importorskip("triton")
 from kit.quantization.stream_gemm import (_CONFIGS, STREAM_MAX_M, _max_split, _prune, new_counters,  # noqa: E402
@@ -49,20 +49,22 @@ def assert_rounded_once(y: torch.Tensor, want: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------ layouts
-@pytest.mark.parametrize("group", [16, 32, 128])
-def test_int4_half_split_layout_round_trips_and_keeps_the_bytes(group):
-    q, s, _ = int4.quantize_weight(weight(k=256), group)
-    shuffled = shuffle_int4(q, group)
-    assert shuffled.shape == q.shape and shuffled.dtype is torch.uint8
-    assert torch.equal(unshuffle_int4(shuffled, group), q)
-    codes = int4.unpack_int4(q)  # (out, in)
-    # byte j of group g: column g*G + j in the low nibble, g*G + G/2 + j in the high one
-    half = group // 2
-    assert torch.equal(shuffled[:, :half] & 0xF, codes[:, :half])
-    assert torch.equal(shuffled[:, :half] >> 4, codes[:, half:group])
+def test_int4_words_are_the_stored_bytes_eight_columns_a_word():
+    q, s, _ = int4.quantize_weight(weight(k=256), 32)
+    words = int4_words(q)
+    assert words.shape == (q.shape[0], q.shape[1] // 4) and words.dtype is torch.int32
+    assert words.data_ptr() == q.data_ptr()  # a view: the same bytes
+    assert torch.equal(int4_bytes(words), q)
+    codes = int4.unpack_int4(q).long()  # (out, in)
+    for b in range(8):  # column 8i + b is nibble b of word i
+        assert torch.equal((words.long() >> (4 * b)) & 0xF, codes[:, b::8])
     assert torch.equal(transpose_groups(s), s.t()) and transpose_groups(s).is_contiguous()
-    with pytest.raises(ValueError, match="group_size"):
-        shuffle_int4(q[:, :40], 32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        int4_words(q[:, :6].contiguous())
+    with pytest.raises(ValueError, match="uint8"):
+        int4_words(q.to(torch.int16))
+    with pytest.raises(ValueError, match="int32"):
+        int4_bytes(q)
 
 
 # ------------------------------------------------------------------ stream_gemm, interpreter
@@ -80,10 +82,10 @@ def test_stream_int4_equals_dequantized_product(zero_point, group, tile):
     pqs = (1 + torch.rand(K, generator=torch.Generator().manual_seed(3))).to(BF16)  # AWQ's x / s
     for m in (1, 5, 17):
         x = acts(m)
-        y = stream_gemm(x, shuffle_int4(q, group), transpose_groups(s), kind="int4", out_features=N,
+        y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N,
                         counters=counters, group_size=group, zero=transpose_groups(z), config=tile)
         assert_rounded_once(y, x.float() @ ref_w.T)
-        y = stream_gemm(x, shuffle_int4(q, group), transpose_groups(s), kind="int4", out_features=N,
+        y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N,
                         counters=counters, group_size=group, zero=transpose_groups(z), pre_quant_scale=pqs,
                         config=tile, magic=False)
         # x * pqs is rounded to bf16 first, as a separate multiply would (the interpreter truncates
@@ -141,7 +143,7 @@ def test_stream_int4_gemv_steps_over_several_groups_with_a_short_last_step(zero_
     counters = new_counters(N, "cpu")
     x = acts(1)
     for tile in ({"BLOCK_M": 1, "BLOCK_K": 96, "USE_DOT": False, "SPLIT_K": 2}, {"BLOCK_K": 96}):
-        y = stream_gemm(x, shuffle_int4(q, 32), transpose_groups(s), kind="int4", out_features=N, counters=counters,
+        y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N, counters=counters,
                         group_size=32, zero=transpose_groups(z), config=tile)
         assert_rounded_once(y, x.float() @ want_w.T)
     assert int(counters.abs().sum()) == 0
@@ -180,9 +182,11 @@ def test_stream_split_k_is_deterministic_and_resets_its_counters():
 def test_stream_gemm_rejects_what_it_cannot_run():
     q, s, _ = int4.quantize_weight(weight(), 16)
     c = new_counters(N, "cpu")
-    with pytest.raises(ValueError, match="group_size >= 32"):
-        stream_gemm(acts(1), shuffle_int4(q, 16), s.t().contiguous(), kind="int4", out_features=N, counters=c,
+    with pytest.raises(ValueError, match="power-of-two group_size >= 32"):
+        stream_gemm(acts(1), int4_words(q), s.t().contiguous(), kind="int4", out_features=N, counters=c,
                     group_size=16)
+    with pytest.raises(ValueError, match="int32 words"):
+        stream_gemm(acts(1), q, s.t().contiguous(), kind="int4", out_features=N, counters=c, group_size=32)
     with pytest.raises(ValueError, match=f"at most {STREAM_MAX_M}"):
         stream_gemm(acts(STREAM_MAX_M + 1), q, s, kind="int8", out_features=N, counters=c)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
@@ -221,7 +225,7 @@ def test_dequantize_kernel_reads_the_run_time_layout(bits, zero_point, group):
     else:
         q, s, z = int4.quantize_weight(w, group, zero_point)
         ref = int4.dequantize_weight(q, s, z, group)
-        q, s, z = shuffle_int4(q, group), transpose_groups(s), transpose_groups(z)
+        q, s, z = int4_words(q), transpose_groups(s), transpose_groups(z)
     out = dequantize(q, s, z, bits=bits, group_size=group, out_features=N, in_features=K, dtype=torch.float32)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -304,7 +308,7 @@ for wkind, xq, zero, split, bm, bn, warps, dot in [
         (1, 0, True, 4, 16, 64, 4, True), (1, 0, False, 1, 16, 16, 4, True), (0, 0, False, 8, 16, 128, 8, True),
         (2, 2, False, 2, 64, 128, 8, True), (2, 1, False, 1, 16, 64, 4, True), (1, 0, True, 4, 1, 64, 4, False),
         (2, 0, False, 1, 1, 128, 8, False), (0, 0, False, 8, 1, 64, 4, False)]:
-    w = {0: "*i8", 1: "*u8", 2: "*fp8e4nv"}[wkind]
+    w = {0: "*i8", 1: "*i32", 2: "*fp8e4nv"}[wkind]
     s = "*fp16" if wkind == 1 else "*fp32"
     sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "z_ptr": "*u8", "xs_ptr": "*fp32", "pqs_ptr": "*bf16",
            "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{a: "i32" for a in (
@@ -313,7 +317,7 @@ for wkind, xq, zero, split, bm, bn, warps, dot in [
                   MAGIC=0x4300 if wkind == 1 else 0, MAGIC_BIAS=128.0 if wkind == 1 else 0.0, DOT_F32=False,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128 if dot else 256, SPLIT_K=split, USE_DOT=dot)
     print(wkind, bn, compile(_stream_kernel, sig, consts, warps, 3))
-sig = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
+sig = {"w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
 print("dequant", compile(_dequantize_kernel, sig, dict(INT4=True, GROUP=128, HAS_ZERO=True, BLOCK_N=64, BLOCK_K=128), 4, 1))
 """
 
@@ -346,7 +350,7 @@ def test_gpu_stream_gemm_autotuned_and_forced_tiles_match_reference(kind):
     kw: dict = {}
     if kind.startswith("int4"):
         q, s, z = int4.quantize_weight(w, group, kind.endswith("zero"))
-        ref_w, args = int4.dequantize_weight(q, s, z, group), (shuffle_int4(q, group), transpose_groups(s))
+        ref_w, args = int4.dequantize_weight(q, s, z, group), (int4_words(q), transpose_groups(s))
         kw = dict(kind="int4", group_size=group, zero=transpose_groups(z))
     elif kind == "int8":
         q, s = int8_weight_only.quantize_weight(w)

@@ -29,7 +29,7 @@ the quantization costs, but the decode numerics then differ from the reference's
 the same tokens in a batch above `stream_max_m`), so it is opt-in.
 
 Weight-only layers rearrange their tensors once, here, into the run-time layout of the
-kernels (`weight_layout.py`: int4 nibbles half-split per group, group scales transposed);
+kernels (`weight_layout.py`: int4 codes read as int32 words, group scales transposed);
 the stored checkpoint format does not change. AWQ's `pre_quant_scale` is applied inside
 the kernel (int4: a vector of ones when there is none, so every int4 layer runs one
 compiled kernel).
@@ -61,7 +61,7 @@ from kit.quantization.int8_weight_only import dequantize_weight as int8_dequanti
 from kit.quantization.path_choice import CHOOSER
 from kit.quantization.smoothquant import int8_linear_reference
 
-from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
+from kit.quantization.weight_layout import int4_bytes, int4_words, transpose_groups
 
 try:  # NOTE: triton is optional (a CPU install has none); only the CUDA fast paths need its kernels
     from kit.quantization.stream_gemm import new_counters, stream_gemm
@@ -172,7 +172,7 @@ class WeightOnlyLinear(QuantLinear):
         self.bits, self.group_size = bits, group_size
         self.scheme = "W8A16" if bits == 8 else f"W4A16 g{group_size}{'+zero' if zero is not None else ''}"
         self._w = self._s = self._z = self._pqs = None
-        # int4 streams one group per step and needs half a group >= 16 channels (the smallest tl.dot)
+        # int4 streams whole groups of >= 32 channels (int32 words of 8 codes, one tl.dot a group)
         self.stream_max_m = TRITON_MAX_M if bits == 8 or group_size >= 32 else 0
         super().__init__(in_features=qweight.shape[1] * (2 if bits == 4 else 1), **kw)
         self._deq: torch.Tensor | None = None
@@ -182,7 +182,7 @@ class WeightOnlyLinear(QuantLinear):
     def _prepare(self) -> None:
         """The run-time layout, once (`weight_layout.py`); the stored tensors are let go."""
         if self.bits == 4:
-            self._w = shuffle_int4(self.qweight, self.group_size)
+            self._w = int4_words(self.qweight)
             self._s, self._z = transpose_groups(self.scale), transpose_groups(self.zero)
             # NOTE: ones when there is no pre_quant_scale: one compiled int4 kernel for every layer
             pqs = self.pqs if self.pqs is not None else torch.ones(self.in_features, device=self.device)
@@ -210,8 +210,7 @@ class WeightOnlyLinear(QuantLinear):
             if self.bits == 8:
                 return int8_dequantize(self._w, self._s)
             z = self._z.t() if self._z is not None else None
-            return int4_mod.dequantize_weight(unshuffle_int4(self._w, self.group_size), self._s.t(), z,
-                                              self.group_size)
+            return int4_mod.dequantize_weight(int4_bytes(self._w), self._s.t(), z, self.group_size)
         if self.bits == 8:
             return int8_dequantize(self.qweight, self.scale)
         return int4_mod.dequantize_weight(self.qweight, self.scale, self.zero, self.group_size)

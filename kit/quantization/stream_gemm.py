@@ -9,12 +9,12 @@ kernel does that for three weight kinds:
 | kind   | weight (run-time layout)                  | scales                    | activations          |
 | ------ | ----------------------------------------- | ------------------------- | -------------------- |
 | `int8` | int8 (N, K)                               | float32 (N,), epilogue    | bf16 / fp16          |
-| `int4` | uint8 (N, K/2), half-split nibbles        | float16 (K/G, N), a group | bf16 / fp16          |
+| `int4` | int32 words (N, K/8), 8 columns a word    | float16 (K/G, N), a group | bf16 / fp16          |
 | `fp8`  | float8_e4m3 (N, K)                        | float32 (N,), epilogue    | bf16 as they are (`x_quant="none"`, weight-only), or quantized to fp8 as they are loaded (a static scale, or each token's own amax) |
 
 Layout of the work: a program owns BLOCK_N output channels, BLOCK_M tokens and a
 1/SPLIT_K share of K, streams its weight rows BLOCK_K channels a step (int4: BLOCK_K / G
-whole groups a step, each row's bytes of a step one contiguous run) and computes the
+whole groups a step, each row's words of a group one contiguous run) and computes the
 (BLOCK_N, BLOCK_M) tile of y^T = W x^T in float32. Two ways to form the products, both
 autotuned, chosen per shape by measurement:
 
@@ -30,14 +30,16 @@ autotuned, chosen per shape by measurement:
 
 int4, per group g of G input channels:
 
-    p    = packed bytes (BLOCK_N, G/2)          <- HBM, once
-    lo   = p & 0xF,  hi = p >> 4                columns k0 .. k0+G/2, k0+G/2 .. k0+G (half-split)
-    w    = code - z, exactly (bf16 for the tensor cores: bits(0x4300 | code) - (128 + z); float32 on FMAs)
-    part = w_lo @ x[k0 : k0+G/2]^T + w_hi @ x[k0+G/2 : k0+G]^T    (float32)
-    acc += s_g * part                                              (per (n, m), not per weight)
+    p    = int32 words (BLOCK_N, G/8)           <- HBM, once (16-byte vectors)
+    u    = (repeat8(p) >> 4 * (c % 8)) & 0xF    (BLOCK_N, G), column c = k0 + c: codes in column order
+    w    = u - z, exactly (bf16 for the tensor cores: bits(0x4300 | u) - (128 + z); float32 on FMAs)
+    part = w @ x[k0 : k0+G]^T                   (float32)
+    acc += s_g * part                           (per (n, m), not per weight)
 
-i.e. (code - z) * s is never formed per weight: the scale acts on the group's partial
-sum (z = 8 without zero points). int8 / fp8 codes convert exactly; their per-row scale
+i.e. on the tensor cores (u - z) * s is never formed per weight: the scale acts on the
+group's partial sum (z = 8 without zero points); the FMA path multiplies (u - z) by s in
+float32, exactly, and sums over the whole stream before one reduction across threads.
+int8 / fp8 codes convert exactly; their per-row scale
 (and fp8's activation scale) multiply the accumulator once at the end. Every variant
 computes the same dequantized product as the reference, up to float32 summation order.
 
@@ -119,6 +121,12 @@ def _codes_f32(u):
 
 
 @triton.jit
+def _sum8(t):
+    """(R, C) -> (R, C / 8): sums of 8 adjacent columns (adjacent in one thread's registers: no shuffles)."""
+    return tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // 8, 8)), axis=2)
+
+
+@triton.jit
 def _x_vec(x_row, pqs_ptr, offs_k, mask_k, HAS_PQS: tl.constexpr, DT: tl.constexpr):
     """One token's x[offs_k] (BK,) in DT (the GEMV's activations), pre_quant_scale applied as in `_x_tile`."""
     xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
@@ -138,18 +146,29 @@ def _x_tile(x_cols, pqs_ptr, offs_k, mask_k, mask_m, HAS_PQS: tl.constexpr, DT: 
 
 
 @triton.jit
+def _int4_codes(w_rows, g, ok, mask_n, GROUP: tl.constexpr):
+    """Group g's codes of BLOCK_N rows: (BLOCK_N, GROUP) int32 in 0..15, in column order.
+
+    One load of GROUP / 8 int32 words a row (16-byte vectors); every word is repeated 8 times in
+    registers (`tl.interleave` with itself, 3 times) and column c takes nibble c % 8 of its copy."""
+    offs_w = tl.arange(0, GROUP // 8)
+    p = tl.load(w_rows + (g * (GROUP // 8) + offs_w)[None, :], mask=mask_n[:, None] & ok, other=0)  # (BN, G/8)
+    p = tl.interleave(p, p)
+    p = tl.interleave(p, p)
+    p = tl.interleave(p, p)  # (BLOCK_N, GROUP): word c // 8 at column c
+    shifts = (tl.arange(0, GROUP) % 8) * 4
+    return (p >> shifts[None, :]) & 0xF
+
+
+@triton.jit
 def _int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m, N,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, MAGIC: tl.constexpr,
                     MAGIC_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_M: tl.constexpr, DT: tl.constexpr):
     """Tensor cores: s_g * sum over group g of (code - z) * x, (BLOCK_N, BLOCK_M) float32 (0 where not `ok`)."""
-    HALF: tl.constexpr = GROUP // 2
-    offs_h = tl.arange(0, HALF)
-    p = tl.load(w_rows + (g * HALF + offs_h)[None, :], mask=mask_n[:, None] & ok, other=0)  # (BLOCK_N, HALF)
-    k_lo = g * GROUP + offs_h
-    mask_h = (offs_h < HALF) & ok
-    x_lo = _x_tile(x_cols, pqs_ptr, k_lo, mask_h, mask_m, HAS_PQS, DT)  # (HALF, BLOCK_M)
-    x_hi = _x_tile(x_cols, pqs_ptr, k_lo + HALF, mask_h, mask_m, HAS_PQS, DT)
+    u = _int4_codes(w_rows, g, ok, mask_n, GROUP)  # (BLOCK_N, GROUP)
+    offs_k = g * GROUP + tl.arange(0, GROUP)
+    xt = _x_tile(x_cols, pqs_ptr, offs_k, (offs_k >= 0) & ok, mask_m, HAS_PQS, DT)  # (GROUP, BLOCK_M)
     # code - zero, exactly, in the compute dtype: small integers (-15 .. 15) are exact in bf16
     if HAS_ZERO:
         zc = (tl.load(z_ptr + g * N + offs_n, mask=mask_n & ok, other=0).to(tl.float32) + MAGIC_BIAS).to(DT)
@@ -157,13 +176,10 @@ def _int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n
     else:
         zc = tl.full((1, 1), 8.0 + MAGIC_BIAS, DT)
     if MAGIC != 0:  # 0x4300 | u is bf16 128 + u (0x6400 | u: fp16 1024 + u): no int -> float convert
-        w_lo = _sub(((p & 0xF).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
-        w_hi = _sub(((p >> 4).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
+        w = _sub((u | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
     else:
-        w_lo = _sub((p & 0xF).to(tl.float32).to(DT), zc, DOT_F32)
-        w_hi = _sub((p >> 4).to(tl.float32).to(DT), zc, DOT_F32)
-    part = _mma(w_lo, x_lo, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)
-    part = _mma(w_hi, x_hi, part, DOT_F32)  # (BLOCK_N, BLOCK_M): sum of (code - zero) * x
+        w = _sub(u.to(tl.float32).to(DT), zc, DOT_F32)
+    part = _mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)  # sum of (code - z) * x
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
     return s[:, None] * part  # the group's scale, once per output instead of once per weight
 
@@ -171,23 +187,19 @@ def _int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n
 @triton.jit
 def _int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
                      GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, DT: tl.constexpr):
-    """FMAs, one token: s_g * ((code_lo - z) * x_lo + (code_hi - z) * x_hi), (BLOCK_N, GROUP / 2) float32,
+    """FMAs, one token: s_g * sums of (code - z) * x over each 8 columns, (BLOCK_N, GROUP / 8) float32,
     summed over its columns only after the last step (no cross-thread reduction per group)."""
-    HALF: tl.constexpr = GROUP // 2
-    offs_h = tl.arange(0, HALF)
-    p = tl.load(w_rows + (g * HALF + offs_h)[None, :], mask=mask_n[:, None] & ok, other=0)  # (BLOCK_N, HALF)
-    k_lo = g * GROUP + offs_h
-    mask_h = (offs_h < HALF) & ok
-    x_lo = _x_vec(x_row, pqs_ptr, k_lo, mask_h, HAS_PQS, DT).to(tl.float32)  # (HALF,)
-    x_hi = _x_vec(x_row, pqs_ptr, k_lo + HALF, mask_h, HAS_PQS, DT).to(tl.float32)
+    u = _int4_codes(w_rows, g, ok, mask_n, GROUP)  # (BLOCK_N, GROUP)
+    offs_k = g * GROUP + tl.arange(0, GROUP)
+    xv = _x_vec(x_row, pqs_ptr, offs_k, (offs_k >= 0) & ok, HAS_PQS, DT).to(tl.float32)  # (GROUP,)
     if HAS_ZERO:
         zf = tl.load(z_ptr + g * N + offs_n, mask=mask_n & ok, other=0).to(tl.float32)[:, None] + 8388608.0
     else:
         zf = 8388616.0  # 2**23 + 8
-    w_lo = _codes_f32((p & 0xF).to(tl.int32)) - zf  # (BLOCK_N, HALF) float32: code - zero, exactly
-    w_hi = _codes_f32((p >> 4).to(tl.int32)) - zf
+    w = _codes_f32(u) - zf  # (BLOCK_N, GROUP) float32: code - zero, exactly
+    part = _sum8(w * xv[None, :])  # (BLOCK_N, GROUP / 8): the 8 columns of a word, summed in its thread
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
-    return (w_lo * x_lo[None, :] + w_hi * x_hi[None, :]) * s[:, None]
+    return part * s[:, None]
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -241,7 +253,7 @@ def _stream_kernel(
                                            N, GROUP, HAS_ZERO, HAS_PQS, MAGIC, MAGIC_BIAS, DOT_F32, BLOCK_N,
                                            BLOCK_M, DT)
         else:
-            acc2 = tl.zeros((BLOCK_N, GROUP // 2), dtype=tl.float32)  # per-thread partial sums
+            acc2 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)  # per-thread partial sums
             for st in range(s_lo, s_hi):
                 for j in tl.static_range(GPS):
                     g = st * GPS + j
@@ -251,7 +263,7 @@ def _stream_kernel(
             acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
     else:
         offs_kb = tl.arange(0, BLOCK_K)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # the GEMV's per-thread partial sums
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # the GEMV's per-thread partial sums
         for st in range(s_lo, s_hi):
             offs_k = st * BLOCK_K + offs_kb
             mask_k = offs_k < K
@@ -277,11 +289,11 @@ def _stream_kernel(
                 else:
                     acc = _mma(w.to(DT), xt, acc, DOT_F32)  # fp8 codes are exact in bf16
             else:
-                if WKIND == 0:  # q + 128 in 0..255, by its bits: (2**23 + q + 128) - (2**23 + 128)
-                    wf = _codes_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)) - 8388736.0
+                if WKIND == 0:  # by its bits: q + bits(2**23 + 128) is bits(2**23 + 128 + q) for q in -128..127
+                    wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
                 else:
                     wf = w.to(tl.float32)
-                acc2 += wf * xt.to(tl.float32)[None, :]
+                acc2 += _sum8(wf * xt.to(tl.float32)[None, :])
         if not USE_DOT:
             acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
         if XQ == 1:
@@ -414,7 +426,7 @@ def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: 
     """y (M, N) in x.dtype = x (M, K) @ dequant(w)^T for M <= STREAM_MAX_M.
 
     `w`/`scale`/`zero` in the run-time layout of `kind` (see the table above; int4 from
-    `weight_layout.shuffle_int4` / `transpose_groups`). fp8: `x_scale` float32 (1,) quantizes x
+    `weight_layout.int4_words` / `transpose_groups`). fp8: `x_scale` float32 (1,) quantizes x
     with a static scale, `per_token=True` with each row's own, `weight_only=True` keeps x as it is
     (bf16 x upcast fp8 weights). `config` forces a tile (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
     USE_DOT); without it a CUDA call is autotuned.
@@ -426,8 +438,11 @@ def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: 
     N = out_features
     if M > STREAM_MAX_M:
         raise ValueError(f"stream_gemm: {M} tokens; the weight-streaming kernel takes at most {STREAM_MAX_M}")
-    if kind == "int4" and (group_size < 32 or K % group_size):
-        raise ValueError(f"stream_gemm: int4 needs group_size >= 32 dividing in_features {K}, got {group_size}")
+    if kind == "int4" and (group_size < 32 or group_size & (group_size - 1) or K % group_size):
+        raise ValueError(f"stream_gemm: int4 needs a power-of-two group_size >= 32 dividing in_features {K}, "
+                         f"got {group_size}")
+    if kind == "int4" and w.dtype is not torch.int32:
+        raise ValueError(f"stream_gemm: int4 weights are int32 words (weight_layout.int4_words), got {w.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"stream_gemm: x must be bfloat16 or float16, got {x.dtype}")
     if kind == "fp8" and (x_scale is not None) + per_token + weight_only != 1:
