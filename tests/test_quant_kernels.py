@@ -213,6 +213,12 @@ def test_autotuning_candidates_split_k_only_where_the_tiles_do_not_fill_the_gpu(
     down = kept(4096, 14336, 1)  # Llama-3.1-8B down_proj: 64 tiles of 64 rows for 132 SMs
     assert (64, 4) in down and (128, 8) in down and _max_split(16, 4096, 14336, 1, 128) == 8
     assert max(s for _, s in kept(4096, 256, 0)) == 1  # 2 steps of K: nothing to split
+    # M = 1: the GEMV (FMAs, one token a program) next to the tensor-core tiles; int4 steps whole groups
+    one = _prune(_CONFIGS[1], {"N": 4096, "K": 14336}, WKIND=1, GROUP=128)
+    assert {c.kwargs["USE_DOT"] for c in one} == {True, False}
+    assert {c.kwargs["BLOCK_M"] for c in one if not c.kwargs["USE_DOT"]} == {1}
+    assert all(c.kwargs["BLOCK_K"] % 128 == 0 for c in one)
+    assert {c.kwargs["BLOCK_K"] for c in _prune(_CONFIGS[16], {"N": 4096, "K": 4096}, WKIND=1, GROUP=256)} == {256}
 
 
 # ------------------------------------------------------------------ dequantize (prefill), interpreter

@@ -330,15 +330,19 @@ def _cfg(bm: int, bn: int, split: int, bk: int = 128, warps: int = 4, stages: in
 
 
 # NOTE: few candidates on purpose: every one is a compile per kind (about a second each on an H100
-# host). M = 1 tries both products: the GEMV on FMAs (BLOCK_M = 1: no padded tensor-core rows, no
-# shared memory) and the tensor cores; the pruning keeps the splits of K that fill the SMs.
-_DOT16 = [_cfg(16, 64, 1), _cfg(16, 64, 4), _cfg(16, 128, 8, warps=8, stages=3)]
+# host). Buckets 1, 4 and 16 share the tensor-core tiles (M_BUCKET is not specialized: one compile
+# serves all three); M = 1 also tries the GEMV on FMAs (BLOCK_M = 1: no padded tensor-core rows, no
+# shared memory), with few warps and many programs or more rows a program. The pruning keeps the
+# splits of K that fill the SMs.
+_DOT16 = [_cfg(16, 32, 1, 256), _cfg(16, 64, 1, 256, stages=3), _cfg(16, 64, 1), _cfg(16, 64, 4),
+          _cfg(16, 128, 8, warps=8, stages=3)]
+_GEMV = [_cfg(1, 64, 1, 128, stages=3, dot=False), _cfg(1, 32, 1, 256, warps=2, stages=4, dot=False),
+         _cfg(1, 128, 1, 256, warps=8, stages=3, dot=False), _cfg(1, 64, 4, 256, stages=3, dot=False),
+         _cfg(1, 128, 8, 128, warps=8, stages=3, dot=False)]
 _CONFIGS = {
-    1: [_cfg(1, 64, 1, 128, stages=3, dot=False), _cfg(1, 32, 1, 256, stages=4, dot=False),
-        _cfg(1, 128, 1, 256, warps=8, stages=3, dot=False), _cfg(1, 64, 4, 256, stages=3, dot=False),
-        _cfg(1, 128, 8, 128, warps=8, stages=3, dot=False)] + _DOT16,
-    4: [_cfg(16, 32, 1, 256)] + _DOT16,
-    16: [_cfg(16, 32, 1, 256), _cfg(16, 64, 1, 256, stages=3), _cfg(16, 128, 2, 256, warps=8, stages=3)] + _DOT16,
+    1: _GEMV + _DOT16[2:],
+    4: _DOT16,
+    16: _DOT16,
     32: [_cfg(32, 64, 1, stages=3), _cfg(32, 64, 2, stages=3), _cfg(32, 128, 4, warps=8, stages=3)],
     64: [_cfg(64, 64, 1, stages=3), _cfg(64, 128, 2, warps=8, stages=3), _cfg(64, 128, 4, warps=8, stages=3)],
 }
