@@ -348,7 +348,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kind", ["int8", "int4", "int4-zero", "fp8-static", "fp8-per-token"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-zero", "fp8-static", "fp8-per-token", "fp8-weight-only"])
 def test_gpu_stream_gemm_autotuned_and_forced_tiles_match_reference(kind):
     n, k, group = 1056, 2048, 128
     w = weight(n=n, k=k).cuda()
@@ -363,17 +363,22 @@ def test_gpu_stream_gemm_autotuned_and_forced_tiles_match_reference(kind):
         ref_w, args, kw = int8_weight_only.dequantize_weight(q, s), (q, s), dict(kind="int8")
     else:
         q, s = fp8.quantize_weight_per_channel(w)
-        ref_w, args, kw = q.float() * s[:, None], (q, s), dict(kind="fp8", per_token=kind.endswith("token"))
+        ref_w, args = q.float() * s[:, None], (q, s)
+        kw = dict(kind="fp8", per_token=kind.endswith("token"), weight_only=kind.endswith("only"))
     for m in (1, 4, 16, 40, 64):
         x = acts(m, k=k, device="cuda")
         if kind == "fp8-static":
             kw["x_scale"] = fp8.activation_scale(x.float().abs().amax())
         xin = x.float()
-        if kind.startswith("fp8"):
+        if kind in ("fp8-static", "fp8-per-token"):
             xq, xs = fp8.quantize_per_token(x) if kw["per_token"] else (fp8.quantize_static(x, kw["x_scale"]), kw["x_scale"])
             xin = xq.float() * xs
         want = xin @ ref_w.T
-        for tile in (None, {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "SPLIT_K": 4}):
+        tiles = [None, {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "SPLIT_K": 4}]
+        if m == 1:  # the GEMV on FMAs, alone and split
+            tiles += [{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "USE_DOT": False},
+                      {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": False, "SPLIT_K": 4}]
+        for tile in tiles:
             y = stream_gemm(x, *args, out_features=n, counters=counters, config=tile, **kw)
             torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     assert int(counters.abs().sum()) == 0
