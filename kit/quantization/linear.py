@@ -15,8 +15,11 @@ compute dtype, y (T, sum of out_features). Every layer object has:
 | scheme                         | M <= `stream_max_m` (decode)                  | larger M (prefill)                      |
 | ------------------------------ | --------------------------------------------- | --------------------------------------- |
 | W8A16 / W4A16 (RTN, AWQ, GPTQ) | `stream_gemm`: weights streamed once, dequantized in registers | Triton dequantize to bf16 + cuBLAS |
-| FP8 (per tensor / per channel) | the faster (timed once per shape, `path_choice.py`) of `stream_gemm` (activations quantized as it loads them) and `torch._scaled_mm` | `torch._scaled_mm` on FP8 tensor cores |
+| FP8 (per tensor / per channel) | timed once per shape: `stream_gemm` or `_scaled_mm` (*) | `torch._scaled_mm` on FP8 tensor cores |
 | W8A8 / SmoothQuant             | `torch._int_mm` (int8 tensor cores, int32 out), then a fused epilogue (every M) |  |
+
+(*) the faster (`path_choice.py`) of `stream_gemm` (activations quantized as it loads them) and
+`torch._scaled_mm`.
 
 `stream_max_m` is an attribute of each layer (defaults `TRITON_MAX_M`, `FP8_STREAM_MAX_M`,
 `FP8_PT_STREAM_MAX_M`; `bench/quant_gemm.py` measures both sides); setting it to 0 takes the

@@ -10,7 +10,10 @@ kernel does that for three weight kinds:
 | ------ | ----------------------------------------- | ------------------------- | -------------------- |
 | `int8` | int8 (N, K)                               | float32 (N,), epilogue    | bf16 / fp16          |
 | `int4` | int32 words (N, K/8), 8 columns a word    | float16 (K/G, N), a group | bf16 / fp16          |
-| `fp8`  | float8_e4m3 (N, K)                        | float32 (N,), epilogue    | bf16 as they are (`x_quant="none"`, weight-only), or quantized to fp8 as they are loaded (a static scale, or each token's own amax) |
+| `fp8`  | float8_e4m3 (N, K)                        | float32 (N,), epilogue    | fp8, see below       |
+
+fp8 activations are quantized as they are loaded (a static scale, or each token's own amax:
+`X_QUANT`), or, `weight_only=True`, taken as they are (bf16 x fp8 weights upcast in registers).
 
 Layout of the work: a program owns BLOCK_N output channels, BLOCK_M tokens and a
 1/SPLIT_K share of K, streams its weight rows BLOCK_K channels a step (int4: BLOCK_K / G
@@ -66,6 +69,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from kit.quantization.stream_ops import fp8_round, int4_group_dot, int4_group_gemv, mma, sum8, x_tile, x_vec
+
 __all__ = ["stream_gemm", "new_counters", "m_bucket", "tuned_configs", "STREAM_MAX_M", "KINDS", "X_QUANT",
            "DEFAULT_CONFIG"]
 
@@ -78,128 +83,6 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "US
 def m_bucket(m: int) -> int:
     """The autotuning bucket of a token count: 1, 4, 16, 32, 64."""
     return 1 if m <= 1 else 4 if m <= 4 else 16 if m <= 16 else 32 if m <= 32 else 64
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr):
-    """acc + a @ b in float32. NOTE: Triton's interpreter multiplies bf16 operands wrongly, so on the
-    CPU (DOT_F32) both are widened first (exact) and multiplied in IEEE float32."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _sub(a, b, DOT_F32: tl.constexpr):
-    """a - b in their 16-bit dtype (exact here: small integers). NOTE: the interpreter computes bf16
-    arithmetic wrongly, so on the CPU (DOT_F32) it is done in float32, with the same result."""
-    if DOT_F32:
-        return a.to(tl.float32) - b.to(tl.float32)
-    return a - b
-
-
-@triton.jit
-def _fp8_round(v, DT: tl.constexpr, EMULATE: tl.constexpr):
-    """v (float32, within +-448) rounded to float8_e4m3 (nearest, ties to even), as DT.
-
-    NOTE: Triton's interpreter converts float32 -> fp8 wrongly when rounding carries into the
-    exponent (126.8 -> 64); on the CPU (EMULATE) the rounding is done on the float32 bits."""
-    if EMULATE:
-        bits = v.to(tl.int32, bitcast=True)
-        lsb = (bits >> 20) & 1  # keep 3 of the 23 mantissa bits, ties to even
-        normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
-        c = 24576.0  # 1.5 * 2**14: adding it rounds to a multiple of 2**-9, the subnormal step
-        sub = tl.where(v >= 0, (v + c) - c, -((c - v) - c))
-        return tl.where(tl.abs(v) < 0.015625, sub, normal).to(DT)
-    return v.to(tl.float8e4nv).to(DT)
-
-
-@triton.jit
-def _codes_f32(u):
-    """u int32 (0 <= u < 2**23) -> float32 2**23 + u, by its bits (no int -> float convert)."""
-    return (u | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _sum8(t):
-    """(R, C) -> (R, C / 8): sums of 8 adjacent columns (adjacent in one thread's registers: no shuffles)."""
-    return tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // 8, 8)), axis=2)
-
-
-@triton.jit
-def _x_vec(x_row, pqs_ptr, offs_k, mask_k, HAS_PQS: tl.constexpr, DT: tl.constexpr):
-    """One token's x[offs_k] (BK,) in DT (the GEMV's activations), pre_quant_scale applied as in `_x_tile`."""
-    xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
-    if HAS_PQS:
-        xv = (xv.to(tl.float32) * tl.load(pqs_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)).to(DT)
-    return xv
-
-
-@triton.jit
-def _x_tile(x_cols, pqs_ptr, offs_k, mask_k, mask_m, HAS_PQS: tl.constexpr, DT: tl.constexpr):
-    """x^T (BK, BLOCK_M) in DT; AWQ's pre_quant_scale applied and rounded to DT as a separate multiply would be."""
-    xt = tl.load(x_cols + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None], other=0.0)
-    if HAS_PQS:
-        pq = tl.load(pqs_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xt = (xt.to(tl.float32) * pq[:, None]).to(DT)
-    return xt
-
-
-@triton.jit
-def _int4_codes(w_rows, g, ok, mask_n, GROUP: tl.constexpr):
-    """Group g's codes of BLOCK_N rows: (BLOCK_N, GROUP) int32 in 0..15, in column order.
-
-    One load of GROUP / 8 int32 words a row (16-byte vectors); every word is repeated 8 times in
-    registers (`tl.interleave` with itself, 3 times) and column c takes nibble c % 8 of its copy."""
-    offs_w = tl.arange(0, GROUP // 8)
-    p = tl.load(w_rows + (g * (GROUP // 8) + offs_w)[None, :], mask=mask_n[:, None] & ok, other=0)  # (BN, G/8)
-    p = tl.interleave(p, p)
-    p = tl.interleave(p, p)
-    p = tl.interleave(p, p)  # (BLOCK_N, GROUP): word c // 8 at column c
-    shifts = (tl.arange(0, GROUP) % 8) * 4
-    return (p >> shifts[None, :]) & 0xF
-
-
-@triton.jit
-def _int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m, N,
-                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, MAGIC: tl.constexpr,
-                    MAGIC_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DT: tl.constexpr):
-    """Tensor cores: s_g * sum over group g of (code - z) * x, (BLOCK_N, BLOCK_M) float32 (0 where not `ok`)."""
-    u = _int4_codes(w_rows, g, ok, mask_n, GROUP)  # (BLOCK_N, GROUP)
-    offs_k = g * GROUP + tl.arange(0, GROUP)
-    xt = _x_tile(x_cols, pqs_ptr, offs_k, (offs_k >= 0) & ok, mask_m, HAS_PQS, DT)  # (GROUP, BLOCK_M)
-    # code - zero, exactly, in the compute dtype: small integers (-15 .. 15) are exact in bf16
-    if HAS_ZERO:
-        zc = (tl.load(z_ptr + g * N + offs_n, mask=mask_n & ok, other=0).to(tl.float32) + MAGIC_BIAS).to(DT)
-        zc = zc[:, None]
-    else:
-        zc = tl.full((1, 1), 8.0 + MAGIC_BIAS, DT)
-    if MAGIC != 0:  # 0x4300 | u is bf16 128 + u (0x6400 | u: fp16 1024 + u): no int -> float convert
-        w = _sub((u | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
-    else:
-        w = _sub(u.to(tl.float32).to(DT), zc, DOT_F32)
-    part = _mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)  # sum of (code - z) * x
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
-    return s[:, None] * part  # the group's scale, once per output instead of once per weight
-
-
-@triton.jit
-def _int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
-                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, DT: tl.constexpr):
-    """FMAs, one token: s_g * sums of (code - z) * x over each 8 columns, (BLOCK_N, GROUP / 8) float32,
-    summed over its columns only after the last step (no cross-thread reduction per group)."""
-    u = _int4_codes(w_rows, g, ok, mask_n, GROUP)  # (BLOCK_N, GROUP)
-    offs_k = g * GROUP + tl.arange(0, GROUP)
-    xv = _x_vec(x_row, pqs_ptr, offs_k, (offs_k >= 0) & ok, HAS_PQS, DT).to(tl.float32)  # (GROUP,)
-    if HAS_ZERO:
-        zf = tl.load(z_ptr + g * N + offs_n, mask=mask_n & ok, other=0).to(tl.float32)[:, None] + 8388608.0
-    else:
-        zf = 8388616.0  # 2**23 + 8
-    w = _codes_f32(u) - zf  # (BLOCK_N, GROUP) float32: code - zero, exactly
-    part = _sum8(w * xv[None, :])  # (BLOCK_N, GROUP / 8): the 8 columns of a word, summed in its thread
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
-    return part * s[:, None]
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -249,7 +132,7 @@ def _stream_kernel(
                 for j in tl.static_range(GPS):
                     g = st * GPS + j
                     ok = (g + tl.zeros((1,), dtype=tl.int32)) < num_groups  # (1,): the last step may be short
-                    acc += _int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m,
+                    acc += int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m,
                                            N, GROUP, HAS_ZERO, HAS_PQS, MAGIC, MAGIC_BIAS, DOT_F32, BLOCK_N,
                                            BLOCK_M, DT)
         else:
@@ -258,7 +141,7 @@ def _stream_kernel(
                 for j in tl.static_range(GPS):
                     g = st * GPS + j
                     ok = (g + tl.zeros((1,), dtype=tl.int32)) < num_groups
-                    acc2 += _int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
+                    acc2 += int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
                                              GROUP, HAS_ZERO, HAS_PQS, DT)
             acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
     else:
@@ -269,31 +152,31 @@ def _stream_kernel(
             mask_k = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if USE_DOT:
-                xt = _x_tile(x_cols, pqs_ptr, offs_k, mask_k, mask_m, HAS_PQS, DT)  # (BLOCK_K, BLOCK_M)
+                xt = x_tile(x_cols, pqs_ptr, offs_k, mask_k, mask_m, HAS_PQS, DT)  # (BLOCK_K, BLOCK_M)
             else:
-                xt = _x_vec(x_row, pqs_ptr, offs_k, mask_k, HAS_PQS, DT)  # (BLOCK_K,)
+                xt = x_vec(x_row, pqs_ptr, offs_k, mask_k, HAS_PQS, DT)  # (BLOCK_K,)
             if XQ != 0:
                 if XQ == 1 or not USE_DOT:  # one scale: static, or the GEMV token's own (1,)
                     v = tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs), -448.0, 448.0)
                 else:
                     v = tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs[None, :]), -448.0, 448.0)
                 if USE_DOT and WKIND == 2 and not DOT_F32:
-                    xt = _fp8_round(v, tl.float8e4nv, False)  # fp8 x fp8 on the tensor cores
+                    xt = fp8_round(v, tl.float8e4nv, False)  # fp8 x fp8 on the tensor cores
                 else:
-                    xt = _fp8_round(v, DT, DOT_F32)
+                    xt = fp8_round(v, DT, DOT_F32)
             if USE_DOT:
                 if WKIND == 0:  # NOTE: int8 -> float32 -> bf16 (both exact; a direct cast is wrong in the interpreter)
-                    acc = _mma(w.to(tl.float32).to(DT), xt, acc, DOT_F32)
+                    acc = mma(w.to(tl.float32).to(DT), xt, acc, DOT_F32)
                 elif XQ != 0:
-                    acc = _mma(w, xt, acc, DOT_F32)  # fp8 codes times fp8 codes: exact products
+                    acc = mma(w, xt, acc, DOT_F32)  # fp8 codes times fp8 codes: exact products
                 else:
-                    acc = _mma(w.to(DT), xt, acc, DOT_F32)  # fp8 codes are exact in bf16
+                    acc = mma(w.to(DT), xt, acc, DOT_F32)  # fp8 codes are exact in bf16
             else:
                 if WKIND == 0:  # by its bits: q + bits(2**23 + 128) is bits(2**23 + 128 + q) for q in -128..127
                     wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
                 else:
                     wf = w.to(tl.float32)
-                acc2 += _sum8(wf * xt.to(tl.float32)[None, :])
+                acc2 += sum8(wf * xt.to(tl.float32)[None, :])
         if not USE_DOT:
             acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
         if XQ == 1:
