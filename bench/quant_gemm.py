@@ -11,7 +11,7 @@
    as `stream` (the Triton weight-streaming kernel, activations quantized as it loads them),
    `stream_wo` (the same kernel, weight-only: bf16 activations, fp8 weights upcast in registers)
    and `scaled_mm` (`quantize_rows` + `torch._scaled_mm`); W8A16 and W4A16 (AWQ layout: with
-   `pre_quant_scale` on o/down; GPTQ layout: with zero points) as `stream` and, from M=16,
+   `pre_quant_scale` on o/down; with `--gptq` the GPTQ layout: zero points) as `stream` and, from M=16,
    `dequant` (dequantize to bf16 + cuBLAS). Columns: `us` (median of CUDA-graph replays,
    autotuning done before), `weight_GBps`, `frac_copy_bw`, `speedup_vs_bf16`, `path`,
    `rel_err_vs_reference` (against the layer's float32 reference path). Each timed call runs
@@ -73,8 +73,9 @@ GEMM_VARIANTS: list[tuple[str, QuantAlgo | None, str | None, dict]] = [
     ("FP8", QuantAlgo.FP8, "scaled_mm", {}),
     ("W8A16", QuantAlgo.W8A16, "stream", {}), ("W8A16", QuantAlgo.W8A16, "dequant", {}),
     ("W4A16_AWQ", QuantAlgo.W4A16_AWQ, "stream", {}), ("W4A16_AWQ", QuantAlgo.W4A16_AWQ, "dequant", {}),
-    ("W4A16_GPTQ", QuantAlgo.W4A16_GPTQ, "stream", {"has_zero_point": True}),
 ]
+# behind --gptq (a 5th compiled kernel variant: the budget): W4A16 with zero points
+GPTQ_VARIANTS = [("W4A16_GPTQ", QuantAlgo.W4A16_GPTQ, "stream", {"has_zero_point": True})]
 DECODE_SCHEMES: dict[str, dict | None] = {
     "bf16": None, "fp8": {"quant_algo": QuantAlgo.FP8}, "fp8_wo": {"quant_algo": QuantAlgo.FP8},
     "int8_wo": {"quant_algo": QuantAlgo.W8A16},
@@ -135,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=230.0, help="start no new part after this many seconds")
     p.add_argument("--rep", type=int, default=10, help="ms of CUDA-graph replays per measurement")
     p.add_argument("--fp8-per-token", action="store_true", help="also time FP8_PER_CHANNEL_PER_TOKEN's variants")
+    p.add_argument("--gptq", action="store_true", help="also time W4A16 with zero points (GPTQ layout)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter): a dry run")
     return p.parse_args(argv)
 
@@ -195,7 +197,8 @@ class Runner:
         shapes = linear_shapes(config, not config.tie_word_embeddings)
         if self.args.smoke:  # a dry run: one linear with and one without AWQ's pre_quant_scale
             shapes = {s: shapes[s] for s in ("qkv_proj", "down_proj")}
-        variants = GEMM_VARIANTS + (FP8_PER_TOKEN_VARIANTS if self.args.fp8_per_token or self.args.smoke else [])
+        variants = GEMM_VARIANTS + (FP8_PER_TOKEN_VARIANTS if self.args.fp8_per_token or self.args.smoke else []) \
+            + (GPTQ_VARIANTS if self.args.gptq or self.args.smoke else [])
         for lin_name, (n, k, pqs) in shapes.items():
             if self.left() <= 0:
                 self.out["skipped"].append(f"gemm {model} {lin_name}")
