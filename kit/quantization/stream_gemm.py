@@ -133,8 +133,8 @@ def _stream_kernel(
                     g = st * GPS + j
                     ok = (g + tl.zeros((1,), dtype=tl.int32)) < num_groups  # (1,): the last step may be short
                     acc += int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m,
-                                           N, GROUP, HAS_ZERO, HAS_PQS, MAGIC, MAGIC_BIAS, DOT_F32, BLOCK_N,
-                                           BLOCK_M, DT)
+                                          N, GROUP, HAS_ZERO, HAS_PQS, MAGIC, MAGIC_BIAS, DOT_F32, BLOCK_N,
+                                          BLOCK_M, DT)
         else:
             acc2 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)  # per-thread partial sums
             for st in range(s_lo, s_hi):
@@ -142,7 +142,7 @@ def _stream_kernel(
                     g = st * GPS + j
                     ok = (g + tl.zeros((1,), dtype=tl.int32)) < num_groups
                     acc2 += int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
-                                             GROUP, HAS_ZERO, HAS_PQS, DT)
+                                            GROUP, HAS_ZERO, HAS_PQS, DT)
             acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
     else:
         offs_kb = tl.arange(0, BLOCK_K)

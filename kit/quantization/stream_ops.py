@@ -104,9 +104,9 @@ def int4_codes(w_rows, g, ok, mask_n, GROUP: tl.constexpr):
 
 @triton.jit
 def int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m, N,
-                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, MAGIC: tl.constexpr,
-                    MAGIC_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DT: tl.constexpr):
+                   GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, MAGIC: tl.constexpr,
+                   MAGIC_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, DT: tl.constexpr):
     """Tensor cores: s_g * sum over group g of (code - z) * x, (BLOCK_N, BLOCK_M) float32 (0 where not `ok`)."""
     u = int4_codes(w_rows, g, ok, mask_n, GROUP)  # (BLOCK_N, GROUP)
     offs_k = g * GROUP + tl.arange(0, GROUP)
@@ -128,7 +128,7 @@ def int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n,
 
 @triton.jit
 def int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
-                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, DT: tl.constexpr):
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr, DT: tl.constexpr):
     """FMAs, one token: s_g * sums of (code - z) * x over each 8 columns, (BLOCK_N, GROUP / 8) float32,
     summed over its columns only after the last step (no cross-thread reduction per group)."""
     u = int4_codes(w_rows, g, ok, mask_n, GROUP)  # (BLOCK_N, GROUP)
