@@ -135,13 +135,13 @@ def test_stream_fp8_weight_only_keeps_activations_as_they_are(tile):
         assert_rounded_once(y, x.float() @ fp8.dequantize(qw, ws).T)
 
 
-@pytest.mark.parametrize("zero_point", [False, True])
-def test_stream_int4_gemv_steps_over_several_groups_with_a_short_last_step(zero_point):
+@pytest.mark.parametrize("zero_point,dtype", [(False, BF16), (True, BF16), (True, torch.float16)])
+def test_stream_int4_gemv_steps_over_several_groups_with_a_short_last_step(zero_point, dtype):
     """BLOCK_K = 3 groups a step over 4 groups: the second step holds one group, the rest masked."""
     q, s, z = int4.quantize_weight(weight(), 32, zero_point)
     want_w = int4.dequantize_weight(q, s, z, 32)
     counters = new_counters(N, "cpu")
-    x = acts(1)
+    x = acts(1, dtype=dtype)
     for tile in ({"BLOCK_M": 1, "BLOCK_K": 96, "USE_DOT": False, "SPLIT_K": 2}, {"BLOCK_K": 96}):
         y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N, counters=counters,
                         group_size=32, zero=transpose_groups(z), config=tile)
