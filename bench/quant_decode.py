@@ -7,6 +7,10 @@ the measured batch sizes, and time `steps` decode steps of `batch` sequences wit
 run cut short keeps what it measured.
 
     python bench/quant_decode.py --models llama-3.2-1b llama-3.1-8b --out quant_decode.json
+    python bench/quant_decode.py --smoke --out /tmp/quant_decode_smoke.json   # CPU: one layer, seconds
+
+`fp8_wo` is FP8 with `FP8Linear.weight_only_decode` (bf16 activations x fp8 weights up to the
+layer's `stream_max_m`); `fp8` lets each layer time its two equivalent decode paths per shape.
 
 `build_engine` and `time_decode` are also what `bench/quant_gemm.py` times its decode steps with.
 """
@@ -30,10 +34,13 @@ from kit.builder import BuildConfig, Builder  # noqa: E402
 from kit.loader import ModelLoader  # noqa: E402
 from kit.network import NetworkBuilder  # noqa: E402
 from kit.quantization import QuantConfig, Quantizer  # noqa: E402
+from kit.quantization.linear import FP8Linear  # noqa: E402
+from kit.quantization.path_choice import CHOOSER  # noqa: E402
 
 __all__ = ["SCHEMES", "BLOCK_SIZE", "build_engine", "time_decode", "main"]
 
-SCHEMES = {"bf16": None, "fp8": "fp8", "int8_wo": "int8_wo", "int4_wo": "int4_wo", "int4_awq": "int4_awq"}
+SCHEMES = {"bf16": None, "fp8": "fp8", "fp8_wo": "fp8", "int8_wo": "int8_wo", "int4_wo": "int4_wo",
+           "int4_awq": "int4_awq"}
 BLOCK_SIZE = 16
 
 
@@ -76,8 +83,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--num-layers", type=int, default=None, help="fewer layers, for a quick CPU check")
     p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="a CPU dry run: qwen2.5-0.5b, one layer, 2 steps")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.models, args.num_layers, args.batch_sizes, args.steps, args.context = ["qwen2.5-0.5b"], 1, [1, 2], 2, 16
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "context": args.context, "steps": args.steps, "runs": []}
@@ -91,18 +101,25 @@ def main() -> None:
                 qc = QuantConfig.from_name(SCHEMES[scheme], calib_size=4, calib_max_seq_len=64)
                 loaded = Quantizer(qc).quantize(base, progress=False)
             quant_s = time.perf_counter() - t0
+            FP8Linear.weight_only_decode = scheme == "fp8_wo"  # read as the graphs are captured
             engine, kv = build_engine(loaded, args.batch_sizes, args.context, args.steps, device)
             lin = engine.network.to_frame()
             lin_bytes = int(lin[lin.kind.isin(["qkv_proj", "o_proj", "mlp"])]["weight_bytes"].sum())
             for b in args.batch_sizes:
                 sps = time_decode(engine, kv, b, args.context, args.steps, bs)
+                base_sps = {r["batch_size"]: r["steps_per_s"] for r in out["runs"]
+                            if r["model"] == model and r["scheme"] == "bf16"}
                 row = {"model": model, "scheme": scheme, "batch_size": b, "steps_per_s": sps, "tokens_per_s": sps * b,
-                       "ms_per_step": 1e3 / sps, "linear_weight_bytes": lin_bytes,
+                       "ms_per_step": 1e3 / sps,
+                       "speedup_vs_bf16": 1.0 if scheme == "bf16" else sps / base_sps[b] if b in base_sps else None,
+                       "linear_weight_bytes": lin_bytes,
                        "weight_bytes": engine.network.weight_bytes, "quantize_s": quant_s}
                 out["runs"].append(row)
+                out["fp8_path_choices"] = CHOOSER.table()
                 print(json.dumps(row), flush=True)
                 with open(args.out, "w") as f:
                     json.dump(out, f, indent=2)
+            FP8Linear.weight_only_decode = False
             del engine, kv, loaded
             gc.collect()
             if device == "cuda":

@@ -4,12 +4,14 @@ under the kit's cache directory, keyed by what they depend on, rebuilt when dama
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
 import torch
 
 import kit.evaluation as evaluation
+import kit.quantization.cache as cache_mod
 from kit.config import ModelConfig
 from kit.engine import Engine
 from kit.loader import LoadedModel, random_weights
@@ -175,3 +177,26 @@ def test_compare_results_are_cached_by_engine_content_and_windows(tmp_path, monk
                            windows, progress=False)
     with pytest.raises(AssertionError, match="warm cache"):
         evaluation.compare(engines, "float", windows, progress=False, use_cache=False)
+
+
+def test_key_changes_with_the_quantization_code_including_the_run_time_layouts(tmp_path, monkeypatch):
+    """A quantized entry is keyed by the code of kit/quantization/ (weight_layout.py and the kernels
+    included): a changed layout or kernel is a new key, so an old entry is never read back by new code."""
+    kit_copy = tmp_path / "kit"
+    shutil.copytree(cache_mod._KIT_DIR / "quantization", kit_copy / "quantization")
+    monkeypatch.setattr(cache_mod, "_KIT_DIR", kit_copy)
+    base = code_version()
+    for name in ("weight_layout.py", "stream_gemm.py"):
+        f = kit_copy / "quantization" / name
+        original = f.read_text()
+        f.write_text(original + "\n# changed\n")
+        assert code_version() != base, name
+        f.write_text(original)
+        assert code_version() == base
+    loaded, cache = tiny_model(), QuantCache(tmp_path / "cache")
+    q = Quantizer(qconfig(QuantAlgo.W4A16), cache=cache)
+    q.quantize(loaded, progress=False)
+    (kit_copy / "quantization" / "weight_layout.py").write_text("# another layout\n")
+    q2 = Quantizer(qconfig(QuantAlgo.W4A16), cache=cache)
+    q2.quantize(loaded, progress=False)
+    assert q2.cache_key != q.cache_key and not q2.cache_hit

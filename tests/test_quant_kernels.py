@@ -18,7 +18,7 @@ from kit.config import ModelConfig
 from kit.loader import LoadedModel, random_weights
 from kit.quantization import QuantAlgo, QuantConfig, Quantizer, build_linear, fp8, int4, int8_weight_only
 from kit.quantization import linear as linear_mod
-from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
+from kit.quantization.weight_layout import int4_bytes, int4_words, transpose_groups
 
 triton = pytest.importorskip("triton")
 from kit.quantization.stream_gemm import (_CONFIGS, STREAM_MAX_M, _max_split, _prune, new_counters,  # noqa: E402
@@ -49,28 +49,32 @@ def assert_rounded_once(y: torch.Tensor, want: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------ layouts
-@pytest.mark.parametrize("group", [16, 32, 128])
-def test_int4_half_split_layout_round_trips_and_keeps_the_bytes(group):
-    q, s, _ = int4.quantize_weight(weight(k=256), group)
-    shuffled = shuffle_int4(q, group)
-    assert shuffled.shape == q.shape and shuffled.dtype is torch.uint8
-    assert torch.equal(unshuffle_int4(shuffled, group), q)
-    codes = int4.unpack_int4(q)  # (out, in)
-    # byte j of group g: column g*G + j in the low nibble, g*G + G/2 + j in the high one
-    half = group // 2
-    assert torch.equal(shuffled[:, :half] & 0xF, codes[:, :half])
-    assert torch.equal(shuffled[:, :half] >> 4, codes[:, half:group])
+def test_int4_words_are_the_stored_bytes_eight_columns_a_word():
+    q, s, _ = int4.quantize_weight(weight(k=256), 32)
+    words = int4_words(q)
+    assert words.shape == (q.shape[0], q.shape[1] // 4) and words.dtype is torch.int32
+    assert words.data_ptr() == q.data_ptr()  # a view: the same bytes
+    assert torch.equal(int4_bytes(words), q)
+    codes = int4.unpack_int4(q).long()  # (out, in)
+    for b in range(8):  # column 8i + b is nibble b of word i
+        assert torch.equal((words.long() >> (4 * b)) & 0xF, codes[:, b::8])
     assert torch.equal(transpose_groups(s), s.t()) and transpose_groups(s).is_contiguous()
-    with pytest.raises(ValueError, match="group_size"):
-        shuffle_int4(q[:, :40], 32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        int4_words(q[:, :6].contiguous())
+    with pytest.raises(ValueError, match="uint8"):
+        int4_words(q.to(torch.int16))
+    with pytest.raises(ValueError, match="int32"):
+        int4_bytes(q)
 
 
 # ------------------------------------------------------------------ stream_gemm, interpreter
-TILES = [None, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_M": 32, "SPLIT_K": 4}]
+TILES = [None, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_M": 32, "SPLIT_K": 4},
+         {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "USE_DOT": False}]
+TILE_IDS = ["one-program-a-tile", "split-k-2", "bm32-split-k-4", "gemv-fma"]
 
 
 @pytest.mark.parametrize("zero_point,group", [(False, 32), (True, 32), (False, 64)])
-@pytest.mark.parametrize("tile", TILES, ids=["one-program-a-tile", "split-k-2", "bm32-split-k-4"])
+@pytest.mark.parametrize("tile", TILES, ids=TILE_IDS)
 def test_stream_int4_equals_dequantized_product(zero_point, group, tile):
     q, s, z = int4.quantize_weight(weight(), group, zero_point)
     ref_w = int4.dequantize_weight(q, s, z, group)
@@ -78,10 +82,10 @@ def test_stream_int4_equals_dequantized_product(zero_point, group, tile):
     pqs = (1 + torch.rand(K, generator=torch.Generator().manual_seed(3))).to(BF16)  # AWQ's x / s
     for m in (1, 5, 17):
         x = acts(m)
-        y = stream_gemm(x, shuffle_int4(q, group), transpose_groups(s), kind="int4", out_features=N,
+        y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N,
                         counters=counters, group_size=group, zero=transpose_groups(z), config=tile)
         assert_rounded_once(y, x.float() @ ref_w.T)
-        y = stream_gemm(x, shuffle_int4(q, group), transpose_groups(s), kind="int4", out_features=N,
+        y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N,
                         counters=counters, group_size=group, zero=transpose_groups(z), pre_quant_scale=pqs,
                         config=tile, magic=False)
         # x * pqs is rounded to bf16 first, as a separate multiply would (the interpreter truncates
@@ -91,7 +95,7 @@ def test_stream_int4_equals_dequantized_product(zero_point, group, tile):
     assert int(counters.abs().sum()) == 0  # split-K leaves its counters at zero
 
 
-@pytest.mark.parametrize("tile", TILES, ids=["one-program-a-tile", "split-k-2", "bm32-split-k-4"])
+@pytest.mark.parametrize("tile", TILES, ids=TILE_IDS)
 def test_stream_int8_equals_dequantized_product(tile):
     q, s = int8_weight_only.quantize_weight(weight(k=100))  # K not a multiple of BLOCK_K: masked tail
     counters = new_counters(N, "cpu")
@@ -102,7 +106,7 @@ def test_stream_int8_equals_dequantized_product(tile):
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["static", "per-token"])
-@pytest.mark.parametrize("tile", TILES[:2], ids=["one-program-a-tile", "split-k-2"])
+@pytest.mark.parametrize("tile", TILES[:2] + TILES[3:], ids=TILE_IDS[:2] + TILE_IDS[3:])
 def test_stream_fp8_quantizes_activations_in_the_prologue(per_token, tile):
     w = weight()
     qw, ws = fp8.quantize_weight_per_channel(w)
@@ -118,6 +122,40 @@ def test_stream_fp8_quantizes_activations_in_the_prologue(per_token, tile):
         y = stream_gemm(x, qw, ws, kind="fp8", out_features=N, counters=counters, x_scale=static,
                         per_token=per_token, config=tile)
         assert_rounded_once(y, (xq.float() @ qw.float().T) * xs * ws[None, :])
+
+
+@pytest.mark.parametrize("tile", TILES[:2] + TILES[3:], ids=TILE_IDS[:2] + TILE_IDS[3:])
+def test_stream_fp8_weight_only_keeps_activations_as_they_are(tile):
+    w = weight()
+    qw, ws = fp8.quantize_weight_per_channel(w)
+    counters = new_counters(N, "cpu")
+    for m in (1, 6):
+        x = acts(m)
+        y = stream_gemm(x, qw, ws, kind="fp8", out_features=N, counters=counters, weight_only=True, config=tile)
+        assert_rounded_once(y, x.float() @ fp8.dequantize(qw, ws).T)
+
+
+@pytest.mark.parametrize("zero_point,dtype", [(False, BF16), (True, BF16), (True, torch.float16)])
+def test_stream_int4_gemv_steps_over_several_groups_with_a_short_last_step(zero_point, dtype):
+    """BLOCK_K = 3 groups a step over 4 groups: the second step holds one group, the rest masked."""
+    q, s, z = int4.quantize_weight(weight(), 32, zero_point)
+    want_w = int4.dequantize_weight(q, s, z, 32)
+    counters = new_counters(N, "cpu")
+    x = acts(1, dtype=dtype)
+    for tile in ({"BLOCK_M": 1, "BLOCK_K": 96, "USE_DOT": False, "SPLIT_K": 2}, {"BLOCK_K": 96}):
+        y = stream_gemm(x, int4_words(q), transpose_groups(s), kind="int4", out_features=N, counters=counters,
+                        group_size=32, zero=transpose_groups(z), config=tile)
+        assert_rounded_once(y, x.float() @ want_w.T)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_stream_int8_bit_trick_codes_cover_every_value():
+    """The FMA path turns int8 codes into floats by their bits: every code -127..127 (and -128) is exact."""
+    q = torch.arange(-128, 128, dtype=torch.int8).reshape(16, 16)
+    eye = torch.eye(16, dtype=BF16)
+    y = stream_gemm(eye, q, torch.ones(16), kind="int8", out_features=16, counters=new_counters(16, "cpu"),
+                    config={"BLOCK_M": 1, "BLOCK_K": 16, "USE_DOT": False})
+    assert torch.equal(y.float(), q.float().T)
 
 
 def test_stream_fp8_activation_codes_are_exactly_torchs():
@@ -144,15 +182,24 @@ def test_stream_split_k_is_deterministic_and_resets_its_counters():
 def test_stream_gemm_rejects_what_it_cannot_run():
     q, s, _ = int4.quantize_weight(weight(), 16)
     c = new_counters(N, "cpu")
-    with pytest.raises(ValueError, match="group_size >= 32"):
-        stream_gemm(acts(1), shuffle_int4(q, 16), s.t().contiguous(), kind="int4", out_features=N, counters=c,
+    with pytest.raises(ValueError, match="power-of-two group_size >= 32"):
+        stream_gemm(acts(1), int4_words(q), s.t().contiguous(), kind="int4", out_features=N, counters=c,
                     group_size=16)
+    with pytest.raises(ValueError, match="int32 words"):
+        stream_gemm(acts(1), q, s.t().contiguous(), kind="int4", out_features=N, counters=c, group_size=32)
     with pytest.raises(ValueError, match=f"at most {STREAM_MAX_M}"):
         stream_gemm(acts(STREAM_MAX_M + 1), q, s, kind="int8", out_features=N, counters=c)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         stream_gemm(acts(1, dtype=torch.float32), q, s, kind="int8", out_features=N, counters=c)
     with pytest.raises(ValueError, match="x_scale"):
         stream_gemm(acts(1), q, s, kind="fp8", out_features=N, counters=c)
+    with pytest.raises(ValueError, match="exactly one of"):
+        stream_gemm(acts(1), q, s, kind="fp8", out_features=N, counters=c, per_token=True, weight_only=True)
+    with pytest.raises(ValueError, match="BLOCK_M=1"):
+        stream_gemm(acts(1), q, s, kind="int8", out_features=N, counters=c, config={"USE_DOT": False})
+    with pytest.raises(ValueError, match="counters hold"):
+        stream_gemm(acts(40), q, s, kind="int8", out_features=N, counters=c,
+                    config={"BLOCK_M": 1, "USE_DOT": False, "SPLIT_K": 2})
     with pytest.raises(ValueError, match="kind 'int2'"):
         stream_gemm(acts(1), q, s, kind="int2", out_features=N, counters=c)
 
@@ -166,6 +213,12 @@ def test_autotuning_candidates_split_k_only_where_the_tiles_do_not_fill_the_gpu(
     down = kept(4096, 14336, 1)  # Llama-3.1-8B down_proj: 64 tiles of 64 rows for 132 SMs
     assert (64, 4) in down and (128, 8) in down and _max_split(16, 4096, 14336, 1, 128) == 8
     assert max(s for _, s in kept(4096, 256, 0)) == 1  # 2 steps of K: nothing to split
+    # M = 1: the GEMV (FMAs, one token a program) next to the tensor-core tiles; int4 steps whole groups
+    one = _prune(_CONFIGS[1], {"N": 4096, "K": 14336}, WKIND=1, GROUP=128)
+    assert {c.kwargs["USE_DOT"] for c in one} == {True, False}
+    assert {c.kwargs["BLOCK_M"] for c in one if not c.kwargs["USE_DOT"]} == {1}
+    assert all(c.kwargs["BLOCK_K"] % 128 == 0 for c in one)
+    assert {c.kwargs["BLOCK_K"] for c in _prune(_CONFIGS[16], {"N": 4096, "K": 4096}, WKIND=1, GROUP=256)} == {256}
 
 
 # ------------------------------------------------------------------ dequantize (prefill), interpreter
@@ -178,7 +231,7 @@ def test_dequantize_kernel_reads_the_run_time_layout(bits, zero_point, group):
     else:
         q, s, z = int4.quantize_weight(w, group, zero_point)
         ref = int4.dequantize_weight(q, s, z, group)
-        q, s, z = shuffle_int4(q, group), transpose_groups(s), transpose_groups(z)
+        q, s, z = int4_words(q), transpose_groups(s), transpose_groups(z)
     out = dequantize(q, s, z, bits=bits, group_size=group, out_features=N, in_features=K, dtype=torch.float32)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -233,6 +286,16 @@ def test_fp8_layer_streams_small_m_with_the_references_numerics(fast_on_cpu, alg
         assert_rounded_once(fast(x), ref.forward_reference(x))
 
 
+def test_fp8_layer_weight_only_decode_streams_bf16_activations(fast_on_cpu):
+    qc, q = _tiny_quantized(QuantAlgo.FP8)
+    prefix = ["model.layers.0.mlp.down_proj"]
+    fast = build_linear(q.weights, prefix, qc, bias=False, device="cpu", dtype=BF16)
+    fast.weight_only_decode = True
+    for m in (1, 4):
+        x = acts(m, k=128)
+        assert_rounded_once(fast(x), x.float() @ fast.dequantized_weight().T)  # no activation quantization
+
+
 # ------------------------------------------------------------------ compiled for Hopper, without a GPU
 _COMPILE = r"""
 import triton
@@ -247,18 +310,20 @@ def compile(fn, sig, consts, warps, stages):
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     return "wgmma" if "wgmma" in k.asm["ptx"] else "mma.sync" if "mma.sync" in k.asm["ptx"] else "none"
 
-for wkind, xq, zero, split, bm, bn, warps in [(1, 0, True, 4, 16, 64, 4), (1, 0, False, 1, 16, 16, 4),
-                                              (0, 0, False, 8, 16, 128, 8), (2, 2, False, 2, 64, 128, 8)]:
-    w = {0: "*i8", 1: "*u8", 2: "*fp8e4nv"}[wkind]
+for wkind, xq, zero, split, bm, bn, warps, dot in [
+        (1, 0, True, 4, 16, 64, 4, True), (1, 0, False, 1, 16, 16, 4, True), (0, 0, False, 8, 16, 128, 8, True),
+        (2, 2, False, 2, 64, 128, 8, True), (2, 1, False, 1, 16, 64, 4, True), (1, 0, True, 4, 1, 64, 4, False),
+        (2, 0, False, 1, 1, 128, 8, False), (0, 0, False, 8, 1, 64, 4, False)]:
+    w = {0: "*i8", 1: "*i32", 2: "*fp8e4nv"}[wkind]
     s = "*fp16" if wkind == 1 else "*fp32"
     sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": s, "z_ptr": "*u8", "xs_ptr": "*fp32", "pqs_ptr": "*bf16",
            "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{a: "i32" for a in (
            "M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym")}}
     consts = dict(WKIND=wkind, GROUP=128 if wkind == 1 else 0, HAS_ZERO=zero, HAS_PQS=wkind == 1, XQ=xq,
                   MAGIC=0x4300 if wkind == 1 else 0, MAGIC_BIAS=128.0 if wkind == 1 else 0.0, DOT_F32=False,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128 if dot else 256, SPLIT_K=split, USE_DOT=dot)
     print(wkind, bn, compile(_stream_kernel, sig, consts, warps, 3))
-sig = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
+sig = {"w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_wn": "i32"}
 print("dequant", compile(_dequantize_kernel, sig, dict(INT4=True, GROUP=128, HAS_ZERO=True, BLOCK_N=64, BLOCK_K=128), 4, 1))
 """
 
@@ -272,7 +337,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     res = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.split("\n")
-    assert lines[:5] == ["1 64 wgmma", "1 16 mma.sync", "0 128 wgmma", "2 128 wgmma", "dequant none"], res.stdout
+    # the tensor-core tiles use wgmma (fp8 x fp8 too), the GEMV tiles (USE_DOT=False) no tensor cores
+    assert lines[:9] == ["1 64 wgmma", "1 16 mma.sync", "0 128 wgmma", "2 128 wgmma", "2 64 wgmma", "1 64 none",
+                         "2 128 none", "0 64 none", "dequant none"], res.stdout
 
 
 # ------------------------------------------------------------------ GPU
@@ -281,7 +348,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("kind", ["int8", "int4", "int4-zero", "fp8-static", "fp8-per-token"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-zero", "fp8-static", "fp8-per-token", "fp8-weight-only"])
 def test_gpu_stream_gemm_autotuned_and_forced_tiles_match_reference(kind):
     n, k, group = 1056, 2048, 128
     w = weight(n=n, k=k).cuda()
@@ -289,24 +356,29 @@ def test_gpu_stream_gemm_autotuned_and_forced_tiles_match_reference(kind):
     kw: dict = {}
     if kind.startswith("int4"):
         q, s, z = int4.quantize_weight(w, group, kind.endswith("zero"))
-        ref_w, args = int4.dequantize_weight(q, s, z, group), (shuffle_int4(q, group), transpose_groups(s))
+        ref_w, args = int4.dequantize_weight(q, s, z, group), (int4_words(q), transpose_groups(s))
         kw = dict(kind="int4", group_size=group, zero=transpose_groups(z))
     elif kind == "int8":
         q, s = int8_weight_only.quantize_weight(w)
         ref_w, args, kw = int8_weight_only.dequantize_weight(q, s), (q, s), dict(kind="int8")
     else:
         q, s = fp8.quantize_weight_per_channel(w)
-        ref_w, args, kw = q.float() * s[:, None], (q, s), dict(kind="fp8", per_token=kind.endswith("token"))
+        ref_w, args = q.float() * s[:, None], (q, s)
+        kw = dict(kind="fp8", per_token=kind.endswith("token"), weight_only=kind.endswith("only"))
     for m in (1, 4, 16, 40, 64):
         x = acts(m, k=k, device="cuda")
         if kind == "fp8-static":
             kw["x_scale"] = fp8.activation_scale(x.float().abs().amax())
         xin = x.float()
-        if kind.startswith("fp8"):
+        if kind in ("fp8-static", "fp8-per-token"):
             xq, xs = fp8.quantize_per_token(x) if kw["per_token"] else (fp8.quantize_static(x, kw["x_scale"]), kw["x_scale"])
             xin = xq.float() * xs
         want = xin @ ref_w.T
-        for tile in (None, {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "SPLIT_K": 4}):
+        tiles = [None, {"BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "SPLIT_K": 4}]
+        if m == 1:  # the GEMV on FMAs, alone and split
+            tiles += [{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "USE_DOT": False},
+                      {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": False, "SPLIT_K": 4}]
+        for tile in tiles:
             y = stream_gemm(x, *args, out_features=n, counters=counters, config=tile, **kw)
             torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     assert int(counters.abs().sum()) == 0
@@ -328,3 +400,27 @@ def test_gpu_stream_gemm_split_k_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(y, want)
     assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fp8_layer_times_its_two_paths_once_and_matches_the_reference():
+    from kit.quantization.path_choice import CHOOSER
+
+    w = weight(n=1024, k=2048).cuda()
+    qc = QuantConfig(QuantAlgo.FP8)
+    st = fp8.quantize_linear(w, per_channel=False, input_amax=torch.tensor(8.0, device="cuda"))
+    kw = dict(bias=False, device="cuda", dtype=BF16)
+    fast = build_linear({f"l.{k}": v for k, v in st.items()}, ["l"], qc, **kw)
+    ref = build_linear({f"l.{k}": v for k, v in st.items()}, ["l"], qc, force_reference=True, **kw)
+    CHOOSER.clear()
+    for m in (1, 16):
+        x = acts(m, k=2048, device="cuda")
+        y = fast(x)
+        torch.testing.assert_close(y.float(), ref(x).float(), rtol=2e-2, atol=2e-2 * y.float().abs().max().item())
+        key = ("FP8", False, 1, m, 1024, 2048, str(BF16))
+        assert CHOOSER.choices[key] in ("stream", "scaled_mm") and set(CHOOSER.times[key]) == {"stream", "scaled_mm"}
+    fast.weight_only_decode = True
+    x = acts(1, k=2048, device="cuda")
+    want = x.float() @ fast.dequantized_weight().T
+    torch.testing.assert_close(fast(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -495,7 +495,7 @@ def test_gpu_quantized_engine_close_to_float():
 def test_gpu_triton_kernels_match_dequantized_reference(bits, zero_point, group):
     from kit.quantization.stream_gemm import new_counters, stream_gemm
     from kit.quantization.triton_gemm import dequantize
-    from kit.quantization.weight_layout import shuffle_int4, transpose_groups
+    from kit.quantization.weight_layout import int4_words, transpose_groups
 
     torch.manual_seed(0)
     n, k = 320, 512
@@ -506,7 +506,7 @@ def test_gpu_triton_kernels_match_dequantized_reference(bits, zero_point, group)
     else:
         q, s, z = int4.quantize_weight(w, group, zero_point)
         ref_w = int4.dequantize_weight(q, s, z, group)
-        q, s, z = shuffle_int4(q, group), transpose_groups(s), transpose_groups(z)  # the run-time layout
+        q, s, z = int4_words(q), transpose_groups(s), transpose_groups(z)  # the run-time layout
     kw = dict(bits=bits, group_size=group, out_features=n)
     deq = dequantize(q, s, z, in_features=k, dtype=torch.bfloat16, **kw)
     torch.testing.assert_close(deq, ref_w.to(torch.bfloat16))

@@ -30,8 +30,10 @@ Quantized tensors are cached under `$KIT_CACHE_DIR/quantized` (see `cache.py`).
 | `gptq.py`             | GPTQ's Hessian-based error compensation                           |
 | `smoothquant.py`      | SmoothQuant smoothing factors, the W8A8 reference GEMM            |
 | `linear.py`           | the quantized linear layers                                       |
-| `weight_layout.py`    | run-time weight layouts (int4 half-split nibbles, scales by group) |
+| `weight_layout.py`    | run-time weight layouts (int4 as int32 words, scales by group)    |
 | `stream_gemm.py`      | the small-M weight-streaming Triton GEMM (int8 / int4 / fp8)      |
+| `stream_ops.py`       | its Triton building blocks (operand loads, exact code conversions) |
+| `path_choice.py`      | `PathChooser`: the faster of equivalent fast paths, timed per shape |
 | `triton_gemm.py`      | dequantize to bf16 for the prefill GEMM (Triton)                  |
 | `kv_cache.py`         | int8 / fp8 KV-cache quantize / dequantize helpers                 |
 """

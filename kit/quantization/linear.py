@@ -15,15 +15,24 @@ compute dtype, y (T, sum of out_features). Every layer object has:
 | scheme                         | M <= `stream_max_m` (decode)                  | larger M (prefill)                      |
 | ------------------------------ | --------------------------------------------- | --------------------------------------- |
 | W8A16 / W4A16 (RTN, AWQ, GPTQ) | `stream_gemm`: weights streamed once, dequantized in registers | Triton dequantize to bf16 + cuBLAS |
-| FP8 (per tensor / per channel) | `stream_gemm`: fp8 weights, activations quantized in its prologue | `torch._scaled_mm` on FP8 tensor cores |
+| FP8 (per tensor / per channel) | timed once per shape: `stream_gemm` or `_scaled_mm` (*) | `torch._scaled_mm` on FP8 tensor cores |
 | W8A8 / SmoothQuant             | `torch._int_mm` (int8 tensor cores, int32 out), then a fused epilogue (every M) |  |
 
+(*) the faster (`path_choice.py`) of `stream_gemm` (activations quantized as it loads them) and
+`torch._scaled_mm`.
+
 `stream_max_m` is an attribute of each layer (defaults `TRITON_MAX_M`, `FP8_STREAM_MAX_M`,
-`FP8_PT_STREAM_MAX_M`, crossovers measured on an H100 by `bench/quant_gemm.py`); setting it
-to 0 takes the large-M path at every M, which is how the benchmark compares the two.
+`FP8_PT_STREAM_MAX_M`; `bench/quant_gemm.py` measures both sides); setting it to 0 takes the
+large-M path at every M, which is how the benchmark compares the two. FP8's two decode paths
+compute the same product, so which one runs up to `stream_max_m` is measured, not fixed: the
+first eager call of a (M, N, K) times both and every later call (and CUDA graph) uses the
+winner. `FP8Linear.weight_only_decode = True` instead streams fp8 weights against bf16
+activations as they are (no activation quantization at all) up to `stream_max_m`: faster where
+the quantization costs, but the decode numerics then differ from the reference's (and from
+the same tokens in a batch above `stream_max_m`), so it is opt-in.
 
 Weight-only layers rearrange their tensors once, here, into the run-time layout of the
-kernels (`weight_layout.py`: int4 nibbles half-split per group, group scales transposed);
+kernels (`weight_layout.py`: int4 codes read as int32 words, group scales transposed);
 the stored checkpoint format does not change. AWQ's `pre_quant_scale` is applied inside
 the kernel (int4: a vector of ones when there is none, so every int4 layer runs one
 compiled kernel).
@@ -52,9 +61,10 @@ import torch.nn.functional as F
 from kit.quantization import fp8 as fp8_mod
 from kit.quantization import int4 as int4_mod
 from kit.quantization.int8_weight_only import dequantize_weight as int8_dequantize
+from kit.quantization.path_choice import CHOOSER
 from kit.quantization.smoothquant import int8_linear_reference
 
-from kit.quantization.weight_layout import shuffle_int4, transpose_groups, unshuffle_int4
+from kit.quantization.weight_layout import int4_bytes, int4_words, transpose_groups
 
 try:  # NOTE: triton is optional (a CPU install has none); only the CUDA fast paths need its kernels
     from kit.quantization.stream_gemm import new_counters, stream_gemm
@@ -68,8 +78,8 @@ __all__ = ["QuantLinear", "FloatLinear", "WeightOnlyLinear", "FP8Linear", "Int8L
 
 # Crossovers (H100; bench/quant_gemm.py measures both sides of each at M = 1, 4, 16, 64, 256):
 TRITON_MAX_M = 64  # weight-only: above this many tokens, dequantize once and use cuBLAS
-FP8_STREAM_MAX_M = 16  # FP8 per tensor: up to this many tokens the streaming kernel, else _scaled_mm
-FP8_PT_STREAM_MAX_M = 16  # FP8 per token: the same (its prologue reads each token's row for the amax)
+FP8_STREAM_MAX_M = 64  # FP8 per tensor: up to this many tokens the faster (timed) of stream and _scaled_mm
+FP8_PT_STREAM_MAX_M = 64  # FP8 per token: the same (the stream's prologue reads each token's row for the amax)
 FP8_ROWWISE_MIN_M = 17  # FP8 _scaled_mm with row-wise scales: below this, tensor-wise GEMM + scaling epilogue
 
 
@@ -165,7 +175,7 @@ class WeightOnlyLinear(QuantLinear):
         self.bits, self.group_size = bits, group_size
         self.scheme = "W8A16" if bits == 8 else f"W4A16 g{group_size}{'+zero' if zero is not None else ''}"
         self._w = self._s = self._z = self._pqs = None
-        # int4 streams one group per step and needs half a group >= 16 channels (the smallest tl.dot)
+        # int4 streams whole groups of >= 32 channels (int32 words of 8 codes, one tl.dot a group)
         self.stream_max_m = TRITON_MAX_M if bits == 8 or group_size >= 32 else 0
         super().__init__(in_features=qweight.shape[1] * (2 if bits == 4 else 1), **kw)
         self._deq: torch.Tensor | None = None
@@ -175,7 +185,7 @@ class WeightOnlyLinear(QuantLinear):
     def _prepare(self) -> None:
         """The run-time layout, once (`weight_layout.py`); the stored tensors are let go."""
         if self.bits == 4:
-            self._w = shuffle_int4(self.qweight, self.group_size)
+            self._w = int4_words(self.qweight)
             self._s, self._z = transpose_groups(self.scale), transpose_groups(self.zero)
             # NOTE: ones when there is no pre_quant_scale: one compiled int4 kernel for every layer
             pqs = self.pqs if self.pqs is not None else torch.ones(self.in_features, device=self.device)
@@ -203,8 +213,7 @@ class WeightOnlyLinear(QuantLinear):
             if self.bits == 8:
                 return int8_dequantize(self._w, self._s)
             z = self._z.t() if self._z is not None else None
-            return int4_mod.dequantize_weight(unshuffle_int4(self._w, self.group_size), self._s.t(), z,
-                                              self.group_size)
+            return int4_mod.dequantize_weight(int4_bytes(self._w), self._s.t(), z, self.group_size)
         if self.bits == 8:
             return int8_dequantize(self.qweight, self.scale)
         return int4_mod.dequantize_weight(self.qweight, self.scale, self.zero, self.group_size)
@@ -231,6 +240,9 @@ class WeightOnlyLinear(QuantLinear):
 class FP8Linear(QuantLinear):
     """FP8 weights and activations: per-tensor (static input scale) or per-channel per-token."""
 
+    # opt-in (on the class: every layer; or per instance): bf16 activations x fp8 weights up to stream_max_m
+    weight_only_decode = False
+
     def __init__(self, qweight, weight_scales: list[torch.Tensor], input_scale, *, per_channel: bool, **kw) -> None:
         self.qweight, self.per_channel = qweight, per_channel
         self.scheme = "FP8 per-channel per-token" if per_channel else "FP8 per-tensor"
@@ -239,7 +251,7 @@ class FP8Linear(QuantLinear):
         # one scale per output row either way (per-tensor scales of fused prefixes expanded)
         self.row_scale = torch.cat([s.float().expand(n) for s, n in zip(weight_scales, sizes)])
         self.input_scale = input_scale
-        # tokens up to this many: the streaming kernel (activation quantization in its prologue)
+        # tokens up to this many: the faster of the streaming kernel and _scaled_mm (timed once per shape)
         self.stream_max_m = FP8_PT_STREAM_MAX_M if per_channel else FP8_STREAM_MAX_M
         super().__init__(in_features=qweight.shape[1], **kw)
         self._qw_t = self.qweight.t()  # (in, out) column-major: the layout _scaled_mm wants
@@ -258,7 +270,7 @@ class FP8Linear(QuantLinear):
 
     def fast_path_name(self) -> str:
         tensorwise = not self.per_channel and len(self.weight_scales) == 1
-        return (f"triton stream (M<={self.stream_max_m}) / "
+        return (f"triton stream or _scaled_mm, timed (M<={self.stream_max_m}) / "
                 f"torch._scaled_mm ({'tensor-wise' if tensorwise else 'row-wise'} scales)")
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,14 +287,26 @@ class FP8Linear(QuantLinear):
         return (xq.float() @ self.qweight.float().T) * xs.float() * self.row_scale[None, :]
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.stream_max_m and x.dtype in (torch.bfloat16, torch.float16):
-            # decode: no separate quantization pass; the kernel quantizes x as it loads it
-            return stream_gemm(x, self.qweight, self.row_scale, kind="fp8", out_features=self.out_features,
-                               counters=self._counters, x_scale=None if self.per_channel else self.input_scale,
-                               per_token=self.per_channel)
-        return self._scaled_mm(x)
+        m = x.shape[0]
+        if m <= self.stream_max_m and x.dtype in (torch.bfloat16, torch.float16):
+            if self.weight_only_decode:
+                return self.forward_stream(x, weight_only=True)
+            key = ("FP8", self.per_channel, len(self.weight_scales), m, self.out_features, self.in_features,
+                   str(x.dtype))
+            paths = {"stream": lambda: self.forward_stream(x), "scaled_mm": lambda: self.forward_scaled_mm(x)}
+            path = CHOOSER.choose(key, paths, default="stream", device=x.device)
+            if path == "stream":
+                return self.forward_stream(x)
+        return self.forward_scaled_mm(x)
 
-    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stream(self, x: torch.Tensor, weight_only: bool = False) -> torch.Tensor:
+        # no separate quantization pass: the kernel quantizes x as it loads it (or keeps it, weight-only)
+        return stream_gemm(x, self.qweight, self.row_scale, kind="fp8", out_features=self.out_features,
+                           counters=self._counters,
+                           x_scale=None if self.per_channel or weight_only else self.input_scale,
+                           per_token=self.per_channel and not weight_only, weight_only=weight_only)
+
+    def forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel: codes + a (T, 1) scale (the static scale repeated, or each token's own)
         xq, xs = quantize_rows(x, to_fp8=True, static_scale=None if self.per_channel else self.input_scale)
         if not self.per_channel and len(self.weight_scales) == 1:

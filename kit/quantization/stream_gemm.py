@@ -9,25 +9,40 @@ kernel does that for three weight kinds:
 | kind   | weight (run-time layout)                  | scales                    | activations          |
 | ------ | ----------------------------------------- | ------------------------- | -------------------- |
 | `int8` | int8 (N, K)                               | float32 (N,), epilogue    | bf16 / fp16          |
-| `int4` | uint8 (N, K/2), half-split nibbles        | float16 (K/G, N), a group | bf16 / fp16          |
-| `fp8`  | float8_e4m3 (N, K)                        | float32 (N,), epilogue    | quantized to fp8 in the prologue (static scale, or each token's own amax) |
+| `int4` | int32 words (N, K/8), 8 columns a word    | float16 (K/G, N), a group | bf16 / fp16          |
+| `fp8`  | float8_e4m3 (N, K)                        | float32 (N,), epilogue    | fp8, see below       |
 
-Layout of the work (swap-AB): a program owns BLOCK_N output channels and a 1/SPLIT_K
-share of K, and computes the (BLOCK_N, BLOCK_M) tile of y^T = W x^T, so the big operand,
-the weight, is the left operand of `tl.dot` and stays in registers after its
-dequantization; x^T (K, BLOCK_M) is the small one. BLOCK_M = 16 serves M = 1..16 (the
-tensor cores' smallest tile; the padded rows are masked, so they cost no memory traffic).
+fp8 activations are quantized as they are loaded (a static scale, or each token's own amax:
+`X_QUANT`), or, `weight_only=True`, taken as they are (bf16 x fp8 weights upcast in registers).
 
-int4, per group g of G input channels (G = group_size, the loop's step):
+Layout of the work: a program owns BLOCK_N output channels, BLOCK_M tokens and a
+1/SPLIT_K share of K, streams its weight rows BLOCK_K channels a step (int4: BLOCK_K / G
+whole groups a step, each row's words of a group one contiguous run) and computes the
+(BLOCK_N, BLOCK_M) tile of y^T = W x^T in float32. Two ways to form the products, both
+autotuned, chosen per shape by measurement:
 
-    p    = packed bytes (BLOCK_N, G/2)          <- HBM, once
-    lo   = p & 0xF,  hi = p >> 4                columns k0 .. k0+G/2, k0+G/2 .. k0+G (half-split)
-    w    = bitcast(0x4300 | code) - (128 + z)  = code - z, exactly, in bf16 (no int->float convert)
-    part = w_lo @ x[k0 : k0+G/2]^T + w_hi @ x[k0+G/2 : k0+G]^T    (tensor cores, fp32)
-    acc += s_g * part                                              (per (n, m), not per weight)
+* `USE_DOT` (tensor cores, swap-AB): the dequantized weight tile is the left operand of
+  `tl.dot`, x^T (BLOCK_K, BLOCK_M >= 16) the right one; padded token rows are masked and
+  cost no memory traffic. fp8 weights with fp8-quantized activations go to the tensor
+  cores as they are (fp8 x fp8, exact products, float32 sums): no weight conversion at all.
+* CUDA cores (`USE_DOT=False`, BLOCK_M = 1 or 4: the GEMV of batch-1 decode): each weight
+  becomes a float32 in registers and `sum(w * x)` runs on FMAs; nothing goes through
+  shared memory. Codes become floats by a bit trick instead of an int -> float convert
+  (a quarter-rate instruction): `0x4B000000 | u` is the float32 2**23 + u, so
+  `bits(0x4B000000 | u) - (2**23 + z)` is u - z exactly (int8: u = q + 128, z = 128).
 
-i.e. (code - z) * s is never formed per weight: the scale acts on the group's partial
-sum (z = 8 without zero points). int8 / fp8 codes convert exactly to bf16; their per-row scale
+int4, per group g of G input channels:
+
+    p    = int32 words (BLOCK_N, G/8)           <- HBM, once (16-byte vectors)
+    u    = (repeat8(p) >> 4 * (c % 8)) & 0xF    (BLOCK_N, G), column c = k0 + c: codes in column order
+    w    = u - z, exactly (bf16 for the tensor cores: bits(0x4300 | u) - (128 + z); float32 on FMAs)
+    part = w @ x[k0 : k0+G]^T                   (float32)
+    acc += s_g * part                           (per (n, m), not per weight)
+
+i.e. on the tensor cores (u - z) * s is never formed per weight: the scale acts on the
+group's partial sum (z = 8 without zero points); the FMA path multiplies (u - z) by s in
+float32, exactly, and sums over the whole stream before one reduction across threads.
+int8 / fp8 codes convert exactly; their per-row scale
 (and fp8's activation scale) multiply the accumulator once at the end. Every variant
 computes the same dequantized product as the reference, up to float32 summation order.
 
@@ -35,11 +50,14 @@ Split-K without extra kernels: with SPLIT_K > 1 each program stores its float32
 partial tile to a workspace and bumps a per-tile counter; the program that arrives
 last adds the SPLIT_K partials in a fixed order, writes y in the compute dtype and
 resets the counter to 0 (so the counters stay valid across calls and CUDA-graph
-replays). No memset, no atomics on y, no cast kernel: one launch per GEMM.
+replays). No memset, no atomics on y, no cast kernel: one launch per GEMM. Split-K is
+what fills the SMs when N / BLOCK_N is small (o_proj, down_proj at batch 1).
 
-Tile sizes and the split are autotuned per (M bucket, N, K, kind) on the first call of
-a shape (run one eager call before capturing a CUDA graph); on the CPU the kernel runs
-under `TRITON_INTERPRET=1` with an explicit `config` (the tests' reference checks).
+Tile sizes, the split and the product (tensor cores or FMAs) are autotuned per
+(M bucket, N, K, kind) on the first call of a shape (run one eager call before capturing a
+CUDA graph); `triton.testing.do_bench` flushes L2 between runs, so the tuning sees the
+weights come from HBM as a decode step does. On the CPU the kernel runs under
+`TRITON_INTERPRET=1` with an explicit `config` (the tests' reference checks).
 """
 
 from __future__ import annotations
@@ -51,50 +69,20 @@ import triton
 import triton.language as tl
 import triton.testing
 
-__all__ = ["stream_gemm", "new_counters", "m_bucket", "STREAM_MAX_M", "KINDS", "DEFAULT_CONFIG"]
+from kit.quantization.stream_ops import fp8_round, int4_group_dot, int4_group_gemv, mma, sum8, x_tile, x_vec
+
+__all__ = ["stream_gemm", "new_counters", "m_bucket", "tuned_configs", "STREAM_MAX_M", "KINDS", "X_QUANT",
+           "DEFAULT_CONFIG"]
 
 STREAM_MAX_M = 64  # the kernel's largest token count (BLOCK_M up to 64)
 KINDS = {"int8": 0, "int4": 1, "fp8": 2}
-DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}  # the interpreter's tile
+X_QUANT = {"none": 0, "static": 1, "per_token": 2}  # fp8: how activations enter the product
+DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1, "USE_DOT": True}  # interpreter
 
 
 def m_bucket(m: int) -> int:
     """The autotuning bucket of a token count: 1, 4, 16, 32, 64."""
     return 1 if m <= 1 else 4 if m <= 4 else 16 if m <= 16 else 32 if m <= 32 else 64
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr):
-    """acc + a @ b in float32. NOTE: Triton's interpreter multiplies bf16 operands wrongly, so on the
-    CPU (DOT_F32) both are widened first (exact) and multiplied in IEEE float32."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _sub(a, b, DOT_F32: tl.constexpr):
-    """a - b in their 16-bit dtype (exact here: small integers). NOTE: the interpreter computes bf16
-    arithmetic wrongly, so on the CPU (DOT_F32) it is done in float32, with the same result."""
-    if DOT_F32:
-        return a.to(tl.float32) - b.to(tl.float32)
-    return a - b
-
-
-@triton.jit
-def _fp8_round(v, DT: tl.constexpr, EMULATE: tl.constexpr):
-    """v (float32, within +-448) rounded to float8_e4m3 (nearest, ties to even), as DT.
-
-    NOTE: Triton's interpreter converts float32 -> fp8 wrongly when rounding carries into the
-    exponent (126.8 -> 64); on the CPU (EMULATE) the rounding is done on the float32 bits."""
-    if EMULATE:
-        bits = v.to(tl.int32, bitcast=True)
-        lsb = (bits >> 20) & 1  # keep 3 of the 23 mantissa bits, ties to even
-        normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
-        c = 24576.0  # 1.5 * 2**14: adding it rounds to a multiple of 2**-9, the subnormal step
-        sub = tl.where(v >= 0, (v + c) - c, -((c - v) - c))
-        return tl.where(tl.abs(v) < 0.015625, sub, normal).to(DT)
-    return v.to(tl.float8e4nv).to(DT)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -104,6 +92,7 @@ def _stream_kernel(
     WKIND: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PQS: tl.constexpr,
     XQ: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -116,11 +105,8 @@ def _stream_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1) row starts
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # (1, BLOCK_M): x^T's columns
 
-    # this program's share of the K steps (a step: one int4 group, or BLOCK_K channels)
-    if WKIND == 1:
-        num_steps = K // GROUP
-    else:
-        num_steps = tl.cdiv(K, BLOCK_K)
+    # this program's share of the K steps (a step: BLOCK_K channels; int4: BLOCK_K / GROUP whole groups)
+    num_steps = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(num_steps, SPLIT_K)
     s_lo = pid_k * per_split
     s_hi = tl.minimum(s_lo + per_split, num_steps)
@@ -137,48 +123,62 @@ def _stream_kernel(
         xs = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # (BLOCK_M,)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    x_row = x_ptr + pid_m * stride_xm  # the GEMV's one token (USE_DOT=False: BLOCK_M == 1)
     if WKIND == 1:
-        HALF: tl.constexpr = GROUP // 2
-        offs_h = tl.arange(0, HALF)
-        for st in range(s_lo, s_hi):
-            k0 = st * GROUP
-            p = tl.load(w_rows + (st * HALF + offs_h)[None, :], mask=mask_n[:, None], other=0)  # (BLOCK_N, HALF)
-            x_lo = tl.load(x_cols + (k0 + offs_h)[:, None], mask=mask_m[None, :], other=0.0)  # (HALF, BLOCK_M)
-            x_hi = tl.load(x_cols + (k0 + HALF + offs_h)[:, None], mask=mask_m[None, :], other=0.0)
-            if HAS_PQS:  # AWQ's pre_quant_scale, rounded to the compute dtype as a separate multiply would be
-                x_lo = (x_lo.to(tl.float32) * tl.load(pqs_ptr + k0 + offs_h).to(tl.float32)[:, None]).to(DT)
-                x_hi = (x_hi.to(tl.float32) * tl.load(pqs_ptr + k0 + HALF + offs_h).to(tl.float32)[:, None]).to(DT)
-            # code - zero, exactly, in the compute dtype: small integers (-15 .. 15) are exact in bf16
-            if HAS_ZERO:
-                zc = (tl.load(z_ptr + st * N + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC_BIAS).to(DT)
-                zc = zc[:, None]
-            else:
-                zc = tl.full((1, 1), 8.0 + MAGIC_BIAS, DT)
-            if MAGIC != 0:  # 0x4300 | u is bf16 128 + u (0x6400 | u: fp16 1024 + u): no int -> float convert
-                w_lo = _sub(((p & 0xF).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
-                w_hi = _sub(((p >> 4).to(tl.int32) | MAGIC).to(tl.uint16).to(DT, bitcast=True), zc, DOT_F32)
-            else:
-                w_lo = _sub((p & 0xF).to(tl.float32).to(DT), zc, DOT_F32)
-                w_hi = _sub((p >> 4).to(tl.float32).to(DT), zc, DOT_F32)
-            part = _mma(w_lo, x_lo, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)
-            part = _mma(w_hi, x_hi, part, DOT_F32)  # (BLOCK_N, BLOCK_M): sum of (code - zero) * x
-            s = tl.load(s_ptr + st * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc += s[:, None] * part  # the group's scale, once per output instead of once per weight
+        GPS: tl.constexpr = BLOCK_K // GROUP  # groups a step
+        num_groups = K // GROUP
+        if USE_DOT:
+            for st in range(s_lo, s_hi):
+                for j in tl.static_range(GPS):
+                    g = st * GPS + j
+                    ok = (g + tl.zeros((1,), dtype=tl.int32)) < num_groups  # (1,): the last step may be short
+                    acc += int4_group_dot(w_rows, x_cols, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, mask_m,
+                                          N, GROUP, HAS_ZERO, HAS_PQS, MAGIC, MAGIC_BIAS, DOT_F32, BLOCK_N,
+                                          BLOCK_M, DT)
+        else:
+            acc2 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)  # per-thread partial sums
+            for st in range(s_lo, s_hi):
+                for j in tl.static_range(GPS):
+                    g = st * GPS + j
+                    ok = (g + tl.zeros((1,), dtype=tl.int32)) < num_groups
+                    acc2 += int4_group_gemv(w_rows, x_row, s_ptr, z_ptr, pqs_ptr, g, ok, offs_n, mask_n, N,
+                                            GROUP, HAS_ZERO, HAS_PQS, DT)
+            acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
     else:
         offs_kb = tl.arange(0, BLOCK_K)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)  # the GEMV's per-thread partial sums
         for st in range(s_lo, s_hi):
             offs_k = st * BLOCK_K + offs_kb
             mask_k = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            xt = tl.load(x_cols + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None], other=0.0)
-            if XQ == 1:
-                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs), -448.0, 448.0), DT, DOT_F32)
-            elif XQ == 2:
-                xt = _fp8_round(tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs[None, :]), -448.0, 448.0), DT,
-                                DOT_F32)
-            if WKIND == 0:  # NOTE: int8 -> float32 -> bf16 (both exact; a direct cast is wrong in the interpreter)
-                w = w.to(tl.float32)
-            acc = _mma(w.to(DT), xt, acc, DOT_F32)  # int8 / fp8 codes and fp8 activations: exact in bf16
+            if USE_DOT:
+                xt = x_tile(x_cols, pqs_ptr, offs_k, mask_k, mask_m, HAS_PQS, DT)  # (BLOCK_K, BLOCK_M)
+            else:
+                xt = x_vec(x_row, pqs_ptr, offs_k, mask_k, HAS_PQS, DT)  # (BLOCK_K,)
+            if XQ != 0:
+                if XQ == 1 or not USE_DOT:  # one scale: static, or the GEMV token's own (1,)
+                    v = tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs), -448.0, 448.0)
+                else:
+                    v = tl.clamp(tl.math.div_rn(xt.to(tl.float32), xs[None, :]), -448.0, 448.0)
+                if USE_DOT and WKIND == 2 and not DOT_F32:
+                    xt = fp8_round(v, tl.float8e4nv, False)  # fp8 x fp8 on the tensor cores
+                else:
+                    xt = fp8_round(v, DT, DOT_F32)
+            if USE_DOT:
+                if WKIND == 0:  # NOTE: int8 -> float32 -> bf16 (both exact; a direct cast is wrong in the interpreter)
+                    acc = mma(w.to(tl.float32).to(DT), xt, acc, DOT_F32)
+                elif XQ != 0:
+                    acc = mma(w, xt, acc, DOT_F32)  # fp8 codes times fp8 codes: exact products
+                else:
+                    acc = mma(w.to(DT), xt, acc, DOT_F32)  # fp8 codes are exact in bf16
+            else:
+                if WKIND == 0:  # by its bits: q + bits(2**23 + 128) is bits(2**23 + 128 + q) for q in -128..127
+                    wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+                else:
+                    wf = w.to(tl.float32)
+                acc2 += sum8(wf * xt.to(tl.float32)[None, :])
+        if not USE_DOT:
+            acc += tl.sum(acc2, axis=1)[:, None]  # one reduction across threads, after the stream
         if XQ == 1:
             acc = acc * xs
         elif XQ == 2:
@@ -206,46 +206,69 @@ def _stream_kernel(
 
 
 # ------------------------------------------------------------------ autotuning
-def _cfg(bm: int, bn: int, split: int, bk: int = 128, warps: int = 4, stages: int = 4) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+def _cfg(bm: int, bn: int, split: int, bk: int = 128, warps: int = 4, stages: int = 4,
+         dot: bool = True) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "USE_DOT": dot},
                          num_warps=warps, num_stages=stages)
 
 
 # NOTE: few candidates on purpose: every one is a compile per kind (about a second each on an H100
-# host), and the pruning below keeps the ones that fill 132 SMs without splitting K needlessly
+# host). Buckets 1, 4 and 16 share the tensor-core tiles (M_BUCKET is not specialized: one compile
+# serves all three); M = 1 also tries the GEMV on FMAs (BLOCK_M = 1: no padded tensor-core rows, no
+# shared memory), with few warps and many programs or more rows a program. The pruning keeps the
+# splits of K that fill the SMs.
+_DOT16 = [_cfg(16, 32, 1, 256), _cfg(16, 64, 1, 256, stages=3), _cfg(16, 64, 1), _cfg(16, 64, 4),
+          _cfg(16, 128, 8, warps=8, stages=3)]
+_GEMV = [_cfg(1, 64, 1, 128, stages=3, dot=False), _cfg(1, 32, 1, 256, warps=2, stages=4, dot=False),
+         _cfg(1, 128, 1, 256, warps=8, stages=3, dot=False), _cfg(1, 64, 4, 256, stages=3, dot=False),
+         _cfg(1, 128, 8, 128, warps=8, stages=3, dot=False)]
 _CONFIGS = {
-    16: [_cfg(16, 16, 1, 256), _cfg(16, 32, 1, 256), _cfg(16, 64, 1), _cfg(16, 32, 2, 256), _cfg(16, 64, 2),
-         _cfg(16, 64, 4), _cfg(16, 128, 4, stages=3), _cfg(16, 128, 8, warps=8, stages=3)],
-    32: [_cfg(32, 64, 1, stages=3), _cfg(32, 64, 2, stages=3), _cfg(32, 128, 2, warps=8, stages=3),
-         _cfg(32, 128, 4, warps=8, stages=3)],
-    64: [_cfg(64, 64, 1, stages=3), _cfg(64, 64, 2, stages=3), _cfg(64, 128, 1, warps=8, stages=3),
-         _cfg(64, 128, 2, warps=8, stages=3), _cfg(64, 128, 4, warps=8, stages=3)],
+    1: _GEMV + _DOT16[2:],
+    4: _DOT16,
+    16: _DOT16,
+    32: [_cfg(32, 64, 1, stages=3), _cfg(32, 64, 2, stages=3), _cfg(32, 128, 4, warps=8, stages=3)],
+    64: [_cfg(64, 64, 1, stages=3), _cfg(64, 128, 2, warps=8, stages=3), _cfg(64, 128, 4, warps=8, stages=3)],
 }
-_NUM_SMS = 132  # H100 SXM; the pruning only needs its order of magnitude
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the tiles that give at least ~one program per SM with the least split of K."""
-    a = {**named_args, **kwargs}
-    n, k, wkind = a["N"], a["K"], a["WKIND"]
-    out, seen = [], set()
-    for c in configs:
-        bn, split, bk = c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"], c.kwargs["BLOCK_K"]
-        steps = k // a["GROUP"] if wkind == 1 else triton.cdiv(k, bk)
-        tiles = triton.cdiv(n, bn)
-        if split > 1 and (steps // split < 2 or tiles * (split // 2) >= 2 * _NUM_SMS):
-            continue  # too little K per program, or enough programs with half the split
-        sig = (bn, split, c.num_warps, c.num_stages) + (() if wkind == 1 else (bk,))
-        if sig not in seen:  # int4 steps by group: BLOCK_K does not matter
-            seen.add(sig)
-            out.append(c)
-    return out or configs[:1]
 
 
 @functools.lru_cache(maxsize=None)
-def _max_split(bm: int, n: int, k: int, wkind: int, group: int) -> int:
+def _num_sms() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 / H200 SXM; 132 off CUDA)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def _step_k(bk: int, wkind: int, group: int) -> int:
+    """A step's channels: BLOCK_K, for int4 a whole number (>= 1) of groups."""
+    return max(group, bk // group * group) if wkind == 1 else bk
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the tiles that give at least ~one program per SM with the least split of K (int4: BLOCK_K
+    rounded to whole groups)."""
+    a = {**named_args, **kwargs}
+    n, k, wkind, group = a["N"], a["K"], a["WKIND"], a["GROUP"]
+    out, seen, first = [], set(), None
+    for c in configs:
+        kw = dict(c.kwargs, BLOCK_K=_step_k(c.kwargs["BLOCK_K"], wkind, group))
+        cfg = triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+        first = first or cfg
+        bn, split = kw["BLOCK_N"], kw["SPLIT_K"]
+        tiles = triton.cdiv(n, bn)
+        if split > 1 and (triton.cdiv(k, kw["BLOCK_K"]) // split < 2 or tiles * (split // 2) >= 2 * _num_sms()):
+            continue  # too little K per program, or enough programs with half the split
+        sig = (kw["BLOCK_M"], bn, kw["BLOCK_K"], split, kw["USE_DOT"], c.num_warps, c.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(cfg)
+    return out or [first]
+
+
+@functools.lru_cache(maxsize=None)
+def _max_split(bucket: int, n: int, k: int, wkind: int, group: int) -> int:
     """The largest SPLIT_K the autotuner may pick for this shape: what the workspace must hold."""
-    return max(c.kwargs["SPLIT_K"] for c in _prune(_CONFIGS[bm], {"N": n, "K": k}, WKIND=wkind, GROUP=group))
+    return max(c.kwargs["SPLIT_K"] for c in _prune(_CONFIGS[bucket], {"N": n, "K": k}, WKIND=wkind, GROUP=group))
 
 
 _KEY = ["M_BUCKET", "N", "K", "WKIND", "GROUP", "XQ"]
@@ -259,7 +282,20 @@ def _autotune(configs: list[triton.Config]):
         return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
-_TUNED = {bm: _autotune(cs)(_stream_kernel) for bm, cs in _CONFIGS.items()}
+_TUNED = {bucket: _autotune(cs)(_stream_kernel) for bucket, cs in _CONFIGS.items()}
+
+
+def tuned_configs() -> list[dict]:
+    """What the autotuner chose so far: one row per (M bucket, N, K, kind, group, activation mode)."""
+    kinds = {v: k for k, v in KINDS.items()}
+    xq = {v: k for k, v in X_QUANT.items()}
+    rows = []
+    for tuner in _TUNED.values():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            bucket, n, k, wkind, group, x_quant = key[:6]
+            rows.append(dict(m_bucket=bucket, N=n, K=k, kind=kinds[wkind], group=group, x_quant=xq[x_quant],
+                             **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return rows
 
 
 # ------------------------------------------------------------------ the call
@@ -272,13 +308,15 @@ def new_counters(out_features: int, device: torch.device | str) -> torch.Tensor:
 def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: str, out_features: int,
                 counters: torch.Tensor, group_size: int = 0, zero: torch.Tensor | None = None,
                 pre_quant_scale: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
-                per_token: bool = False, magic: bool = True, config: dict | None = None) -> torch.Tensor:
+                per_token: bool = False, weight_only: bool = False, magic: bool = True,
+                config: dict | None = None) -> torch.Tensor:
     """y (M, N) in x.dtype = x (M, K) @ dequant(w)^T for M <= STREAM_MAX_M.
 
     `w`/`scale`/`zero` in the run-time layout of `kind` (see the table above; int4 from
-    `weight_layout.shuffle_int4` / `transpose_groups`). fp8: `x_scale` float32 (1,) quantizes x
-    with a static scale, `per_token=True` with each row's own. `config` forces a tile
-    (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K); without it a CUDA call is autotuned.
+    `weight_layout.int4_words` / `transpose_groups`). fp8: `x_scale` float32 (1,) quantizes x
+    with a static scale, `per_token=True` with each row's own, `weight_only=True` keeps x as it is
+    (bf16 x upcast fp8 weights). `config` forces a tile (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
+    USE_DOT); without it a CUDA call is autotuned.
     """
     if kind not in KINDS:
         raise ValueError(f"stream_gemm: kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -287,24 +325,37 @@ def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: 
     N = out_features
     if M > STREAM_MAX_M:
         raise ValueError(f"stream_gemm: {M} tokens; the weight-streaming kernel takes at most {STREAM_MAX_M}")
-    if kind == "int4" and (group_size < 32 or K % group_size):
-        raise ValueError(f"stream_gemm: int4 needs group_size >= 32 dividing in_features {K}, got {group_size}")
+    if kind == "int4" and (group_size < 32 or group_size & (group_size - 1) or K % group_size):
+        raise ValueError(f"stream_gemm: int4 needs a power-of-two group_size >= 32 dividing in_features {K}, "
+                         f"got {group_size}")
+    if kind == "int4" and w.dtype is not torch.int32:
+        raise ValueError(f"stream_gemm: int4 weights are int32 words (weight_layout.int4_words), got {w.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"stream_gemm: x must be bfloat16 or float16, got {x.dtype}")
-    if kind == "fp8" and x_scale is None and not per_token:
-        raise ValueError("stream_gemm: fp8 needs x_scale (static) or per_token=True")
-    xq = 0 if kind != "fp8" else (2 if per_token else 1)
+    if kind == "fp8" and (x_scale is not None) + per_token + weight_only != 1:
+        raise ValueError("stream_gemm: fp8 needs exactly one of x_scale (static), per_token=True or "
+                         f"weight_only=True; got x_scale={x_scale is not None}, per_token={per_token}, "
+                         f"weight_only={weight_only}")
+    xq = 0 if kind != "fp8" or weight_only else (2 if per_token else 1)
     magic_word, magic_bias = (0x4300, 128.0) if x.dtype is torch.bfloat16 else (0x6400, 1024.0)
     if not magic:
         magic_word, magic_bias = 0, 0.0
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     bucket = m_bucket(M)
-    bm = 16 if bucket <= 16 else bucket
     group = group_size if kind == "int4" else 0
-    if config is None and x.is_cuda:
-        split_max = _max_split(bm, N, K, KINDS[kind], group)
+    tuned = config is None and x.is_cuda
+    if tuned:
+        split_max = _max_split(bucket, N, K, KINDS[kind], group)
     else:
-        split_max = dict(DEFAULT_CONFIG, **(config or {}))["SPLIT_K"]
+        cfg = dict(DEFAULT_CONFIG, **(config or {}))
+        cfg["BLOCK_K"] = _step_k(cfg["BLOCK_K"], KINDS[kind], group)
+        split_max = cfg["SPLIT_K"]
+        if not cfg["USE_DOT"] and cfg["BLOCK_M"] != 1:
+            raise ValueError(f"stream_gemm: config {config}: the FMA product (USE_DOT=False) takes BLOCK_M=1")
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        if split_max > 1 and tiles > counters.numel():
+            raise ValueError(f"stream_gemm: config {config} makes {tiles} output tiles; the counters hold "
+                             f"{counters.numel()} (BLOCK_M >= 16 or M <= BLOCK_M, BLOCK_N >= 16)")
     ws = torch.empty(split_max * M * N if split_max > 1 else 1, device=x.device, dtype=torch.float32)
     z = zero if zero is not None else scale  # any pointer where unused
     pqs = pre_quant_scale if pre_quant_scale is not None else scale
@@ -317,9 +368,8 @@ def stream_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, kind: 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
 
-    if config is None and x.is_cuda:
-        _TUNED[bm][grid](*args, **consts)
+    if tuned:
+        _TUNED[bucket][grid](*args, **consts)
     else:
-        cfg = dict(DEFAULT_CONFIG, **(config or {}))
         _stream_kernel[grid](*args, **consts, **cfg)
     return y

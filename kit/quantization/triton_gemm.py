@@ -7,10 +7,10 @@ matter, is `stream_gemm.py`). The kernel reads the run-time layouts of
 `weight_layout.py`:
 
 * int8 (N, K) with a float32 scale a row: w = q * s;
-* int4 uint8 (N, K/2), half-split nibbles, float16 scales (K/G, N) (and uint8 zero
-  points (K/G, N)): one program per (BLOCK_N rows, one group), whose low nibbles are the
-  group's first G/2 columns and high nibbles the last G/2: w = (u - z) * s (z = 8 when
-  symmetric).
+* int4 int32 words (N, K/8) (column 8i + b in nibble b of word i), float16 scales
+  (K/G, N) (and uint8 zero points (K/G, N)): one program per (BLOCK_N rows, one group),
+  which repeats each word 8 times in registers and takes nibble c % 8 for column c:
+  w = (u - z) * s (z = 8 when symmetric).
 
 Imported by `linear.py` when triton is installed.
 """
@@ -33,19 +33,21 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn,
     rows = offs_n.to(tl.int64)[:, None]
     if INT4:  # program_id(1) is the group
         g = tl.program_id(1)
-        HALF: tl.constexpr = GROUP // 2
-        offs_h = tl.arange(0, HALF)
-        p = tl.load(w_ptr + rows * stride_wn + g * HALF + offs_h[None, :], mask=mask_n[:, None], other=0)
+        offs_w = tl.arange(0, GROUP // 8)
+        p = tl.load(w_ptr + rows * stride_wn + g * (GROUP // 8) + offs_w[None, :], mask=mask_n[:, None], other=0)
+        p = tl.interleave(p, p)
+        p = tl.interleave(p, p)
+        p = tl.interleave(p, p)  # (BLOCK_N, GROUP): word c // 8 at column c
+        offs_g = tl.arange(0, GROUP)
+        u = (p >> ((offs_g % 8) * 4)[None, :]) & 0xF
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         if HAS_ZERO:
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)[:, None]
         else:
             z = 8.0
-        lo = ((p & 0xF).to(tl.float32) - z) * s
-        hi = ((p >> 4).to(tl.float32) - z) * s
-        base = out_ptr + rows * K + g * GROUP + offs_h[None, :]
-        tl.store(base, lo.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
-        tl.store(base + HALF, hi.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
+        w = (u.to(tl.float32) - z) * s
+        tl.store(out_ptr + rows * K + g * GROUP + offs_g[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=mask_n[:, None])
     else:
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] & (offs_k[None, :] < K)

@@ -2,54 +2,47 @@
 
 The stored (checkpoint) format stays as `int4.py` / `int8_weight_only.py` / `fp8.py`
 define it; a quantized linear built for a CUDA fast path rearranges its tensors once,
-in its constructor, into the layout its kernel streams best:
+in its constructor, into the layout its kernels stream best:
 
-* **int4 codes, half-split nibbles.** Stored: byte j of a row holds columns 2j (low
-  nibble) and 2j + 1 (high nibble). Run time: inside every group of `group_size`
-  columns, byte j holds column j (low) and column j + group_size / 2 (high):
+* **int4 codes as int32 words.** Stored: uint8 (out, in/2), byte j of a row holding
+  columns 2j (low nibble) and 2j + 1 (high nibble). Viewed four bytes at a time (little
+  endian), word i of a row holds columns 8i .. 8i + 7, column 8i + b in bits 4b .. 4b + 3:
 
-      stored    [c0|c1] [c2|c3] ... [c126|c127]          (one group of 128)
-      run time  [c0|c64] [c1|c65] ... [c63|c127]
+      bytes  [c1|c0] [c3|c2] [c5|c4] [c7|c6]   ->   word i = c7 c6 c5 c4 c3 c2 c1 c0 (nibbles, high to low)
 
-  so `packed & 0xF` is the first half of the group and `packed >> 4` the second half,
-  each a contiguous block of columns that multiplies a contiguous slice of x; no
-  interleaving shuffle in registers. Same bytes, same size.
+  The same bytes, no copy: a kernel loads a group's G / 8 words of a row as 16-byte
+  vectors, repeats each word 8 times in registers and takes nibble c % 8 for column c,
+  so the codes come out in column order against a contiguous slice of x (one shift and
+  one mask a weight, one `tl.dot` a group).
 * **Group scales and zero points transposed**: (out, in / group) -> (in / group, out),
   so that one group's scales of a tile of output rows are one contiguous load.
 
-`unshuffle_int4` inverts the code layout (the reference path and tests read the
-stored layout back).
+`int4_bytes` inverts the code layout (the reference path and tests read the stored
+layout back).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["shuffle_int4", "unshuffle_int4", "transpose_groups"]
+__all__ = ["int4_words", "int4_bytes", "transpose_groups"]
 
 
-def _check(packed: torch.Tensor, group_size: int) -> tuple[int, int]:
-    n, half_k = packed.shape
-    if group_size < 2 or group_size % 2 or (2 * half_k) % group_size:
-        raise ValueError(f"int4 layout: in_features {2 * half_k} is not a multiple of group_size {group_size}")
-    return n, half_k
+def int4_words(packed: torch.Tensor) -> torch.Tensor:
+    """Stored uint8 (out, in/2) -> int32 (out, in/8): the same bytes, four at a time."""
+    if packed.dtype is not torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"int4 layout: packed codes must be uint8 (out, in/2), got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    if packed.shape[1] % 4:
+        raise ValueError(f"int4 layout: in_features {2 * packed.shape[1]} is not a multiple of 8")
+    return packed.contiguous().view(torch.int32)
 
 
-def shuffle_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Stored uint8 (out, in/2) (even column low, odd column high) -> the half-split layout."""
-    n, half_k = _check(packed, group_size)
-    lo, hi = packed & 0xF, packed >> 4
-    codes = torch.stack((lo, hi), dim=-1).reshape(n, 2 * half_k)  # (out, in): columns 0, 1, 2, ...
-    g = codes.reshape(n, -1, 2, group_size // 2)  # (out, groups, half, group / 2)
-    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, half_k).contiguous()
-
-
-def unshuffle_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The half-split layout -> the stored layout (inverse of `shuffle_int4`)."""
-    n, half_k = _check(packed, group_size)
-    g = packed.reshape(n, -1, group_size // 2)  # (out, groups, group / 2)
-    codes = torch.cat((g & 0xF, g >> 4), dim=-1).reshape(n, 2 * half_k)  # (out, in)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+def int4_bytes(words: torch.Tensor) -> torch.Tensor:
+    """The int32 words -> the stored uint8 layout (inverse of `int4_words`)."""
+    if words.dtype is not torch.int32:
+        raise ValueError(f"int4 layout: words must be int32, got {words.dtype}")
+    return words.contiguous().view(torch.uint8)
 
 
 def transpose_groups(t: torch.Tensor | None) -> torch.Tensor | None:
