@@ -163,7 +163,7 @@ def _run_rank(comm: TensorParallelComm, timeout_s: float, errors: Any = None) ->
         if errors is not None:
             errors.put((comm.rank, msg))
         log(f"rank {comm.rank}: {abort_group()}")
-        time.sleep(10.0)  # the main thread's collective should now fail and exit; if it does not:
+        time.sleep(min(10.0, timeout_s))  # the main thread's collective should now fail and exit; if it does not:
         log(f"rank {comm.rank}: still stuck after the abort; exiting")
         os._exit(3)
 
