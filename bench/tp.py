@@ -221,15 +221,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo): the same code path")
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=None, help="decode context (256; --smoke: 16)")
+    p.add_argument("--steps", type=int, default=None, help="decode steps measured (32; --smoke: 4)")
+    p.add_argument("--max-batch", type=int, default=None, help="the throughput batch (64; --smoke: 4)")
+    p.add_argument("--preset", default=None, help="synthetic preset (llama-3.1-8b; --smoke: qwen2.5-0.5b)")
+    p.add_argument("--layers", type=int, default=None, help="keep only this many layers (--smoke: 1)")
     p.add_argument("--budget-frac", type=float, default=0.75, help="GPU 0's cap in the fit test, x the weights")
     p.add_argument("--time-budget", type=float, default=240.0)
     p.add_argument("--sizes", type=int, nargs="*", default=None, help="TP sizes to run (default 1, 2, 4 that fit)")
     p.add_argument("--save-ref", default=None, help="TP=1: write its row and top-1 tokens here (.pt)")
     p.add_argument("--ref", default=None, help="compare against the TP=1 row and tokens saved with --save-ref")
     p.add_argument("--no-fit", action="store_true", help="skip the model-over-one-GPU experiment")
+    p.add_argument("--fit-only", action="store_true", help="only the model-over-one-GPU experiment")
     p.add_argument("--stage-timeout", type=float, default=150.0,
                    help="seconds a stage may take before every thread's stack is dumped and the run ends "
                         "(the ranks' watchdogs name the stuck rank and step at 0.8 x this)")
@@ -244,15 +247,21 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     gpus = torch.cuda.device_count() if cuda else 2
+    small = dict(context=16, steps=4, max_batch=4) if args.smoke else dict(context=256, steps=32, max_batch=64)
+    for k, v in small.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.smoke:
-        args.context, args.steps, args.max_batch = 16, 4, 4
-        preset, layers, dtype, home = "qwen2.5-0.5b", 1, torch.float32, device
+        preset, layers, dtype, home = args.preset or "qwen2.5-0.5b", args.layers or 1, torch.float32, device
         sizes = [1, 2]
     else:
-        preset, layers, dtype, home = "llama-3.1-8b", None, torch.bfloat16, torch.device("cuda", gpus - 1)
+        preset, layers, dtype, home = (args.preset or "llama-3.1-8b", args.layers, torch.bfloat16,
+                                       torch.device("cuda", gpus - 1))
         sizes = [s for s in (1, 2, 4) if s <= gpus]
     if args.sizes:
         sizes = args.sizes
+    if args.fit_only:
+        sizes = []
     nccl = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_SYMM", "NVSHMEM_"))}
     stage(f"load synthetic {preset} ({dtype}) on {home}; TP sizes {sizes}; GPUs {gpus if cuda else 0}; "
           f"NCCL settings {nccl}")
@@ -303,7 +312,7 @@ def main() -> None:
         dump()
     del network
     gc.collect()
-    if not args.no_fit and gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget:
+    if args.fit_only or (not args.no_fit and gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget):
         try:
             results["fit"] = fit_experiment(loaded, args, device)
         except Exception as e:  # noqa: BLE001 - reported in the JSON; the measured rows stay

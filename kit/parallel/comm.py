@@ -118,12 +118,12 @@ class TensorParallelComm:
 
     def all_reduce(self, t: torch.Tensor, layer: str = "") -> torch.Tensor:
         """Sum `t` over the ranks, in place; returns it (inside an NVTX range `rank{r}/{layer}/all_reduce`)."""
+        self._issue("all_reduce", layer, t)
         timed = self._timed()
         start = self._start() if timed else None
         ranged = self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
         if ranged:  # NOTE: per rank, so Nsight Systems shows which rank waited in which layer
             torch.cuda.nvtx.range_push(f"rank{self.rank}/{layer}/all_reduce")
-        self._issue("all_reduce", layer, t)
         dist.all_reduce(t)
         if ranged:
             torch.cuda.nvtx.range_pop()
@@ -133,11 +133,11 @@ class TensorParallelComm:
 
     def gather_logits(self, logits: torch.Tensor, layer: str = "lm_head") -> torch.Tensor:
         """(n, vocab / tp) on every rank -> (n, vocab) on rank 0 (other ranks get their own slice back)."""
+        self._issue("gather", layer, logits)
         timed = self._timed()
         start = self._start() if timed else None
         logits = logits.contiguous()
         n, part = logits.shape
-        self._issue("gather", layer, logits)
         if self.backend == "nccl":
             out = torch.empty((self.world_size, n, part), dtype=logits.dtype, device=logits.device)
             dist.all_gather_into_tensor(out, logits)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Tensor parallelism on one GPU host, in one call of at most ~550 s (2 or 4 GPUs):
+#   1. the NCCL tests (tests/test_parallel_nccl.py)
+#   2. bench/tp.py, one process per TP size: 1 (saves the reference), 2, 4 (when 4 GPUs are present)
+#   3. the model over one GPU's budget served at TP=2 (a process of its own)
+# Every step has its own time limit inside one overall deadline; a stalled stage dumps every thread's
+# stack (bench/tp.py --stage-timeout) and the ranks' watchdogs name the stuck rank and step.
+#
+#   bash bench/tp_gpu.sh OUT_DIR
+#
+# OUT_DIR receives: nccl_tests.log, tp.log (every stage line, warning and stack), tp.json (every run
+# merged), tp_runs.tgz (each run's JSON, each rank's collective trace). NCCL's NVLink-multicast
+# settings (NCCL_NVLS_ENABLE=0 ...) are left as the machine has them.
+set -u
+OUT=${1:?usage: bash bench/tp_gpu.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+WORK=$(mktemp -d /tmp/tp_gpu.XXXXXX)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" KIT_TP_TRACE="$WORK/trace"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+DEADLINE=${TP_GPU_DEADLINE_S:-550}
+LOG="$OUT/tp.log"
+GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>>"$LOG")
+echo "[tp_gpu] $(date -u +%T) GPUs: $GPUS; NCCL env: $(env | grep -E '^(NCCL_|TORCH_NCCL_|TORCH_SYMM|NVSHMEM_)' | tr '\n' ' ')" | tee -a "$LOG"
+nvidia-smi topo -m >>"$LOG" 2>&1
+
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+step() {  # step NAME LIMIT_S LOGFILE CMD...: run under min(LIMIT, time left), SIGTERM first (stacks), KILL 15 s later
+  local name=$1 limit=$2 log=$3; shift 3
+  local l; l=$(left)
+  (( l < limit )) && limit=$(( l - 15 ))
+  if (( limit < 30 )); then echo "[tp_gpu] skip $name: ${l}s left" | tee -a "$LOG"; return 0; fi
+  echo "[tp_gpu] $(date -u +%T) $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout -s TERM -k 15 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "[tp_gpu] $(date -u +%T) $name: exit $rc$( ((rc == 124)) && echo ' (time limit: stacks above)')" | tee -a "$LOG"
+  tail -n 25 "$log" | grep -vE '^\s*$' | tail -n 12
+}
+
+KIT_TP_TRACE="$WORK/trace_nccl_tests" step "NCCL tests" 170 "$OUT/nccl_tests.log" \
+  $PY -m pytest -q -m gpu -p no:cacheprovider -o faulthandler_timeout=140 tests/test_parallel_nccl.py
+B="bench/tp.py --stage-timeout 90 ${TP_GPU_EXTRA:-}"  # TP_GPU_EXTRA=--smoke: a dry run on the CPU
+step "TP=1 (reference)" 110 "$LOG" $PY $B --sizes 1 --no-fit --save-ref "$WORK/ref.pt" --out "$WORK/tp1.json"
+step "TP=2" 150 "$LOG" $PY $B --sizes 2 --no-fit --ref "$WORK/ref.pt" --out "$WORK/tp2.json"
+if (( GPUS >= 4 )); then
+  step "TP=4" 150 "$LOG" $PY $B --sizes 4 --no-fit --ref "$WORK/ref.pt" --out "$WORK/tp4.json"
+fi
+step "fit: over one GPU's budget at TP=2" 120 "$LOG" $PY $B --fit-only --out "$WORK/fit.json"
+
+$PY - "$WORK" "$OUT/tp.json" <<'EOF' 2>>"$LOG"
+import glob, json, os, sys
+work, out = sys.argv[1], sys.argv[2]
+merged = {"runs": [], "files": {}}
+for name in ("tp1", "tp2", "tp4", "fit"):
+    path = os.path.join(work, name + ".json")
+    if not os.path.exists(path):
+        merged["files"][name] = "missing (the run did not finish: see tp.log)"
+        continue
+    r = json.load(open(path))
+    merged["files"][name] = {"wall_s": r.get("wall_s"), "stages": r.get("stages")}
+    for k in ("device", "num_gpus", "torch", "model", "dtype", "context", "steps", "max_batch", "nccl_env"):
+        merged.setdefault(k, r.get(k))
+    merged["runs"] += r.get("runs", [])
+    if name == "fit":
+        merged["fit"] = r.get("fit")
+json.dump(merged, open(out, "w"), indent=2)
+for row in merged["runs"]:
+    print(json.dumps({k: v for k, v in row.items() if k != "cuda_graphs"}))
+print("fit:", json.dumps(merged.get("fit")))
+EOF
+tar -czf "$OUT/tp_runs.tgz" -C "$WORK" . 2>>"$LOG"
+echo "[tp_gpu] $(date -u +%T) done in $(( $(date +%s) - START ))s -> $OUT"
