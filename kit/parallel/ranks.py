@@ -155,10 +155,10 @@ def launch_ranks(tp: int, device: torch.device, timeout_s: float,
     errors = ctx.SimpleQueue()
     # NOTE: a rank dies with the process that spawned it only when the main thread spawned it (the death
     # signal follows the spawning thread, and a notebook's or a server's start-up thread may end first)
-    main = threading.current_thread() is threading.main_thread()
+    parent = os.getpid() if threading.current_thread() is threading.main_thread() else 0
     procs = []
     for rank in range(1, tp):
-        p = ctx.Process(target=worker_main, args=(rank, tp, init_method, device.type, timeout_s, main, errors),
+        p = ctx.Process(target=worker_main, args=(rank, tp, init_method, device.type, timeout_s, parent, errors),
                         daemon=True, name=f"kit-tp-rank{rank}")
         p.start()
         procs.append(p)

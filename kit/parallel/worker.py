@@ -136,12 +136,15 @@ def _no_stage(name: str) -> Iterator[None]:
     yield
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGTERM this rank when the process that spawned it exits (no rank left behind a killed run)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent_pid:  # it exited while this process was still starting
+        log(f"the process that started this rank (pid {parent_pid}) is gone; exiting")
+        os._exit(1)
 
 
 def _leave(comm: TensorParallelComm, failed: bool) -> None:
@@ -194,11 +197,12 @@ def _arm(rank: int) -> None:
 
 
 def worker_main(rank: int, world_size: int, init_method: str, device_type: str, timeout_s: float = 120.0,
-                die_with_parent: bool = False, errors: Any = None) -> None:
+                parent_pid: int = 0, errors: Any = None) -> None:
     """The target of a spawned rank: join the group, serve, leave. `timeout_s` is the stage timeout
-    (the process group's is longer, so that the watchdog speaks first)."""
-    if die_with_parent:
-        _die_with_parent()
+    (the process group's is longer, so that the watchdog speaks first). With `parent_pid`, the rank gets
+    SIGTERM when that process exits."""
+    if parent_pid:
+        _die_with_parent(parent_pid)
     _arm(rank)
     if device_type == "cpu":  # NOTE: the ranks share the host's cores; more threads only make them spin
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
