@@ -300,14 +300,17 @@ def main() -> None:
                 break  # NOTE: a broken NCCL group cannot be re-made in this process
             continue
         arg = row.pop("top1")
-        if base is None:
+        if base is None and tp == 1:
             base = (row, arg)
             if args.save_ref:
                 torch.save({"row": dict(row), "top1": arg.cpu()}, args.save_ref)
-        row["top1_agreement_vs_tp1"] = float((arg.cpu() == base[1].cpu()).float().mean())
-        row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
         key = f"tokens_per_s_b{args.max_batch}"
-        row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
+        if base is not None:
+            row["top1_agreement_vs_tp1"] = float((arg.cpu() == base[1].cpu()).float().mean())
+            row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
+            row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
+        else:
+            row["vs_tp1"] = "no TP=1 reference in this run (--ref missing)"
         results["runs"].append(row)
         dump()
     del network
@@ -330,9 +333,11 @@ def main() -> None:
         if "skipped" in r or "error" in r:
             print(f"{r['tp']:>3} {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped', r.get('error'))}")
             continue
-        print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r['decode_b1_ratio_vs_tp1']:>6.2f} "
-              f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} {r[f'throughput_b{args.max_batch}_ratio_vs_tp1']:>6.2f} "
-              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r['top1_agreement_vs_tp1']:>6.3f}")
+        nan = float("nan")
+        print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r.get('decode_b1_ratio_vs_tp1', nan):>6.2f} "
+              f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} "
+              f"{r.get(f'throughput_b{args.max_batch}_ratio_vs_tp1', nan):>6.2f} "
+              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f}")
     print("fit:", json.dumps(results["fit"]))
     print(f"wall {results['wall_s']:.1f} s -> {args.out}", flush=True)
     if cuda:  # NOTE: the results are written; skip NCCL's teardown at interpreter exit, which can abort

@@ -41,11 +41,16 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...: run under min(LIMIT, time left), S
 
 KIT_TP_TRACE="$WORK/trace_nccl_tests" step "NCCL tests" 170 "$OUT/nccl_tests.log" \
   $PY -m pytest -q -m gpu -p no:cacheprovider -o faulthandler_timeout=140 tests/test_parallel_nccl.py
+# NCCL's own record of each rank's collectives, written if its watchdog times one out; its init log
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000} TORCH_NCCL_DUMP_ON_TIMEOUT=1 \
+  TORCH_FR_DUMP_TEMP_FILE="$WORK/nccl_flight_rank" NCCL_DEBUG=${NCCL_DEBUG:-INFO} NCCL_DEBUG_SUBSYS=${NCCL_DEBUG_SUBSYS:-INIT,ENV}
+REF=()
 B="bench/tp.py --stage-timeout 90 ${TP_GPU_EXTRA:-}"  # TP_GPU_EXTRA=--smoke: a dry run on the CPU
 step "TP=1 (reference)" 110 "$LOG" $PY $B --sizes 1 --no-fit --save-ref "$WORK/ref.pt" --out "$WORK/tp1.json"
-step "TP=2" 150 "$LOG" $PY $B --sizes 2 --no-fit --ref "$WORK/ref.pt" --out "$WORK/tp2.json"
+[[ -f "$WORK/ref.pt" ]] && REF=(--ref "$WORK/ref.pt")
+step "TP=2" 150 "$LOG" $PY $B --sizes 2 --no-fit ${REF[@]+"${REF[@]}"} --out "$WORK/tp2.json"
 if (( GPUS >= 4 )); then
-  step "TP=4" 150 "$LOG" $PY $B --sizes 4 --no-fit --ref "$WORK/ref.pt" --out "$WORK/tp4.json"
+  step "TP=4" 150 "$LOG" $PY $B --sizes 4 --no-fit ${REF[@]+"${REF[@]}"} --out "$WORK/tp4.json"
 fi
 step "fit: over one GPU's budget at TP=2" 120 "$LOG" $PY $B --fit-only --out "$WORK/fit.json"
 
