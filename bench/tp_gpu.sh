@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tensor parallelism on one GPU host, in one call of at most ~550 s (2 or 4 GPUs):
-#   1. the NCCL tests (tests/test_parallel_nccl.py)
+#   1. bench/nccl_check.py: each collective the kit uses, 8 KiB..256 MiB, eager and in a CUDA graph
 #   2. bench/tp.py, one process per TP size: 1 (saves the reference), 2, 4 (when 4 GPUs are present)
-#   3. the model over one GPU's budget served at TP=2 (a process of its own)
+#   3. the NCCL tests (tests/test_parallel_nccl.py)
+#   4. the model over one GPU's budget served at TP=2 (a process of its own)
 # Every step has its own time limit inside one overall deadline; a stalled stage dumps every thread's
 # stack (bench/tp.py --stage-timeout) and the ranks' watchdogs name the stuck rank and step.
 #
@@ -35,29 +36,33 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...: run under min(LIMIT, time left), S
   echo "[tp_gpu] $(date -u +%T) $name (limit ${limit}s)" | tee -a "$LOG"
   timeout -s TERM -k 15 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
-  echo "[tp_gpu] $(date -u +%T) $name: exit $rc$( ((rc == 124)) && echo ' (time limit: stacks above)')" | tee -a "$LOG"
   tail -n 25 "$log" | grep -vE '^\s*$' | tail -n 12
+  echo "[tp_gpu] $(date -u +%T) $name: exit $rc$( ((rc == 124)) && echo ' (time limit: stacks above)')" | tee -a "$LOG"
 }
 
-KIT_TP_TRACE="$WORK/trace_nccl_tests" step "NCCL tests" 170 "$OUT/nccl_tests.log" \
-  $PY -m pytest -q -m gpu -p no:cacheprovider -o faulthandler_timeout=140 tests/test_parallel_nccl.py
 # NCCL's own record of each rank's collectives, written if its watchdog times one out; its init log
 export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000} TORCH_NCCL_DUMP_ON_TIMEOUT=1 \
   TORCH_FR_DUMP_TEMP_FILE="$WORK/nccl_flight_rank" NCCL_DEBUG=${NCCL_DEBUG:-INFO} NCCL_DEBUG_SUBSYS=${NCCL_DEBUG_SUBSYS:-INIT,ENV}
 REF=()
+step "NCCL check (each collective of the kit, 8 KiB..256 MiB, eager and graphed)" 80 "$LOG" \
+  $PY bench/nccl_check.py --op-timeout 20 ${TP_GPU_EXTRA:-} --out "$WORK/nccl_check.json"
 B="bench/tp.py --stage-timeout 90 ${TP_GPU_EXTRA:-}"  # TP_GPU_EXTRA=--smoke: a dry run on the CPU
-step "TP=1 (reference)" 110 "$LOG" $PY $B --sizes 1 --no-fit --save-ref "$WORK/ref.pt" --out "$WORK/tp1.json"
+step "TP=1 (reference)" 100 "$LOG" $PY $B --sizes 1 --no-fit --save-ref "$WORK/ref.pt" --out "$WORK/tp1.json"
 [[ -f "$WORK/ref.pt" ]] && REF=(--ref "$WORK/ref.pt")
-step "TP=2" 150 "$LOG" $PY $B --sizes 2 --no-fit ${REF[@]+"${REF[@]}"} --out "$WORK/tp2.json"
+step "TP=2" 140 "$LOG" $PY $B --sizes 2 --no-fit ${REF[@]+"${REF[@]}"} --out "$WORK/tp2.json"
 if (( GPUS >= 4 )); then
   step "TP=4" 150 "$LOG" $PY $B --sizes 4 --no-fit ${REF[@]+"${REF[@]}"} --out "$WORK/tp4.json"
 fi
-step "fit: over one GPU's budget at TP=2" 120 "$LOG" $PY $B --fit-only --out "$WORK/fit.json"
+KIT_TP_TRACE="$WORK/trace_nccl_tests" step "NCCL tests" 150 "$OUT/nccl_tests.log" \
+  $PY -m pytest -q -m gpu -p no:cacheprovider -o faulthandler_timeout=120 tests/test_parallel_nccl.py
+step "fit: over one GPU's budget at TP=2" 110 "$LOG" $PY $B --fit-only --out "$WORK/fit.json"
 
 $PY - "$WORK" "$OUT/tp.json" <<'EOF' 2>>"$LOG"
 import glob, json, os, sys
 work, out = sys.argv[1], sys.argv[2]
 merged = {"runs": [], "files": {}}
+check = os.path.join(work, "nccl_check.json")
+merged["nccl_check"] = json.load(open(check)) if os.path.exists(check) else "missing (see tp.log)"
 for name in ("tp1", "tp2", "tp4", "fit"):
     path = os.path.join(work, name + ".json")
     if not os.path.exists(path):
