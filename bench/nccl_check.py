@@ -136,8 +136,8 @@ def main() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=rank_main, args=(r, world, port, args.op_timeout, queue, sizes, args.smoke), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=rank_main, args=(r, world, port, args.op_timeout, queue, sizes, args.smoke),
+                         daemon=True) for r in range(world)]
     for pr in procs:
         pr.start()
     deadline = time.monotonic() + 4 * args.op_timeout * (len(OPS) * len(sizes) + 3)

@@ -34,14 +34,25 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...: run under min(LIMIT, time left), S
   (( l < limit )) && limit=$(( l - 15 ))
   if (( limit < 30 )); then echo "[tp_gpu] skip $name: ${l}s left" | tee -a "$LOG"; return 0; fi
   echo "[tp_gpu] $(date -u +%T) $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout -s TERM -k 15 "$limit" "$@" >>"$log" 2>&1
+  # NOTE: timeout leads a process group of its own (the step and the ranks it spawned); whatever of that
+  # group outlives the step (a rank stuck in CUDA) is stopped by the group's id, so the next step has the GPUs
+  timeout -s TERM -k 15 "$limit" "$@" >>"$log" 2>&1 &
+  local pid=$!
+  wait "$pid"
   local rc=$?
+  sleep 1  # NOTE: multiprocessing's resource tracker leaves once the step has gone
+  local rest; rest=$(ps -eo pid=,pgid=,args= | awk -v g="$pid" '$2 == g && !/<defunct>/' | cut -c1-150)
+  if [[ -n "$rest" ]]; then
+    echo "[tp_gpu] $name left processes behind, stopped now (SIGTERM dumps their stacks above):" | tee -a "$LOG"
+    echo "$rest" | tee -a "$LOG"
+    kill -TERM -- "-$pid" 2>/dev/null; sleep 3; kill -KILL -- "-$pid" 2>/dev/null
+  fi
   tail -n 25 "$log" | grep -vE '^\s*$' | tail -n 12
   echo "[tp_gpu] $(date -u +%T) $name: exit $rc$( ((rc == 124)) && echo ' (time limit: stacks above)')" | tee -a "$LOG"
 }
 
 # NCCL's own record of each rank's collectives, written if its watchdog times one out; its init log
-export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000} TORCH_NCCL_DUMP_ON_TIMEOUT=1 \
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000} TORCH_NCCL_DUMP_ON_TIMEOUT=1 \
   TORCH_FR_DUMP_TEMP_FILE="$WORK/nccl_flight_rank" NCCL_DEBUG=${NCCL_DEBUG:-INFO} NCCL_DEBUG_SUBSYS=${NCCL_DEBUG_SUBSYS:-INIT,ENV}
 REF=()
 step "NCCL check (each collective of the kit, 8 KiB..256 MiB, eager and graphed)" 80 "$LOG" \

@@ -188,6 +188,8 @@ def _run_rank(comm: TensorParallelComm, timeout_s: float, errors: Any = None) ->
 
 def _arm(rank: int) -> None:
     """Stacks of every thread on stderr at a crash, at SIGTERM/SIGUSR1, and after `KIT_TP_STACKS_AFTER` s."""
+    if os.environ.get(STACKS_ENV):  # NOTE: a dump names no rank: this line maps the pid to it
+        log(f"rank {rank}: pid {os.getpid()}")
     faulthandler.enable(all_threads=True)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         faulthandler.register(sig, all_threads=True, chain=sig == signal.SIGTERM)
