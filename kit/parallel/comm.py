@@ -65,6 +65,11 @@ class TensorParallelComm:
             self._trace = open(os.path.join(trace_dir, f"rank{rank}.log"), "a", buffering=1)
             self.note(f"rank {rank} of {world_size} on {self.device} ({self.backend}), pid {os.getpid()}")
 
+    @property
+    def tracing(self) -> bool:
+        """True when `KIT_TP_TRACE` gave this rank a trace file."""
+        return self._trace is not None
+
     def note(self, text: str) -> None:
         """A line in this rank's trace file (when `KIT_TP_TRACE` is set)."""
         if self._trace is not None:

@@ -97,18 +97,36 @@ class StepChannel:
         self.comm, self.capacity = comm, capacity
         self.buffer = torch.zeros(HEADER + capacity, dtype=torch.long, device=comm.device)
         self.seq = 0  # messages sent (rank 0) or received (the others)
+        # NOTE: on a GPU, rank 0 writes the header from one of two pinned buffers without waiting: a copy
+        # from pageable memory would wait for every kernel queued before it (the last step's graph), so
+        # the host could never run ahead; an event says when a pinned buffer may be written again
+        self._pinned: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        if comm.device.type == "cuda":
+            self._pinned = [(torch.zeros(HEADER, dtype=torch.long).pin_memory(), torch.cuda.Event())
+                            for _ in range(2)]
+
+    def _write_header(self, header: list[int]) -> None:
+        if not self._pinned:
+            self.buffer[:HEADER].copy_(torch.tensor(header, dtype=torch.long))
+            return
+        host, done = self._pinned[self.seq % 2]
+        done.synchronize()  # the copy out of this buffer two messages ago (long finished, as a rule)
+        host.numpy()[:] = header
+        self.buffer[:HEADER].copy_(host, non_blocking=True)
+        done.record()
 
     def send(self, header: list[int], payload: torch.Tensor | None = None) -> None:
         header = list(header) + [0] * (HEADER - len(header))
         self.seq += 1
         header[SEQ], header[COUNT] = self.seq, self.comm.count
-        self.comm.note(f"send {describe(header)}")
+        if self.comm.tracing:
+            self.comm.note(f"send {describe(header)}")
         n = 0 if payload is None else payload.numel()
         if n > self.capacity:
             header[12] = n
         elif n:
             self.buffer[HEADER:HEADER + n].copy_(payload, non_blocking=True)
-        self.buffer[:HEADER].copy_(torch.tensor(header, dtype=torch.long))
+        self._write_header(header)
         self.comm.broadcast(self.buffer)
         if n > self.capacity:
             self.comm.broadcast(payload.to(self.buffer.device).contiguous())
@@ -118,7 +136,8 @@ class StepChannel:
         self.comm.broadcast(self.buffer)
         header = self.buffer[:HEADER].tolist()
         self.seq += 1
-        self.comm.note(f"received {describe(header)}")
+        if self.comm.tracing:
+            self.comm.note(f"received {describe(header)}")
         if header[SEQ] != self.seq or header[COUNT] != count:
             raise CollectiveMismatch(
                 f"rank {self.comm.rank}: {describe(header)}: rank 0 sent message {header[SEQ]} after "
