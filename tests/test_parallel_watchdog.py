@@ -2,7 +2,8 @@
 
 * every rank issues the same collectives, in the same order, for each engine call the GPU
   benchmark makes (bench/tp.py's path: alloc, decode, eager hooks, the profiler's timed
-  collectives, a prefill with logits of every position, a second cache, the executor);
+  collectives, a prefill with logits of every position, a second cache, the executor), and a
+  step refused on rank 0 (a batch for another block size) sends nothing;
 * a rank that ran other collectives than rank 0 is caught at the next step message;
 * an engine left idle longer than the process group's timeout still runs (keepalive);
 * a stalled rank 0 is named by the waiting rank's watchdog, and the next call fails with it;
@@ -74,6 +75,8 @@ def test_every_rank_issues_the_same_collectives_for_each_engine_call(llama, tmp_
         for k in range(3):  # decode at batch 1 and batch 2, then eagerly with hooks (as the bench measures)
             engine.forward(_decode(1, 4 + k), kv)
             engine.forward(_decode(2, 4 + k), kv, hooks=[LayerHook()])
+        with pytest.raises(ValueError, match="batch was built for block_size 32, cache has 16"):
+            engine.forward(ForwardBatch.build([SequenceInput([5], 3, [0])], 32), kv)  # refused before any message
         ProfiledEngine(engine, 16).collectives(batch_size=1, seq_len=8, phase="decode", iters=2)
         second = engine.allocate_kv_cache(2, 16)  # the bench's top-1: a cache of its own, logits of every position
         logits = engine.forward(ForwardBatch.build([SequenceInput(list(range(3, 20)), 0, [0, 1], logits="all")],
