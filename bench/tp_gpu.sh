@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tensor parallelism on one GPU host, in one call of at most ~550 s (2 or 4 GPUs):
+# Tensor parallelism on one GPU host, in one call of at most ~555 s (2 or 4 GPUs):
 #   1. bench/nccl_check.py: each collective the kit uses, 8 KiB..256 MiB, eager and in a CUDA graph
 #   2. bench/tp.py, one process per TP size: 1 (saves the reference), 2, 4 (when 4 GPUs are present)
 #   3. the NCCL tests (tests/test_parallel_nccl.py)
@@ -21,7 +21,7 @@ WORK=$(mktemp -d /tmp/tp_gpu.XXXXXX)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" KIT_TP_TRACE="$WORK/trace"
 PY=${PYTHON:-python3}
 START=$(date +%s)
-DEADLINE=${TP_GPU_DEADLINE_S:-550}
+DEADLINE=${TP_GPU_DEADLINE_S:-540}
 LOG="$OUT/tp.log"
 GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>>"$LOG")
 echo "[tp_gpu] $(date -u +%T) GPUs: $GPUS; NCCL env: $(env | grep -E '^(NCCL_|TORCH_NCCL_|TORCH_SYMM|NVSHMEM_)' | tr '\n' ' ')" | tee -a "$LOG"
@@ -77,7 +77,7 @@ merged["nccl_check"] = json.load(open(check)) if os.path.exists(check) else "mis
 for name in ("tp1", "tp2", "tp4", "fit"):
     path = os.path.join(work, name + ".json")
     if not os.path.exists(path):
-        merged["files"][name] = "missing (the run did not finish: see tp.log)"
+        merged["files"][name] = "missing (not run, or it did not finish: see tp.log)"
         continue
     r = json.load(open(path))
     merged["files"][name] = {"wall_s": r.get("wall_s"), "stages": r.get("stages")}
