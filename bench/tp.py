@@ -16,15 +16,28 @@ settings are left as the machine has them. The weights are made once, on the las
 
     python bench/tp.py --out bench/results/tp_h100.json          # 2 or 4 GPUs, ~240 s at most
     python bench/tp.py --smoke --out /tmp/tp_smoke.json          # the same code on the CPU (gloo)
+    bash bench/tp_gpu.sh OUT_DIR                                  # NCCL tests + one process per TP size
+
+Hangs: every stage (load, start, shard copy, KV allocation, graph capture per size, each
+measurement, shutdown) prints a timestamped line to stderr as it starts and re-arms
+`faulthandler.dump_traceback_later(--stage-timeout, exit=True)`: a stage that stalls dumps
+the stacks of every thread and ends the run, and the ranks' own watchdogs (0.8 x that)
+name the rank and the step first (kit/parallel/watchdog.py). The JSON is rewritten after
+each TP size, so a later stall keeps the earlier rows. `KIT_TP_TRACE=DIR` writes every
+rank's collectives to DIR/rank{r}.log.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import faulthandler
 import gc
 import json
+import os
+import signal
+import sys
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -43,6 +56,19 @@ from kit.profiler import ProfiledEngine
 from kit.sampling_params import SamplingParams
 
 BLOCK = 16
+_T0 = time.perf_counter()
+_STAGES: list[dict[str, Any]] = []
+_STAGE_TIMEOUT = [600.0]
+
+
+def stage(name: str) -> None:
+    """A timestamped line on stderr; re-arms the stall dump (stacks of every thread, then exit)."""
+    now = time.perf_counter() - _T0
+    if _STAGES:
+        _STAGES[-1]["seconds"] = round(now - _STAGES[-1]["at_s"], 3)
+    _STAGES.append({"stage": name, "at_s": round(now, 3)})
+    print(f"[tp {time.strftime('%H:%M:%S')} +{now:7.1f}s] {name}", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback_later(_STAGE_TIMEOUT[0], exit=True)
 
 
 def sync(device: torch.device) -> None:
@@ -57,8 +83,9 @@ def decode_batches(batch: int, context: int, steps: int, device: torch.device) -
                                device=device) for k in range(steps)]
 
 
-def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: bool = False) -> float:
+def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: bool = False, what: str = "") -> float:
     hooks = [LayerHook()] if eager else None
+    stage(f"measure {what}: {len(batches)} steps of batch {batches[0].num_seqs}{' eager' if eager else ''}")
     for b in batches[:3]:
         engine.forward(b, kv, hooks)
     sync(engine.device)
@@ -69,7 +96,26 @@ def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: boo
     return 1e3 * (time.perf_counter() - t0) / len(batches)
 
 
+def capture_staged(engine: Engine, kv: Any, sizes: list[int], what: str) -> tuple[int, ...]:
+    """`capture_cuda_graphs` with a stage line each time the captured batch size changes (rank 0's view)."""
+    backend = engine.backend
+    inner, last = backend.run_layers, [None]
+
+    def run_layers(batch: ForwardBatch, kv_cache: Any, hooks: Any = None) -> torch.Tensor:
+        if batch.num_seqs != last[0]:
+            last[0] = batch.num_seqs
+            stage(f"{what}: capture batch {batch.num_seqs} (2 warm-up steps, then the capture)")
+        return inner(batch, kv_cache, hooks)
+
+    backend.run_layers = run_layers  # NOTE: the graph runner calls backend.run_layers: this instance's, now
+    try:
+        return engine.capture_cuda_graphs(kv, sizes)
+    finally:
+        del backend.run_layers
+
+
 def top1(engine: Engine, prompt: list[int]) -> torch.Tensor:
+    stage(f"top-1 over {len(prompt)} prefill positions")
     kv = engine.allocate_kv_cache(-(-len(prompt) // BLOCK) + 1, BLOCK)
     batch = ForwardBatch.build([SequenceInput(prompt, 0, list(range(-(-len(prompt) // BLOCK))), logits="all")],
                                BLOCK, device=engine.device)
@@ -79,22 +125,31 @@ def top1(engine: Engine, prompt: list[int]) -> torch.Tensor:
 def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc: BuildConfig,
            prompt: list[int]) -> dict[str, Any]:
     first = torch.device("cuda", 0) if device.type == "cuda" else device
+    stage(f"TP={tp}: start the engine" + (f" (spawn ranks 1..{tp - 1}, join the group, copy the shards)"
+                                           if tp > 1 else ""))
     if tp == 1:
         engine = Engine(network, TorchBackend(network, device=first, dtype=dtype), build_config=bc)
     else:
-        engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc)
+        engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc,
+                                         timeout_s=0.8 * args.stage_timeout)
     try:
         per_seq = -(-(args.context + args.steps) // BLOCK)
+        stage(f"TP={tp}: allocate the KV cache ({args.max_batch * per_seq} blocks)")
         kv = engine.allocate_kv_cache(args.max_batch * per_seq, BLOCK)
-        graphs = engine.capture_cuda_graphs(kv, [1, args.max_batch]) if device.type == "cuda" else ()
+        graphs: tuple[int, ...] = ()
+        if device.type == "cuda":
+            stage(f"TP={tp}: capture CUDA graphs {[1, args.max_batch]} (largest first)")
+            graphs = capture_staged(engine, kv, [1, args.max_batch], f"TP={tp}")
+            sync(device)
         b1 = decode_batches(1, args.context, args.steps, device)
         bN = decode_batches(args.max_batch, args.context, args.steps, device)
         row: dict[str, Any] = {"tp": tp, "cuda_graphs": list(graphs)}
-        row["decode_b1_ms"] = ms_per_step(engine, kv, b1)
-        row[f"decode_b{args.max_batch}_ms"] = ms_per_step(engine, kv, bN)
+        row["decode_b1_ms"] = ms_per_step(engine, kv, b1, what=f"TP={tp} decode")
+        row[f"decode_b{args.max_batch}_ms"] = ms_per_step(engine, kv, bN, what=f"TP={tp} decode")
         row[f"tokens_per_s_b{args.max_batch}"] = args.max_batch * 1e3 / row[f"decode_b{args.max_batch}_ms"]
-        row["eager_decode_b1_ms"] = ms_per_step(engine, kv, b1[:8], eager=True)
+        row["eager_decode_b1_ms"] = ms_per_step(engine, kv, b1[:8], eager=True, what=f"TP={tp} decode")
         if tp > 1:
+            stage(f"TP={tp}: ProfiledEngine.collectives (eager decode, batch 1, 5 steps)")
             coll = ProfiledEngine(engine, BLOCK).collectives(batch_size=1, seq_len=args.context, phase="decode",
                                                              iters=5)
             own = coll[coll["rank"] == 0]
@@ -102,8 +157,10 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
             row["allreduce_share_pct_b1"] = 100.0 * row["allreduce_ms_b1"] / row["eager_decode_b1_ms"]
             row["collectives_per_step"] = int(len(own))
         row["top1"] = top1(engine, prompt)
+        sync(device)
         return row
     finally:
+        stage(f"TP={tp}: shut down")
         if isinstance(engine, DistributedEngine):
             engine.shutdown()
         del engine
@@ -127,6 +184,7 @@ def fit_experiment(loaded, args, device: torch.device) -> dict[str, Any]:
                      dtype="bfloat16" if device.type == "cuda" else "float32", cuda_graph_batch_sizes=(1, 8))
     try:
         network = NetworkBuilder(loaded).build()
+        stage(f"fit: TP=1 under a cap of {budget / 2**30:.1f} GiB on GPU 0 (expected to fail)")
         try:
             e = Engine(network, TorchBackend(network, device=torch.device("cuda", 0) if device.type == "cuda"
                                              else device, dtype=loaded.dtype), build_config=bc)
@@ -139,13 +197,16 @@ def fit_experiment(loaded, args, device: torch.device) -> dict[str, Any]:
             torch.cuda.empty_cache()
         prompts = [[100 + i, 200 + i, 300 + i, 400 + i] * 8 for i in range(8)]
         t0 = time.perf_counter()
+        stage("fit: LLM(tensor_parallel_size=2) under the same cap (start, KV cache, graphs)")
         with LLM(loaded, device=device, build_config=bc, kv_cache_config=KvCacheConfig(max_tokens=4096),
                  tensor_parallel_size=2) as llm:
             out["tp2_startup_s"] = time.perf_counter() - t0
+            stage(f"fit: generate {len(prompts)} x 32 tokens at TP=2")
             t0 = time.perf_counter()
             outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
                                 use_tqdm=False)
             dt = time.perf_counter() - t0
+            stage("fit: shut down")
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         out.update(tp2="served", tp2_requests=len(outs), tp2_tokens=n, tp2_tokens_per_s=n / dt)
         if device.type == "cuda":
@@ -160,30 +221,52 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo): the same code path")
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=None, help="decode context (256; --smoke: 16)")
+    p.add_argument("--steps", type=int, default=None, help="decode steps measured (32; --smoke: 4)")
+    p.add_argument("--max-batch", type=int, default=None, help="the throughput batch (64; --smoke: 4)")
+    p.add_argument("--preset", default=None, help="synthetic preset (llama-3.1-8b; --smoke: qwen2.5-0.5b)")
+    p.add_argument("--layers", type=int, default=None, help="keep only this many layers (--smoke: 1)")
     p.add_argument("--budget-frac", type=float, default=0.75, help="GPU 0's cap in the fit test, x the weights")
     p.add_argument("--time-budget", type=float, default=240.0)
     p.add_argument("--sizes", type=int, nargs="*", default=None, help="TP sizes to run (default 1, 2, 4 that fit)")
     p.add_argument("--save-ref", default=None, help="TP=1: write its row and top-1 tokens here (.pt)")
     p.add_argument("--ref", default=None, help="compare against the TP=1 row and tokens saved with --save-ref")
     p.add_argument("--no-fit", action="store_true", help="skip the model-over-one-GPU experiment")
+    p.add_argument("--fit-only", action="store_true", help="only the model-over-one-GPU experiment")
+    p.add_argument("--stage-timeout", type=float, default=150.0,
+                   help="seconds a stage may take before every thread's stack is dumped and the run ends "
+                        "(the ranks' watchdogs name the stuck rank and step at 0.8 x this)")
     args = p.parse_args()
+    if args.stage_timeout <= 0:
+        raise SystemExit(f"--stage-timeout must be > 0, got {args.stage_timeout}")
+    _STAGE_TIMEOUT[0] = args.stage_timeout
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)  # `timeout` ends us: stacks first
+    os.environ.setdefault("KIT_TP_STACKS_AFTER", str(args.time_budget + args.stage_timeout))
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     gpus = torch.cuda.device_count() if cuda else 2
+    small = dict(context=16, steps=4, max_batch=4) if args.smoke else dict(context=256, steps=32, max_batch=64)
+    for k, v in small.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.smoke:
-        args.context, args.steps, args.max_batch = 16, 4, 4
-        preset, layers, dtype, home = "qwen2.5-0.5b", 1, torch.float32, device
+        preset, layers, dtype, home = args.preset or "qwen2.5-0.5b", args.layers or 1, torch.float32, device
         sizes = [1, 2]
     else:
-        preset, layers, dtype, home = "llama-3.1-8b", None, torch.bfloat16, torch.device("cuda", gpus - 1)
+        preset, layers, dtype, home = (args.preset or "llama-3.1-8b", args.layers, torch.bfloat16,
+                                       torch.device("cuda", gpus - 1))
         sizes = [s for s in (1, 2, 4) if s <= gpus]
     if args.sizes:
         sizes = args.sizes
+    if args.fit_only:
+        sizes = []
+    nccl = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_SYMM", "NVSHMEM_"))}
+    stage(f"load synthetic {preset} ({dtype}) on {home}; TP sizes {sizes}; GPUs {gpus if cuda else 0}; "
+          f"NCCL settings {nccl}")
     loaded = ModelLoader.synthetic(preset, seed=0, device=home, dtype=dtype, num_layers=layers)
+    stage("build the network")
     network = NetworkBuilder(loaded).build()
     prompt = torch.randint(0, loaded.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     bc = BuildConfig(max_batch_size=args.max_batch, max_seq_len=max(128, 2 * (args.context + args.steps)),
@@ -192,42 +275,69 @@ def main() -> None:
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "num_gpus": gpus if cuda else 0,
         "torch": torch.__version__, "model": f"synthetic:{preset}", "dtype": str(dtype).replace("torch.", ""),
-        "context": args.context, "steps": args.steps, "max_batch": args.max_batch, "smoke": args.smoke, "runs": []}
+        "context": args.context, "steps": args.steps, "max_batch": args.max_batch, "smoke": args.smoke,
+        "nccl_env": nccl, "stages": _STAGES, "runs": []}
+
+    def dump() -> None:
+        results["wall_s"] = time.perf_counter() - t_start
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
     # NOTE: --ref lets each TP size run in a process of its own (one NCCL group per process, never re-made)
     base = None if args.ref is None else tuple(torch.load(args.ref).values())
     for tp in sizes:
         if time.perf_counter() - t_start > 0.6 * args.time_budget:
             results["runs"].append({"tp": tp, "skipped": "time budget"})
             continue
-        row = run_tp(network, tp, args, device, dtype, bc, prompt)
+        try:
+            row = run_tp(network, tp, args, device, dtype, bc, prompt)
+        except Exception as e:  # noqa: BLE001 - a failed size is a row (with its error); the others still run
+            stage(f"TP={tp} failed: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            results["runs"].append({"tp": tp, "error": f"{type(e).__name__}: {e}"})
+            dump()
+            if isinstance(e, RuntimeError) and "tensor-parallel" in str(e) and cuda:
+                break  # NOTE: a broken NCCL group cannot be re-made in this process
+            continue
         arg = row.pop("top1")
-        if base is None:
+        if base is None and tp == 1:
             base = (row, arg)
             if args.save_ref:
                 torch.save({"row": dict(row), "top1": arg.cpu()}, args.save_ref)
-        row["top1_agreement_vs_tp1"] = float((arg.cpu() == base[1].cpu()).float().mean())
-        row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
         key = f"tokens_per_s_b{args.max_batch}"
-        row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
+        if base is not None:
+            row["top1_agreement_vs_tp1"] = float((arg.cpu() == base[1].cpu()).float().mean())
+            row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
+            row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
+        else:
+            row["vs_tp1"] = "no TP=1 reference in this run (--ref missing)"
         results["runs"].append(row)
+        dump()
     del network
     gc.collect()
-    if not args.no_fit and gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget:
-        results["fit"] = fit_experiment(loaded, args, device)
+    if args.fit_only or (not args.no_fit and gpus >= 2 and time.perf_counter() - t_start < 0.7 * args.time_budget):
+        try:
+            results["fit"] = fit_experiment(loaded, args, device)
+        except Exception as e:  # noqa: BLE001 - reported in the JSON; the measured rows stay
+            stage(f"fit failed: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            results["fit"] = {"error": f"{type(e).__name__}: {e}"}
     else:
         results["fit"] = {"skipped": "needs 2 GPUs and time left"}
-    results["wall_s"] = time.perf_counter() - t_start
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    stage("done")
+    faulthandler.cancel_dump_traceback_later()
+    dump()
     print(f"{results['device']} x{results['num_gpus']}  {results['model']} {results['dtype']}")
     print(f"{'tp':>3} {'b1 ms':>8} {'b1 x':>6} {'tok/s b' + str(args.max_batch):>12} {'x':>6} {'AR %':>6} {'top1':>6}")
     for r in results["runs"]:
-        if "skipped" in r:
-            print(f"{r['tp']:>3} skipped: {r['skipped']}")
+        if "skipped" in r or "error" in r:
+            print(f"{r['tp']:>3} {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped', r.get('error'))}")
             continue
-        print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r['decode_b1_ratio_vs_tp1']:>6.2f} "
-              f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} {r[f'throughput_b{args.max_batch}_ratio_vs_tp1']:>6.2f} "
-              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r['top1_agreement_vs_tp1']:>6.3f}")
+        nan = float("nan")
+        print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r.get('decode_b1_ratio_vs_tp1', nan):>6.2f} "
+              f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} "
+              f"{r.get(f'throughput_b{args.max_batch}_ratio_vs_tp1', nan):>6.2f} "
+              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f}")
     print("fit:", json.dumps(results["fit"]))
     print(f"wall {results['wall_s']:.1f} s -> {args.out}", flush=True)
     if cuda:  # NOTE: the results are written; skip NCCL's teardown at interpreter exit, which can abort

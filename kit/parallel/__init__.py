@@ -10,6 +10,8 @@
 | `tp_backend.py` | `TensorParallelBackend`: the PyTorch backend over one rank's shard |
 | `protocol.py` | the step message rank 0 broadcasts (one per step) |
 | `worker.py` | the loop of ranks 1..N-1 |
+| `ranks.py` | rank 0's side of the processes: start, send a step, keep alive, stop |
+| `watchdog.py` | a stage watchdog per rank: a hang becomes an error naming the rank and the step |
 | `distributed_engine.py` | `DistributedEngine`: rank 0's engine, what the executor runs over |
 """
 

@@ -11,6 +11,13 @@ With `timing` on, each collective is timed (CUDA events on a GPU, `perf_counter`
 CPU, where gloo is synchronous) and `take_timings()` returns one row per call:
 `layer, op, latency_ms, bytes`. Inside a CUDA-graph capture nothing is timed.
 
+Every collective issued from Python is counted (`count`; the step message carries rank
+0's count, so a rank that ran different collectives is caught at the next message) and,
+with `KIT_TP_TRACE=DIR` set, written as one flushed line to `DIR/rank{r}.log`:
+`seconds  #count  op  layer  shape  dtype` (step messages too), so after a hang the
+last line of each rank's file says where it stopped. Collectives replayed inside a CUDA
+graph are not issued from Python: they are counted when the graph is captured.
+
 NOTE: the logits are gathered with `gather` (to rank 0 only) on gloo; NCCL uses
 `all_gather_into_tensor`, which CUDA graphs capture (its bytes over NVLink are the same).
 NOTE: NCCL's NVLink-multicast settings (`NCCL_NVLS_ENABLE`) are left as the machine has them.
@@ -27,9 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["TensorParallelComm", "free_port", "launched_by_torchrun", "TIMING_COLUMNS"]
+__all__ = ["TensorParallelComm", "free_port", "launched_by_torchrun", "TIMING_COLUMNS", "TRACE_ENV"]
 
 TIMING_COLUMNS = ("layer", "op", "latency_ms", "bytes")
+TRACE_ENV = "KIT_TP_TRACE"  # a directory: every rank writes its collectives to rank{r}.log there
 
 
 def free_port() -> int:
@@ -48,6 +56,31 @@ class TensorParallelComm:
         self.full_vocab_size = full_vocab_size  # set once the model is known: logits are cut to it
         self.timing = False
         self._records: list[tuple[str, str, Any, int]] = []
+        self.count = 0  # collectives issued from Python on this rank (the same on every rank, or a bug)
+        self._t0 = time.monotonic()
+        trace_dir = os.environ.get(TRACE_ENV)
+        self._trace = None
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+            self._trace = open(os.path.join(trace_dir, f"rank{rank}.log"), "a", buffering=1)
+            self.note(f"rank {rank} of {world_size} on {self.device} ({self.backend}), pid {os.getpid()}")
+
+    @property
+    def tracing(self) -> bool:
+        """True when `KIT_TP_TRACE` gave this rank a trace file."""
+        return self._trace is not None
+
+    def note(self, text: str) -> None:
+        """A line in this rank's trace file (when `KIT_TP_TRACE` is set)."""
+        if self._trace is not None:
+            self._trace.write(f"{time.monotonic() - self._t0:10.4f}  {text}\n")
+
+    def _issue(self, op: str, layer: str, t: torch.Tensor | None = None) -> None:
+        self.count += 1
+        if self._trace is not None:
+            shape = "" if t is None else f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            self.note(f"#{self.count} {op} {layer} {shape}{' (graph capture)' if capturing else ''}")
 
     @classmethod
     def init(cls, rank: int, world_size: int, device: torch.device | str, init_method: str = "env://",
@@ -90,6 +123,7 @@ class TensorParallelComm:
 
     def all_reduce(self, t: torch.Tensor, layer: str = "") -> torch.Tensor:
         """Sum `t` over the ranks, in place; returns it (inside an NVTX range `rank{r}/{layer}/all_reduce`)."""
+        self._issue("all_reduce", layer, t)
         timed = self._timed()
         start = self._start() if timed else None
         ranged = self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
@@ -104,6 +138,7 @@ class TensorParallelComm:
 
     def gather_logits(self, logits: torch.Tensor, layer: str = "lm_head") -> torch.Tensor:
         """(n, vocab / tp) on every rank -> (n, vocab) on rank 0 (other ranks get their own slice back)."""
+        self._issue("gather", layer, logits)
         timed = self._timed()
         start = self._start() if timed else None
         logits = logits.contiguous()
@@ -121,26 +156,31 @@ class TensorParallelComm:
         full = out.permute(1, 0, 2).reshape(n, self.world_size * part)  # (n, padded vocab)
         return full[:, :self.full_vocab_size] if self.full_vocab_size else full
 
-    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+    def broadcast(self, t: torch.Tensor, what: str = "step message") -> torch.Tensor:
+        self._issue("broadcast", what, t)
         dist.broadcast(t, src=0)
         return t
 
     def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None) -> torch.Tensor:
         """Rank 0 hands part r to rank r (each rank's weights at start-up)."""
+        self._issue("scatter", "weights", out)
         dist.scatter(out, parts if self.rank == 0 else None, src=0)
         return out
 
     def broadcast_object(self, obj: Any = None) -> Any:
         box = [obj]
+        self._issue("broadcast_object", "setup")
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
 
     def gather_object(self, obj: Any) -> list[Any] | None:
         out = [None] * self.world_size if self.rank == 0 else None
+        self._issue("gather_object", "timings")
         dist.gather_object(obj, out, dst=0)
         return out
 
     def barrier(self) -> None:
+        self._issue("barrier", "")
         if self.backend == "nccl":
             dist.barrier(device_ids=[self.device.index])
         else:

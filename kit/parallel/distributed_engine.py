@@ -20,14 +20,19 @@ inside `start` and exit when rank 0 shuts down:
 Failure: a rank that dies makes the step fail with `RuntimeError` naming the rank (the
 executor then fails every pending request with it) and the engine refuses further steps;
 `shutdown()` stops every rank (killing any that does not stop) and leaves the process group.
+
+Hangs: `timeout_s` is each rank's stage timeout (kit/parallel/watchdog.py): an engine call,
+or a worker's step or wait for one, that outlives it is reported on stderr with the rank,
+the step and every thread's stack, and the NCCL communicators are aborted, so the blocked
+call fails (naming the rank and the step) instead of waiting forever. The process group's
+own timeout is longer (`group_timeout`). An idle engine sends a NOOP every `timeout_s / 4`
+(30 s at most), so an engine may sit idle for any time.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import sys
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -36,7 +41,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import shutil
 
@@ -48,15 +52,16 @@ from kit.loader import LoadedModel
 from kit.engine import Engine
 from kit.network import Network, NetworkBuilder
 from kit.tokenizer import Tokenizer
-from kit.parallel.comm import TIMING_COLUMNS, TensorParallelComm, free_port, launched_by_torchrun
+from kit.parallel.comm import TIMING_COLUMNS, launched_by_torchrun
 from kit.parallel.engine_files import (is_tp_engine_dir, load_rank_weights, read_tp_config, save_tp_engine,
                                       tp_build_key, tp_cache_path)
 from kit.parallel.mapping import Mapping
-from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, SHUTDOWN, TIMINGS, StepChannel,
+from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, SEQ, TIMINGS, StepChannel, describe,
                                    message_capacity, pack_batch)
 from kit.parallel.sharding import shard_network
 from kit.parallel.tp_backend import TensorParallelBackend
-from kit.parallel.worker import rank_device, send_shards, torchrun_worker, worker_main
+from kit.parallel.ranks import Ranks, launch_ranks
+from kit.parallel.worker import send_shards
 
 __all__ = ["DistributedEngine", "build_parallel_engine", "check_parallel_sizes", "COLLECTIVE_COLUMNS"]
 
@@ -79,104 +84,15 @@ def check_parallel_sizes(tensor_parallel_size: Any, pipeline_parallel_size: Any 
                              f"this machine has {have}")
 
 
-class _Ranks:
-    """The spawned processes, the group and the channel: what the finalizer must be able to stop."""
-
-    def __init__(self, comm: TensorParallelComm, procs: list[Any], channel: StepChannel) -> None:
-        self.comm, self.procs, self.channel = comm, procs, channel
-        self.lock = threading.RLock()
-        self.broken: str | None = None
-        self.closed = False
-        self.pending_free: list[int] = []
-
-    def dead_rank(self, wait_s: float = 0.0) -> str | None:
-        """A message naming the first rank whose process has exited, waiting up to `wait_s` for one."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            for rank, p in enumerate(self.procs, start=1):
-                if not p.is_alive():
-                    return f"tensor-parallel rank {rank} (pid {p.pid}) died with exit code {p.exitcode}"
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
-
-    def send(self, header: list[int], payload: torch.Tensor | None = None) -> None:
-        if self.closed:
-            raise RuntimeError("the tensor-parallel engine is shut down")
-        if self.broken is None:
-            self.broken = self.dead_rank()
-        if self.broken is not None:
-            raise RuntimeError(f"{self.broken}; this engine cannot run any more (shut it down and start a new one)")
-        header = list(header) + [0] * (16 - len(header))
-        if self.pending_free:
-            header[11] = self.pending_free.pop()
-        self.channel.send(header, payload)
-
-    def fail(self, error: BaseException) -> RuntimeError:
-        """The error a failed step raises: the dead rank's name if one died, else rank 0's own error."""
-        self.broken = self.dead_rank(wait_s=5.0) or f"a tensor-parallel step failed on rank 0 ({error})"
-        return RuntimeError(self.broken)
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            if self.broken is None and self.dead_rank() is None:
-                try:
-                    self.channel.send([SHUTDOWN])
-                except Exception:  # noqa: BLE001 - a peer gone at exit: the processes are stopped below
-                    pass
-            self.closed = True
-        # NOTE: NCCL's destroy_process_group waits for every rank, and the ranks leave the group once they
-        # have the SHUTDOWN: leave it together with them (not after joining them, which deadlocks), in a
-        # thread so that a rank that never arrives cannot hang this process; then join and reap them
-        leaving = threading.Thread(target=TensorParallelComm.destroy, name="kit-tp-destroy", daemon=True)
-        leaving.start()
-        leaving.join(timeout if self.broken is None else 1.0)
-        for p in self.procs:
-            p.join(timeout if self.broken is None else 1.0)
-            if p.is_alive():
-                p.kill()
-                p.join(10.0)
-
-
-def _launch(tp: int, device: torch.device, timeout_s: float, from_torchrun: bool) -> tuple[TensorParallelComm, list]:
-    """Start ranks 1..tp-1 (spawned, or already running under torchrun) and join the group as rank 0."""
-    if from_torchrun:
-        if int(os.environ["WORLD_SIZE"]) != tp:
-            raise ValueError(f"tensor_parallel_size={tp} must equal torchrun's WORLD_SIZE={os.environ['WORLD_SIZE']}")
-        if int(os.environ["RANK"]) != 0:  # this process is a worker rank: serve rank 0, then exit
-            torchrun_worker(device.type, timeout_s)
-            sys.exit(0)
-        comm = TensorParallelComm.init(0, tp, rank_device(device.type, int(os.environ["LOCAL_RANK"])), "env://",
-                                       timeout_s)
-        return comm, []
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
-    procs = []
-    for rank in range(1, tp):
-        p = ctx.Process(target=worker_main, args=(rank, tp, init_method, device.type, timeout_s), daemon=True,
-                        name=f"kit-tp-rank{rank}")
-        p.start()
-        procs.append(p)
-    try:
-        return TensorParallelComm.init(0, tp, rank_device(device.type, 0), init_method, timeout_s), procs
-    except BaseException:
-        for p in procs:
-            p.kill()
-            p.join(10.0)
-        raise
-
-
 class DistributedEngine(Engine):
     """Rank 0's engine: its own shard plus the other ranks, driven one step message at a time."""
 
-    def __init__(self, network: Network, backend: TensorParallelBackend, ranks: _Ranks, full_config: Any,
+    def __init__(self, network: Network, backend: TensorParallelBackend, ranks: Ranks, full_config: Any,
                  mapping: Mapping, **engine_kw: Any) -> None:
         super().__init__(network, backend, **engine_kw)
         self.ranks, self.full_config, self.mapping = ranks, full_config, mapping
         self._kv_ids = itertools.count(1)
-        self._finalizer = weakref.finalize(self, _Ranks.shutdown, ranks)
+        self._finalizer = weakref.finalize(self, Ranks.shutdown, ranks)
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -206,23 +122,30 @@ class DistributedEngine(Engine):
         if dist.is_initialized() and not from_torchrun:
             raise RuntimeError("a tensor-parallel engine is already running in this process: shut it down "
                                "(LLM.shutdown()) before starting another")
-        comm, procs = _launch(tensor_parallel_size, device, timeout_s, from_torchrun)
+        shards = None
+        if weights_dir is None:  # NOTE: split before the ranks start, so that they do not wait for it
+            shards = [shard_network(network, mapping.for_rank(r)) for r in range(tensor_parallel_size)]
+        comm, procs, errors = launch_ranks(tensor_parallel_size, device, timeout_s, from_torchrun)
         capacity = message_capacity(build_config)
-        ranks = _Ranks(comm, procs, StepChannel(comm, capacity))
+        ranks = Ranks(comm, procs, StepChannel(comm, capacity), timeout_s, errors)
         try:
             setup = {"name": name, "quant_config": quant_config, "dtype": dtype,
                      "full_vocab_size": full_config.vocab_size, "build_config": build_config, "capacity": capacity}
-            if weights_dir is not None:
-                own = Network(cfg["shard_config"], cfg["layers"], load_rank_weights(weights_dir, 0, comm.device),
-                              name=name, quant_config=quant_config)
-                comm.broadcast_object({**setup, "config": own.config, "layers": own.layers,
-                                       "weights_dir": str(weights_dir)})
-            else:
-                shards = [shard_network(network, mapping.for_rank(r)) for r in range(tensor_parallel_size)]
-                send_shards(comm, {**setup, "config": shards[0].config, "layers": shards[0].layers},
-                            [s.weights for s in shards])
-                own = shards[0]
-                del shards
+            with ranks.watchdog.stage("start-up: send the shards"), ranks.lock:
+                if shards is None:
+                    own = Network(cfg["shard_config"], cfg["layers"], load_rank_weights(weights_dir, 0, comm.device),
+                                  name=name, quant_config=quant_config)
+                    comm.broadcast_object({**setup, "config": own.config, "layers": own.layers,
+                                           "weights_dir": str(weights_dir)})
+                else:
+                    send_shards(comm, {**setup, "config": shards[0].config, "layers": shards[0].layers},
+                                [s.weights for s in shards])
+                    # rank 0's shard on rank 0's device (the network may live on another GPU, or the CPU)
+                    own = Network(shards[0].config, shards[0].layers,
+                                  {n: t.to(comm.device) for n, t in shards[0].weights.items()},
+                                  name=name, quant_config=quant_config)
+                    del shards
+                ranks.last_send = time.monotonic()
             backend = TensorParallelBackend(own, mapping, comm, full_config.vocab_size, device=comm.device,
                                             dtype=dtype)
             engine = cls(own, backend, ranks, full_config, mapping, build_config=build_config,
@@ -258,7 +181,8 @@ class DistributedEngine(Engine):
         """A paged pool on every rank (each holding its KV heads); rank 0's is returned."""
         if dtype not in KV_DTYPES:
             raise ValueError(f"allocate_kv_cache: dtype must be one of {KV_DTYPES}, got {dtype}")
-        with self.ranks.lock:
+        with self.ranks.lock, self.ranks.watchdog.stage(f"step {self.ranks.channel.seq + 1} ALLOC ({num_blocks} "
+                                                         f"blocks of {block_size})"):
             kv_id = next(self._kv_ids)
             self.ranks.send([ALLOC, kv_id] + [0] * 11 + [num_blocks, block_size, KV_DTYPES.index(dtype)])
             qc = self.network.quant_config
@@ -271,7 +195,8 @@ class DistributedEngine(Engine):
         return kv
 
     def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes=None) -> tuple[int, ...]:
-        with self.ranks.lock:  # the backend calls _send_capture first, then captures its own graphs
+        with self.ranks.lock, self.ranks.watchdog.stage(  # the backend calls _send_capture, then captures its own
+                f"step {self.ranks.channel.seq + 1} CAPTURE (batch sizes {batch_sizes or 'of the build config'})"):
             return super().capture_cuda_graphs(kv_cache, batch_sizes)
 
     def _send_capture(self, kv_cache: KVCache, sizes: tuple[int, ...], max_blocks: int) -> None:
@@ -280,14 +205,24 @@ class DistributedEngine(Engine):
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, hooks=None) -> torch.Tensor:
         """Broadcast the step, run rank 0's shard; logits (num_logits, vocab) gathered here."""
+        # NOTE: everything that can refuse the step is checked before the message goes out: once it has,
+        # the other ranks are inside the step's collectives and rank 0 must run them too
+        if batch.block_size != kv_cache.block_size:
+            raise ValueError(f"batch was built for block_size {batch.block_size}, cache has {kv_cache.block_size}")
+        kv_id = getattr(kv_cache, "tp_id", None)
+        if kv_id is None:
+            raise ValueError("forward: kv_cache was not allocated by this tensor-parallel engine "
+                             "(use engine.allocate_kv_cache)")
+        head, payload = pack_batch(batch)
+        header = [FORWARD, kv_id] + head + [int(bool(hooks)), int(self.backend.comm.timing)]
         with self.ranks.lock:
-            head, payload = pack_batch(batch)
-            self.ranks.send([FORWARD, kv_cache.tp_id] + head + [int(bool(hooks)), int(self.backend.comm.timing)],
-                            payload)
-            try:
-                return super().forward(batch, kv_cache, hooks)
-            except Exception as e:  # noqa: BLE001 - a collective failed: name the rank that died
-                raise self.ranks.fail(e) from e
+            name = describe(header + [0] * (SEQ - len(header)) + [self.ranks.channel.seq + 1])
+            with self.ranks.watchdog.stage(name):
+                self.ranks.send(header, payload)
+                try:
+                    return super().forward(batch, kv_cache, hooks)
+                except Exception as e:  # noqa: BLE001 - a collective failed: name the rank that died
+                    raise self.ranks.fail(e) from e
 
     # ---------------------------------------------------------------- timing
     def time_collectives(self, on: bool = True) -> None:
@@ -296,7 +231,7 @@ class DistributedEngine(Engine):
 
     def collective_timings(self) -> pd.DataFrame:
         """Timed collectives since the last call, every rank: columns `COLLECTIVE_COLUMNS`."""
-        with self.ranks.lock:
+        with self.ranks.lock, self.ranks.watchdog.stage(f"step {self.ranks.channel.seq + 1} TIMINGS"):
             self.ranks.send([TIMINGS])
             per_rank = self.backend.comm.gather_object(self.backend.comm.take_timings())
         rows = [{"rank": r, **row} for r, rows in enumerate(per_rank) for row in rows]
@@ -335,7 +270,7 @@ def build_parallel_engine(model: Any, tensor_parallel_size: int, *, device: torc
     mapping = Mapping.tensor_parallel(tensor_parallel_size)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:  # a worker rank: nothing to build, serve rank 0
         check_parallel_sizes(tensor_parallel_size, 1, device)
-        _launch(tensor_parallel_size, torch.device(device), 120.0, True)  # exits when rank 0 shuts down
+        launch_ranks(tensor_parallel_size, torch.device(device), 120.0, True)  # exits when rank 0 shuts down
     if is_tp_engine_dir(model):
         return EngineResult(DistributedEngine.start(None, tensor_parallel_size, device=device, weights_dir=model,
                                                     tokenizer=_tokenizer_of(Path(model))), None, False)

@@ -1,11 +1,13 @@
 """The step message: what rank 0 broadcasts to the other ranks, one per step.
 
-A message is one int64 tensor: a 16-slot header, then the payload. For a forward step
+A message is one int64 tensor: a 20-slot header, then the payload. For a forward step
 the payload is the `ForwardBatch`'s seven index tensors back to back, so the other ranks
 rebuild the same batch as views of the received buffer:
 
     header  cmd, kv_id, num_tokens, num_seqs, max_blocks, num_logits, max_query_len,
-            max_seq_len, block_size, eager, timed, free_kv_id, extra_len, arg0, arg1, arg2
+            max_seq_len, block_size, eager, timed, free_kv_id, extra_len, arg0, arg1, arg2,
+            seq (messages sent so far, this one included), count (collectives rank 0 had
+            issued before this message), 0, 0
     payload input_ids | positions | query_start_loc | seq_lens | block_tables | slot_mapping
             | logits_indices
 
@@ -18,6 +20,12 @@ SharedMemory segment and wakes the ranks with Events): the batch already lives o
 rank 0's device, NCCL moves it GPU to GPU in one call ordered on the stream with the
 forward that follows (no host round trip, no pickling), the same call works across
 hosts under torchrun where shared memory cannot, and on the CPU gloo does the same job.
+
+A receiving rank checks `seq` and `count` against its own: a rank that missed a message
+or ran other collectives than rank 0 (which would pair the wrong collectives, or hang)
+fails at once with `CollectiveMismatch`, naming the rank and the step. `NOOP` is the
+message rank 0 sends when idle (kit/parallel/distributed_engine.py), so that a waiting
+rank's receive never outlives the process group's timeout.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ import torch
 from kit.batch import ForwardBatch
 from kit.parallel.comm import TensorParallelComm
 
-__all__ = ["FORWARD", "ALLOC", "CAPTURE", "TIMINGS", "SHUTDOWN", "HEADER", "KV_DTYPES", "StepChannel",
-           "pack_batch", "unpack_batch", "message_capacity"]
+__all__ = ["FORWARD", "ALLOC", "CAPTURE", "TIMINGS", "SHUTDOWN", "NOOP", "COMMANDS", "HEADER", "KV_DTYPES",
+           "StepChannel", "CollectiveMismatch", "pack_batch", "unpack_batch", "message_capacity", "describe"]
 
-FORWARD, ALLOC, CAPTURE, TIMINGS, SHUTDOWN = 1, 2, 3, 4, 5
-HEADER = 16
+FORWARD, ALLOC, CAPTURE, TIMINGS, SHUTDOWN, NOOP = 1, 2, 3, 4, 5, 6
+COMMANDS = {FORWARD: "FORWARD", ALLOC: "ALLOC", CAPTURE: "CAPTURE", TIMINGS: "TIMINGS", SHUTDOWN: "SHUTDOWN",
+            NOOP: "NOOP"}
+HEADER = 20
+SEQ, COUNT = 16, 17  # header slots
 KV_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)  # allocate_kv_cache's dtype, by index
 
 
@@ -61,28 +72,77 @@ def unpack_batch(head: list[int], payload: torch.Tensor) -> ForwardBatch:
                         max_query_len=max_q, max_seq_len=max_len, block_size=bs)
 
 
+class CollectiveMismatch(RuntimeError):
+    """A rank received a message out of order, or had issued other collectives than rank 0."""
+
+
+def describe(header: list[int]) -> str:
+    """'step 12 FORWARD (decode, 64 seqs, graphed)': a message, for logs and errors."""
+    cmd = header[0]
+    text = f"step {header[SEQ]} {COMMANDS.get(cmd, f'command {cmd}')}"
+    if cmd == FORWARD:
+        kind = "decode" if header[6] == 1 else "prefill"
+        text += f" ({kind}, {header[2]} tokens, {header[3]} seqs{', eager' if header[9] else ''}, kv {header[1]})"
+    elif cmd == ALLOC:
+        text += f" (kv {header[1]}: {header[13]} blocks of {header[14]})"
+    elif cmd == CAPTURE:
+        text += f" (kv {header[1]}, {header[2]} batch sizes, {header[13]} blocks)"
+    return text
+
+
 class StepChannel:
     """Rank 0 sends, the other ranks receive, one message per call, over `comm`."""
 
     def __init__(self, comm: TensorParallelComm, capacity: int) -> None:
         self.comm, self.capacity = comm, capacity
         self.buffer = torch.zeros(HEADER + capacity, dtype=torch.long, device=comm.device)
+        self.seq = 0  # messages sent (rank 0) or received (the others)
+        # NOTE: on a GPU, rank 0 writes the header from one of two pinned buffers without waiting: a copy
+        # from pageable memory would wait for every kernel queued before it (the last step's graph), so
+        # the host could never run ahead; an event says when a pinned buffer may be written again
+        self._pinned: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        if comm.device.type == "cuda":
+            self._pinned = [(torch.zeros(HEADER, dtype=torch.long).pin_memory(), torch.cuda.Event())
+                            for _ in range(2)]
+
+    def _write_header(self, header: list[int]) -> None:
+        if not self._pinned:
+            self.buffer[:HEADER].copy_(torch.tensor(header, dtype=torch.long))
+            return
+        host, done = self._pinned[self.seq % 2]
+        done.synchronize()  # the copy out of this buffer two messages ago (long finished, as a rule)
+        host.numpy()[:] = header
+        self.buffer[:HEADER].copy_(host, non_blocking=True)
+        done.record()
 
     def send(self, header: list[int], payload: torch.Tensor | None = None) -> None:
         header = list(header) + [0] * (HEADER - len(header))
+        self.seq += 1
+        header[SEQ], header[COUNT] = self.seq, self.comm.count
+        if self.comm.tracing:
+            self.comm.note(f"send {describe(header)}")
         n = 0 if payload is None else payload.numel()
         if n > self.capacity:
             header[12] = n
         elif n:
             self.buffer[HEADER:HEADER + n].copy_(payload, non_blocking=True)
-        self.buffer[:HEADER].copy_(torch.tensor(header, dtype=torch.long))
+        self._write_header(header)
         self.comm.broadcast(self.buffer)
         if n > self.capacity:
             self.comm.broadcast(payload.to(self.buffer.device).contiguous())
 
     def receive(self) -> tuple[list[int], torch.Tensor]:
+        count = self.comm.count
         self.comm.broadcast(self.buffer)
         header = self.buffer[:HEADER].tolist()
+        self.seq += 1
+        if self.comm.tracing:
+            self.comm.note(f"received {describe(header)}")
+        if header[SEQ] != self.seq or header[COUNT] != count:
+            raise CollectiveMismatch(
+                f"rank {self.comm.rank}: {describe(header)}: rank 0 sent message {header[SEQ]} after "
+                f"{header[COUNT]} collectives; this rank expected message {self.seq} and had issued {count}: the "
+                f"ranks ran different collectives since the last message")
         if header[12]:
             extra = torch.empty(header[12], dtype=torch.long, device=self.buffer.device)
             return header, self.comm.broadcast(extra)
