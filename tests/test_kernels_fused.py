@@ -299,6 +299,9 @@ def test_fused_kernels_match_reference_on_cuda(hidden):
 
 @pytest.mark.gpu
 def test_bf16_decode_with_fusion_matches_unfused_with_cuda_graphs():
+    """Fused and unfused bf16 round differently, and random weights leave near-ties in the logits, so
+    both are held to a float32 run of the unfused path: the fused logits' largest error must stay within
+    1.5x of the unfused path's own (or 0.3), and their top-1 agreement with float32 within 3 points."""
     from kit.builder import BuildConfig
 
     loaded = ModelLoader.synthetic("qwen2.5-0.5b", device="cuda", dtype=torch.bfloat16)
@@ -307,10 +310,13 @@ def test_bf16_decode_with_fusion_matches_unfused_with_cuda_graphs():
     seqs = [list(range(100, 140)), list(range(300, 307)), list(range(500, 590))]
     sched = [[34, 1, 84]] + [[1, 1, 1]] * 6
     logits = {}
-    for fuse in (False, True):
-        engine = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16, fuse=fuse), build_config=bc)
+    for name, fuse, dtype in (("unfused", False, torch.bfloat16), ("fused", True, torch.bfloat16),
+                              ("float32", False, torch.float32)):
+        engine = Engine(net, TorchBackend(net, device="cuda", dtype=dtype, fuse=fuse), build_config=bc)
         assert engine.backend.kernel_impl == "triton"
-        logits[fuse] = run_chunks(engine, seqs, sched, 16)
-    for a, b in zip(logits[True], logits[False]):
-        assert (a.float() - b.float()).abs().max().item() < 0.3
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.95
+        logits[name] = torch.cat(run_chunks(engine, seqs, sched, 16)).float()
+    want = logits["float32"]
+    err = {k: (logits[k] - want).abs().max().item() for k in ("unfused", "fused")}
+    agree = {k: (logits[k].argmax(-1) == want.argmax(-1)).float().mean().item() for k in ("unfused", "fused")}
+    assert err["fused"] <= max(0.3, 1.5 * err["unfused"]), (err, agree)
+    assert agree["fused"] >= agree["unfused"] - 0.03, (err, agree)
