@@ -151,19 +151,28 @@ class Sampler:
                              f"got {tuple(logits.shape)}")
         logits = logits.float()  # (R, V); a no-op (same tensor) when already float32
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # (R, V)
-        logits = self.apply_penalties(logits, contexts, eos_token_ids)
+        # NOTE: the rows' distinct params (many requests share one object): what the batch needs is read
+        # per distinct params, so a batch of plain rows costs no per-row Python beyond this line
+        distinct = list({id(c.params): c.params for c in contexts}.values())
+        if any(_penalizes(p) for p in distinct):
+            logits = self.apply_penalties(logits, contexts, eos_token_ids)
         # NOTE: greedy rows need the argmax anyway, so compute it for every row at
         # once; an all-greedy batch stops here: one kernel, no per-row work.
         token_ids = logits.argmax(dim=-1)  # (R,); ties -> lowest id
-        random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
+        random_rows = [] if all(p.is_greedy for p in distinct) else [
+            i for i, c in enumerate(contexts) if not c.params.is_greedy]
         if len(random_rows) == len(contexts):
             token_ids = self._sample_random(logits, contexts)
         elif random_rows:
             idx = to_device(random_rows, logits.device)
             token_ids[idx] = self._sample_random(logits[idx], [contexts[i] for i in random_rows])
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None])  # (R, 1)
-        ks = [c.params.logprobs for c in contexts]
-        max_k = max((k for k in ks if k is not None), default=0)
+        if all(p.logprobs is None for p in distinct):
+            ks: list[int | None] = [None] * len(contexts)
+            max_k = 0
+        else:
+            ks = [c.params.logprobs for c in contexts]
+            max_k = max((k for k in ks if k is not None), default=0)
         cols = [token_ids[:, None].double(), sampled_lp.double()]
         if max_k:  # one topk for the whole batch, each row keeps its own k
             vals, ids = raw_logprobs.topk(max_k, dim=-1)  # (R, max_k) each
@@ -345,6 +354,11 @@ class Sampler:
                 q[j, w:] = 1.0  # beyond the row's own candidates: probability 0 anyway
         # NOTE: clamp so that an exact 0 draw cannot give 0/0 = NaN.
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # (R,)
+
+
+def _penalizes(p: SamplingParams) -> bool:
+    """True if `Sampler.apply_penalties` may change rows sampled under `p` (min_tokens masks stop ids and eos)."""
+    return p.min_tokens > 0 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _sort_key(x: torch.Tensor) -> torch.Tensor:
