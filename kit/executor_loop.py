@@ -148,6 +148,17 @@ class StepLoop:
 
     def _build_batch(self, out: SchedulerOutput) -> tuple[ForwardBatch, list[tuple[int, int, bool]]]:
         """The ForwardBatch and, per scheduled seq, (first logits row, rows, prompt-logprob rows?)."""
+        op = self.output_processor
+        if (not out.num_prefill_tokens and self.speculator is None and not self.beam_search.groups
+                and not op.any_prompt_logits):
+            # NOTE: a plain decode step (no chunk, draft, beam or prompt logits): one token and one logits row
+            # per sequence, so nothing is decided per sequence; the batch comes straight from the schedule
+            scheduled = out.scheduled
+            batch = ForwardBatch.build_decode(scheduled, self.kv_cache_manager.block_size, device=self.engine.device)
+            feeds = [(i, s.request_id) for i, s in enumerate(scheduled) if s.token_ids[0] == PLACEHOLDER_TOKEN]
+            if feeds:
+                self._feed_tokens(batch, feeds)
+            return batch, [(i, 1, False) for i in range(len(scheduled))]
         seqs, rows, row = [], [], 0
         feeds: list[tuple[int, str]] = []  # (flat position, request id) of decode ids still on the device
         num_tokens = 0
@@ -216,11 +227,14 @@ class StepLoop:
         else:
             sel = logits.index_select(0, to_device(idx, logits.device))
         comps, raw = [p[2] for p in picks], sel
+        # NOTE: logits hooks and after-sample work are among the params read into `sync_params`: a batch
+        # without any skips both passes (one check per row instead of two passes of several)
+        hooks = any(c.sync_params for c in comps)
         try:  # the logits hooks of the batch pass (kit/logits_processors.py), then the sampler
-            sel = self.logits_pass.apply(raw, comps)
+            sel = self.logits_pass.apply(raw, comps) if hooks else raw
             step.sampled = self.sampler.sample_async(sel, [c.context for c in comps], self.eos_token_ids)
             step.row_of = {rid: i for i, (rid, _, comp, _) in enumerate(picks) if comp.request_id == rid}
-            if self.logits_pass.needs_after_sample(comps):
+            if hooks and self.logits_pass.needs_after_sample(comps):
                 step.after = (raw, sel, comps)
             return
         except Exception:  # noqa: BLE001
@@ -261,7 +275,7 @@ class StepLoop:
                 self.beam_search.advance(step.out, *step.logits_rows, self.scheduler, self.output_processor, sampled,
                                          verdicts, touched)
             self.scheduler.commit(step.placeholders, sampled, verdicts)
-            ended = [rid for rid in step.placeholders if self.scheduler.get(rid) is None]
+            ended = self.scheduler.gone(step.placeholders)
         for rid in ended:  # ended by the scheduler's length guard, or by a verdict
             self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
         # NOTE: record before publishing, so a caller woken by its result sees this iteration's stats;

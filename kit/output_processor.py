@@ -178,6 +178,11 @@ class OutputProcessor:
         return [c.request_id for c in state.completions if c.finish_reason is None and c.forked]
 
     # ---- logits -> sampling rows -------------------------------------------------------------
+    @property
+    def any_prompt_logits(self) -> bool:
+        """True while a request in flight wants prompt logits (prompt logprobs or context logits)."""
+        return bool(self._prompt_logits_ids)
+
     def wants_prompt_logits(self, request_id: str, num_computed_tokens: int) -> bool:
         if request_id not in self._prompt_logits_ids:  # NOTE: the common case, asked per sequence per step
             return False

@@ -215,8 +215,10 @@ class Scheduler(StepUpdates):
         scheduled_drafts: dict[str, list[int]] = {}  # id -> drafts scheduled this step
         starved = False  # a running request got no tokens: admit nobody, so it is served next
         # 1. running requests: decodes first, then continuing prefills, each in admission order
-        # NOTE: is_prefill is read once per request (the sort key), and carried into the entry
-        for was_prefill, req in sorted([(r.is_prefill, r) for r in self.running], key=itemgetter(0)):
+        # NOTE: is_prefill is read once per request (the sort key), and carried into the entry; it is
+        # `Request.is_prefill` inlined (no outputs yet, or more than the newest token left to compute)
+        for was_prefill, req in sorted([(not r.output_token_ids or len(r.prompt_token_ids) + len(r.output_token_ids)
+                                         - r.num_computed_tokens > 1, r) for r in self.running], key=itemgetter(0)):
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if was_prefill:

@@ -10,7 +10,7 @@ A mixin of `Scheduler` (kit/scheduler.py), which holds the state these methods u
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from kit.request import RequestStatus, length_finished
 from kit.scheduler_output import PLACEHOLDER_TOKEN, SchedulerOutput
@@ -120,14 +120,20 @@ class StepUpdates:
                 self.finish(rid, RequestStatus.FINISHED_LENGTH)
         return placeholders
 
+    def gone(self, request_ids: Iterable[str]) -> list[str]:
+        """The ids among `request_ids` that are no longer in the scheduler (finished, aborted), in order."""
+        requests = self._requests
+        return [rid for rid in request_ids if rid not in requests]
+
     def commit(self, placeholders: Mapping[str, int], sampled: Mapping[str, int],
                finished: Mapping[str, RequestStatus] | None = None) -> tuple[str, ...]:
         """The tokens of an `advance`d step are known: write them over their placeholders, apply verdicts.
 
         Ids gone from the scheduler (aborted, ended a step before) are skipped. Returns those finished here.
         """
+        requests = self._requests
         for rid, token in sampled.items():
-            req = self._requests.get(rid)
+            req = requests.get(rid)
             index = placeholders.get(rid)
             if req is not None and index is not None and index < len(req.output_token_ids):
                 req.output_token_ids[index] = int(token)
