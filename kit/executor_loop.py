@@ -39,7 +39,7 @@ from kit.batch import ForwardBatch, SequenceInput
 from kit.iteration_stats import StepTimes
 from kit.output_processor import CompletionState, RequestState
 from kit.request import RequestStatus
-from kit.sampling import SampledBatch, to_device
+from kit.sampled_batch import SampledBatch, to_device
 from kit.scheduler import PLACEHOLDER_TOKEN, SchedulerOutput
 
 __all__ = ["InflightStep", "StepLoop", "needs_synchronous_step"]
