@@ -16,7 +16,8 @@ only pure decode steps at batch `B` are counted. Per phase, from `Executor.stats
 
 `host_us` = schedule + prepare + sample + advance + output. Run with the synchronous loop
 (overlap off) so that the phases do not interleave; `--profile` adds the top cProfile entries
-of the loop thread.
+of the loop thread. Each batch runs `--repeat` times and keeps, per phase, the lowest median
+(on a shared machine other load only adds time).
 
     python bench/host_overhead.py --out bench/results/host_overhead_cpu.json
     python bench/host_overhead.py --smoke --out /tmp/host_overhead_smoke.json
@@ -127,10 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stream", action="store_true", help="streaming requests (a snapshot per token)")
     p.add_argument("--profile", action="store_true", help="cProfile of the loop thread (top entries in the JSON)")
     p.add_argument("--label", default="", help="stored with the results (e.g. before / after)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per batch; per phase the lowest median is kept (the machine's other load only adds)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.smoke:
-        args.batch, args.input_len, args.output_len = [4], 8, 6
+        args.batch, args.input_len, args.output_len, args.repeat = [4], 8, 6, 1
     tokenizer = ModelLoader("smollm2-135m").load().tokenizer if args.detokenize else None
     loaded = tiny_model(args.vocab)
     res: dict[str, Any] = {"label": args.label, "device": "cpu", "cpu": platform.processor() or platform.machine(),
@@ -138,7 +141,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "runs": []}
     print(f"{'batch':>5} {'detok':>5} {'stream':>6} " + " ".join(f"{k:>9}" for k in (*PHASES, "host")) + "   (µs/step)")
     for b in args.batch:
-        r = measure(loaded, tokenizer, b, args.input_len, args.output_len, False, args.profile, args.stream)
+        tries = [measure(loaded, tokenizer, b, args.input_len, args.output_len, False, args.profile and i == 0,
+                         args.stream) for i in range(args.repeat)]
+        r = tries[0]
+        r["us_per_step"] = {k: min(t["us_per_step"][k] for t in tries) for k in PHASES}
+        r["us_per_step"]["host"] = sum(r["us_per_step"][k] for k in HOST_PHASES)
+        r["us_per_request_step"] = {k: v / b for k, v in r["us_per_step"].items()}
+        r["repeat"] = args.repeat
         res["runs"].append(r)
         u = r["us_per_step"]
         print(f"{b:>5} {str(r['detokenize']):>5} {str(r['stream']):>6} "
