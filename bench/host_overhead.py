@@ -1,9 +1,9 @@
 """Host cost of one serving step on the CPU: microseconds per step, per phase, at batch 64 and 256.
 
-The device work is made nearly free (a synthetic Llama with 1 layer, hidden 64, a 1,024-token
+The device work is made nearly free (a synthetic Llama with 1 layer, hidden 64, a 256-token
 vocabulary), so what a step costs is the Python of the serving loop: the real `Scheduler`,
 `ForwardBatch` building, the `Sampler`'s batch pass, `OutputProcessor` (stop checks,
-detokenization with `--detokenize`, publishing) and the `Executor`'s step loop. `B` requests of
+detokenization: `--detokenize` adds runs with SmolLM2's tokenizer, publishing) and the `Executor`'s step loop. `B` requests of
 `--input-len` prompt tokens each generate `--output-len` tokens together (greedy, ignore_eos);
 only pure decode steps at batch `B` are counted. Per phase, from `Executor.stats()`:
 
@@ -19,7 +19,7 @@ only pure decode steps at batch `B` are counted. Per phase, from `Executor.stats
 of the loop thread. Each batch runs `--repeat` times and keeps, per phase, the lowest median
 (on a shared machine other load only adds time).
 
-    python bench/host_overhead.py --out bench/results/host_overhead_cpu.json
+    python bench/host_overhead.py --detokenize --before BEFORE.json --out bench/results/host_overhead_cpu.json
     python bench/host_overhead.py --smoke --out /tmp/host_overhead_smoke.json
 """
 
@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--vocab", type=int, default=256, help="small: the sampler's math (device work) stays negligible")
     p.add_argument("--detokenize", action="store_true",
-                   help="detokenize with SmolLM2's tokenizer (its ids < vocab; loads smollm2-135m from the cache)")
+                   help="also runs that detokenize with SmolLM2's tokenizer (ids < vocab; smollm2-135m from the cache)")
     p.add_argument("--stream", action="store_true", help="streaming requests (a snapshot per token)")
     p.add_argument("--profile", action="store_true", help="cProfile of the loop thread (top entries in the JSON)")
     p.add_argument("--label", default="", help="stored with the results (e.g. before / after)")
+    p.add_argument("--before", nargs="*", default=[],
+                   help="results JSONs of an earlier version (same flags): stored under 'before', with the cut per phase")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs per batch; per phase the lowest median is kept (the machine's other load only adds)")
     args = p.parse_args(argv)
@@ -139,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"label": args.label, "device": "cpu", "cpu": platform.processor() or platform.machine(),
                            "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke,
                            "runs": []}
-    print(f"{'batch':>5} {'detok':>5} {'stream':>6} " + " ".join(f"{k:>9}" for k in (*PHASES, "host")) + "   (µs/step)")
-    for b in args.batch:
-        tries = [measure(loaded, tokenizer, b, args.input_len, args.output_len, False, args.profile and i == 0,
+    print(f"{'batch':>5} {'detok':>5} {'stream':>6} " + " ".join(f"{k:>9}" for k in (*PHASES, "host"))
+          + "   (µs/step)")
+    for b, tok in [(b, t) for t in ([None, tokenizer] if tokenizer is not None else [None]) for b in args.batch]:
+        tries = [measure(loaded, tok, b, args.input_len, args.output_len, False, args.profile and i == 0,
                          args.stream) for i in range(args.repeat)]
         r = tries[0]
         r["us_per_step"] = {k: min(t["us_per_step"][k] for t in tries) for k in PHASES}
@@ -152,6 +155,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         u = r["us_per_step"]
         print(f"{b:>5} {str(r['detokenize']):>5} {str(r['stream']):>6} "
               + " ".join(f"{u[k]:>9.0f}" for k in (*PHASES, "host")), flush=True)
+    if args.before:
+        res["before"] = [r for f in args.before for r in json.loads(Path(f).read_text())["runs"]]
+        res["cut_pct"] = []
+        for r in res["runs"]:
+            old = next((b for b in res["before"] if (b["batch"], b["detokenize"], b["stream"])
+                        == (r["batch"], r["detokenize"], r["stream"])), None)
+            if old is not None:
+                cut = {k: 100.0 * (1.0 - r["us_per_step"][k] / old["us_per_step"][k]) for k in (*HOST_PHASES, "host")}
+                res["cut_pct"].append({"batch": r["batch"], "detokenize": r["detokenize"], **cut})
+                print(f"batch {r['batch']:>4} detokenize={r['detokenize']}: host {old['us_per_step']['host']:.0f} -> "
+                      f"{r['us_per_step']['host']:.0f} µs/step ({cut['host']:.0f}% less)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")

@@ -140,7 +140,8 @@ class ForwardBatch:
 
     @classmethod
     def _from_parts(cls, parts: tuple, num_seqs: int, max_blocks: int, max_query_len: int, max_seq_len: int,
-                    block_size: int, device: torch.device | str, sizes: tuple[int, ...] | None = None) -> "ForwardBatch":
+                    block_size: int, device: torch.device | str,
+                    sizes: tuple[int, ...] | None = None) -> "ForwardBatch":
         """The batch from its seven index lists (input ids, positions, starts, seq lens, padded tables, slots,
         logits rows), in that order. NOTE: one host->device copy for all seven, then views into it."""
         sizes = sizes if sizes is not None else tuple(len(part) for part in parts)
