@@ -189,8 +189,15 @@ class StepLoop:
         if prev is None or prev.sampled is None or any(rid not in prev.row_of for _, rid in feeds):
             raise RuntimeError(f"placeholder tokens of {[rid for _, rid in feeds]} without a step in flight "
                                "that samples them")
-        # (2, num_feeds): where each id goes in input_ids, and its row in the previous step's tokens
-        index = to_device([[pos for pos, _ in feeds], [prev.row_of[rid] for _, rid in feeds]], batch.input_ids.device)
+        where = [pos for pos, _ in feeds]  # where each id goes in input_ids, and its row in the previous step's tokens
+        rows = [prev.row_of[rid] for _, rid in feeds]
+        n = len(feeds)
+        if where == rows and where[-1] == n - 1:
+            # NOTE: the steady decode case (the same sequences in the same order as the step before): one device
+            # copy, no index list to send
+            batch.input_ids[:n].copy_(prev.sampled.token_ids[:n])
+            return
+        index = to_device([where, rows], batch.input_ids.device)  # (2, num_feeds)
         batch.input_ids[index[0]] = prev.sampled.token_ids[index[1]]
 
     def _collect_rows(self, out: SchedulerOutput, logits: torch.Tensor,
