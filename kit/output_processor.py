@@ -65,8 +65,7 @@ class CompletionState:
         self.stop_reason: int | str | None = None
         self.finish_reason: str | None = None
         self.forked = index == 0  # siblings get a scheduler Request once their first token is known
-        # NOTE: what in the params alone makes every step of this completion synchronous (kit/executor_loop.py
-        # `needs_synchronous_step`), read once here instead of per step
+        # NOTE: params that make every step synchronous (`needs_synchronous_step`), read once instead of per step
         self.sync_params = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                             or params.frequency_penalty != 0.0 or params.logprobs is not None
                             or params.return_generation_logits or bool(params.logits_processor)
@@ -111,10 +110,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        comps = self.completions
+        comps, n = self.completions, self.greq.sampling_params.n
         if len(comps) == 1:  # NOTE: n == 1, the common case: read per request per step
-            return comps[0].finish_reason is not None and self.greq.sampling_params.n == 1
-        return len(comps) == self.greq.sampling_params.n and all(c.finish_reason is not None for c in comps)
+            return n == 1 and comps[0].finish_reason is not None
+        return len(comps) == n and all(c.finish_reason is not None for c in comps)
 
 
 class OutputProcessor:
@@ -179,8 +178,7 @@ class OutputProcessor:
 
     # ---- logits -> sampling rows -------------------------------------------------------------
     @property
-    def any_prompt_logits(self) -> bool:
-        """True while a request in flight wants prompt logits (prompt logprobs or context logits)."""
+    def any_prompt_logits(self) -> bool:  # a request in flight wants prompt logits (prompt logprobs, context logits)
         return bool(self._prompt_logits_ids)
 
     def wants_prompt_logits(self, request_id: str, num_computed_tokens: int) -> bool:
@@ -213,8 +211,7 @@ class OutputProcessor:
             state.prompt_logits_done = True
 
     def sampling_rows(self, request_id: str) -> list[CompletionState]:
-        """Completions that sample from this request's logits row: itself, plus its n > 1 siblings
-        the first time completion 0 samples."""
+        """Completions sampling from this request's row: itself (+ its n > 1 siblings at completion 0's first)."""
         return self.sampling_rows_of(request_id)[1]
 
     def sampling_rows_of(self, request_id: str) -> tuple[RequestState, list[CompletionState]]:
