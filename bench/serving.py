@@ -1,4 +1,4 @@
-"""The serving loop against the bare decode step: does the loop keep the GPU busy? (one GPU run, ~240 s)
+"""The serving loop against the bare decode step: does the loop keep the GPU busy? (one GPU run, ~300 s)
 
 For synthetic Llama-3.2-1B and Llama-3.1-8B (bf16), workloads 128/128 and 1024/128 tokens, at
 concurrency 1, 8 and 64, with overlapped scheduling on and off (one engine per model: the
@@ -10,6 +10,17 @@ concurrency 64 (p50 and p99 TPOT; its 152k vocabulary exercises the sampler), th
 batch pass alone at 64 x 151,936 (greedy and top-p), and Hugging Face `generate` for 1B at
 concurrency 1 and 8 while the time budget allows. Items that would pass the budget are skipped
 and listed under "skipped".
+
+Every timed run is preceded by one untimed wave of the same shape (model, input/output mix,
+concurrency, overlap mode; other prompts), so that every kernel shape it meets (prefill chunks,
+mixed chunk + decode steps, decode batches) is compiled and tuned before the clock starts. A run
+serves 4 x concurrency requests (at least 4) with fresh prompts (no prefix-cache hit from an
+earlier run); in its closed loop the first wave arrives spread over one output length (output_len
+decode-only steps), so requests then finish and are replaced one at a time, as in a server, and
+`steady_over_decode_only` (throughput while every slot is busy) sits beside the whole-run
+`serving_over_decode_only`. Before each timed run its time is estimated from the warm-up wave
+(the ramp, then requests / concurrency waves as long as the warm-up's) and printed beside the
+time the row took; a run whose estimate would pass the budget is skipped.
 
     python bench/serving.py --out bench/results/serving_h100.json
     python bench/serving.py --smoke --out /tmp/serving_smoke.json     # same code path, CPU, seconds
@@ -38,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the code path in seconds")
-    p.add_argument("--budget-s", type=float, default=240.0, help="skip what would start after this many seconds")
+    p.add_argument("--budget-s", type=float, default=300.0, help="skip what would end after this many seconds")
     return p.parse_args(argv)
 
 
@@ -54,10 +65,9 @@ def plan(smoke: bool) -> dict[str, Any]:
             "sampler": (64, 151936)}
 
 
-def num_requests(c: int, in_len: int, smoke: bool) -> int:
-    if smoke:
-        return 2 * c
-    return {1: 4, 8: 16}.get(c, c if in_len > 512 else 2 * c)  # 1024-token prompts at c=64: one wave
+def num_requests(c: int) -> int:
+    """Requests of a timed run: 4 waves, so that the first wave's ramp and the last one's drain do not dominate."""
+    return max(4, 4 * c)
 
 
 def sampler_case(rows: int, vocab: int, device: str) -> dict[str, Any]:
@@ -87,34 +97,52 @@ def sampler_case(rows: int, vocab: int, device: str) -> dict[str, Any]:
 
 
 def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int], cfg: dict[str, Any],
-                res: dict[str, Any], deadline: float, smoke: bool) -> None:
+                res: dict[str, Any], deadline: float) -> None:
     loaded = ModelLoader.synthetic(name, device=cfg["device"], dtype=cfg["dtype"], num_layers=cfg["num_layers"])
     bc = BuildConfig(max_batch_size=max(concurrency), max_input_len=max(i for i, _ in pairs),
                      max_seq_len=max(i + o for i, o in pairs), max_num_tokens=2048)
-    prompts = {i: make_prompts(loaded.config.vocab_size, i, max(num_requests(c, i, smoke) for c in concurrency))
-               for i, _ in pairs}
+    vocab = loaded.config.vocab_size
+    seeds = iter(range(1, 1_000_000))  # NOTE: fresh prompts for every run: no prefix-cache hit from an earlier one
     with LLM(loaded, device=cfg["device"], build_config=bc, enable_build_cache=False) as llm:
-        run_benchmark(llm, prompts[pairs[0][0]][:2], 4, 2, progress=False)  # warm-up
         for in_len, out_len in pairs:
             for c in concurrency:
                 dec = decode_only(llm, c, in_len + out_len // 2)
+                ramp = out_len * dec["step_ms"] / 1e3  # one output length at this batch
                 for overlap in (True, False):
                     key = f"{name} {in_len}/{out_len} c={c} overlap={overlap}"
                     if time.monotonic() > deadline:
                         res["skipped"].append(key)
                         continue
                     llm.executor.overlap = overlap  # idle between runs: the next step reads the flag
-                    kit = run_benchmark(llm, prompts[in_len][:num_requests(c, in_len, smoke)], out_len, c,
-                                        progress=False)
+                    n = num_requests(c)
+                    t0 = time.monotonic()  # the warm-up: one wave of this very shape, untimed
+                    run_benchmark(llm, make_prompts(vocab, in_len, c, next(seeds)), out_len, c, progress=False,
+                                  ramp_s=ramp)
+                    warm_s = time.monotonic() - t0
+                    # the timed run: the first wave's ramp, then n / c waves of what the warm-up's wave took
+                    ramp_eff = ramp * (c - 1) / c
+                    estimate = ramp_eff + n / c * max(warm_s - ramp_eff, 0.0)
+                    if time.monotonic() + estimate > deadline:
+                        res["skipped"].append(f"{key} (estimated {estimate:.0f} s)")
+                        continue
+                    kit = run_benchmark(llm, make_prompts(vocab, in_len, n, next(seeds)), out_len, c,
+                                        progress=False, ramp_s=ramp)
+                    steady = kit["steady"]
                     row = {"model": name, "input_len": in_len, "output_len": out_len, "concurrency": c,
-                           "overlap": overlap, "kit": kit, "decode_only": dec,
+                           "overlap": overlap, "kit": kit, "decode_only": dec, "warmup_s": warm_s,
+                           "estimated_s": estimate, "row_s": time.monotonic() - t0,
                            "serving_over_decode_only": kit["output_tokens_per_s"] / dec["output_tokens_per_s"],
+                           "steady_over_decode_only": (steady["output_tokens_per_s"] / dec["output_tokens_per_s"]
+                                                       if steady else None),
                            "tpot_over_decode_step": kit["tpot_ms"]["p50"] / dec["step_ms"]}
                     res["runs"].append(row)
+                    sod = row["steady_over_decode_only"]
                     print(f"{key:42s} {kit['output_tokens_per_s']:9.1f} tok/s  decode-only "
-                          f"{dec['output_tokens_per_s']:9.1f}  ratio {row['serving_over_decode_only']:.2f}  "
+                          f"{dec['output_tokens_per_s']:9.1f}  ratio {row['serving_over_decode_only']:.2f} "
+                          f"(steady {sod if sod is not None else float('nan'):.2f})  "
                           f"TTFT p50 {kit['ttft_ms']['p50']:8.1f}  TPOT p50 {kit['tpot_ms']['p50']:6.2f} "
-                          f"p99 {kit['tpot_ms']['p99']:6.2f} ms (decode step {dec['step_ms']:.2f} ms)", flush=True)
+                          f"p99 {kit['tpot_ms']['p99']:6.2f} ms (decode step {dec['step_ms']:.2f} ms)  "
+                          f"row {estimate + warm_s:.1f} s estimated, {row['row_s']:.1f} s taken", flush=True)
     del llm, loaded
     gc.collect()
     if cfg["device"] == "cuda":
@@ -161,15 +189,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"sampler pass {res['sampler']}", flush=True)
     # order: the 1B model, Qwen (its p99 TPOT target), the HF baseline for 1B, then 8B (the longest)
     first, *rest = cfg["models"]
-    serve_model(*first, cfg, res, deadline, args.smoke)
+    serve_model(*first, cfg, res, deadline)
     qname, qc, (qi, qo) = cfg["qwen"]
     if time.monotonic() < deadline:
-        serve_model(qname, [(qi, qo)], [qc], cfg, res, deadline, args.smoke)
+        serve_model(qname, [(qi, qo)], [qc], cfg, res, deadline)
     else:
         res["skipped"].append(f"{qname} c={qc}")
     res["hf"] = hf_runs(cfg, res, deadline)
     for name, pairs, conc in rest:
-        serve_model(name, pairs, conc, cfg, res, deadline, args.smoke)
+        serve_model(name, pairs, conc, cfg, res, deadline)
     res["wall_s"] = time.monotonic() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

@@ -19,6 +19,7 @@ whole prompt, a chunk of one, or a single decode token).
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Sequence
@@ -68,6 +69,8 @@ class ForwardBatch:
         """Flatten a list of sequences into one batch (validating the block tables)."""
         if not seqs:
             raise ValueError("ForwardBatch.build needs at least one sequence")
+        if all(len(s.token_ids) == 1 and s.logits == "last" for s in seqs):
+            return cls.build_decode(seqs, block_size, device)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -104,22 +107,60 @@ class ForwardBatch:
             tables.extend(table)
             if len(table) < max_blocks:
                 tables.extend([0] * (max_blocks - len(table)))
-        # NOTE: one host->device copy for all seven index tensors, then views into it
-        parts = (input_ids, positions, starts, seq_lens, tables, slots, logits_idx)
-        flat = torch.tensor(list(chain.from_iterable(parts)), dtype=torch.long)
+        return cls._from_parts((input_ids, positions, starts, seq_lens, tables, slots, logits_idx), len(seqs),
+                               max_blocks, max(len(s.token_ids) for s in seqs), max(seq_lens), block_size, device)
+
+    @classmethod
+    def build_decode(cls, seqs: Sequence[Any], block_size: int, device: torch.device | str = "cpu") -> "ForwardBatch":
+        """`build` for a decode step (one token per sequence, each its logits row): the same batch, made
+        with one comprehension per field instead of a loop of appends (it runs every step of a server).
+
+        `seqs` need only `token_ids` (one id), `num_computed_tokens` and `block_table`: SequenceInputs or
+        the scheduler's ScheduledSequences."""
+        if not seqs:
+            raise ValueError("ForwardBatch.build_decode needs at least one sequence")
+        num_seqs = len(seqs)
+        positions = [s.num_computed_tokens for s in seqs]
+        tables = [s.block_table for s in seqs]
+        sizes = [len(t) for t in tables]
+        for i, (p, n) in enumerate(zip(positions, sizes)):
+            if n * block_size <= p:
+                raise ValueError(f"sequence {i}: {n} blocks of {block_size} cannot hold {p + 1} tokens")
+        max_blocks = max(sizes)
+        if min(sizes) == max_blocks:
+            flat_tables: Any = chain.from_iterable(tables)
+        else:  # each table padded with block 0
+            pad = (0,) * max_blocks
+            flat_tables = chain.from_iterable(chain(t, pad[n:]) for t, n in zip(tables, sizes))
+        parts = ([int(s.token_ids[0]) for s in seqs], positions, range(num_seqs + 1), [p + 1 for p in positions],
+                 flat_tables, [t[p // block_size] * block_size + p % block_size for p, t in zip(positions, tables)],
+                 range(num_seqs))
+        return cls._from_parts(parts, num_seqs, max_blocks, 1, max(positions) + 1, block_size, device,
+                               (num_seqs, num_seqs, num_seqs + 1, num_seqs, num_seqs * max_blocks, num_seqs, num_seqs))
+
+    @classmethod
+    def _from_parts(cls, parts: tuple, num_seqs: int, max_blocks: int, max_query_len: int, max_seq_len: int,
+                    block_size: int, device: torch.device | str,
+                    sizes: tuple[int, ...] | None = None) -> "ForwardBatch":
+        """The batch from its seven index lists (input ids, positions, starts, seq lens, padded tables, slots,
+        logits rows), in that order. NOTE: one host->device copy for all seven, then views into it."""
+        sizes = sizes if sizes is not None else tuple(len(part) for part in parts)
+        # NOTE: an int64 array (from a list: it is sized once), shared by the tensor without a copy; ~4x faster
+        # than torch.tensor(list)
+        flat = torch.frombuffer(array("q", list(chain.from_iterable(parts))), dtype=torch.long)
         if torch.device(device).type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        views = flat.split([len(part) for part in parts])
+        views = flat.split(sizes)
         return cls(
             input_ids=views[0],
             positions=views[1],
             query_start_loc=views[2],
             seq_lens=views[3],
-            block_tables=views[4].view(len(seqs), max_blocks),
+            block_tables=views[4].view(num_seqs, max_blocks),
             slot_mapping=views[5],
             logits_indices=views[6],
-            max_query_len=max(len(s.token_ids) for s in seqs),
-            max_seq_len=max(seq_lens),
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
             block_size=block_size,
         )
 

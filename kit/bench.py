@@ -5,9 +5,16 @@ tokens (`ignore_eos`), greedily. `--input-len 128 1024 --output-len 128 128` run
 (input, output) pair as its own workload (a long-prompt case beside the short one). At
 most `concurrency` requests are in flight; with a finite `request_rate` they arrive as a
 seeded Poisson process (open loop), else a new one is submitted as soon as one finishes
-(closed loop). Reported:
+(closed loop). In a closed loop the first wave's arrivals are spread over `ramp_s` seconds
+(`kit bench`: one output length, `output_len` decode steps), so that requests finish and are
+replaced one by one, as in a server, instead of in lockstep waves. Before each timed run,
+`kit bench` serves one untimed wave of the same shape (other prompts: no prefix-cache hits),
+so no kernel is compiled or tuned inside the timed run. Reported:
 
 * `output_tokens_per_s`, `requests_per_s` over the whole run;
+* `steady`: output tokens per second while all `concurrency` requests are in flight (closed
+  loop: from the last arrival of the first wave to the last submission; tokens of a request
+  counted as spread evenly between its first token and its end), without the ramp and drain;
 * TTFT (time to first token: submit -> first token) and TPOT (time per output token
   after the first), mean / p50 / p99, in milliseconds;
 * goodput: requests (and their tokens) per second that met the TTFT and TPOT SLOs
@@ -104,6 +111,17 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(s), "p50": s[len(s) // 2], "p99": s[min(len(s) - 1, int(0.99 * len(s)))]}
 
 
+def _tokens_between(spans: list[tuple[float, float, int]], a: float, b: float) -> float:
+    """Output tokens of requests (first token time, finish time, tokens) made within [a, b]: the first token
+    at its time, the others spread evenly over (first token, finish]."""
+    total = 0.0
+    for first, end, n in spans:
+        total += float(a <= first <= b)
+        if n > 1 and end > first:
+            total += (n - 1) * max(0.0, min(end, b) - max(first, a)) / (end - first)
+    return total
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -111,11 +129,16 @@ def _sync(device: torch.device) -> None:
 
 def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurrency: int,
                   request_rate: float = float("inf"), seed: int = 0, progress: bool = True,
-                  slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None) -> dict[str, Any]:
-    """Serve `prompts` through `llm` under the given concurrency; return the metrics dict."""
+                  slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
+                  ramp_s: float = 0.0) -> dict[str, Any]:
+    """Serve `prompts` through `llm` under the given concurrency; return the metrics dict.
+
+    `ramp_s`: the first `concurrency` arrivals are spread evenly over this many seconds (0: all at once)."""
     _check_int("concurrency", concurrency)
     _check_int("output_len", output_len)
     _check_rate("request_rate", request_rate)
+    if isinstance(ramp_s, bool) or not isinstance(ramp_s, (int, float)) or not 0 <= ramp_s < math.inf:
+        raise ValueError(f"ramp_s must be a number of seconds >= 0, got {ramp_s!r}")
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -127,12 +150,18 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
     outs: dict[int, Any] = {}
     next_arrival = time.perf_counter()
     t0 = time.perf_counter()
+    t0_mono = time.monotonic()
     bar = tqdm(total=len(prompts), desc=f"bench c={concurrency}", disable=not progress, leave=False)
+    ramp_end = last_submit = t0_mono  # monotonic: when the first wave is complete, and the last submission
+    first_wave = min(concurrency, len(prompts))
     while pending or inflight:
         now = time.perf_counter()
-        while pending and len(inflight) < concurrency and now >= next_arrival:
+        while (pending and len(inflight) < concurrency and now >= next_arrival
+               and (len(submit_t) >= first_wave or now >= t0 + len(submit_t) * ramp_s / first_wave)):
             i = pending.pop(0)
-            submit_t[i] = time.monotonic()
+            submit_t[i] = last_submit = time.monotonic()
+            if len(submit_t) == first_wave:
+                ramp_end = last_submit
             inflight[i] = llm.generate_async(prompts[i], sp)
             if request_rate != float("inf"):
                 next_arrival = now + rng.expovariate(request_rate)
@@ -143,13 +172,17 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
                 bar.update(1)
         if inflight:
             next(iter(inflight.values())).wait(0.002)
+        elif pending:  # waiting for the next arrival
+            time.sleep(0.0005)
     wall = time.perf_counter() - t0
     bar.close()
     ttft, tpot, n_out, good, good_tokens = [], [], 0, 0, 0
+    spans: list[tuple[float, float, int]] = []
     for i, o in outs.items():
         m = o.metrics
         n = len(o.outputs[0].token_ids)
         n_out += n
+        spans.append((m["first_token_time"], m["finished_time"], n))
         ttft.append(1e3 * (m["first_token_time"] - submit_t[i]))
         if n > 1:
             tpot.append(1e3 * (m["finished_time"] - m["first_token_time"]) / (n - 1))
@@ -158,11 +191,15 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
             good, good_tokens = good + 1, good_tokens + n
     stats = llm.executor.stats()
     total_blocks = llm.kv_cache_manager.num_blocks
+    steady = None  # closed loop only: every request slot busy between the first wave's end and the last submission
+    if request_rate == float("inf") and last_submit > ramp_end:
+        steady = {"start_s": ramp_end - t0_mono, "end_s": last_submit - t0_mono,
+                  "output_tokens_per_s": _tokens_between(spans, ramp_end, last_submit) / (last_submit - ramp_end)}
     peak = int(stats["kv_blocks_used"].max()) if len(stats) else 0
     return {
         "num_requests": len(prompts), "input_len": len(prompts[0]), "output_len": output_len,
         "concurrency": concurrency, "request_rate": None if request_rate == float("inf") else request_rate,
-        "wall_s": wall, "output_tokens": n_out, "output_tokens_per_s": n_out / wall,
+        "ramp_s": ramp_s, "wall_s": wall, "output_tokens": n_out, "output_tokens_per_s": n_out / wall, "steady": steady,
         "requests_per_s": len(prompts) / wall, "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
         "iterations": len(stats), "mean_batch_size": float(stats["batch_size"].mean()) if len(stats) else 0.0,
         "peak_kv_blocks": peak, "kv_blocks_total": total_blocks, "peak_kv_pct": 100.0 * peak / total_blocks,
@@ -244,7 +281,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens; several values: one workload each, paired with --output-len")
     p.add_argument("--output-len", type=int, nargs="+", default=[64])
     p.add_argument("--num-requests", type=int, default=None,
-                   help="requests per concurrency level (default: max(8, 2 x concurrency))")
+                   help="requests per concurrency level (default: max(8, 4 x concurrency): waves do not dominate)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests per second, Poisson arrivals (open loop, seeded); inf: closed loop")
@@ -252,6 +289,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: a request's TPOT must be at most this")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="overlapped scheduling (default: on on CUDA, off on the CPU)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve one untimed wave of each run's shape first (no compilation inside a timed run)")
+    p.add_argument("--stagger", action=argparse.BooleanOptionalAction, default=True,
+                   help="closed loop: spread the first wave's arrivals over one output length (output_len decode "
+                        "steps of the decode-only run, else of the warm-up's TPOT)")
     p.add_argument("--decode-only", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the engine's bare decode step at each concurrency (the serving / decode-only column)")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
@@ -265,14 +307,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _table(runs: list[dict[str, Any]]) -> None:
-    print(f"{'in/out':>9} {'conc':>5} {'kit tok/s':>10} {'decode tok/s':>12} {'serve/dec':>9} {'hf tok/s':>9} "
-          f"{'ratio':>6} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'goodput r/s':>11}")
+    print(f"{'in/out':>9} {'conc':>5} {'kit tok/s':>10} {'decode tok/s':>12} {'serve/dec':>9} {'steady/dec':>10} "
+          f"{'hf tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'goodput r/s':>11}")
     for run in runs:
         k = run["kit"]
         hf = run.get("hf", {}).get("output_tokens_per_s", float("nan"))
         dec = run.get("decode_only", {}).get("output_tokens_per_s", float("nan"))
+        steady = run.get("steady_over_decode_only")
         print(f"{k['input_len']:>4}/{k['output_len']:<4} {k['concurrency']:>5} {k['output_tokens_per_s']:>10.1f} "
-              f"{dec:>12.1f} {run.get('serving_over_decode_only', float('nan')):>9.2f} {hf:>9.1f} "
+              f"{dec:>12.1f} {run.get('serving_over_decode_only', float('nan')):>9.2f} "
+              f"{steady if steady is not None else float('nan'):>10.2f} {hf:>9.1f} "
               f"{run.get('speedup_vs_hf', float('nan')):>6.2f} {k['ttft_ms']['p50']:>9.1f} {k['tpot_ms']['p50']:>9.2f} "
               f"{k['tpot_ms']['p99']:>9.2f} {k['goodput']['requests_per_s']:>11.2f}")
 
@@ -292,10 +336,11 @@ def main(args: argparse.Namespace) -> int:
                      max_num_tokens=max(2048, max_c), use_cuda_graphs=not args.no_cuda_graphs)
 
     def count(c: int) -> int:
-        return args.num_requests or max(8, 2 * c)
+        return args.num_requests or max(8, 4 * c)
 
-    n_prompts = max(count(c) for c in args.concurrency)
-    prompts = {i: make_prompts(loaded.config.vocab_size, i, n_prompts, args.seed) for i, _ in pairs}
+    # NOTE: fresh prompts for every run (and its warm-up): none of them hits the prefix cache of an earlier one
+    seeds = iter(range(args.seed, args.seed + 1_000_000))
+    prompts: dict[tuple[int, int], list[list[int]]] = {}  # (input_len, concurrency) -> the timed run's prompts
     results: dict[str, Any] = {"model": args.model, "environment": environment(device), "build_config": bc.to_dict(),
                                "quantization": args.quantization, "runs": []}
     slo = {"slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms}
@@ -303,21 +348,33 @@ def main(args: argparse.Namespace) -> int:
              kv_cache_config=None, tensor_parallel_size=args.tp, overlap=args.overlap) as llm:
         results["startup_s"] = llm.startup_seconds
         results["overlap"] = llm.executor.overlap
-        first = prompts[pairs[0][0]]
-        run_benchmark(llm, first[:max(2, min(4, len(first)))], min(8, pairs[0][1]), 2, progress=False)  # warm-up
+        vocab = loaded.config.vocab_size
         for in_len, out_len in pairs:
             for c in args.concurrency:
-                run = {"kit": run_benchmark(llm, prompts[in_len][:count(c)], out_len, c, args.request_rate, args.seed,
-                                            **slo)}
-                if args.decode_only:
+                run: dict[str, Any] = {}
+                ramp = 0.0
+                if args.decode_only:  # measured first: its step sets the stagger
                     run["decode_only"] = decode_only(llm, c, in_len + out_len // 2)
-                    run["serving_over_decode_only"] = (run["kit"]["output_tokens_per_s"]
-                                                       / run["decode_only"]["output_tokens_per_s"])
+                    ramp = out_len * run["decode_only"]["step_ms"] / 1e3
+                if args.warmup:  # one untimed wave of this shape
+                    warm = run_benchmark(llm, make_prompts(vocab, in_len, c, next(seeds)), out_len, c,
+                                         args.request_rate, args.seed, progress=False, ramp_s=ramp)
+                    if not args.decode_only and warm["tpot_ms"]["p50"] == warm["tpot_ms"]["p50"]:  # not NaN
+                        ramp = out_len * warm["tpot_ms"]["p50"] / 1e3
+                prompts[(in_len, c)] = make_prompts(vocab, in_len, count(c), next(seeds))
+                run["kit"] = run_benchmark(llm, prompts[(in_len, c)], out_len, c, args.request_rate, args.seed,
+                                           ramp_s=ramp if args.stagger and args.request_rate == float("inf") else 0.0,
+                                           **slo)
+                if args.decode_only:
+                    dec = run["decode_only"]["output_tokens_per_s"]
+                    run["serving_over_decode_only"] = run["kit"]["output_tokens_per_s"] / dec
+                    steady = run["kit"]["steady"]
+                    run["steady_over_decode_only"] = steady["output_tokens_per_s"] / dec if steady else None
                 results["runs"].append(run)
     if args.baseline == "hf":
         for run in results["runs"]:
             k = run["kit"]
-            run["hf"] = hf_baseline(loaded, prompts[k["input_len"]][:count(k["concurrency"])], k["output_len"],
+            run["hf"] = hf_baseline(loaded, prompts[(k["input_len"], k["concurrency"])], k["output_len"],
                                     k["concurrency"])
             run["speedup_vs_hf"] = k["output_tokens_per_s"] / run["hf"]["output_tokens_per_s"]
     _table(results["runs"])

@@ -39,7 +39,7 @@ from kit.batch import ForwardBatch, SequenceInput
 from kit.iteration_stats import StepTimes
 from kit.output_processor import CompletionState, RequestState
 from kit.request import RequestStatus
-from kit.sampling import SampledBatch, to_device
+from kit.sampled_batch import SampledBatch, to_device
 from kit.scheduler import PLACEHOLDER_TOKEN, SchedulerOutput
 
 __all__ = ["InflightStep", "StepLoop", "needs_synchronous_step"]
@@ -61,12 +61,10 @@ def needs_synchronous_step(state: RequestState, comp: CompletionState) -> bool:
     (`StepLoop._launch`).
     """
     sp = comp.params
-    return ((sp.n > 1 and (len(state.completions) < sp.n or not all(c.forked for c in state.completions)))
-            or (sp.prompt_logprobs is not None and state.prompt_logprobs is None)
-            or sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
-            or len(comp.token_ids) < sp.min_tokens
-            or sp.logprobs is not None or sp.return_generation_logits or bool(sp.logits_processor)
-            or sp.apply_batched_logits_processor or sp.guided_decoding is not None)
+    # NOTE: penalties, logprobs, generation logits and logits hooks are read once, into `comp.sync_params`
+    return (comp.sync_params or len(comp.token_ids) < sp.min_tokens
+            or (sp.n > 1 and (len(state.completions) < sp.n or not all(c.forked for c in state.completions)))
+            or (sp.prompt_logprobs is not None and state.prompt_logprobs is None))
 
 
 @dataclass(eq=False)
@@ -134,7 +132,8 @@ class StepLoop:
         if step.sampled is not None:
             step.sampled.start_copy()
         times.launch_end = time.monotonic() - self._t0
-        has_beams = any(self.beam_search.owns(s.request_id) for s in out.scheduled)
+        beams = self.beam_search.groups
+        has_beams = bool(beams) and any(s.request_id in beams for s in out.scheduled)
         if has_beams or self.speculator is not None:
             step.logits_rows = (logits, rows)
         step.sync = (step.results is not None or has_beams
@@ -149,22 +148,36 @@ class StepLoop:
 
     def _build_batch(self, out: SchedulerOutput) -> tuple[ForwardBatch, list[tuple[int, int, bool]]]:
         """The ForwardBatch and, per scheduled seq, (first logits row, rows, prompt-logprob rows?)."""
+        op = self.output_processor
+        if (not out.num_prefill_tokens and self.speculator is None and not self.beam_search.groups
+                and not op.any_prompt_logits):
+            # NOTE: a plain decode step (no chunk, draft, beam or prompt logits): one token and one logits row
+            # per sequence, so nothing is decided per sequence; the batch comes straight from the schedule
+            scheduled = out.scheduled
+            batch = ForwardBatch.build_decode(scheduled, self.kv_cache_manager.block_size, device=self.engine.device)
+            feeds = [(i, s.request_id) for i, s in enumerate(scheduled) if s.token_ids[0] == PLACEHOLDER_TOKEN]
+            if feeds:
+                self._feed_tokens(batch, feeds)
+            return batch, [(i, 1, False) for i in range(len(scheduled))]
         seqs, rows, row = [], [], 0
         feeds: list[tuple[int, str]] = []  # (flat position, request id) of decode ids still on the device
         num_tokens = 0
+        wants_prompt, beams = self.output_processor.wants_prompt_logits, self.beam_search.groups
         for s in out.scheduled:
-            want_prompt = self.output_processor.wants_prompt_logits(s.request_id, s.num_computed_tokens)
+            rid, ids = s.request_id, s.token_ids
+            want_prompt = wants_prompt(rid, s.num_computed_tokens)
             # a speculating sequence needs a row per draft (kit/speculative/ verifies them)
             mode = "all" if want_prompt or s.num_draft_tokens else ("last" if s.is_last_chunk else "none")
-            n = len(s.token_ids) if mode == "all" else int(mode == "last")
-            seqs.append(SequenceInput(s.token_ids, s.num_computed_tokens, s.block_table, mode))
-            seqs.extend(extra := self.beam_search.extra_inputs(s))  # beam search: the other beams' rows
-            n += len(extra)
+            n = len(ids) if mode == "all" else int(mode == "last")
+            seqs.append(SequenceInput(ids, s.num_computed_tokens, s.block_table, mode))
+            if beams:  # beam search: the other beams' rows
+                seqs.extend(extra := self.beam_search.extra_inputs(s))
+                n += len(extra)
             rows.append((row, n, want_prompt))
             row += n
-            num_tokens += len(s.token_ids)
-            if s.token_ids[-1] == PLACEHOLDER_TOKEN:  # only the newest token can be still on the device
-                feeds.append((num_tokens - 1, s.request_id))
+            num_tokens += len(ids)
+            if ids[-1] == PLACEHOLDER_TOKEN:  # only the newest token can be still on the device
+                feeds.append((num_tokens - 1, rid))
         batch = ForwardBatch.build(seqs, self.kv_cache_manager.block_size, device=self.engine.device)
         if feeds:
             self._feed_tokens(batch, feeds)
@@ -176,8 +189,15 @@ class StepLoop:
         if prev is None or prev.sampled is None or any(rid not in prev.row_of for _, rid in feeds):
             raise RuntimeError(f"placeholder tokens of {[rid for _, rid in feeds]} without a step in flight "
                                "that samples them")
-        # (2, num_feeds): where each id goes in input_ids, and its row in the previous step's tokens
-        index = to_device([[pos for pos, _ in feeds], [prev.row_of[rid] for _, rid in feeds]], batch.input_ids.device)
+        where = [pos for pos, _ in feeds]  # where each id goes in input_ids, and its row in the previous step's tokens
+        rows = [prev.row_of[rid] for _, rid in feeds]
+        n = len(feeds)
+        if where == rows and where[-1] == n - 1:
+            # NOTE: the steady decode case (the same sequences in the same order as the step before): one device
+            # copy, no index list to send
+            batch.input_ids[:n].copy_(prev.sampled.token_ids[:n])
+            return
+        index = to_device([where, rows], batch.input_ids.device)  # (2, num_feeds)
         batch.input_ids[index[0]] = prev.sampled.token_ids[index[1]]
 
     def _collect_rows(self, out: SchedulerOutput, logits: torch.Tensor,
@@ -185,15 +205,19 @@ class StepLoop:
         """Hand prompt-logprob rows to the output processor; list the rows to sample (n > 1 fan-out)."""
         picks: list[_Row] = []
         op = self.output_processor
+        rows_of, beams = op.sampling_rows_of, self.beam_search.groups
         for s, (first, n, prompt_rows) in zip(out.scheduled, rows):
             if prompt_rows:  # logits of prompt positions 0..P-2 predict prompt tokens 1..P-1
                 op.add_prompt_logits(s.request_id, logits[first:first + n - int(s.is_last_chunk)],
                                      logits[first + n - 1] if s.is_last_chunk else None)
             # beam rows: BeamSearch.advance; drafts: the speculator verifies them
-            if s.is_last_chunk and not s.num_draft_tokens and not self.beam_search.owns(s.request_id):
-                state, _ = op.owner(s.request_id)
-                for c in op.sampling_rows(s.request_id):
-                    picks.append((s.request_id, state, c, first + n - 1))
+            if s.is_last_chunk and not s.num_draft_tokens and s.request_id not in beams:
+                rid = s.request_id
+                state, comps = rows_of(rid)
+                if len(comps) == 1:
+                    picks.append((rid, state, comps[0], first + n - 1))
+                else:
+                    picks.extend((rid, state, c, first + n - 1) for c in comps)
         return picks
 
     def _sample(self, logits: torch.Tensor, step: InflightStep) -> None:
@@ -210,11 +234,14 @@ class StepLoop:
         else:
             sel = logits.index_select(0, to_device(idx, logits.device))
         comps, raw = [p[2] for p in picks], sel
+        # NOTE: logits hooks and after-sample work are among the params read into `sync_params`: a batch
+        # without any skips both passes (one check per row instead of two passes of several)
+        hooks = any(c.sync_params for c in comps)
         try:  # the logits hooks of the batch pass (kit/logits_processors.py), then the sampler
-            sel = self.logits_pass.apply(raw, comps)
+            sel = self.logits_pass.apply(raw, comps) if hooks else raw
             step.sampled = self.sampler.sample_async(sel, [c.context for c in comps], self.eos_token_ids)
             step.row_of = {rid: i for i, (rid, _, comp, _) in enumerate(picks) if comp.request_id == rid}
-            if self.logits_pass.needs_after_sample(comps):
+            if hooks and self.logits_pass.needs_after_sample(comps):
                 step.after = (raw, sel, comps)
             return
         except Exception:  # noqa: BLE001
@@ -255,7 +282,7 @@ class StepLoop:
                 self.beam_search.advance(step.out, *step.logits_rows, self.scheduler, self.output_processor, sampled,
                                          verdicts, touched)
             self.scheduler.commit(step.placeholders, sampled, verdicts)
-            ended = [rid for rid in step.placeholders if self.scheduler.get(rid) is None]
+            ended = self.scheduler.gone(step.placeholders)
         for rid in ended:  # ended by the scheduler's length guard, or by a verdict
             self.output_processor.end(rid, verdicts.get(rid, RequestStatus.FINISHED_LENGTH))
         # NOTE: record before publishing, so a caller woken by its result sees this iteration's stats;
@@ -321,6 +348,8 @@ class StepLoop:
 
     def _output(self, touched: dict[str, RequestState]) -> None:
         for state in touched.values():
+            if len(state.completions) == 1 and not state.greq.streaming and not state.finished:
+                continue  # NOTE: nothing to fork or publish (a non-streaming request's only snapshot is its last)
             try:
                 for comp, req in self.output_processor.children(state):  # n > 1: fork the siblings
                     parent = self.scheduler.get(state.completions[0].request_id)

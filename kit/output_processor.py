@@ -65,6 +65,11 @@ class CompletionState:
         self.stop_reason: int | str | None = None
         self.finish_reason: str | None = None
         self.forked = index == 0  # siblings get a scheduler Request once their first token is known
+        # NOTE: params that make every step synchronous (`needs_synchronous_step`), read once instead of per step
+        self.sync_params = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                            or params.frequency_penalty != 0.0 or params.logprobs is not None
+                            or params.return_generation_logits or bool(params.logits_processor)
+                            or params.apply_batched_logits_processor or params.guided_decoding is not None)
         # the logits hooks' per-completion state (kit/logits_processors.py)
         self.matcher: Any = None  # guided decoding
         self.generation_logits: list[torch.Tensor] = []  # raw rows, with return_generation_logits
@@ -105,8 +110,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return (len(self.completions) == self.greq.sampling_params.n
-                and all(c.finish_reason is not None for c in self.completions))
+        comps, n = self.completions, self.greq.sampling_params.n
+        if len(comps) == 1:  # NOTE: n == 1, the common case: read per request per step
+            return n == 1 and comps[0].finish_reason is not None
+        return len(comps) == n and all(c.finish_reason is not None for c in comps)
 
 
 class OutputProcessor:
@@ -121,6 +128,7 @@ class OutputProcessor:
         self.speculative = speculative  # an executor that speculates: outputs carry spec_stats
         self.states: dict[str, RequestState] = {}  # GenerationRequest id -> state
         self._owner: dict[str, tuple[RequestState, CompletionState]] = {}  # scheduler request id -> owner
+        self._prompt_logits_ids: set[str] = set()  # requests that want prompt logits (prompt logprobs, context logits)
 
     # ---- requests and completions ------------------------------------------------------------
     def add(self, greq: GenerationRequest, result: GenerationResult) -> Request:
@@ -132,6 +140,8 @@ class OutputProcessor:
                       use_prefix_cache=sp.prompt_logprobs is None and not sp.return_context_logits)
         self.states[greq.request_id] = state
         self._owner[req.request_id] = (state, comp)
+        if sp.prompt_logprobs is not None or sp.return_context_logits:
+            self._prompt_logits_ids.add(greq.request_id)
         return req
 
     def _new_completion(self, state: RequestState, index: int, rid: str, seed: int | None) -> CompletionState:
@@ -157,6 +167,7 @@ class OutputProcessor:
         """Forget a submitted request; return its state (None if unknown)."""
         state = self.states.pop(request_id, None)
         if state is not None:
+            self._prompt_logits_ids.discard(request_id)
             for c in state.completions:
                 self._owner.pop(c.request_id, None)
         return state
@@ -166,7 +177,13 @@ class OutputProcessor:
         return [c.request_id for c in state.completions if c.finish_reason is None and c.forked]
 
     # ---- logits -> sampling rows -------------------------------------------------------------
+    @property
+    def any_prompt_logits(self) -> bool:  # a request in flight wants prompt logits (prompt logprobs, context logits)
+        return bool(self._prompt_logits_ids)
+
     def wants_prompt_logits(self, request_id: str, num_computed_tokens: int) -> bool:
+        if request_id not in self._prompt_logits_ids:  # NOTE: the common case, asked per sequence per step
+            return False
         state, comp = self._owner[request_id]
         sp = state.greq.sampling_params
         want = ((sp.prompt_logprobs is not None or sp.return_context_logits) and comp.index == 0
@@ -194,16 +211,19 @@ class OutputProcessor:
             state.prompt_logits_done = True
 
     def sampling_rows(self, request_id: str) -> list[CompletionState]:
-        """Completions that sample from this request's logits row: itself, plus its n > 1 siblings
-        the first time completion 0 samples."""
+        """Completions sampling from this request's row: itself (+ its n > 1 siblings at completion 0's first)."""
+        return self.sampling_rows_of(request_id)[1]
+
+    def sampling_rows_of(self, request_id: str) -> tuple[RequestState, list[CompletionState]]:
+        """(its request state, `sampling_rows(request_id)`), with one lookup."""
         state, comp = self._owner[request_id]
-        sp = state.greq.sampling_params
-        if comp.index == 0 and sp.n > 1 and len(state.completions) == 1:
+        if comp.index == 0 and len(state.completions) == 1 and state.greq.sampling_params.n > 1:
+            sp = state.greq.sampling_params
             for i in range(1, sp.n):
                 self._new_completion(state, i, f"{state.greq.request_id}#{i}",
                                      None if sp.seed is None else sp.seed + i)
-            return list(state.completions)
-        return [comp]
+            return state, list(state.completions)
+        return state, [comp]
 
     # ---- tokens -> verdicts ------------------------------------------------------------------
     def add_token(self, state: RequestState, comp: CompletionState, token: int, logprob: float,

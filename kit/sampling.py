@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kit.sampled_batch import SampledBatch, SamplerOutput, to_device
 from kit.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams, is_int
 
 __all__ = [
@@ -53,67 +54,6 @@ class SamplingContext:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far
     generator: torch.Generator | None = None  # Sampler.make_generator(params, device)
-
-
-@dataclass
-class SamplerOutput:
-    """One entry per logits row, in row order."""
-
-    token_ids: list[int]
-    logprobs: list[float]  # raw log_softmax of the model's logits at the sampled token
-    top_logprobs: list[dict[int, float] | None]  # top params.logprobs + the sampled token
-
-
-class SampledBatch:
-    """One pass of the `Sampler`, still on the device: what the next step and the host need.
-
-    `token_ids` (R,) stays on the device, where the next step's input ids are gathered from
-    it; `packed` (R, 2 + 2 * max_k) float64 holds token, logprob, top-k logprobs and top-k
-    ids, and is the only thing that crosses to the host: `start_copy()` queues one
-    non-blocking copy into pinned memory and records a CUDA event; `result()` waits for that
-    event only (on the CPU it is already there). Token ids < 2**53 are exact in float64.
-    """
-
-    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, ks: list[int | None]) -> None:
-        self.token_ids = token_ids  # (R,) int64, device
-        self.packed = packed  # (R, 2 + 2 * max_k) float64, device
-        self.ks = ks
-        self._host: torch.Tensor | None = None
-        self._event: Any = None
-
-    def start_copy(self) -> "SampledBatch":
-        """Queue the device->host copy (pinned, non-blocking) and record its event; a no-op on the CPU."""
-        if self.packed.device.type == "cuda" and self._host is None:
-            self._host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
-            self._host.copy_(self.packed, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        return self
-
-    @property
-    def ready(self) -> bool:
-        """True when `result()` would not wait."""
-        return self._event is None or self._event.query()
-
-    def result(self) -> SamplerOutput:
-        """The host view (waits for this batch's copy only, never for the whole device)."""
-        if self.packed.device.type == "cuda":
-            self.start_copy()
-            self._event.synchronize()
-            host = self._host
-        else:
-            host = self.packed
-        rows = host.tolist()
-        tokens = [int(r[0]) for r in rows]
-        lps = [r[1] for r in rows]
-        max_k = (host.shape[1] - 2) // 2
-        top: list[dict[int, float] | None] = [None] * len(rows)
-        for i, k in enumerate(self.ks):
-            if k is not None:
-                r = rows[i]
-                top[i] = {int(t): v for t, v in zip(r[2 + max_k:2 + max_k + k], r[2:2 + k])}
-                top[i][tokens[i]] = lps[i]
-        return SamplerOutput(token_ids=tokens, logprobs=lps, top_logprobs=top)
 
 
 class Sampler:
@@ -151,19 +91,28 @@ class Sampler:
                              f"got {tuple(logits.shape)}")
         logits = logits.float()  # (R, V); a no-op (same tensor) when already float32
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # (R, V)
-        logits = self.apply_penalties(logits, contexts, eos_token_ids)
+        # NOTE: the rows' distinct params (many requests share one object): what the batch needs is read
+        # per distinct params, so a batch of plain rows costs no per-row Python beyond this line
+        distinct = list({id(c.params): c.params for c in contexts}.values())
+        if any(_penalizes(p) for p in distinct):
+            logits = self.apply_penalties(logits, contexts, eos_token_ids)
         # NOTE: greedy rows need the argmax anyway, so compute it for every row at
         # once; an all-greedy batch stops here: one kernel, no per-row work.
         token_ids = logits.argmax(dim=-1)  # (R,); ties -> lowest id
-        random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
+        random_rows = [] if all(p.is_greedy for p in distinct) else [
+            i for i, c in enumerate(contexts) if not c.params.is_greedy]
         if len(random_rows) == len(contexts):
             token_ids = self._sample_random(logits, contexts)
         elif random_rows:
             idx = to_device(random_rows, logits.device)
             token_ids[idx] = self._sample_random(logits[idx], [contexts[i] for i in random_rows])
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None])  # (R, 1)
-        ks = [c.params.logprobs for c in contexts]
-        max_k = max((k for k in ks if k is not None), default=0)
+        if all(p.logprobs is None for p in distinct):
+            ks: list[int | None] = [None] * len(contexts)
+            max_k = 0
+        else:
+            ks = [c.params.logprobs for c in contexts]
+            max_k = max((k for k in ks if k is not None), default=0)
         cols = [token_ids[:, None].double(), sampled_lp.double()]
         if max_k:  # one topk for the whole batch, each row keeps its own k
             vals, ids = raw_logprobs.topk(max_k, dim=-1)  # (R, max_k) each
@@ -347,6 +296,11 @@ class Sampler:
         return (probs / q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # (R,)
 
 
+def _penalizes(p: SamplingParams) -> bool:
+    """True if `Sampler.apply_penalties` may change rows sampled under `p` (min_tokens masks stop ids and eos)."""
+    return p.min_tokens > 0 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 def _sort_key(x: torch.Tensor) -> torch.Tensor:
     """(R, V) int64 keys that order float32 `x` by value, then by lowest id: topk of them is canonical.
 
@@ -357,18 +311,6 @@ def _sort_key(x: torch.Tensor) -> torch.Tensor:
     mono = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     low = (x.shape[1] - 1 - torch.arange(x.shape[1], device=x.device))[None, :]
     return (mono << 32) | low
-
-
-def to_device(data: Any, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A tensor of `data` on `device`; on CUDA through pinned memory, so the copy never blocks the host.
-
-    NOTE: a copy from pageable memory makes CUDA wait for the stream first: in the serving
-    loop that would stall the host until the forward pass ends, which is what overlap avoids.
-    """
-    t = torch.tensor(data, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def _scatter_rows(rows: list[list[int]], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

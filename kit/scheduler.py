@@ -215,16 +215,23 @@ class Scheduler(StepUpdates):
         scheduled_drafts: dict[str, list[int]] = {}  # id -> drafts scheduled this step
         starved = False  # a running request got no tokens: admit nobody, so it is served next
         # 1. running requests: decodes first, then continuing prefills, each in admission order
-        # NOTE: is_prefill is read once per request (the sort key), and carried into the entry
-        for was_prefill, req in sorted([(r.is_prefill, r) for r in self.running], key=itemgetter(0)):
+        # NOTE: is_prefill is read once per request (the sort key, with the tokens left to compute), and carried
+        # into the entry; it is `Request.is_prefill` inlined (no outputs yet, or more than the newest token left)
+        keyed = [(left > 1 or not r.output_token_ids, left, r) for r in self.running
+                 for left in (len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens,)]
+        for was_prefill, left, req in sorted(keyed, key=itemgetter(0)):
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self._num_tokens_to_schedule(req, req.num_computed_tokens, budget)
-            cost = beam_tokens(req, n)  # beam search: every beam computes its token (kit/beam_search.py)
+            if was_prefill:
+                n = self._num_tokens_to_schedule(req, req.num_computed_tokens, budget)
+                cost = beam_tokens(req, n)  # beam search: every beam computes its token (kit/beam_search.py)
+            else:  # NOTE: a decode (its newest token, one per beam), inlined: this loop runs per request per step
+                n = min(left, budget)  # NOTE: preemption in this loop changes only the victims, which it skips
+                cost = n * req.beam_width
             if n == 0 or cost > budget:
                 starved = True
                 continue
-            d = self._num_drafts(req, was_prefill, drafts.get(req.request_id, ()), budget - n)
+            d = self._num_drafts(req, was_prefill, drafts.get(req.request_id, ()), budget - n) if drafts else 0
             # NOTE: a decode that cannot get slots for its drafts decodes plainly (it never preempts for drafts)
             if d and kv.allocate_slots(req, n + d) is not None:
                 scheduled_drafts[req.request_id] = drafts[req.request_id][:d]
@@ -349,13 +356,17 @@ class Scheduler(StepUpdates):
         kv = self.kv_cache_manager
         seqs, num_prefill, num_decode = [], 0, 0
         for req, n, was_prefill in entries.values():
-            start = req.num_computed_tokens
-            d = drafts.get(req.request_id, ())
+            rid, start = req.request_id, req.num_computed_tokens
+            d = drafts.get(rid, ()) if drafts else ()
+            if not was_prefill and not d:  # NOTE: a decode: its newest token, positional (the common case)
+                seqs.append(ScheduledSequence.decode(rid, req.output_token_ids[-1], start, tuple(kv.block_table(rid))))
+                num_decode += n * req.beam_width  # beam search: one token per beam
+                continue
             seqs.append(ScheduledSequence(
-                request_id=req.request_id,
+                request_id=rid,
                 token_ids=tuple(req.token_ids_between(start, start + n - len(d))) + tuple(d),
                 num_computed_tokens=start,
-                block_table=tuple(kv.block_table(req.request_id)),
+                block_table=tuple(kv.block_table(rid)),
                 is_last_chunk=start + n - len(d) == req.num_tokens,
                 num_draft_tokens=len(d),
             ))

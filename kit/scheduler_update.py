@@ -10,12 +10,22 @@ A mixin of `Scheduler` (kit/scheduler.py), which holds the state these methods u
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from kit.request import RequestStatus, length_finished
 from kit.scheduler_output import PLACEHOLDER_TOKEN, SchedulerOutput
 
 __all__ = ["StepUpdates"]
+
+
+def _fills_a_block(before: int, after: int, block_size: int) -> bool:
+    """True if computed tokens going from `before` to `after` complete a block (only then is one hashed).
+
+    NOTE: `KVCacheManager.cache_full_blocks` reads every token of the request: calling it only when a
+    block fills keeps a decode step's work per request constant instead of growing with its length.
+    A block it skips (a prefix-cache hit's, already registered) is hashed at the next block boundary.
+    """
+    return after // block_size > before // block_size
 
 
 class StepUpdates:
@@ -60,7 +70,8 @@ class StepUpdates:
             req.num_computed_tokens += len(seq.token_ids) - seq.num_draft_tokens + max(0, len(tokens) - 1)
             if seq.num_draft_tokens:
                 self.kv_cache_manager.rollback(req, req.num_computed_tokens)
-            self.kv_cache_manager.cache_full_blocks(req)
+            if _fills_a_block(seq.num_computed_tokens, req.num_computed_tokens, self.kv_cache_manager.block_size):
+                self.kv_cache_manager.cache_full_blocks(req)
             if token is None:
                 continue
             req.output_token_ids.extend(int(t) for t in tokens)
@@ -86,23 +97,33 @@ class StepUpdates:
         {request_id: placeholder index in output_token_ids} for `commit`.
         """
         placeholders: dict[str, int] = {}
+        requests, kv, max_seq_len = self._requests, self.kv_cache_manager, self.config.max_seq_len
+        running = RequestStatus.RUNNING
         for seq in output.scheduled:
-            req = self._requests.get(seq.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
+            rid = seq.request_id
+            req = requests.get(rid)
+            if req is None or req.status is not running:
                 continue  # finished (or preempted) since it was scheduled: its slot in the step is discarded
-            if req.num_computed_tokens != seq.num_computed_tokens:
-                raise RuntimeError(f"advance: stale SchedulerOutput for {seq.request_id!r} (has "
-                                   f"{req.num_computed_tokens} computed tokens, the output says "
-                                   f"{seq.num_computed_tokens})")
-            req.num_computed_tokens += len(seq.token_ids)
-            self.kv_cache_manager.cache_full_blocks(req)
+            before = req.num_computed_tokens
+            if before != seq.num_computed_tokens:
+                raise RuntimeError(f"advance: stale SchedulerOutput for {rid!r} (has {before} computed tokens, "
+                                   f"the output says {seq.num_computed_tokens})")
+            req.num_computed_tokens = after = before + len(seq.token_ids)
+            if _fills_a_block(before, after, kv.block_size):
+                kv.cache_full_blocks(req)
             if not seq.is_last_chunk:
                 continue
-            placeholders[req.request_id] = len(req.output_token_ids)
-            req.output_token_ids.append(PLACEHOLDER_TOKEN)
-            if length_finished(req.num_output_tokens, req.max_tokens, req.num_tokens, self.config.max_seq_len):
-                self.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
+            out = req.output_token_ids
+            placeholders[rid] = len(out)
+            out.append(PLACEHOLDER_TOKEN)
+            if length_finished(len(out), req.max_tokens, len(req.prompt_token_ids) + len(out), max_seq_len):
+                self.finish(rid, RequestStatus.FINISHED_LENGTH)
         return placeholders
+
+    def gone(self, request_ids: Iterable[str]) -> list[str]:
+        """The ids among `request_ids` that are no longer in the scheduler (finished, aborted), in order."""
+        requests = self._requests
+        return [rid for rid in request_ids if rid not in requests]
 
     def commit(self, placeholders: Mapping[str, int], sampled: Mapping[str, int],
                finished: Mapping[str, RequestStatus] | None = None) -> tuple[str, ...]:
@@ -110,8 +131,9 @@ class StepUpdates:
 
         Ids gone from the scheduler (aborted, ended a step before) are skipped. Returns those finished here.
         """
+        requests = self._requests
         for rid, token in sampled.items():
-            req = self._requests.get(rid)
+            req = requests.get(rid)
             index = placeholders.get(rid)
             if req is not None and index is not None and index < len(req.output_token_ids):
                 req.output_token_ids[index] = int(token)

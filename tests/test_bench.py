@@ -61,3 +61,45 @@ def test_decode_only_leaves_the_serving_cache_alone(llm):
     assert (llm.executor.kv_cache.k[:, :kv.num_blocks] == before).all()  # only the scratch block was written
     again = run_benchmark(llm, [prompt], 3, 1, progress=False)
     assert kv.num_cached_blocks == cached and first["output_tokens"] == again["output_tokens"] == 3
+
+
+def test_ramp_spreads_the_first_wave_and_steady_counts_the_full_window(llm):
+    prompts = make_prompts(llm.engine.config.vocab_size, 6, 6, seed=4)
+    r = run_benchmark(llm, prompts, 3, 2, progress=False, ramp_s=0.05)
+    assert r["ramp_s"] == 0.05 and r["output_tokens"] == 18
+    # the second arrival of the first wave waits half the ramp; the window ends at the last submission
+    assert r["steady"]["start_s"] >= 0.025 and r["steady"]["end_s"] > r["steady"]["start_s"]
+    assert r["steady"]["output_tokens_per_s"] > 0
+    one_wave = run_benchmark(llm, prompts[:2], 3, 2, progress=False)
+    assert one_wave["steady"] is None  # nothing was submitted after the first wave
+    with pytest.raises(ValueError, match="ramp_s must be a number of seconds >= 0, got -1"):
+        run_benchmark(llm, prompts, 3, 2, progress=False, ramp_s=-1)
+
+
+def test_tokens_between_spreads_each_request_over_its_decode():
+    from kit.bench import _tokens_between
+
+    # a request: first token at 1.0, 4 more tokens evenly up to 3.0; another entirely inside [0, 10]
+    spans = [(1.0, 3.0, 5), (4.0, 5.0, 3)]
+    assert _tokens_between(spans, 2.0, 3.0) == 2.0  # half of the 4 later tokens, first token outside
+    assert _tokens_between(spans, 0.0, 10.0) == 8.0
+    assert _tokens_between(spans, 1.0, 2.0) == 3.0  # the first token + half of the rest
+
+
+def test_main_warms_each_shape_and_reports_steady_over_decode_only(tiny_checkpoints, tmp_path, capsys):
+    import json
+
+    from kit.bench import main
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--model", str(tiny_checkpoints["llama"][0]), "--input-len", "6", "--output-len", "3",
+                         "--concurrency", "1", "2", "--device", "cpu", "--out", str(out)])
+    assert args.warmup is True and args.stagger is True
+    assert main(args) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["kit"]["num_requests"] for r in runs] == [8, 8]  # max(8, 4 x concurrency)
+    assert all(r["kit"]["ramp_s"] == 3 * r["decode_only"]["step_ms"] / 1e3 for r in runs)  # one output length
+    assert all(r["steady_over_decode_only"] is not None for r in runs)
+    assert "steady/dec" in capsys.readouterr().out

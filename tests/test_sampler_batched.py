@@ -130,3 +130,37 @@ def test_cuda_batch_of_64_with_150k_vocabulary():
     out = batch.result()
     assert len(out.token_ids) == 64 and all(0 <= t < 151936 for t in out.token_ids)
     assert out.token_ids[0::4] == logits[0::4].argmax(-1).tolist()
+
+
+def _aten_ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        fn()
+    return rec.ops
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=8),
+                                    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8),
+                                    SamplingParams(temperature=0.7, top_k=50, top_p=0.95, max_tokens=8)],
+                         ids=["greedy", "top_p", "top_k_top_p"])
+def test_a_152k_vocabulary_batch_pass_has_no_per_row_op_and_no_sort(params):
+    """Qwen2.5's 151,936-token vocabulary: the device ops of the pass are the same for 2 and 16 rows (nothing
+    per row), and none sorts (top-k/top-p take `topk` over at most `top_p_candidates`)."""
+    vocab = 151936
+    ops = {}
+    for rows in (2, 16):
+        logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))
+        contexts = [ctx(params) for _ in range(rows)]
+        ops[rows] = _aten_ops(lambda: Sampler().sample_async(logits, contexts))
+    assert ops[2] == ops[16]
+    assert not any("sort" in op for op in ops[16])

@@ -470,3 +470,25 @@ def test_docstring_example_of_a_step_plan():
         plan.append([(s.request_id, s.num_computed_tokens, len(s.token_ids)) for s in out.scheduled])
         sched.update(out, model.forward(out))
     assert plan == [[("A", 0, 16)], [("A", 16, 4), ("B", 0, 6), ("C", 0, 6)], [("A", 20, 1), ("B", 6, 1), ("C", 6, 5)]]
+
+
+def test_decode_blocks_are_hashed_when_they_fill_and_a_later_request_reuses_them():
+    # block_size 4, prompt 6: the prompt's first block is hashed at prefill, the second when decode fills it
+    kv = KVCacheManager(16, 4, enable_prefix_caching=True)
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_num_tokens=16), kv)
+    s.add_request(Request("a", [5, 6, 7, 8, 9, 10], max_tokens=6))
+    hashed = []
+    out = s.schedule()
+    s.update(out, {"a": 11})
+    hashed.append(len(kv._hashes["a"]))
+    for token in (12, 13, 14):  # overlapped: advance with a placeholder, then commit the token
+        out = s.schedule()
+        placeholders = s.advance(out)
+        s.commit(placeholders, {"a": token})
+        hashed.append(len(kv._hashes["a"]))
+    # computed tokens 6, 7, 8, 9: one full block, then the second fills at 8
+    assert hashed == [1, 1, 2, 2]
+    s.finish("a", RequestStatus.FINISHED_ABORTED)
+    s.add_request(Request("b", [5, 6, 7, 8, 9, 10, 11, 12, 1], max_tokens=2))
+    out = s.schedule()
+    assert out.scheduled[0].num_computed_tokens == 8  # both blocks of "a" are hits
