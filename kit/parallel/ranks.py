@@ -109,7 +109,8 @@ class Ranks:
 
     def send_capture(self, kv_cache: Any, sizes: tuple[int, ...], max_blocks: int) -> None:
         """Tell the other ranks to capture the same CUDA graphs over their cache `kv_cache.tp_id`."""
-        self.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks], torch.tensor(sizes, dtype=torch.long))
+        self.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks],
+                  torch.tensor(sizes, dtype=torch.long))
 
     def fail(self, error: BaseException) -> RuntimeError:
         """The error a failed step raises: the dead rank's name if one died, else rank 0's own error."""

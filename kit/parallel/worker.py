@@ -165,6 +165,8 @@ def _leave(comm: TensorParallelComm, failed: bool) -> None:
 def leave_group(comm: TensorParallelComm, together: bool) -> None:
     """Leave the default group; with `together`, after a barrier with every other rank (all of them are
     past their last step and have released their CUDA graphs)."""
+    if comm.device.type == "cuda":
+        torch.cuda.set_device(comm.device)  # NOTE: the current device is per thread
     if together:
         comm.barrier()
     TensorParallelComm.destroy()
