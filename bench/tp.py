@@ -59,7 +59,7 @@ from kit.kv_cache_config import KvCacheConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.network import Network, NetworkBuilder
-from kit.parallel import DistributedEngine
+from kit.parallel import DistributedEngine, sharding_frame
 from kit.profiler import ProfiledEngine
 from kit.sampling_params import SamplingParams
 
@@ -248,6 +248,12 @@ def fit_experiment(loaded, args, device: torch.device) -> dict[str, Any]:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        frame = sharding_frame(network, 2)
+        out["rank0_shard_gib"] = float(frame[frame["rank"] == 0]["shard_bytes"].sum()) / 2**30
+        del network, frame
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(0)  # NOTE: the peak below is TP=2's, not the TP=1 attempt's
         prompts = [[100 + i, 200 + i, 300 + i, 400 + i] * 8 for i in range(8)]
         t0 = time.perf_counter()
         stage("fit: LLM(tensor_parallel_size=2) under the same cap (start, KV cache, graphs)")
