@@ -5,7 +5,14 @@ For each TP size that the GPUs allow (1, 2, 4), in one run:
 * decode step at batch 1 (CUDA graphs, NCCL all-reduce inside them), ms per step;
 * decode throughput at batch 64 (graphed), tokens/s;
 * the all-reduce share of an eager decode step (ProfiledEngine.collectives on rank 0);
-* top-1 agreement of TP=N with TP=1 over 64 prefill positions (bf16);
+* top-1 agreement over the same 64 prefill positions, three ways (random weights leave near-tied
+  logits, so two correct bf16 computations often pick different argmaxes):
+  - bf16 TP=N vs bf16 TP=1 (`top1_agreement_vs_tp1`);
+  - float32 TP=N vs float32 TP=1, and their max |logit diff| (`fp32_*`): the sharding's exactness
+    (the same weights, upcast; >= 0.99 expected);
+  - bf16 TP=1 and bf16 TP=N vs float32 TP=1 (`top1_agreement_vs_fp32_tp1`): bf16's own noise, which
+    should be about the same for both;
+* the seconds `shutdown()` took (every rank destroys its CUDA graphs, then they leave the group);
 
 and a model that does not fit one GPU's budget at TP=1 served at TP=2: GPU 0 is capped at
 `--budget-frac` of the weights (torch.cuda.set_per_process_memory_fraction); TP=1 fails to
@@ -30,6 +37,7 @@ rank's collectives to DIR/rank{r}.log.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import gc
 import json
@@ -50,8 +58,8 @@ from kit.engine import Engine
 from kit.kv_cache_config import KvCacheConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
-from kit.network import NetworkBuilder
-from kit.parallel import DistributedEngine
+from kit.network import Network, NetworkBuilder
+from kit.parallel import DistributedEngine, sharding_frame
 from kit.profiler import ProfiledEngine
 from kit.sampling_params import SamplingParams
 
@@ -114,12 +122,61 @@ def capture_staged(engine: Engine, kv: Any, sizes: list[int], what: str) -> tupl
         del backend.run_layers
 
 
-def top1(engine: Engine, prompt: list[int]) -> torch.Tensor:
-    stage(f"top-1 over {len(prompt)} prefill positions")
+def prefill_logits(engine: Engine, prompt: list[int], what: str) -> torch.Tensor:
+    """The logits of every prompt position, float32 on the CPU: (positions, vocab)."""
+    stage(f"{what}: logits of {len(prompt)} prefill positions")
     kv = engine.allocate_kv_cache(-(-len(prompt) // BLOCK) + 1, BLOCK)
     batch = ForwardBatch.build([SequenceInput(prompt, 0, list(range(-(-len(prompt) // BLOCK))), logits="all")],
                                BLOCK, device=engine.device)
-    return engine.forward(batch, kv).argmax(-1).cpu()  # (positions,)
+    return engine.forward(batch, kv).float().cpu()
+
+
+def compare(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, max |logit diff|) of two (positions, vocab) logits."""
+    return float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), float((logits - ref).abs().max())
+
+
+def fp32_network(network: Network) -> Network:
+    """The same weights upcast to float32 (on their device): the reference every bf16 run is held to."""
+    return Network(network.config, network.layers,
+                   {n: t.float() if t.is_floating_point() else t for n, t in network.weights.items()},
+                   name=network.name, quant_config=network.quant_config)
+
+
+def shut_down(engine: Engine, device: torch.device) -> float:
+    """Stop `engine` (every rank, for a distributed one); the seconds it took."""
+    t0 = time.perf_counter()
+    if isinstance(engine, DistributedEngine):
+        engine.shutdown()
+    dt = time.perf_counter() - t0
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dt
+
+
+def fp32_logits(network: Network, tp: int, args, device: torch.device, bc: BuildConfig,
+                prompt: list[int]) -> dict[str, Any]:
+    """Prefill logits of the float32 copy of `network` at TP=`tp` (eager), and the shutdown's seconds."""
+    first = torch.device("cuda", 0) if device.type == "cuda" else device
+    stage(f"TP={tp} float32: upcast the weights, start the engine")
+    net = fp32_network(network)
+    bc32 = dataclasses.replace(bc, dtype="float32")
+    if tp == 1:
+        engine = Engine(net, TorchBackend(net, device=first, dtype=torch.float32), build_config=bc32)
+    else:
+        engine = DistributedEngine.start(net, tp, device=device, dtype=torch.float32, build_config=bc32,
+                                         timeout_s=0.8 * args.stage_timeout)
+    del net
+    out: dict[str, Any] = {}
+    try:
+        out["logits"] = prefill_logits(engine, prompt, f"TP={tp} float32")
+        sync(device)
+    finally:
+        stage(f"TP={tp} float32: shut down")
+        out["shutdown_s"] = shut_down(engine, device)
+    return out
 
 
 def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc: BuildConfig,
@@ -132,6 +189,7 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
     else:
         engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc,
                                          timeout_s=0.8 * args.stage_timeout)
+    row: dict[str, Any] = {"tp": tp}
     try:
         per_seq = -(-(args.context + args.steps) // BLOCK)
         stage(f"TP={tp}: allocate the KV cache ({args.max_batch * per_seq} blocks)")
@@ -143,7 +201,7 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
             sync(device)
         b1 = decode_batches(1, args.context, args.steps, device)
         bN = decode_batches(args.max_batch, args.context, args.steps, device)
-        row: dict[str, Any] = {"tp": tp, "cuda_graphs": list(graphs)}
+        row["cuda_graphs"] = list(graphs)
         row["decode_b1_ms"] = ms_per_step(engine, kv, b1, what=f"TP={tp} decode")
         row[f"decode_b{args.max_batch}_ms"] = ms_per_step(engine, kv, bN, what=f"TP={tp} decode")
         row[f"tokens_per_s_b{args.max_batch}"] = args.max_batch * 1e3 / row[f"decode_b{args.max_batch}_ms"]
@@ -156,17 +214,12 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
             row["allreduce_ms_b1"] = float(own["latency_ms"].sum())
             row["allreduce_share_pct_b1"] = 100.0 * row["allreduce_ms_b1"] / row["eager_decode_b1_ms"]
             row["collectives_per_step"] = int(len(own))
-        row["top1"] = top1(engine, prompt)
+        row["logits"] = prefill_logits(engine, prompt, f"TP={tp}")
         sync(device)
         return row
     finally:
         stage(f"TP={tp}: shut down")
-        if isinstance(engine, DistributedEngine):
-            engine.shutdown()
-        del engine
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        row["shutdown_s"] = shut_down(engine, device)
 
 
 def fit_experiment(loaded, args, device: torch.device) -> dict[str, Any]:
@@ -195,6 +248,12 @@ def fit_experiment(loaded, args, device: torch.device) -> dict[str, Any]:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        frame = sharding_frame(network, 2)
+        out["rank0_shard_gib"] = float(frame[frame["rank"] == 0]["shard_bytes"].sum()) / 2**30
+        del network, frame
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(0)  # NOTE: the peak below is TP=2's, not the TP=1 attempt's
         prompts = [[100 + i, 200 + i, 300 + i, 400 + i] * 8 for i in range(8)]
         t0 = time.perf_counter()
         stage("fit: LLM(tensor_parallel_size=2) under the same cap (start, KV cache, graphs)")
@@ -229,8 +288,9 @@ def main() -> None:
     p.add_argument("--budget-frac", type=float, default=0.75, help="GPU 0's cap in the fit test, x the weights")
     p.add_argument("--time-budget", type=float, default=240.0)
     p.add_argument("--sizes", type=int, nargs="*", default=None, help="TP sizes to run (default 1, 2, 4 that fit)")
-    p.add_argument("--save-ref", default=None, help="TP=1: write its row and top-1 tokens here (.pt)")
-    p.add_argument("--ref", default=None, help="compare against the TP=1 row and tokens saved with --save-ref")
+    p.add_argument("--save-ref", default=None, help="TP=1: write its row and its logits (and float32's) here (.pt)")
+    p.add_argument("--ref", default=None, help="compare against the TP=1 row and logits saved with --save-ref")
+    p.add_argument("--no-fp32", action="store_true", help="skip the float32 runs (sharding exactness, bf16 noise)")
     p.add_argument("--no-fit", action="store_true", help="skip the model-over-one-GPU experiment")
     p.add_argument("--fit-only", action="store_true", help="only the model-over-one-GPU experiment")
     p.add_argument("--stage-timeout", type=float, default=150.0,
@@ -284,7 +344,7 @@ def main() -> None:
             json.dump(results, f, indent=2)
 
     # NOTE: --ref lets each TP size run in a process of its own (one NCCL group per process, never re-made)
-    base = None if args.ref is None else tuple(torch.load(args.ref).values())
+    base = None if args.ref is None else torch.load(args.ref)  # {"row", "logits", "logits_fp32"}
     for tp in sizes:
         if time.perf_counter() - t_start > 0.6 * args.time_budget:
             results["runs"].append({"tp": tp, "skipped": "time budget"})
@@ -299,16 +359,32 @@ def main() -> None:
             if isinstance(e, RuntimeError) and "tensor-parallel" in str(e) and cuda:
                 break  # NOTE: a broken NCCL group cannot be re-made in this process
             continue
-        arg = row.pop("top1")
+        logits = row.pop("logits")
+        fp32 = None
+        if not args.no_fp32:
+            try:  # NOTE: at TP > 1 a second engine in this process: the first one's shutdown left the group
+                fp32 = fp32_logits(network, tp, args, device, bc, prompt)
+                row["fp32_shutdown_s"] = fp32["shutdown_s"]
+            except Exception as e:  # noqa: BLE001 - reported in the row; the measured figures stay
+                stage(f"TP={tp} float32 failed: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                row["fp32_error"] = f"{type(e).__name__}: {e}"
         if base is None and tp == 1:
-            base = (row, arg)
+            base = {"row": dict(row), "logits": logits, "logits_fp32": fp32["logits"] if fp32 else None}
             if args.save_ref:
-                torch.save({"row": dict(row), "top1": arg.cpu()}, args.save_ref)
+                torch.save(base, args.save_ref)
         key = f"tokens_per_s_b{args.max_batch}"
         if base is not None:
-            row["top1_agreement_vs_tp1"] = float((arg.cpu() == base[1].cpu()).float().mean())
-            row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base[0]["decode_b1_ms"]
-            row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base[0][key]
+            row["top1_agreement_vs_tp1"], row["max_abs_logit_diff_vs_tp1"] = compare(logits, base["logits"])
+            if base.get("logits_fp32") is not None:
+                ref32 = base["logits_fp32"]
+                # the run's dtype (bf16 on a GPU) against float32 TP=1: bf16's own noise
+                row["top1_agreement_vs_fp32_tp1"], row["max_abs_logit_diff_vs_fp32_tp1"] = compare(logits, ref32)
+                if fp32 is not None and tp > 1:  # float32 TP=N vs float32 TP=1: the sharding's exactness
+                    row["fp32_top1_agreement_vs_fp32_tp1"], row["fp32_max_abs_logit_diff_vs_fp32_tp1"] = compare(
+                        fp32["logits"], ref32)
+            row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base["row"]["decode_b1_ms"]
+            row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base["row"][key]
         else:
             row["vs_tp1"] = "no TP=1 reference in this run (--ref missing)"
         results["runs"].append(row)
@@ -328,7 +404,8 @@ def main() -> None:
     faulthandler.cancel_dump_traceback_later()
     dump()
     print(f"{results['device']} x{results['num_gpus']}  {results['model']} {results['dtype']}")
-    print(f"{'tp':>3} {'b1 ms':>8} {'b1 x':>6} {'tok/s b' + str(args.max_batch):>12} {'x':>6} {'AR %':>6} {'top1':>6}")
+    print(f"{'tp':>3} {'b1 ms':>8} {'b1 x':>6} {'tok/s b' + str(args.max_batch):>12} {'x':>6} {'AR %':>6} {'top1':>6} "
+          f"{'vs f32':>6} {'f32 top1':>8} {'f32 maxdiff':>11} {'stop s':>6}")
     for r in results["runs"]:
         if "skipped" in r or "error" in r:
             print(f"{r['tp']:>3} {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped', r.get('error'))}")
@@ -337,7 +414,9 @@ def main() -> None:
         print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r.get('decode_b1_ratio_vs_tp1', nan):>6.2f} "
               f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} "
               f"{r.get(f'throughput_b{args.max_batch}_ratio_vs_tp1', nan):>6.2f} "
-              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f}")
+              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f} "
+              f"{r.get('top1_agreement_vs_fp32_tp1', nan):>6.3f} {r.get('fp32_top1_agreement_vs_fp32_tp1', nan):>8.3f} "
+              f"{r.get('fp32_max_abs_logit_diff_vs_fp32_tp1', nan):>11.2e} {r.get('shutdown_s', nan):>6.1f}")
     print("fit:", json.dumps(results["fit"]))
     print(f"wall {results['wall_s']:.1f} s -> {args.out}", flush=True)
     if cuda:  # NOTE: the results are written; skip NCCL's teardown at interpreter exit, which can abort

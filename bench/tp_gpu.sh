@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tensor parallelism on one GPU host, in one call of at most ~555 s (2 or 4 GPUs):
 #   1. bench/nccl_check.py: each collective the kit uses, 8 KiB..256 MiB, eager and in a CUDA graph
-#   2. bench/tp.py, one process per TP size: 1 (saves the reference), 2, 4 (when 4 GPUs are present)
+#   2. bench/tp.py, one process per TP size: 1 (saves the reference: bf16 and float32 logits), 2, 4 (when
+#      4 GPUs are present); each also runs its TP size in float32 (a second engine in the same process)
 #   3. the NCCL tests (tests/test_parallel_nccl.py)
 #   4. the model over one GPU's budget served at TP=2 (a process of its own)
 # Every step has its own time limit inside one overall deadline; a stalled stage dumps every thread's
@@ -91,5 +92,5 @@ for row in merged["runs"]:
     print(json.dumps({k: v for k, v in row.items() if k != "cuda_graphs"}))
 print("fit:", json.dumps(merged.get("fit")))
 EOF
-tar -czf "$OUT/tp_runs.tgz" -C "$WORK" . 2>>"$LOG"
+tar -czf "$OUT/tp_runs.tgz" --exclude=./ref.pt -C "$WORK" . 2>>"$LOG"  # ref.pt: TP=1 logits, 66 MB for 8B
 echo "[tp_gpu] $(date -u +%T) done in $(( $(date +%s) - START ))s -> $OUT"

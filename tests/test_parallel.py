@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import warnings
+import weakref
 
 import pytest
 import torch
 
 from kit.config import ModelConfig
 from kit.loader import LoadedModel, ModelLoader, random_weights
-from kit.network import NetworkBuilder
+from kit.network import Network, NetworkBuilder
 from kit.parallel import Mapping, check_parallel_sizes, shard_network, sharding_frame
+from kit.parallel.comm import TensorParallelComm
+from kit.parallel.tp_backend import TensorParallelBackend
 from kit.parallel.protocol import message_capacity, pack_batch, unpack_batch
 from kit.parallel.sharding import shard_tensor, split_of
 from kit.batch import ForwardBatch, SequenceInput
@@ -167,3 +172,53 @@ def test_tp_engine_directory_holds_one_file_per_rank_and_a_key_with_the_mapping(
     (path / "config.json").write_text(text.replace('"world_size": 2', '"world_size": 1', 1))
     with pytest.raises(CacheEntryError, match="altered"):
         read_tp_config(path)
+
+
+def _live_tensor_bytes() -> int:
+    """The bytes of every CPU storage that a live tensor holds, each storage once."""
+    gc.collect()
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NOTE: isinstance() on deprecated torch module attributes warns
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                s = obj.untyped_storage()
+                out[s.data_ptr()] = s.nbytes()
+    return sum(out.values())
+
+
+def test_rank_backend_holds_qkv_and_gate_up_once(tiny_loaded):
+    """A rank's backend concatenates q/k/v and gate/up; the shard's parts become views of the concatenation,
+    so building it adds no second copy of them (the rank's memory stays ~ its shard once)."""
+    mapping = Mapping.tensor_parallel(2, 1)
+    full = NetworkBuilder(tiny_loaded).build()
+    shard = shard_network(full, mapping)
+    # the rank's private copy, as it arrives from rank 0 (or from its engine file)
+    own = Network(shard.config, shard.layers, {n: t.clone() for n, t in shard.weights.items()}, name=shard.name)
+    del full, shard
+    fused_names = [n for n in own.weights if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                         "gate_proj.weight", "up_proj.weight"))]
+    fused_bytes = sum(own.weights[n].nbytes for n in fused_names)
+    assert fused_bytes > 0
+    shard_bytes = own.weight_bytes
+    parts = [weakref.ref(own.weights[n]) for n in fused_names]
+    before = _live_tensor_bytes()
+    backend = TensorParallelBackend(own, mapping, TensorParallelComm(1, 2, "cpu"),
+                                   tiny_loaded.config.vocab_size)
+    grown = _live_tensor_bytes() - before
+    # the concatenations replaced their parts (now freed): what the build added is tiny (RoPE's table),
+    # where a second copy of q/k/v and gate/up would add `fused_bytes`
+    assert all(p() is None for p in parts)
+    assert 0 <= grown < 4096 < fused_bytes
+    assert own.weight_bytes == shard_bytes  # the network still names every part, with its shape
+    layer = next(l for l in own.layers if l.kind == "qkv_proj")
+    attn = layer.weights[0].rsplit(".", 2)[0]
+    qkv = backend.ops[own.layers.index(layer)][1]
+    ptrs = {own.weights[f"{attn}.{m}.weight"].untyped_storage().data_ptr() for m in ("q_proj", "k_proj", "v_proj")}
+    assert len(ptrs) == 1  # q, k and v live in one tensor
+    x = torch.randn(3, own.config.hidden_size)
+    env = {"x": x}
+    qkv(env, None, None)
+    want = torch.cat([x @ own.weights[f"{attn}.{m}.weight"].T for m in ("q_proj", "k_proj", "v_proj")], -1)
+    got = torch.cat([env[k].reshape(3, -1) for k in ("q", "k", "v")], -1)
+    torch.testing.assert_close(got, want)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from helpers import engine_for, make_hf_checkpoint, run_chunks
 from kit import LLM, SamplingParams
@@ -48,6 +49,21 @@ def _no_children_left(pids: list[int]) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert multiprocessing.active_children() == []
+
+
+def test_engine_starts_again_in_the_same_process_after_shutdown(checkpoints):
+    """shutdown() leaves the process group on rank 0 too: a second TP=2 engine starts in this process, and both
+    generate what TP=1 does."""
+    path = checkpoints["llama"]
+    with LLM(path, build_config=BC, enable_build_cache=False) as one:
+        want = _tokens(one)
+    for _ in range(2):
+        two = LLM(path, build_config=BC, tensor_parallel_size=2, enable_build_cache=False)
+        pids = two.engine.pids
+        assert dist.is_initialized() and _tokens(two) == want
+        two.shutdown()
+        assert not dist.is_initialized()
+        _no_children_left(pids)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

@@ -7,10 +7,12 @@ Skipped on the CPU and where fewer than 2 GPUs exist; run on the device machine 
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from helpers import engine_for, make_hf_checkpoint, run_chunks
 from kit import LLM, SamplingParams
@@ -44,6 +46,12 @@ def test_tp2_nccl_graphed_greedy_equals_tp1(tmp_path):
         assert two.engine.backend.comm.backend == "nccl"
         got = [o.outputs[0].token_ids for o in two.generate(PROMPTS, sp, use_tqdm=False)]
         logits = run_chunks(two.engine, [[5, 6, 7, 8, 9, 10]], [[4], [1], [1]], block_size=16)
+        pids = two.engine.pids
+    # shutdown destroyed every rank's graphs first, so the group was left (NCCL waits for graphs to be gone)
+    assert not dist.is_initialized()
+    for pid in pids:  # every rank exited by itself after leaving the group
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert got == want
     assert (logits[0] - ref[0]).abs().max().item() < 1e-3
 

@@ -91,7 +91,8 @@ def test_every_rank_issues_the_same_collectives_for_each_engine_call(llama, tmp_
         engine.shutdown()
     r0, r1 = tmp_path / "trace" / "rank0.log", tmp_path / "trace" / "rank1.log"
     c0, c1 = _collectives(r0), _collectives(r1)
-    assert len(c0) == count + 1  # + the SHUTDOWN message
+    assert len(c0) == count + 2  # + the SHUTDOWN message and the barrier of the ranks leaving the group together
+    assert c0[-1] == ("barrier", "", "")
     assert c0 == c1  # the same op, layer, shape and dtype, in the same order, on both ranks
     assert ("all_reduce", "layers.1.mlp", "(2, 64) float32") in c0 and ("gather", "lm_head", "(17, 106) float32") in c0
     sent, received = _messages(r0, "send"), _messages(r1, "received")

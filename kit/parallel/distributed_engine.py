@@ -19,7 +19,9 @@ inside `start` and exit when rank 0 shuts down:
 
 Failure: a rank that dies makes the step fail with `RuntimeError` naming the rank (the
 executor then fails every pending request with it) and the engine refuses further steps;
-`shutdown()` stops every rank (killing any that does not stop) and leaves the process group.
+`shutdown()` stops every rank (killing any that does not stop) and leaves the process group:
+every rank destroys its CUDA graphs first (NCCL's destroy waits until none holds its kernels),
+then they meet in a barrier and leave together, so a new engine can start in the same process.
 
 Hangs: `timeout_s` is each rank's stage timeout (kit/parallel/watchdog.py): an engine call,
 or a worker's step or wait for one, that outlives it is reported on stderr with the rank,
@@ -56,7 +58,7 @@ from kit.parallel.comm import TIMING_COLUMNS, launched_by_torchrun
 from kit.parallel.engine_files import (is_tp_engine_dir, load_rank_weights, read_tp_config, save_tp_engine,
                                       tp_build_key, tp_cache_path)
 from kit.parallel.mapping import Mapping
-from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, SEQ, TIMINGS, StepChannel, describe,
+from kit.parallel.protocol import (ALLOC, FORWARD, KV_DTYPES, SEQ, TIMINGS, StepChannel, describe,
                                    message_capacity, pack_batch)
 from kit.parallel.sharding import shard_network
 from kit.parallel.tp_backend import TensorParallelBackend
@@ -154,7 +156,8 @@ class DistributedEngine(Engine):
             ranks.broken = ranks.broken or "start-up failed"
             ranks.shutdown()
             raise
-        backend.on_capture = engine._send_capture
+        backend.on_capture = ranks.send_capture
+        ranks.release_graphs = backend.release_graphs
         return engine
 
     # ------------------------------------------------------------- the model
@@ -195,13 +198,9 @@ class DistributedEngine(Engine):
         return kv
 
     def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes=None) -> tuple[int, ...]:
-        with self.ranks.lock, self.ranks.watchdog.stage(  # the backend calls _send_capture, then captures its own
+        with self.ranks.lock, self.ranks.watchdog.stage(  # the backend calls ranks.send_capture, then captures its own
                 f"step {self.ranks.channel.seq + 1} CAPTURE (batch sizes {batch_sizes or 'of the build config'})"):
             return super().capture_cuda_graphs(kv_cache, batch_sizes)
-
-    def _send_capture(self, kv_cache: KVCache, sizes: tuple[int, ...], max_blocks: int) -> None:
-        self.ranks.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks],
-                        torch.tensor(sizes, dtype=torch.long))
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, hooks=None) -> torch.Tensor:
         """Broadcast the step, run rank 0's shard; logits (num_logits, vocab) gathered here."""

@@ -16,15 +16,15 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
 from kit.parallel.comm import TensorParallelComm, free_port
-from kit.parallel.protocol import HEADER, NOOP, SHUTDOWN, StepChannel
+from kit.parallel.protocol import CAPTURE, HEADER, NOOP, SHUTDOWN, StepChannel
 from kit.parallel.watchdog import StageWatchdog, abort_group, log
-from kit.parallel.worker import group_timeout, rank_device, torchrun_worker, worker_main
+from kit.parallel.worker import group_timeout, leave_group, rank_device, torchrun_worker, worker_main
 
 __all__ = ["Ranks", "launch_ranks"]
 
@@ -44,6 +44,9 @@ class Ranks:
         self.closed = False
         self.pending_free: list[int] = []
         self.reported: dict[int, str] = {}
+        # rank 0's backend's `release_graphs` (set by the engine; it references no engine, so the
+        # engine's finalizer that holds this object can still run when the engine is collected)
+        self.release_graphs: Callable[[], None] | None = None
         self.watchdog = StageWatchdog(0, timeout_s, self._on_timeout)
         self.keepalive_s = min(30.0, timeout_s / 4)
         self.last_send = time.monotonic()
@@ -104,6 +107,11 @@ class Ranks:
         self.channel.send(header, payload)
         self.last_send = time.monotonic()
 
+    def send_capture(self, kv_cache: Any, sizes: tuple[int, ...], max_blocks: int) -> None:
+        """Tell the other ranks to capture the same CUDA graphs over their cache `kv_cache.tp_id`."""
+        self.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks],
+                  torch.tensor(sizes, dtype=torch.long))
+
     def fail(self, error: BaseException) -> RuntimeError:
         """The error a failed step raises: the dead rank's name if one died, else rank 0's own error."""
         self.broken = self.dead_rank(wait_s=5.0) or self.broken or f"a tensor-parallel step failed on rank 0 ({error})"
@@ -111,6 +119,7 @@ class Ranks:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._quiet.set()
+        said_bye = False
         with self.lock:
             if self.closed:
                 return
@@ -118,14 +127,22 @@ class Ranks:
                 try:
                     with self.watchdog.stage(f"send step {self.channel.seq + 1} SHUTDOWN"):
                         self.channel.send([SHUTDOWN])
+                    said_bye = True
                 except Exception:  # noqa: BLE001 - a peer gone at exit: the processes are stopped below
                     pass
             self.closed = True
+            release, self.release_graphs = self.release_graphs, None
+            if release is not None:
+                try:  # NOTE: NCCL's destroy (and abort) waits until no CUDA graph holds its kernels
+                    release()
+                except Exception as e:  # noqa: BLE001 - the group is still left below
+                    log(f"rank 0: releasing the CUDA graphs failed ({type(e).__name__}: {e})")
         self.watchdog.stop()
-        # NOTE: NCCL's destroy_process_group waits for every rank, and the ranks leave the group once they
-        # have the SHUTDOWN: leave it together with them (not after joining them, which deadlocks), in a
-        # thread so that a rank that never arrives cannot hang this process; then join and reap them
-        leaving = threading.Thread(target=TensorParallelComm.destroy, name="kit-tp-destroy", daemon=True)
+        # NOTE: every rank releases its graphs, meets the others in a barrier (after the SHUTDOWN, so all of
+        # them are past their last step) and leaves the group together with them (not after joining them,
+        # which deadlocks), in a thread so that a rank that never arrives cannot hang this process
+        leaving = threading.Thread(target=leave_group, args=(self.comm, said_bye), name="kit-tp-destroy",
+                                   daemon=True)
         leaving.start()
         leaving.join(timeout if self.broken is None else 1.0)
         if leaving.is_alive():

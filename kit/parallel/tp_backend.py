@@ -12,7 +12,12 @@ the norms run as `TorchBackend` runs them. Four layer kinds are wrapped here:
 So a block costs exactly two all-reduces of (num_tokens, hidden) each. The wrappers
 call `TorchBackend`'s own preparation of o_proj / mlp and hand it a zero residual, so
 every fused kernel of that backend runs unchanged inside them; CUDA graphs record the
-NCCL all-reduces with the rest of the step.
+NCCL all-reduces with the rest of the step; `release_graphs()` destroys them, which must
+happen before the group is left (NCCL >= 2.26 waits in its communicator's destroy, and
+abort, until every CUDA graph holding its kernels is gone).
+
+Memory: the rank owns its shard, so q/k/v (and gate/up) are concatenated once and the
+shard's separate tensors become views of the concatenation: the rank holds them once.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from kit.backends.torch_backend import Env, LayerFn, TorchBackend
+from kit.backends.torch_backend import DenseLinear, Env, LayerFn, TorchBackend
 from kit.batch import ForwardBatch, KVCache
 from kit.network import Layer, Network
 from kit.parallel.comm import TensorParallelComm
@@ -41,6 +46,32 @@ class TensorParallelBackend(TorchBackend):
         comm.full_vocab_size = full_vocab_size
         self.on_capture = on_capture  # rank 0: tells the other ranks to capture the same graphs
         super().__init__(network, device=device, dtype=dtype, attention=attention)
+
+    def _linear(self, layer: Layer, prefixes: list[str], bias: bool) -> Any:
+        lin = super()._linear(layer, prefixes, bias)
+        if isinstance(lin, DenseLinear) and len(prefixes) > 1:
+            # NOTE: the parts stay in the network (engine files, profiler) as views of the fused tensor;
+            # the separate tensors are then freed, so the shard is held once (not parts + concatenation)
+            w = self.network.weights
+            for suffix, fused in (("weight", lin.weight), ("bias", lin.bias)):
+                parts = [f"{p}.{suffix}" for p in prefixes]
+                if fused is None or any(w[n].dtype != fused.dtype or w[n].device != fused.device for n in parts):
+                    continue  # a cast or a move already made a copy: the parts are not the fused tensor's
+                start = 0
+                for n in parts:
+                    rows = w[n].shape[0]
+                    w[n] = fused[start:start + rows]  # (rows, in) view
+                    start += rows
+        return lin
+
+    def release_graphs(self) -> None:
+        """Destroy the captured CUDA graphs (before leaving the group: NCCL waits for them to be gone)."""
+        runner, self.graphs = self.graphs, None
+        if runner is not None:
+            for g in runner.graphs.values():
+                g.reset()
+            runner.graphs.clear()
+            runner.outputs.clear()
 
     def describe(self) -> str:
         return (f"{super().describe()}, tensor-parallel rank {self.mapping.rank} of {self.mapping.tp_size} "

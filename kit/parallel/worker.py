@@ -44,7 +44,7 @@ from kit.parallel.tp_backend import TensorParallelBackend
 from kit.parallel.watchdog import StageWatchdog, abort_group, log
 
 __all__ = ["worker_main", "torchrun_worker", "serve", "send_shards", "receive_shards", "rank_device",
-           "group_timeout", "STACKS_ENV"]
+           "group_timeout", "leave_group", "STACKS_ENV"]
 
 STACKS_ENV = "KIT_TP_STACKS_AFTER"  # seconds: every rank dumps its stacks to stderr once, that long after start
 
@@ -107,7 +107,9 @@ def serve(comm: TensorParallelComm, watchdog: StageWatchdog | None = None) -> No
         cmd, kv_id, free_id = header[0], header[1], header[11]
         if free_id > 0:
             caches.pop(free_id, None)
-        if cmd == SHUTDOWN:
+        if cmd == SHUTDOWN:  # NOTE: NCCL's destroy waits until no CUDA graph holds its kernels: drop them first
+            backend.release_graphs()
+            caches.clear()
             return
         with stage(last):
             if cmd == NOOP:
@@ -151,12 +153,23 @@ def _leave(comm: TensorParallelComm, failed: bool) -> None:
     """Leave the group, waiting at most a few seconds (NCCL's destroy can wait for a peer that never comes)."""
     if failed:
         log(f"rank {comm.rank}: {abort_group()}")
-    leaving = threading.Thread(target=TensorParallelComm.destroy, name="kit-tp-leave", daemon=True)
+    # NOTE: after a SHUTDOWN, a barrier with rank 0 first (which meets it once it has released its graphs)
+    leaving = threading.Thread(target=leave_group, args=(comm, not failed), name="kit-tp-leave", daemon=True)
     leaving.start()
     leaving.join(5.0 if failed else 60.0)
     if leaving.is_alive():
         log(f"rank {comm.rank}: leaving the process group did not finish; exiting without it")
         os._exit(1 if failed else 0)
+
+
+def leave_group(comm: TensorParallelComm, together: bool) -> None:
+    """Leave the default group; with `together`, after a barrier with every other rank (all of them are
+    past their last step and have released their CUDA graphs)."""
+    if comm.device.type == "cuda":
+        torch.cuda.set_device(comm.device)  # NOTE: the current device is per thread
+    if together:
+        comm.barrier()
+    TensorParallelComm.destroy()
 
 
 def _run_rank(comm: TensorParallelComm, timeout_s: float, errors: Any = None) -> None:
