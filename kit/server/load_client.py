@@ -66,8 +66,8 @@ class Client:
     async def stream(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST `body` and read the event stream: {"submit", "first", "last", "tokens", "chunks"}."""
         data = json.dumps(body).encode()
+        t_submit = time.perf_counter()  # NOTE: before a new connection is made, as an HTTP client library times it
         conn = await self._conn()
-        t_submit = time.perf_counter()
         conn.writer.write(f"POST {self.base}{path} HTTP/1.1\r\n{self._head}Content-Length: {len(data)}\r\n\r\n"
                           .encode() + data)
         try:

@@ -22,13 +22,14 @@ is later.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
 import platform
 import random
+import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -46,18 +47,17 @@ _STREAMS_PER_PROC = 16
 _CLIENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "load_client.py")
 
 
-async def _kv_poller(client: httpx.AsyncClient, peak: dict[str, float], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            m = parse_metrics((await client.get("/metrics")).text)
-            peak["used"] = max(peak.get("used", 0.0), m.get("kit_kv_cache_blocks_used", 0.0))
-            peak["total"] = m.get("kit_kv_cache_blocks_total", 0.0)
-        except httpx.HTTPError:
-            pass
-        try:
-            await asyncio.wait_for(stop.wait(), 0.25)
-        except asyncio.TimeoutError:
-            pass
+def _kv_poller(endpoint: str, headers: dict[str, str], peak: dict[str, float], stop: threading.Event) -> None:
+    """Poll /metrics for the peak KV-cache use until `stop`."""
+    with httpx.Client(base_url=endpoint, timeout=30.0, headers=headers) as http:
+        while not stop.is_set():
+            try:
+                m = parse_metrics(http.get("/metrics").text)
+                peak["used"] = max(peak.get("used", 0.0), m.get("kit_kv_cache_blocks_used", 0.0))
+                peak["total"] = m.get("kit_kv_cache_blocks_total", 0.0)
+            except httpx.HTTPError:
+                pass
+            stop.wait(0.25)
 
 
 def default_client_procs(concurrency: int) -> int:
@@ -76,37 +76,57 @@ def _arrivals(n: int, request_rate: float, seed: int) -> list[float] | None:
     return out
 
 
-async def _client_proc(job: dict[str, Any], ready: asyncio.Event, go: asyncio.Future, bar: Any) -> dict[str, Any]:
-    """Run one `load_client.py` process through its job; its result."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, _CLIENT_SCRIPT, stdin=asyncio.subprocess.PIPE,
-                                                stdout=asyncio.subprocess.PIPE, limit=1 << 26)
-    try:
-        proc.stdin.write(json.dumps(job).encode() + b"\n")
-        await proc.stdin.drain()
-        line = await proc.stdout.readline()
+class _ClientProc:
+    """One `load_client.py` process and the thread that reads its answers."""
+
+    def __init__(self, job: dict[str, Any], bar: Any, failed: threading.Event) -> None:
+        self.proc = subprocess.Popen([sys.executable, _CLIENT_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+        self._bar, self._failed = bar, failed
+        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+        self.proc.stdin.flush()
+        self._thread = threading.Thread(target=self._read, name="kit-bench-serve-client", daemon=True)
+
+    def ready(self) -> None:
+        line = self.proc.stdout.readline()
         if line.strip() != b"ready":
-            raise RuntimeError(f"a bench-serve client process did not start: {line[:300]!r}")
-        ready.set()
-        proc.stdin.write(f"go {await go!r}\n".encode())
-        await proc.stdin.drain()
-        while line := await proc.stdout.readline():
-            kind, _, rest = line.decode().partition(" ")
-            if kind.strip() == "done":
-                bar.update(1)
+            raise RuntimeError(f"a bench-serve client process did not start (status {self.proc.wait()}): {line[:300]!r}")
+
+    def go(self, start_at: float) -> None:
+        self.proc.stdin.write(f"go {start_at!r}\n".encode())
+        self.proc.stdin.close()
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            kind, _, rest = line.decode().rstrip("\n").partition(" ")
+            if kind == "done":
+                self._bar.update(1)
             elif kind == "result":
-                return json.loads(rest)
+                self.result = json.loads(rest)
             elif kind == "error":
-                raise RuntimeError(f"bench-serve client: {json.loads(rest)}")
-        raise RuntimeError(f"a bench-serve client process exited with status {await proc.wait()} before its result")
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+                self.error = json.loads(rest)
+        if self.result is None:
+            self.error = self.error or f"the process exited with status {self.proc.wait()} before its result"
+            self._failed.set()
+
+    def join(self) -> None:
+        self._thread.join()
+        self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if not pipe.closed:
+                pipe.close()
 
 
-async def _run(endpoint: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int,
-               request_rate: float, seed: int, progress: bool, headers: dict[str, str],
-               client_procs: int | None) -> dict[str, Any]:
+def _run(endpoint: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int,
+         request_rate: float, seed: int, progress: bool, headers: dict[str, str],
+         client_procs: int | None) -> dict[str, Any]:
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
     if not request_rate > 0:
@@ -123,32 +143,33 @@ async def _run(endpoint: str, model: str, prompts: list[list[int]], output_len: 
              "prompts": prompts[p::n_procs], "arrivals": arrivals[p::n_procs] if arrivals else None}
             for p in range(n_procs)]
     bar = tqdm(total=len(prompts), desc=f"bench-serve c={concurrency}", disable=not progress, leave=False)
-    loop = asyncio.get_running_loop()
-    go: asyncio.Future = loop.create_future()
-    readies = [asyncio.Event() for _ in jobs]
-    tasks = [asyncio.ensure_future(_client_proc(j, r, go, bar)) for j, r in zip(jobs, readies)]
-    peak: dict[str, float] = {}
-    stop = asyncio.Event()
+    failed, stop, peak = threading.Event(), threading.Event(), {}
+    clients: list[_ClientProc] = []
+    poller = threading.Thread(target=_kv_poller, args=(endpoint, headers, peak, stop), name="kit-bench-serve-kv",
+                              daemon=True)
     try:
-        waiting = asyncio.ensure_future(asyncio.gather(*(r.wait() for r in readies)))
-        done, _ = await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        if waiting not in done:  # a client process failed before it was ready: raise its error
-            waiting.cancel()
-            for t in done:
-                t.result()
-        go.set_result(time.time() + 0.05)
-        async with httpx.AsyncClient(base_url=endpoint, timeout=30.0, headers=headers) as http:
-            poller = asyncio.ensure_future(_kv_poller(http, peak, stop))
-            try:
-                outs = await asyncio.gather(*tasks)
-            finally:
-                stop.set()
-                await poller
+        clients = [_ClientProc(j, bar, failed) for j in jobs]
+        for c in clients:
+            c.ready()
+        start_at = time.time() + 0.05  # every process begins at this moment
+        for c in clients:
+            c.go(start_at)
+        poller.start()
+        while not failed.is_set() and any(c.result is None for c in clients):
+            failed.wait(0.05)
+        errors = [c.error for c in clients if c.error]
+        if errors:
+            raise RuntimeError(f"bench-serve client: {errors[0]}")
+        for c in clients:
+            c.join()
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stop.set()
+        for c in clients:
+            c.kill()
+        if poller.is_alive():
+            poller.join()
         bar.close()
+    outs = [c.result for c in clients]
     results = [r for o in outs for r in o["requests"]]
     wall = max(o["end"] for o in outs) - min(o["start"] for o in outs)
     ttft = [1e3 * (r["first"] - r["submit"]) for r in results if r["first"] is not None]
@@ -174,8 +195,8 @@ def run_online_benchmark(endpoint: str, model: str, prompts: list[list[int]], ou
     """Serve `prompts` through the server at `endpoint` from `client_procs` client processes (None: one per 16
     streams, at most one per core); the same metrics dict as `kit.bench.run_benchmark`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return asyncio.run(_run(endpoint.rstrip("/"), model, prompts, output_len, concurrency, request_rate, seed,
-                            progress, headers, client_procs))
+    return _run(endpoint.rstrip("/"), model, prompts, output_len, concurrency, request_rate, seed, progress, headers,
+                client_procs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
