@@ -190,11 +190,12 @@ async def run_job(job: dict[str, Any], start_at: float, on_done=None) -> dict[st
 
 def main() -> int:
     job = json.loads(sys.stdin.readline())
+    runner = asyncio.run
     try:
         import uvloop  # noqa: PLC0415 - optional: a faster event loop where installed
-        runner = uvloop.run
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
-        runner = asyncio.run
+        pass
     print("ready", flush=True)
     line = sys.stdin.readline().split()
     if not line or line[0] != "go":
