@@ -144,8 +144,11 @@ class GenerationResult:
                 fn(None, self._error)
             self._listeners.append(fn)
 
-    def publish(self, out: RequestOutput | None, error: BaseException | None = None) -> None:
-        """Add a snapshot (the executor's thread), or end the request with `error`."""
+    def publish(self, out: RequestOutput | None, error: BaseException | None = None, *,
+                wake: list | None = None) -> None:
+        """Add a snapshot (the executor's thread), or end the request with `error`. With `wake` (a list),
+        the asyncio waiters are appended to it instead of woken, so that a caller publishing many
+        results can wake each event loop once."""
         with self._cond:
             if self._done:
                 return
@@ -158,6 +161,9 @@ class GenerationResult:
             waiters = list(self._async_waiters)
             for fn in self._listeners:
                 fn(out, error)
+        if wake is not None:
+            wake.extend(waiters)
+            return
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)

@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import os
+import pickle
 import signal
 
 import httpx
@@ -10,7 +11,9 @@ import pytest
 
 from helpers import make_hf_checkpoint, tiny_llm
 from kit.server import ServerConfig, ServerThread
+from kit.outputs import CompletionOutput, RequestOutput
 from kit.server.engine_process import EngineProcessError, ProcessEngineClient
+from kit.server.snapshot_delta import SnapshotDecoder, SnapshotEncoder
 from kit.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -98,3 +101,26 @@ def test_a_factory_that_fails_is_reported_by_name(ckpt, tmp_path):
         ProcessEngineClient(tiny_llm, (tmp_path / "missing",))
     with pytest.raises(ValueError, match="max_batch_size"):  # a bad configuration comes back as itself
         ProcessEngineClient(functools.partial(tiny_llm, max_batch_size=0), (ckpt,))
+
+
+def test_snapshot_deltas_rebuild_every_snapshot_exactly(local):
+    """The pipe carries deltas; the HTTP side rebuilds the very snapshots the engine published."""
+    params = SamplingParams(max_tokens=7, temperature=0.8, seed=3, n=2, logprobs=2, ignore_eos=True)
+    snaps = list(local.generate_async([3, 4, 5, 6], params, streaming=True))
+    assert len(snaps) >= 7
+    enc, prev, sizes = SnapshotEncoder(), None, []
+    for snap in snaps:
+        delta = enc.encode("k", snap)
+        sizes.append(len(pickle.dumps(delta)))
+        prev = SnapshotDecoder.decode(delta, prev)
+        assert prev == snap
+    assert sizes[-2] < len(pickle.dumps(snaps[-2])) / 2  # a delta, not the whole request again
+    # a completion that does not extend the previous one (e.g. a beam overtaken) travels whole
+    a = RequestOutput("r", None, [1, 2], [CompletionOutput(0, "ab", [7, 8], text_diff="ab", token_ids_diff=[7, 8])])
+    b = RequestOutput("r", None, [1, 2], [CompletionOutput(0, "xyz", [9, 8, 5], "length", text_diff="z",
+                                                           token_ids_diff=[5])], finished=True)
+    enc = SnapshotEncoder()
+    first = SnapshotDecoder.decode(enc.encode("r", a), None)
+    assert first == a and SnapshotDecoder.decode(enc.encode("r", b), first) == b
+    with pytest.raises(ValueError, match="before the request's first snapshot"):
+        SnapshotDecoder.decode((None,) + SnapshotEncoder().encode("r", a)[1:], None)  # its head lost

@@ -15,8 +15,10 @@ from kit.bench import make_prompts, run_benchmark
 from kit.builder import BuildConfig
 from kit.cli import main
 from kit.llm import LLM, SamplingParams
-from kit.server import ServerConfig, ServerProcess, ServerThread, metrics_frame, parse_metrics
+from kit.server import EngineClient, ServerConfig, ServerMetrics, ServerProcess, ServerThread, metrics_frame, parse_metrics
 from kit.server.load_gen import run_online_benchmark
+from kit.server.protocol import ChatCompletionRequest, CompletionRequest
+from kit.server.serving import OpenAIServing
 
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colours are",
@@ -357,3 +359,47 @@ def test_metrics_frame_has_one_row_per_sample(server):
     assert df[df.metric == "kit_kv_cache_blocks_total"].value.item() == 512  # 8192 tokens / 16 on the CPU
     buckets = df[df.metric == "kit_time_to_first_token_seconds_bucket"]
     assert buckets["le"].iloc[-1] == float("inf") and buckets["value"].is_monotonic_increasing
+
+
+def _read_stream(serving, req, runs):
+    async def read():
+        return [c async for c in serving.stream(req, runs, time.monotonic())]
+    chunks = asyncio.run(read())
+    assert chunks[-1] == "data: [DONE]\n\n"
+    return [json.loads(c[len("data: "):]) for c in chunks[:-1]]
+
+
+def test_a_stream_behind_its_request_gets_the_pending_tokens_in_one_chunk(llm, client):
+    """Every snapshot is published before the stream reads one: a single chunk carries all the tokens."""
+    engine = EngineClient(llm)
+    serving = OpenAIServing(engine, ServerMetrics(engine, MODEL), MODEL, max_queue=8)
+    req = CompletionRequest(model=MODEL, prompt=PROMPTS[2], max_tokens=10, temperature=0, logprobs=2, stream=True,
+                            stream_options={"include_usage": True})
+    runs = serving.start_completion(req)
+    runs[0].result.result(timeout=120)
+    assert len(runs[0].result.snapshots()) == 10  # one snapshot per token ...
+    bodies = _read_stream(serving, req, runs)
+    assert [len(b["choices"]) for b in bodies] == [1, 0]  # ... one chunk for all of them, then the usage
+    ch, full = bodies[0]["choices"][0], greedy(llm, PROMPTS[2], 10)
+    assert ch["text"] == full.text and ch["finish_reason"] == "length"
+    lp = ch["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 10
+    assert "".join(lp["tokens"]) == ch["text"] and lp["text_offset"][0] == 0
+    assert bodies[-1]["usage"] == {"prompt_tokens": len(llm.tokenizer.encode(PROMPTS[2])), "completion_tokens": 10,
+                                   "total_tokens": len(llm.tokenizer.encode(PROMPTS[2])) + 10}
+    # chat, n=2, logprobs: each sample's pending deltas join into its own choice
+    story = dict(model=MODEL, messages=[{"role": "user", "content": "Tell a story."}], max_tokens=12,
+                 temperature=0.9, seed=7, n=2, logprobs=True)
+    ref = client.chat.completions.create(**story)
+    creq = ChatCompletionRequest(**story, stream=True)
+    runs = serving.start_chat(creq)
+    runs[0].result.result(timeout=120)
+    bodies = _read_stream(serving, creq, runs)
+    assert bodies[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    choices = [c for b in bodies[1:] for c in b["choices"]]
+    assert sorted(c["index"] for c in choices) == [0, 1]  # one chunk, both samples in it
+    for c in choices:
+        want = ref.choices[c["index"]]
+        assert c["delta"]["content"] == want.message.content and c["finish_reason"] == want.finish_reason
+        assert [t["token"] for t in c["logprobs"]["content"]] == [t.token for t in want.logprobs.content]
+    assert sum(len(c["logprobs"]["content"]) for c in choices) == ref.usage.completion_tokens

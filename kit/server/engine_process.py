@@ -10,12 +10,16 @@ concurrent streams the loop ran at about a third of its offline speed
     HTTP process                                   engine process
     ProcessEngineClient.submit ── ("submit", key, ids, params) ──► LLM.generate_async
                                ◄── ("reply", call, None | error) ─┘
-    reader thread ◄── ("out", [(key, RequestOutput | None, error), ...]) ── forwarder thread
-    local GenerationResult.publish(...)                                 (one message per burst)
+    reader thread ◄── ("out", [(key, delta | None, error), ...]) ── forwarder thread
+    local GenerationResult.publish(..., wake=)                          (one message per burst)
+    one call_soon_threadsafe per event loop and message
 
 One `multiprocessing` pipe carries both ways; the engine process sends from two threads
 under one lock. The HTTP side keeps a local `GenerationResult` per request, fed by its
-reader thread, so the app code is the same as with an in-process `EngineClient`. If the
+reader thread, so the app code is the same as with an in-process `EngineClient`. Snapshots
+travel as deltas (kit/server/snapshot_delta.py: the new tokens and text, not the whole
+request again), and a message of many requests' snapshots wakes the HTTP event loop once,
+not once per request. If the
 engine process dies, every pending request fails with a message that says so, and
 `/health` turns 503.
 """
@@ -28,12 +32,13 @@ import multiprocessing as mp
 import signal
 import threading
 import weakref
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any, Callable
 
 from kit.outputs import GenerationResult, RequestOutput
 from kit.sampling_params import SamplingParams
 from kit.server.engine_client import EngineClient, EngineLoad
+from kit.server.snapshot_delta import SnapshotDecoder, SnapshotEncoder
 
 __all__ = ["ProcessEngineClient", "EngineProcessError"]
 
@@ -62,6 +67,7 @@ def _engine_main(conn: Any, factory: Callable[..., Any], factory_args: tuple) ->
     pending: deque[tuple[str, RequestOutput | None, BaseException | None]] = deque()
     wake = threading.Event()
     results: dict[str, GenerationResult] = {}
+    encoder = SnapshotEncoder()
     stop = False
 
     def send(msg: Any) -> None:
@@ -72,17 +78,20 @@ def _engine_main(conn: Any, factory: Callable[..., Any], factory_args: tuple) ->
         while not stop or pending:
             wake.wait(0.1)
             wake.clear()
-            batch = []
+            batch, ended = [], []
             while pending:
-                batch.append(pending.popleft())
+                key, out, err = pending.popleft()
+                batch.append((key, encoder.encode(key, out) if out is not None else None, err))
+                if err is not None or (out is not None and out.finished):
+                    ended.append(key)
             if batch:
                 try:
                     send(("out", batch))
                 except (OSError, ValueError):
                     return
-                for key, out, err in batch:
-                    if err is not None or (out is not None and out.finished):
-                        results.pop(key, None)
+                for key in ended:
+                    results.pop(key, None)
+                    encoder.forget(key)
 
     tok = client.tokenizer
     send(("ready", client.limits, tok))
@@ -132,6 +141,23 @@ def _engine_main(conn: Any, factory: Callable[..., Any], factory_args: tuple) ->
         except (OSError, ValueError):
             pass
         conn.close()
+
+
+def _wake(waiters: list[tuple[Any, Any]]) -> None:
+    """Set asyncio events from this thread with one `call_soon_threadsafe` per event loop."""
+    by_loop: dict[Any, list] = defaultdict(list)
+    for loop, event in waiters:
+        by_loop[loop].append(event)
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # that event loop is closed: nobody is waiting any more
+            pass
+
+
+def _set_all(events: list) -> None:
+    for event in events:
+        event.set()
 
 
 class ProcessEngineClient(EngineClient):
@@ -223,14 +249,22 @@ class ProcessEngineClient(EngineClient):
             except (EOFError, OSError):
                 break
             if msg[0] == "out":
-                for key, out, err in msg[1]:
+                waiters: list = []
+                for key, delta, err in msg[1]:
                     result = self._results.get(key)
                     if result is None:
                         continue
-                    result.publish(out, err)
+                    out = None
+                    if delta is not None:
+                        try:
+                            out = SnapshotDecoder.decode(delta, result.latest)
+                        except ValueError as e:  # a lost delta: fail the request rather than show wrong text
+                            err = EngineProcessError(f"request {key}: {e}")
+                    result.publish(out, err, wake=waiters)
                     if result.done:
                         with self._lock:
                             self._results.pop(key, None)
+                _wake(waiters)
             elif msg[0] == "reply":
                 with self._lock:
                     slot = self._calls.get(msg[1])

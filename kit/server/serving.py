@@ -3,7 +3,7 @@
 One HTTP request may hold several prompts (completions) and `n` samples each; choice
 `index` is `prompt_index * n + sample_index`, as in OpenAI's API. Non-streamed answers
 wait for every prompt; streamed answers are server-sent events, one chunk per snapshot
-and choice, ending with `data: [DONE]`. A client that goes away (disconnect, or a
+(or per several, joined, when the client is behind), ending with `data: [DONE]`. A client that goes away (disconnect, or a
 cancelled handler) aborts every request it still had running, so their KV blocks come
 back at the executor's next step.
 """
@@ -25,6 +25,8 @@ from kit.server.protocol import (ChatCompletionRequest, CompletionRequest, chat_
                                  error_body, new_id, usage)
 
 __all__ = ["OpenAIServing", "APIError"]
+
+_json_str = json.encoder.encode_basestring_ascii  # str -> its JSON string literal (what json.dumps gives)
 
 
 class APIError(Exception):
@@ -52,6 +54,8 @@ class _Run:
     result: GenerationResult
     prompt_len: int
     sent_tokens: dict[int, int] = field(default_factory=dict)  # sample index -> tokens sent
+    sent_chars: dict[int, int] = field(default_factory=dict)  # sample index -> characters of text sent
+    seen: int = 0  # snapshots of `result` sent (streaming)
     finished: set[int] = field(default_factory=set)  # sample indices whose finish_reason was sent
     last: RequestOutput | None = None
     recorded: bool = False
@@ -209,52 +213,62 @@ class OpenAIServing:
 
     async def stream(self, req: CompletionRequest | ChatCompletionRequest, runs: list[_Run],
                      arrival: float) -> AsyncIterator[str]:
-        """Server-sent events for `runs`; aborts them if the client goes away mid-stream."""
+        """Server-sent events for `runs`; aborts them if the client goes away mid-stream.
+
+        NOTE: a chunk carries every snapshot published since the last chunk of its request (as vLLM
+        does when a stream's consumer is behind): the texts of the snapshots join into one delta,
+        logprobs keep one entry per token, so the joined text and the usage are the same either way."""
         chat = isinstance(req, ChatCompletionRequest)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         k = req.logprobs_k() if chat else req.logprobs
         for r in runs:
             r.arrival = arrival
-
-        def chunk(choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
-            if req.include_usage:
-                body["usage"] = use
-            return f"data: {json.dumps(body)}\n\n"
+        # NOTE: every chunk has the same head; only the choices are encoded per chunk
+        head = (f'data: {{"id": {_json_str(rid)}, "object": "{obj}", "created": {created}, '
+                f'"model": {_json_str(self.model_name)}, "choices": [')
+        tail = '], "usage": null}\n\n' if req.include_usage else ']}\n\n'
+        text_key = '"delta": {"content": ' if chat else '"text": '
+        text_end = '}' if chat else ''
 
         try:
             if chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(req.n)])
-            async for pi, out in _merge([r.result for r in runs]):
+                yield head + ", ".join(f'{{"index": {i}, "delta": {{"role": "assistant", "content": ""}}, '
+                                       f'"logprobs": null, "finish_reason": null}}' for i in range(req.n)) + tail
+            async for pi, _ in _merge([r.result for r in runs]):
                 run = runs[pi]
-                run.last = out
+                snaps = run.result.snapshots(run.seen)  # this snapshot and any published after it
+                if not snaps:  # already sent with an earlier chunk
+                    continue
+                run.seen += len(snaps)
+                out = run.last = snaps[-1]
                 choices = []
                 for c in out.outputs:
                     start = run.sent_tokens.get(c.index, 0)
                     finish = c.finish_reason if c.finish_reason and c.index not in run.finished else None
-                    if not (c.text_diff or finish or len(c.token_ids) > start):  # one chunk per new token
+                    text = "".join(o.text_diff for s in snaps for o in s.outputs if o.index == c.index) \
+                        if len(snaps) > 1 else c.text_diff
+                    if not (text or finish or len(c.token_ids) > start):  # one chunk per new token (or tokens)
                         continue
                     if k is None:
-                        lp = None
+                        lp = "null"
                     elif chat:
-                        lp = chat_logprobs(c, start, k, self.engine.decode_token)
+                        lp = json.dumps(chat_logprobs(c, start, k, self.engine.decode_token))
                     else:
-                        lp = completion_logprobs(c, start, k, self.engine.decode_token, len(c.text) - len(c.text_diff))
+                        offset = run.sent_chars.get(c.index, 0)
+                        lp = json.dumps(completion_logprobs(c, start, k, self.engine.decode_token, offset))
                     run.sent_tokens[c.index] = len(c.token_ids)
+                    run.sent_chars[c.index] = run.sent_chars.get(c.index, 0) + len(text)
                     if finish:
                         run.finished.add(c.index)
-                    index = pi * req.n + c.index
-                    choices.append({"index": index, "delta": {"content": c.text_diff}, "logprobs": lp,
-                                    "finish_reason": finish} if chat else
-                                   {"index": index, "text": c.text_diff, "logprobs": lp, "finish_reason": finish})
+                    choices.append(f'{{"index": {pi * req.n + c.index}, {text_key}{_json_str(text)}{text_end}, '
+                                   f'"logprobs": {lp}, "finish_reason": {_json_str(finish) if finish else "null"}}}')
                 if out.finished:
                     self._record(run)
                 if choices:
-                    yield chunk(choices)
+                    yield head + ", ".join(choices) + tail
             if req.include_usage:
-                yield chunk([], self._usage(runs, [r.last for r in runs]))
+                yield head + '], "usage": ' + json.dumps(self._usage(runs, [r.last for r in runs])) + "}\n\n"
         except Exception as e:  # noqa: BLE001 - the engine failed: tell the client, then end the stream
             self.abandon(runs)
             yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error', code=500))}\n\n"
