@@ -8,12 +8,17 @@ set -uo pipefail
 OUT=$(mkdir -p "$1" && cd "$1" && pwd); MODEL=${2:-${MODEL:-synthetic:llama-3.2-1b}}
 PORT=${PORT:-8011}; PY=${PYTHON:-python3}; CONC=${CONCURRENCY:-1 64}; export PYTHONUNBUFFERED=1
 CLIENT=(); [ -n "${CLIENT_PROCS:-}" ] && CLIENT=(--client-procs "$CLIENT_PROCS")
-$PY -m kit.cli bench --model "$MODEL" --input-len 128 --output-len 64 --concurrency $CONC \
+# NOTE: both sides run the same closed loop (every slot filled at once, each request replaced as it
+# ends): the offline bench's staggered first wave is off, and its untimed warm-up wave matches the
+# online side's warm-up run below (every kernel shape compiled before the timed runs)
+$PY -m kit.cli bench --model "$MODEL" --input-len 128 --output-len 64 --concurrency $CONC --no-stagger \
   --num-requests ${NREQ:-192} --out "$OUT/offline.json" 2>&1 | grep -v '%|' | tail -4
 $PY -m kit.cli serve "$MODEL" --port "$PORT" --max-batch-size 64 --max-input-len 128 --max-seq-len 192 \
   --max-num-tokens 2048 > "$OUT/serve.log" 2>&1 &
 SERVE_PID=$!
 for _ in $(seq 1 240); do $PY -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$PORT/health" 2>/dev/null && break; sleep 0.5; done
+$PY -m kit.cli bench-serve --endpoint "http://127.0.0.1:$PORT" --input-len 128 --output-len 64 \
+  --concurrency $CONC --num-requests 64 --seed 1000 "${CLIENT[@]}" --out "$OUT/online_warmup.json" > /dev/null 2>&1
 $PY -m kit.cli bench-serve --endpoint "http://127.0.0.1:$PORT" --input-len 128 --output-len 64 \
   --concurrency $CONC --num-requests ${NREQ:-192} "${CLIENT[@]}" --out "$OUT/online.json" 2>&1 | grep -v '%|' | tail -4
 kill -TERM "$SERVE_PID"; wait "$SERVE_PID"; echo "server exit status $?"

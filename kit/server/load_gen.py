@@ -228,15 +228,18 @@ def main(args: argparse.Namespace) -> int:
     def count(c: int) -> int:
         return args.num_requests or max(8, 2 * c)
 
-    prompts = make_prompts(card["vocab_size"], args.input_len, max(count(c) for c in args.concurrency), args.seed)
+    # NOTE: fresh prompts for the warm-up and for every level, as `kit bench` does: no run is served from
+    # the prefix cache that an earlier one filled
+    vocab = card["vocab_size"]
     results: dict[str, Any] = {"model": card["id"], "endpoint": endpoint,
                                "environment": {"client": "kit bench-serve", "python": platform.python_version()},
                                "runs": []}
     bench = dict(endpoint=endpoint, model=card["id"], api_key=args.api_key)
-    run_online_benchmark(prompts=prompts[:max(2, min(4, len(prompts)))], output_len=min(8, args.output_len),
+    run_online_benchmark(prompts=make_prompts(vocab, args.input_len, 4, args.seed), output_len=min(8, args.output_len),
                          concurrency=2, progress=False, **bench)  # warm-up, as `kit bench` does
-    for c in args.concurrency:
-        results["runs"].append({"kit": run_online_benchmark(prompts=prompts[:count(c)], output_len=args.output_len,
+    for i, c in enumerate(args.concurrency):
+        prompts = make_prompts(vocab, args.input_len, count(c), args.seed + 1 + i)
+        results["runs"].append({"kit": run_online_benchmark(prompts=prompts, output_len=args.output_len,
                                                             concurrency=c, request_rate=args.request_rate,
                                                             seed=args.seed, client_procs=args.client_procs,
                                                             **bench)})
