@@ -14,7 +14,7 @@ from kit.executor import Executor, KvCacheConfig
 from kit.llm import LLM
 from kit.request import GenerationRequest
 from kit.sampling_params import SamplingParams
-from tests.test_executor import BC, _workload
+from tests.test_executor import BC, _workload, check_200_async_requests_with_aborts
 
 
 @pytest.fixture(scope="module")
@@ -102,30 +102,7 @@ def test_overlap_n_seeds_logprobs_penalties_min_tokens(tiny):
 
 
 def test_overlap_200_concurrent_async_requests_with_aborts(tiny):
-    prompts, _ = _workload(200, seed=3)
-
-    async def main(llm):
-        sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-        results = [llm.generate_async(p, sp) for p in prompts]
-        for r in results[::7]:
-            llm.abort(r.request_id)
-        await asyncio.sleep(0.05)
-        for r in results[3::11]:  # some aborted while they run, one step in flight
-            llm.abort(r.request_id)
-        return await asyncio.gather(*results)
-
-    with LLM(tiny, device="cpu", build_config=BuildConfig(**BC), overlap=True) as llm:
-        outs = asyncio.run(main(llm))
-        executor = llm.executor
-        used = llm.kv_cache_manager.num_used_blocks
-        assert executor.num_inflight == 0
-    assert used == 0 and not executor.is_alive
-    assert len(outs) == 200 and all(o.finished for o in outs)
-    reasons = [o.outputs[0].finish_reason for o in outs]
-    assert set(reasons) <= {"length", "cancelled"} and reasons.count("cancelled") >= 1
-    for i, (o, reason) in enumerate(zip(outs, reasons)):
-        if i % 7 and (i - 3) % 11:
-            assert reason == "length" and len(o.outputs[0].token_ids) == 12
+    check_200_async_requests_with_aborts(tiny, overlap=True)
 
 
 def test_overlap_stats_time_the_lanes(tiny):
