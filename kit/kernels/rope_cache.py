@@ -30,6 +30,15 @@ from kit.ops import apply_rope, rope_cos_sin
 __all__ = ["rope_kv_write", "rope_kv_write_reference"]
 
 tl: Any = None  # triton.language, set on the first Triton call
+_rotate_store: Any = None  # jit(_rotate_store_fn), set with `tl`: the kernel calls it for q and for k
+
+
+def _rotate_store_fn(src, dst, i, ok, c, s, HALF: tl.constexpr):
+    """Rotate one head by (c, s) in float32 (its halves at src and src + HALF) and store it at dst."""
+    a = tl.load(src + i, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(src + HALF + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst + i, (a * c - b * s).to(dst.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF + i, (b * c + a * s).to(dst.dtype.element_ty), mask=ok)
 
 
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
@@ -48,24 +57,14 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, qo_ptr, kc_ptr, vc_pt
     c = tl.cos(ang)
     s = tl.sin(ang)
     if h < NUM_HEADS:  # a query head: rotate into q_out
-        src = q_ptr + t * stride_qt + h * stride_qh
-        x1 = tl.load(src + i, mask=ok, other=0.0)
-        x2 = tl.load(src + HALF + i, mask=ok, other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        dst = qo_ptr + t * stride_ot + h * stride_oh
-        tl.store(dst + i, (a * c - b * s).to(qo_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF + i, (b * c + a * s).to(qo_ptr.dtype.element_ty), mask=ok)
+        _rotate_store(q_ptr + t * stride_qt + h * stride_qh, qo_ptr + t * stride_ot + h * stride_oh, i, ok, c, s,
+                      HALF)
     else:  # a kv head: rotate k, copy v, both into the token's cache slot
         kvh = h - NUM_HEADS
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
-            src = k_ptr + t * stride_kt + kvh * stride_kh
-            x1 = tl.load(src + i, mask=ok, other=0.0)
-            x2 = tl.load(src + HALF + i, mask=ok, other=0.0)
-            a, b = x1.to(tl.float32), x2.to(tl.float32)
-            dst = kc_ptr + slot * stride_cs + kvh * stride_ch
-            tl.store(dst + i, (a * c - b * s).to(kc_ptr.dtype.element_ty), mask=ok)
-            tl.store(dst + HALF + i, (b * c + a * s).to(kc_ptr.dtype.element_ty), mask=ok)
+            _rotate_store(k_ptr + t * stride_kt + kvh * stride_kh, kc_ptr + slot * stride_cs + kvh * stride_ch, i, ok,
+                          c, s, HALF)
             vsrc = v_ptr + t * stride_vt + kvh * stride_vh
             vdst = vc_ptr + slot * stride_vs + kvh * stride_vch
             v1 = tl.load(vsrc + i, mask=ok, other=0.0)
@@ -97,8 +96,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.T
 
 
 def _launch(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping) -> torch.Tensor:
-    global tl
+    global tl, _rotate_store
     tl = triton_module()[1]
+    _rotate_store = jit(_rotate_store_fn)
     kernel = jit(_rope_kv_kernel)
     t, num_heads, d = q.shape
     num_kv = k.shape[1]
