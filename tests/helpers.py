@@ -118,3 +118,14 @@ def tiny_llm(path, **build):
     """An LLM over the checkpoint at `path` on the CPU (importable by name: engine-process tests spawn it)."""
     bc = BuildConfig(**{"max_batch_size": 8, "max_seq_len": 128, "max_input_len": 64, "max_num_tokens": 256, **build})
     return LLM(str(path), device="cpu", build_config=bc)
+
+
+def error_against(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, float]:
+    """(largest |logit difference|, top-1 agreement) of per-position logits against a reference, over all
+    sequences: bf16 paths are held to a float32 reference this way (two bf16 paths round differently)."""
+    worst, agree, total = 0.0, 0, 0
+    for out, ref in zip(outs, refs):
+        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+        agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
+        total += out.shape[0]
+    return worst, agree / total

@@ -30,22 +30,12 @@ def smol_fp32():
     return ModelLoader("smollm2-135m", device="cuda", dtype=torch.float32).load()
 
 
-def _error_against(outs, refs):
-    """(largest |logit difference|, top-1 agreement) of per-position logits against a reference."""
-    worst, agree, total = 0.0, 0, 0
-    for out, ref in zip(outs, refs):
-        worst = max(worst, (out.float() - ref.float()).abs().max().item())
-        agree += (out.argmax(-1) == ref.argmax(-1)).sum().item()
-        total += out.shape[0]
-    return worst, agree / total
-
-
 def test_bf16_logits_close_to_transformers(smol_bf16, smol_fp32):
     """bf16 keeps 8 bits of mantissa (~0.4% relative per op), and two correct bf16 implementations round
     differently, so they are not held to each other but to the same float32 reference: the kit's bf16
     logits must be as close to transformers' float32 logits as transformers' own bf16 logits are (largest
     difference within 1.5x of it, or 0.5), with top-1 agreement no more than 2 points below it."""
-    from helpers import complete_schedule, run_chunks
+    from helpers import complete_schedule, error_against, run_chunks
     from kit.engine import Engine
     from kit.network import NetworkBuilder
 
@@ -57,9 +47,9 @@ def test_bf16_logits_close_to_transformers(smol_bf16, smol_fp32):
     with torch.no_grad():
         ref32 = [hf32(torch.tensor([seq], device="cuda")).logits[0].float() for seq in seqs]
         ref16 = [hf16(torch.tensor([seq], device="cuda")).logits[0].float() for seq in seqs]
-    kit_worst, kit_agree = _error_against(outs, ref32)
-    hf_worst, hf_agree = _error_against(ref16, ref32)
-    direct_worst, direct_agree = _error_against(outs, ref16)
+    kit_worst, kit_agree = error_against(outs, ref32)
+    hf_worst, hf_agree = error_against(ref16, ref32)
+    direct_worst, direct_agree = error_against(outs, ref16)
     record = {"kit_bf16_vs_hf_fp32": {"max_abs_logit_diff": kit_worst, "top1_agreement": kit_agree},
               "hf_bf16_vs_hf_fp32": {"max_abs_logit_diff": hf_worst, "top1_agreement": hf_agree},
               "kit_bf16_vs_hf_bf16": {"max_abs_logit_diff": direct_worst, "top1_agreement": direct_agree},
@@ -89,7 +79,7 @@ def test_triton_decode_matches_reference_attention_in_the_engine(smol_bf16):
     """The Triton kernel and the reference attention, both in bf16, are each held to a float32 run of the
     reference path: the kernel's error must stay within 1.5x of the reference's own bf16 error (or 0.3),
     and its top-1 agreement with float32 within 2 points of the reference's."""
-    from helpers import run_chunks
+    from helpers import error_against, run_chunks
     from kit.backends.torch_backend import TorchBackend
     from kit.engine import Engine
     from kit.network import NetworkBuilder
@@ -102,8 +92,8 @@ def test_triton_decode_matches_reference_attention_in_the_engine(smol_bf16):
     seqs = [list(range(100, 100 + n)) for n in (40, 7, 90)]
     sched = [[40 - 6, 7 - 6, 90 - 6]] + [[1, 1, 1]] * 6
     want = run_chunks(exact, seqs, sched, 16)
-    fast_worst, fast_agree = _error_against(run_chunks(fast, seqs, sched, 16), want)
-    ref_worst, ref_agree = _error_against(run_chunks(ref, seqs, sched, 16), want)
+    fast_worst, fast_agree = error_against(run_chunks(fast, seqs, sched, 16), want)
+    ref_worst, ref_agree = error_against(run_chunks(ref, seqs, sched, 16), want)
     print({"triton": (fast_worst, fast_agree), "reference": (ref_worst, ref_agree)})
     assert fast_worst <= max(0.3, 1.5 * ref_worst)
     assert fast_agree >= min(0.95, ref_agree - 0.02)

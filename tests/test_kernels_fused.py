@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first JIT-decorated
 
-from helpers import FAMILY_CONFIGS, run_chunks  # noqa: E402
+from helpers import FAMILY_CONFIGS, error_against, run_chunks  # noqa: E402
 from kit.backends.torch_backend import TorchBackend  # noqa: E402
 from kit.backends.triton_attention import triton_available  # noqa: E402
 from kit.engine import Engine, ForwardBatch, SequenceInput  # noqa: E402
@@ -314,9 +314,9 @@ def test_bf16_decode_with_fusion_matches_unfused_with_cuda_graphs():
                               ("float32", False, torch.float32)):
         engine = Engine(net, TorchBackend(net, device="cuda", dtype=dtype, fuse=fuse), build_config=bc)
         assert engine.backend.kernel_impl == "triton"
-        logits[name] = torch.cat(run_chunks(engine, seqs, sched, 16)).float()
-    want = logits["float32"]
-    err = {k: (logits[k] - want).abs().max().item() for k in ("unfused", "fused")}
-    agree = {k: (logits[k].argmax(-1) == want.argmax(-1)).float().mean().item() for k in ("unfused", "fused")}
+        logits[name] = run_chunks(engine, seqs, sched, 16)
+    err, agree = {}, {}
+    for k in ("unfused", "fused"):
+        err[k], agree[k] = error_against(logits[k], logits["float32"])
     assert err["fused"] <= max(0.3, 1.5 * err["unfused"]), (err, agree)
     assert agree["fused"] >= agree["unfused"] - 0.03, (err, agree)
