@@ -63,8 +63,7 @@ def matrix_peak_tflops(device: str, n: int, dtype: torch.dtype) -> float:
 
 def step_flops(cfg: ModelConfig, chunks: list[tuple[int, int]]) -> float:
     """FLOPs of one step: (offset, length) per sequence chunk; GEMMs, causal attention, last-row lm_head."""
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    q = cfg.num_attention_heads * cfg.head_dim
+    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
     per_token = 2 * cfg.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size)
     tokens = sum(n for _, n in chunks)
     # QK^T and PV: 2 products of 2 FLOPs per (query, key, head dim); a query at position p sees p + 1 keys
