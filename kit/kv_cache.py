@@ -28,7 +28,7 @@ Allocation takes free blocks first and evicts cached ones only when none is left
 tail first, so a prompt's last blocks are evicted before its first ones (a chained
 hash makes the later blocks useless once an earlier one is gone).
 
-The scheduler and the manager meet through `KVCacheBlocks` (vLLM v1's name): the
+The scheduler and the manager meet through `KVCacheBlocks` (vLLM v1's name; kit/kv_cache_blocks.py): the
 prefix-cache lookup returns one, `allocate_slots` returns the newly allocated one (or
 None), and `get_num_blocks_to_allocate` answers "how many blocks would leave the pool",
 so the scheduler never reads reference counts. `KVCacheInspector`
@@ -39,61 +39,22 @@ Modelled on vLLM v1 (`KVCacheManager`, `BlockPool`) and nano-vllm (`BlockManager
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kit.kv_cache_blocks import KVCacheBlocks, hash_block_tokens
 from kit.kv_cache_config import gpu_memory_budget
 from kit.kv_cache_inspector import KVCacheInspector
 from kit.request import Request
 
 __all__ = ["KVCacheBlocks", "KVCacheManager", "KVCacheInspector", "gpu_memory_budget", "hash_block_tokens"]
 
-_ROOT_HASH = hashlib.sha256(b"kit.kv_cache:root").digest()
-
-
-def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
-    """sha256(parent block's hash || token ids as little-endian int64): names the whole prefix.
-
-    Stable across processes (unlike `hash()` of a str), so block hashes can be compared
-    between runs. The first block of a sequence chains from a fixed root hash.
-    """
-    h = hashlib.sha256(_ROOT_HASH if parent_hash is None else parent_hash)
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
-    return h.digest()
-
 
 def _check_positive(owner: str, **values: Any) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-
-
-@dataclass(frozen=True)
-class KVCacheBlocks:
-    """Block ids handed between the KV-cache manager and the scheduler (vLLM v1's `KVCacheBlocks`).
-
-    `get_computed_blocks` returns the prefix-cache hits as one; `allocate_slots` returns the
-    newly allocated blocks as one (maybe empty), or None when the pool cannot supply them.
-    """
-
-    blocks: tuple[int, ...] = ()
-
-    @property
-    def block_ids(self) -> list[int]:
-        return list(self.blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __iter__(self):
-        return iter(self.blocks)
-
-    def __bool__(self) -> bool:
-        return bool(self.blocks)
 
 
 _NO_BLOCKS = KVCacheBlocks()  # frozen: one instance serves every "nothing new was allocated"
