@@ -2,7 +2,8 @@
 
 For synthetic Llama-3.2-1B and Llama-3.1-8B (bf16), workloads 128/128 and 1024/128 tokens, at
 concurrency 1, 8 and 64, with overlapped scheduling on and off (one engine per model: the
-executor's `overlap` flag is switched between runs, while it is idle), reports the serving
+executor's `overlap` flag is switched between runs, while it is idle), and at concurrency 8 and
+64 also with the mixed-step CUDA graphs set aside (those steps then run eagerly), reports the serving
 throughput (`kit.bench.run_benchmark`), TTFT/TPOT p50/p99, the loop's time split, and the same
 engine's decode-only throughput at the same batch and mean context (`kit.bench.decode_only`),
 so that `serving_over_decode_only` is measured in the same run. Also: Qwen2.5-0.5B at
@@ -20,7 +21,8 @@ decode-only steps), so requests then finish and are replaced one at a time, as i
 `steady_over_decode_only` (throughput while every slot is busy) sits beside the whole-run
 `serving_over_decode_only`. Before each timed run its time is estimated from the warm-up wave
 (the ramp, then requests / concurrency waves as long as the warm-up's) and printed beside the
-time the row took; a run whose estimate would pass the budget is skipped.
+time the row took; a run whose estimate would pass the budget is skipped. Each row keeps its
+run's five longest iterations (what they held, the loop's time split): where the p99s come from.
 
     python bench/serving.py --out bench/results/serving_h100.json
     python bench/serving.py --smoke --out /tmp/serving_smoke.json     # same code path, CPU, seconds
@@ -108,12 +110,19 @@ def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int],
             for c in concurrency:
                 dec = decode_only(llm, c, in_len + out_len // 2)
                 ramp = out_len * dec["step_ms"] / 1e3  # one output length at this batch
-                for overlap in (True, False):
-                    key = f"{name} {in_len}/{out_len} c={c} overlap={overlap}"
+                # mixed-step CUDA graphs (kit/backends/mixed_graphs.py) on, and off at c >= 8 for the comparison
+                runner = getattr(llm.engine.backend, "mixed_graphs", None)
+                variants = [(o, True) for o in (True, False)]
+                if runner is not None and c >= 8:
+                    variants += [(o, False) for o in (True, False)]
+                for overlap, mixed in variants:
+                    key = f"{name} {in_len}/{out_len} c={c} overlap={overlap} mixed_graphs={mixed and runner is not None}"
                     if time.monotonic() > deadline:
                         res["skipped"].append(key)
                         continue
                     llm.executor.overlap = overlap  # idle between runs: the next step reads the flag
+                    # NOTE: idle between runs too: mixed steps run eagerly while the runner is set aside
+                    llm.engine.backend.mixed_graphs = runner if mixed else None
                     n = num_requests(c)
                     t0 = time.monotonic()  # the warm-up: one wave of this very shape, untimed
                     run_benchmark(llm, make_prompts(vocab, in_len, c, next(seeds)), out_len, c, progress=False,
@@ -125,28 +134,45 @@ def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int],
                     if time.monotonic() + estimate > deadline:
                         res["skipped"].append(f"{key} (estimated {estimate:.0f} s)")
                         continue
+                    first_iter = int(llm.executor.stats()["iteration"].max()) if len(llm.executor.stats()) else -1
                     kit = run_benchmark(llm, make_prompts(vocab, in_len, n, next(seeds)), out_len, c,
                                         progress=False, ramp_s=ramp)
                     steady = kit["steady"]
                     row = {"model": name, "input_len": in_len, "output_len": out_len, "concurrency": c,
-                           "overlap": overlap, "kit": kit, "decode_only": dec, "warmup_s": warm_s,
+                           "overlap": overlap, "mixed_graphs": mixed and runner is not None, "kit": kit,
+                           "decode_only": dec, "warmup_s": warm_s,
                            "estimated_s": estimate, "row_s": time.monotonic() - t0,
                            "serving_over_decode_only": kit["output_tokens_per_s"] / dec["output_tokens_per_s"],
                            "steady_over_decode_only": (steady["output_tokens_per_s"] / dec["output_tokens_per_s"]
                                                        if steady else None),
-                           "tpot_over_decode_step": kit["tpot_ms"]["p50"] / dec["step_ms"]}
+                           "tpot_over_decode_step": kit["tpot_ms"]["p50"] / dec["step_ms"],
+                           "slowest_iterations": slowest_iterations(llm, first_iter)}
                     res["runs"].append(row)
                     sod = row["steady_over_decode_only"]
-                    print(f"{key:42s} {kit['output_tokens_per_s']:9.1f} tok/s  decode-only "
+                    print(f"{key:60s} {kit['output_tokens_per_s']:9.1f} tok/s  decode-only "
                           f"{dec['output_tokens_per_s']:9.1f}  ratio {row['serving_over_decode_only']:.2f} "
                           f"(steady {sod if sod is not None else float('nan'):.2f})  "
-                          f"TTFT p50 {kit['ttft_ms']['p50']:8.1f}  TPOT p50 {kit['tpot_ms']['p50']:6.2f} "
+                          f"TTFT p50 {kit['ttft_ms']['p50']:8.1f} p99 {kit['ttft_ms']['p99']:8.1f}  "
+                          f"TPOT p50 {kit['tpot_ms']['p50']:6.2f} "
                           f"p99 {kit['tpot_ms']['p99']:6.2f} ms (decode step {dec['step_ms']:.2f} ms)  "
+                          f"slowest step {row['slowest_iterations'][0]['duration_ms'] if row['slowest_iterations'] else 0:.1f} ms  "
                           f"row {estimate + warm_s:.1f} s estimated, {row['row_s']:.1f} s taken", flush=True)
+                llm.engine.backend.mixed_graphs = runner
     del llm, loaded
     gc.collect()
     if cfg["device"] == "cuda":
         torch.cuda.empty_cache()
+
+
+def slowest_iterations(llm: LLM, after: int, k: int = 5) -> list[dict[str, Any]]:
+    """The `k` longest iterations of the last run (what they held, the loop's time split): where p99s come from."""
+    df = llm.executor.stats()
+    df = df[df["iteration"] > after]
+    cols = [c for c in ("iteration", "duration_ms", "num_prefill_tokens", "num_decode_tokens", "batch_size",
+                        "schedule_ms", "prepare_ms", "forward_ms", "sampling_ms", "output_ms", "device_idle_ms")
+            if c in df.columns]
+    return [{c: (float(v) if not isinstance(v, (int, str)) else v) for c, v in r.items()}
+            for r in df.nlargest(k, "duration_ms")[cols].to_dict("records")]
 
 
 def hf_runs(cfg: dict[str, Any], res: dict[str, Any], deadline: float) -> list[dict[str, Any]]:

@@ -300,6 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-mixed-graphs", action="store_true",
+                   help="graph pure decode steps only; steps with prompt tokens run eagerly")
     p.add_argument("--quantization", default=None)
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (kit/parallel)")
     p.add_argument("--seed", type=int, default=0)
@@ -333,7 +335,8 @@ def main(args: argparse.Namespace) -> int:
     max_c = max(args.concurrency)
     bc = BuildConfig(max_batch_size=max_c, max_input_len=max(i for i, _ in pairs),
                      max_seq_len=max(i + o for i, o in pairs),
-                     max_num_tokens=max(2048, max_c), use_cuda_graphs=not args.no_cuda_graphs)
+                     max_num_tokens=max(2048, max_c), use_cuda_graphs=not args.no_cuda_graphs,
+                     cuda_graph_mixed_steps=not args.no_mixed_graphs)
 
     def count(c: int) -> int:
         return args.num_requests or max(8, 4 * c)

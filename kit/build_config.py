@@ -44,6 +44,9 @@ class BuildConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
     use_cuda_graphs: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, 8, then multiples of 8
+    # mixed steps (prompt chunks with or without decode tokens) replayed from graphs too, per token-count bucket
+    cuda_graph_mixed_steps: bool = True
+    cuda_graph_num_tokens: tuple[int, ...] | None = None  # None: `graph_num_tokens`' default buckets
     profiling_verbosity: str = "layer_names_only"
     block_size: int = 16
 
@@ -89,6 +92,15 @@ class BuildConfig:
             if not sizes or any(not 1 <= s <= self.max_batch_size for s in sizes):
                 raise ValueError(f"BuildConfig.cuda_graph_batch_sizes must lie in [1, {self.max_batch_size}], got {sizes}")
             object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(sizes))))
+        if not isinstance(self.cuda_graph_mixed_steps, bool):
+            raise ValueError(f"BuildConfig.cuda_graph_mixed_steps must be True or False, got {self.cuda_graph_mixed_steps!r}")
+        if self.cuda_graph_num_tokens is not None:
+            sizes = tuple(self.cuda_graph_num_tokens)
+            if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= self.max_num_tokens
+                                for s in sizes):
+                raise ValueError(f"BuildConfig.cuda_graph_num_tokens must be integers in [1, max_num_tokens="
+                                 f"{self.max_num_tokens}], got {self.cuda_graph_num_tokens!r}")
+            object.__setattr__(self, "cuda_graph_num_tokens", tuple(sorted(set(sizes))))
         return self
 
     # ----------------------------------------------------------------- derived
@@ -101,6 +113,26 @@ class BuildConfig:
         sizes += list(range(16, self.max_batch_size + 1, 8))
         if sizes[-1] != self.max_batch_size:
             sizes.append(self.max_batch_size)
+        return tuple(sizes)
+
+    @property
+    def graph_num_tokens(self) -> tuple[int, ...]:
+        """Token-count buckets of the mixed-step CUDA graphs (a step pads up to the next one); () when off.
+
+        The default steps by 32 tokens up to 256, by 64 to 512, by 128 to 1,024 and by 256 to
+        2,048, capped at max_num_tokens: a step of a few hundred tokens (decode rows plus a
+        prompt chunk) pads by at most a few percent of its weight-bound GEMM time, and steps
+        above 2,048 tokens are compute-bound, where launching kernels one by one costs little.
+        """
+        if not self.cuda_graph_mixed_steps:
+            return ()
+        if self.cuda_graph_num_tokens is not None:
+            return self.cuda_graph_num_tokens
+        top = min(self.max_num_tokens, 2048)
+        steps = [*range(32, 257, 32), *range(320, 513, 64), *range(640, 1025, 128), *range(1280, 2049, 256)]
+        sizes = [s for s in steps if s <= top]
+        if not sizes or sizes[-1] != top:
+            sizes.append(top)
         return tuple(sizes)
 
     def optimization_profiles(self) -> dict[str, tuple[int, int, int]]:
@@ -121,15 +153,17 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["cuda_graph_batch_sizes"] is not None:
-            d["cuda_graph_batch_sizes"] = list(d["cuda_graph_batch_sizes"])
+        for name in ("cuda_graph_batch_sizes", "cuda_graph_num_tokens"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
         d = dict(d)
-        if d.get("cuda_graph_batch_sizes") is not None:
-            d["cuda_graph_batch_sizes"] = tuple(d["cuda_graph_batch_sizes"])
+        for name in ("cuda_graph_batch_sizes", "cuda_graph_num_tokens"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
         return cls(**d)
 
     def _repr_html_(self) -> str:

@@ -75,7 +75,7 @@ class Engine:
         return kv
 
     def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
-        """Capture the decode CUDA graphs over `kv_cache`; returns the batch sizes captured.
+        """Capture the CUDA graphs over `kv_cache` (decode, and mixed steps); returns the decode batch sizes.
 
         `batch_sizes` defaults to the build config's `graph_batch_sizes` when it enables
         `use_cuda_graphs`; with the default, an engine that cannot capture (CPU, a backend
@@ -97,14 +97,23 @@ class Engine:
             raise ValueError(f"capture_cuda_graphs: batch_sizes must be integers >= 1, got {list(batch_sizes)}")
         max_len = bc.max_seq_len if bc is not None else kv_cache.num_blocks * kv_cache.block_size
         max_blocks = -(-max_len // kv_cache.block_size)
+        mixed: dict[str, Any] = {}
+        if bc is not None and bc.use_cuda_graphs and getattr(self.backend, "supports_mixed_graphs", False):
+            mixed = dict(num_tokens=bc.graph_num_tokens, max_seqs=bc.max_batch_size * bc.max_beam_width)
         current = getattr(self.backend, "graphs", None)
+        current_mixed = getattr(self.backend, "mixed_graphs", None)
         if (current is not None and current.kv_cache is kv_cache and current.batch_sizes == sizes
-                and current.max_blocks == max_blocks):
+                and current.max_blocks == max_blocks
+                and (current_mixed.num_tokens if current_mixed is not None else ())
+                == (self.backend.mixed_graph_sizes(kv_cache, mixed["num_tokens"], max_blocks) if mixed else ())):
             return sizes
         t0 = time.perf_counter()
-        self.backend.capture_cuda_graphs(kv_cache, sizes, max_blocks)
-        self.build_log.append({"step": "capture CUDA graphs", "seconds": time.perf_counter() - t0,
-                               "detail": f"decode batch sizes {list(sizes)}"})
+        self.backend.capture_cuda_graphs(kv_cache, sizes, max_blocks, **mixed)
+        detail = f"decode batch sizes {list(sizes)}"
+        runner = getattr(self.backend, "mixed_graphs", None)
+        if runner is not None:
+            detail += f"; mixed steps of {list(runner.num_tokens)} tokens"
+        self.build_log.append({"step": "capture CUDA graphs", "seconds": time.perf_counter() - t0, "detail": detail})
         return sizes
 
     @property

@@ -43,11 +43,18 @@ class CudaGraphConfig:
     `batch_sizes` (None: 1, 2, 4, 8, then multiples of 8 up to `max_batch_size`, or the
     build's max_batch_size when that is 0). `enable_padding` is accepted for compatibility:
     the kit always pads a decode batch up to the next captured size.
+
+    Two fields are the kit's own (TensorRT-LLM graphs pure decode steps only): `mixed_steps`
+    also replays the steps that hold prompt tokens from graphs, one per token-count bucket
+    (`mixed_num_tokens`, None: `BuildConfig.graph_num_tokens`' default), as vLLM's full
+    CUDA graphs do; see kit/backends/mixed_graphs.py.
     """
 
     batch_sizes: tuple[int, ...] | None = None
     max_batch_size: int = 0
     enable_padding: bool = False
+    mixed_steps: bool = True
+    mixed_num_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_sizes is not None:
@@ -61,6 +68,14 @@ class CudaGraphConfig:
             raise ValueError(f"CudaGraphConfig.max_batch_size must be an int >= 0 (0: the build's), got {m!r}")
         if not isinstance(self.enable_padding, bool):
             raise ValueError(f"CudaGraphConfig.enable_padding must be a bool, got {self.enable_padding!r}")
+        if not isinstance(self.mixed_steps, bool):
+            raise ValueError(f"CudaGraphConfig.mixed_steps must be a bool, got {self.mixed_steps!r}")
+        if self.mixed_num_tokens is not None:
+            sizes = tuple(self.mixed_num_tokens)
+            if not sizes or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in sizes):
+                raise ValueError(f"CudaGraphConfig.mixed_num_tokens must be None or a non-empty list of ints >= 1, "
+                                 f"got {self.mixed_num_tokens!r}")
+            object.__setattr__(self, "mixed_num_tokens", tuple(sorted(set(sizes))))
 
     def batch_sizes_for(self, max_batch_size: int) -> tuple[int, ...]:
         """The captured sizes for a build of `max_batch_size` (sizes above it are refused)."""
@@ -193,6 +208,8 @@ class LlmArgs:
         elif cg is not _UNSET:
             bc.use_cuda_graphs = True
             bc.cuda_graph_batch_sizes = cg.batch_sizes_for(bc.max_batch_size)
+            bc.cuda_graph_mixed_steps = cg.mixed_steps
+            bc.cuda_graph_num_tokens = cg.mixed_num_tokens
         return bc.validate()
 
     def kv_cache_config_to_use(self) -> KvCacheConfig:

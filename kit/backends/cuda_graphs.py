@@ -17,7 +17,7 @@ logits buffer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -33,7 +33,8 @@ class CUDAGraphRunner:
     """Captures `backend.run_layers` for each decode batch size; `run(batch)` replays the right one."""
 
     def __init__(self, backend: "TorchBackend", kv_cache: KVCache, batch_sizes: tuple[int, ...],
-                 max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None) -> None:
+                 max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None,
+                 pool: Any = None) -> None:
         self.backend = backend
         self.kv_cache = kv_cache
         self.batch_sizes = tuple(sorted(batch_sizes))
@@ -52,7 +53,7 @@ class CUDAGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.batches: dict[int, ForwardBatch] = {}
-        pool = None
+        # NOTE: `pool` shares the memory of graphs captured before (the mixed-step ones): graphs replay one at a time
         for size in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
             batch = ForwardBatch(self._ids[:size], self._pos[:size], arange[:size + 1], self._seq_lens[:size],
                                  self._tables[:size], self._slots[:size], arange[:size], max_query_len=1,

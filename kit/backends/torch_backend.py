@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from kit.backends.base import LayerHook
 from kit.backends.cuda_graphs import CUDAGraphRunner
+from kit.backends.mixed_graphs import MixedGraphRunner
 from kit.backends.triton_attention import paged_decode_attention, paged_prefill_attention, triton_available
 from kit.batch import ForwardBatch, KVCache
 from kit.kernels import fused_add_rms_norm, rope_kv_write, silu_mul
@@ -50,7 +51,7 @@ from kit.ops import apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_in
 from kit.quantization import build_linear
 from kit.quantization.kv_cache import quantize_kv
 
-__all__ = ["TorchBackend", "DenseLinear", "CUDAGraphRunner", "paged_attention", "rope_inv_freq"]
+__all__ = ["TorchBackend", "DenseLinear", "CUDAGraphRunner", "MixedGraphRunner", "paged_attention", "rope_inv_freq"]
 
 Env = dict[str, torch.Tensor]
 LayerFn = Callable[[Env, ForwardBatch, KVCache], None]
@@ -122,8 +123,10 @@ class TorchBackend:
         self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
                                                  for layer in network.layers]
         self.graphs: CUDAGraphRunner | None = None
+        self.mixed_graphs: MixedGraphRunner | None = None
 
     can_execute = True
+    supports_mixed_graphs = True  # capture_cuda_graphs takes num_tokens= (kit/backends/mixed_graphs.py)
 
     @property
     def capabilities(self) -> str:
@@ -133,6 +136,9 @@ class TorchBackend:
 
     def describe(self) -> str:
         mode = f"CUDA graphs for decode batch sizes {list(self.graphs.batch_sizes)}" if self.graphs else "eager"
+        if self.mixed_graphs is not None:
+            t = self.mixed_graphs.num_tokens
+            mode += f" and mixed steps of {t[0]}..{t[-1]} tokens ({len(t)} buckets)"
         attn = "Triton paged attention" if self.decode_kernel is not None else "reference attention"
         fused = f"fused norm/rope/activation ({self.kernel_impl})" if self.fuse else "unfused"
         return f"PyTorch {torch.__version__} ({self.device.type}, {mode}, {attn}, {fused})"
@@ -296,18 +302,38 @@ class TorchBackend:
         "attention": _attention, "o_proj": _o_proj, "mlp": _mlp, "lm_head": _lm_head,
     }
 
-    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes: Sequence[int], max_blocks: int) -> None:
-        """Record one decode step per batch-size bucket over `kv_cache` (CUDA only); see `CUDAGraphRunner`."""
+    def mixed_graph_sizes(self, kv_cache: KVCache, num_tokens: Sequence[int], max_blocks: int) -> tuple[int, ...]:
+        """The buckets of `num_tokens` a capture over `kv_cache` takes: () unless attention runs in the varlen
+        Triton kernel; none whose padding would need longer block tables than `max_blocks`."""
+        if self.prefill_kernel is None or (kv_cache.is_quantized and not self.kernels_for_8bit):
+            return ()
+        return tuple(sorted({int(t) for t in num_tokens if t <= max_blocks * kv_cache.block_size}))
+
+    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes: Sequence[int], max_blocks: int,
+                            num_tokens: Sequence[int] = (), max_seqs: int = 0) -> None:
+        """Record one decode step per batch-size bucket over `kv_cache` (CUDA only); see `CUDAGraphRunner`.
+
+        With `num_tokens`, also one mixed step per token-count bucket for up to `max_seqs`
+        sequences (`MixedGraphRunner`), when attention allows it (`mixed_graph_sizes`).
+        """
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this backend runs on {self.device}")
-        self.graphs = CUDAGraphRunner(self, kv_cache, tuple(batch_sizes), max_blocks)
+        self.graphs = self.mixed_graphs = None  # NOTE: the old graphs' memory goes before the new ones take theirs
+        sizes = self.mixed_graph_sizes(kv_cache, num_tokens, max_blocks)
+        if sizes and max_seqs >= 1:
+            self.mixed_graphs = MixedGraphRunner(self, kv_cache, sizes, max_seqs, max_blocks)
+        pool = self.mixed_graphs.pool if self.mixed_graphs is not None else None
+        self.graphs = CUDAGraphRunner(self, kv_cache, tuple(batch_sizes), max_blocks, pool=pool)
 
     # ----------------------------------------------------------------- running
     def forward(self, batch: ForwardBatch, kv_cache: KVCache,
                 hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
-        """Logits (num_logits, vocab); a decode batch replays a CUDA graph when one fits and no hook is given."""
-        if not hooks and self.graphs is not None and self.graphs.can_run(batch, kv_cache):
-            return self.graphs.run(batch)
+        """Logits (num_logits, vocab); a step replays a CUDA graph when one fits and no hook is given."""
+        if not hooks:
+            if self.graphs is not None and self.graphs.can_run(batch, kv_cache):
+                return self.graphs.run(batch)
+            if self.mixed_graphs is not None and self.mixed_graphs.can_run(batch, kv_cache):
+                return self.mixed_graphs.run(batch)
         return self.run_layers(batch, kv_cache, hooks)
 
     def run_layers(self, batch: ForwardBatch, kv_cache: KVCache,

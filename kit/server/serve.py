@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-mixed-graphs", action="store_true",
+                   help="graph pure decode steps only; steps with prompt tokens run eagerly")
     p.add_argument("--seed", type=int, default=0, help="weights seed of a synthetic:<preset> model")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--log-level", default="warning")
@@ -76,7 +78,8 @@ def build_llm(args: argparse.Namespace) -> LLM:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bc = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=min(args.max_input_len, args.max_seq_len),
                      max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                     use_cuda_graphs=not args.no_cuda_graphs, dtype=args.dtype)
+                     use_cuda_graphs=not args.no_cuda_graphs, dtype=args.dtype,
+                     cuda_graph_mixed_steps=not args.no_mixed_graphs)
     model: Any = args.model  # a name, path or engine directory: LLM loads it (through the build cache)
     if args.model.startswith("synthetic:"):  # random weights made on the device, as `kit bench` makes them
         model = ModelLoader.synthetic(args.model.split(":", 1)[1], seed=args.seed, device=device,
