@@ -106,6 +106,9 @@ def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int],
     vocab = loaded.config.vocab_size
     seeds = iter(range(1, 1_000_000))  # NOTE: fresh prompts for every run: no prefix-cache hit from an earlier one
     with LLM(loaded, device=cfg["device"], build_config=bc, enable_build_cache=False) as llm:
+        captures = [r for r in llm.engine.build_log if r["step"] == "capture CUDA graphs"]
+        res.setdefault("captures", {})[name] = captures
+        print(f"{name}: {captures}", flush=True)
         for in_len, out_len in pairs:
             for c in concurrency:
                 dec = decode_only(llm, c, in_len + out_len // 2)
