@@ -145,12 +145,18 @@ class ForwardBatch:
         """The batch from its seven index lists (input ids, positions, starts, seq lens, padded tables, slots,
         logits rows), in that order. NOTE: one host->device copy for all seven, then views into it."""
         sizes = sizes if sizes is not None else tuple(len(part) for part in parts)
+        # NOTE: every view starts 16-byte aligned (an odd-length part is followed by one unused slot): Triton
+        # specializes a kernel on each pointer's 16-byte alignment, so views at odd offsets, changing with the
+        # step's token and sequence counts, compiled new variants of the attention and RoPE kernels in the
+        # middle of serving (stalls of 1-1.5 s on an H200, bench/results/serving_h200.json's slowest iterations)
+        odd = [(0,) if n & 1 else () for n in sizes]
         # NOTE: an int64 array (from a list: it is sized once), shared by the tensor without a copy; ~4x faster
         # than torch.tensor(list)
-        flat = torch.frombuffer(array("q", list(chain.from_iterable(parts))), dtype=torch.long)
+        flat = torch.frombuffer(array("q", list(chain.from_iterable(chain.from_iterable(zip(parts, odd))))),
+                                dtype=torch.long)
         if torch.device(device).type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        views = flat.split(sizes)
+        views = [v[:n] for v, n in zip(flat.split([n + (n & 1) for n in sizes]), sizes)]
         return cls(
             input_ids=views[0],
             positions=views[1],

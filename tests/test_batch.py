@@ -36,3 +36,14 @@ def test_decode_fast_path_same_length_tables_and_feeding_ids_in_place():
 def test_decode_fast_path_validates_block_tables():
     with pytest.raises(ValueError, match="sequence 1: 1 blocks of 4 cannot hold 5 tokens"):
         ForwardBatch.build([SequenceInput([1], 0, [0]), SequenceInput([1], 4, [1])], 4)
+
+
+def test_every_index_tensor_of_a_batch_starts_16_byte_aligned():
+    """Triton specializes kernels on pointer alignment: views at odd int64 offsets would compile new variants."""
+    for seqs in ([SequenceInput([1, 2, 3], 0, [0]), SequenceInput([4], 5, [1, 2])],
+                 [SequenceInput([7], 3, [0]), SequenceInput([8], 4, [1]), SequenceInput([9], 2, [2])]):
+        b = ForwardBatch.build(seqs, 16)
+        for name in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
+                     "logits_indices"):
+            assert getattr(b, name).data_ptr() % 16 == 0, name
+        assert b.input_ids.tolist() == [s.token_ids[0] for s in seqs] if len(seqs) == 3 else [1, 2, 3, 4]

@@ -178,7 +178,9 @@ def _kernels() -> tuple[Any, Any]:
     if mods is None:
         raise RuntimeError("paged_decode_attention needs Triton: pip install triton")
     triton, tl = mods
-    return triton.jit(_paged_decode_kernel), triton.jit(_merge_splits_kernel)
+    # NOTE: split size and block-table width change with the batch's contexts: not specialized (see prefill)
+    return (triton.jit(_paged_decode_kernel, do_not_specialize=["split_size", "stride_btb"]),
+            triton.jit(_merge_splits_kernel, do_not_specialize=["num_splits"]))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:

@@ -200,7 +200,9 @@ def _kernel() -> Any:
     triton, tl = mods
     # NOTE: the kernel calls `_prefill_tiles` by its global name, so the name must hold the JIT function
     globals()["_prefill_tiles"] = triton.jit(_PREFILL_TILES)
-    return triton.jit(_varlen_prefill_kernel)
+    # NOTE: the sequence count and the block-table width change from step to step; specialized (== 1,
+    # divisible by 16) they compiled new variants of the kernel in the middle of serving
+    return triton.jit(_varlen_prefill_kernel, do_not_specialize=["num_seqs", "stride_btb"])
 
 
 def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:

@@ -52,11 +52,10 @@ class MixedStepInputs:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_logits: int, max_blocks: int, block_size: int,
                  scratch_block: int, device: torch.device | str) -> None:
-        if max_tokens > max_blocks * block_size:
-            raise ValueError(f"MixedStepInputs: {max_tokens} tokens of padding need block tables of "
-                             f">= {-(-max_tokens // block_size)} blocks, got {max_blocks}")
         self.max_tokens, self.max_seqs, self.max_logits = max_tokens, max_seqs, max_logits
-        self.max_blocks, self.block_size, self.scratch_block = max_blocks, block_size, scratch_block
+        # NOTE: the padding sequence can be longer than any real one: its table covers max_tokens positions
+        self.max_blocks = max(max_blocks, -(-max_tokens // block_size))
+        self.block_size, self.scratch_block = block_size, scratch_block
         i64 = dict(dtype=torch.long, device=device)
         s = max_seqs + 1  # the last sequence takes the padding rows
         self.ids = torch.zeros(max_tokens, **i64)
@@ -66,7 +65,7 @@ class MixedStepInputs:
         self.slots = self.pad_slots.clone()
         self.qsl = torch.zeros(s + 1, **i64)
         self.seq_lens = torch.zeros(s, **i64)
-        self.tables = torch.full((s, max_blocks), scratch_block, **i64)
+        self.tables = torch.full((s, self.max_blocks), scratch_block, **i64)
         self.logits = torch.zeros(max_logits, **i64)
 
     def batch(self, num_tokens: int) -> ForwardBatch:

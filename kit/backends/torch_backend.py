@@ -304,10 +304,10 @@ class TorchBackend:
 
     def mixed_graph_sizes(self, kv_cache: KVCache, num_tokens: Sequence[int], max_blocks: int) -> tuple[int, ...]:
         """The buckets of `num_tokens` a capture over `kv_cache` takes: () unless attention runs in the varlen
-        Triton kernel; none whose padding would need longer block tables than `max_blocks`."""
+        Triton kernel."""
         if self.prefill_kernel is None or (kv_cache.is_quantized and not self.kernels_for_8bit):
             return ()
-        return tuple(sorted({int(t) for t in num_tokens if t <= max_blocks * kv_cache.block_size}))
+        return tuple(sorted({int(t) for t in num_tokens}))
 
     def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes: Sequence[int], max_blocks: int,
                             num_tokens: Sequence[int] = (), max_seqs: int = 0) -> None:
