@@ -155,7 +155,9 @@ def test_step_channel_sends_the_payload_in_one_broadcast_of_its_exact_length():
     assert header[12] == 500 and torch.equal(got, big) and recv.comm.sizes[-1] == 500
     send.close()
     recv.close()
-    assert send.path == "broadcast"
+    assert send.ring.closed and _gone(send.ring.name)
+    with pytest.raises(RuntimeError, match=r"HeaderRing\(/dev/shm/kit-tp-.* writer, 7 messages\) is closed"):
+        send.send([NOOP])
 
 
 def test_a_skipped_message_or_other_collectives_raise_collective_mismatch():

@@ -164,6 +164,8 @@ class HeaderRing:
 
     def write(self, header: list[int]) -> None:
         """Rank 0: the next message; waits only while a reader is a whole ring behind."""
+        if self.closed:
+            raise RuntimeError(f"{self!r} is closed")
         if len(header) != self.width:
             raise ValueError(f"HeaderRing.write: a message has {self.width} words, got {len(header)}")
         w = self.done + 1
@@ -181,6 +183,8 @@ class HeaderRing:
 
     def read(self) -> list[int]:
         """Rank r: the next message (its `width` words)."""
+        if self.closed:
+            raise RuntimeError(f"{self!r} is closed")
         w = self.done + 1
         words, at = self.words, self._slot(w)
         if words[at] != w:
@@ -230,7 +234,14 @@ class HeaderRing:
             self.unlink()
         keep, self._keep = self._keep, None
         self.words = np.zeros(0, dtype=np.int64)  # NOTE: the view must go before the mapping can close
-        keep.close()
+        try:
+            keep.close()
+        except BufferError:  # a view still held somewhere: the mapping goes with the process
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._keep is None
 
     def __repr__(self) -> str:
         role = "writer" if self.rank == 0 else f"reader rank {self.rank}"

@@ -126,10 +126,9 @@ class StepChannel:
         return "broadcast" if self.ring is None else "shared memory"
 
     def close(self) -> None:
-        """Unmap the ring (rank 0 also unlinks it); the channel falls back to the broadcast path."""
-        ring, self.ring = self.ring, None
-        if ring is not None:
-            ring.close()
+        """Unmap the ring (rank 0 also unlinks it, if not done yet); the channel sends nothing more."""
+        if self.ring is not None:
+            self.ring.close()
 
     def _write_header(self, header: list[int]) -> None:
         if not self._pinned:
