@@ -279,7 +279,7 @@ class DistributedEngine(Engine):
 
     def __repr__(self) -> str:
         return (f"DistributedEngine({self.network.name!r}, tensor_parallel_size={self.mapping.tp_size}, "
-                f"{self.backend.comm.backend}, {self.device}, {self.dtype}, step headers by {self.step_channel})")
+                f"{self.backend.comm.backend}, {self.device}, {self.dtype})")
 
 
 def _stop(ranks: Ranks) -> None:
