@@ -73,6 +73,10 @@ def test_ring_never_overwrites_an_unread_slot():
         writer.write([i] * HEADER)
     with pytest.raises(TimeoutError, match="rank 0 waits for message 1 to be read before it writes message 4"):
         writer.write([4] * HEADER)
+    writer.timeout_s, writer.stop_when = 30.0, lambda: "rank 0's watchdog: 'step 4 FORWARD' has not finished"
+    with pytest.raises(RuntimeError, match=r"before it writes message 4: given up \(rank 0's watchdog: 'step 4"):
+        writer.write([4] * HEADER)  # long before the 30 s
+    writer.stop_when = None
     assert reader.read() == [1] * HEADER  # intact
     writer.write([4] * HEADER)  # now slot 0 is free
     assert [reader.read()[0] for _ in range(3)] == [2, 3, 4]

@@ -163,6 +163,7 @@ class DistributedEngine(Engine):
                     del shards
                 if ring is not None:  # every rank says whether it mapped the ring; the name is unlinked
                     ranks.channel.ring, _ = agree_rank0(comm, ring, mode)
+                    ring.stop_when = lambda: ranks.broken
                 ranks.last_send = time.monotonic()
             backend = TensorParallelBackend(own, mapping, comm, full_config.vocab_size, device=comm.device,
                                             dtype=dtype)

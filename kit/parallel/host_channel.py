@@ -30,7 +30,8 @@ shared-memory queue does).
 Waiting: a busy spin for `spin_s` (a rank in a run of steps answers within microseconds),
 then sleeps doubling from 20 us to 1 ms (an idle rank does not burn a core). While asleep,
 a reader checks that rank 0's process is still there, and rank 0 checks the readers it
-waits for (a process gone raises `PeerGone`, naming it); rank 0 gives up after `timeout_s`.
+waits for (a process gone raises `PeerGone`, naming it); rank 0 gives up after `timeout_s`, or
+as soon as `stop_when()` gives a reason (its watchdog has marked the engine broken).
 A process is named by its pid and its start time (/proc/PID/stat), so a reused pid, or a
 rank in another pid namespace, is not mistaken for it.
 
@@ -55,7 +56,7 @@ import socket
 import threading
 import time
 from multiprocessing import shared_memory
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -106,6 +107,9 @@ class HeaderRing:
         self.spin_s, self.timeout_s = spin_s, timeout_s
         self.peers = dict(peers or {})  # rank -> (pid, start time): the processes whose death ends a wait
         self.done = 0  # messages written (rank 0) or read (rank r)
+        # a wait that is asleep also ends (RuntimeError with its text) once this says why: rank 0's watchdog
+        # marking the engine broken, so a wait behind a stuck rank ends with the watchdog, not at `timeout_s`
+        self.stop_when: Callable[[], str | None] | None = None
         self.unlinked = owner is None
 
     # ------------------------------------------------------------------ start
@@ -213,6 +217,9 @@ class HeaderRing:
                 pid, start = self.peers.get(r, (None, None))
                 if pid is not None and process_start_time(pid) != start:
                     raise PeerGone(f"rank {r} (pid {pid}) has exited: {what}")
+            why = self.stop_when() if self.stop_when is not None else None
+            if why:
+                raise RuntimeError(f"{what}: given up ({why})")
             if self.timeout_s is not None and time.monotonic() - t0 > self.timeout_s:
                 raise TimeoutError(f"{what}: nothing after {self.timeout_s:.0f} s")
 
