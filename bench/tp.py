@@ -2,7 +2,9 @@
 
 For each TP size that the GPUs allow (1, 2, 4), in one run:
 
-* decode step at batch 1 (CUDA graphs, NCCL all-reduce inside them), ms per step;
+* decode step at batch 1 (CUDA graphs, NCCL all-reduce inside them), ms per step: steps back to
+  back (`decode_b1_ms`) and each waited for (`decode_b1_synced_ms`, as a loop sampling on the host);
+  `step_channel` says how the step headers reached the other ranks (KIT_TP_CHANNEL);
 * decode throughput at batch 64 (graphed), tokens/s;
 * the all-reduce share of an eager decode step (ProfiledEngine.collectives on rank 0);
 * top-1 agreement over the same 64 prefill positions, three ways (random weights leave near-tied
@@ -91,15 +93,21 @@ def decode_batches(batch: int, context: int, steps: int, device: torch.device) -
                                device=device) for k in range(steps)]
 
 
-def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: bool = False, what: str = "") -> float:
+def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: bool = False, what: str = "",
+                synced: bool = False) -> float:
+    """Steps back to back (the host runs ahead of the GPU), or with `synced` each waited for, as a loop that
+    samples on the host between steps does (then the other ranks' host latency is on the critical path)."""
     hooks = [LayerHook()] if eager else None
-    stage(f"measure {what}: {len(batches)} steps of batch {batches[0].num_seqs}{' eager' if eager else ''}")
+    stage(f"measure {what}: {len(batches)} steps of batch {batches[0].num_seqs}{' eager' if eager else ''}"
+          f"{' synced' if synced else ''}")
     for b in batches[:3]:
         engine.forward(b, kv, hooks)
     sync(engine.device)
     t0 = time.perf_counter()
     for b in batches:
         engine.forward(b, kv, hooks)
+        if synced:
+            sync(engine.device)
     sync(engine.device)
     return 1e3 * (time.perf_counter() - t0) / len(batches)
 
@@ -189,7 +197,7 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
     else:
         engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc,
                                          timeout_s=0.8 * args.stage_timeout)
-    row: dict[str, Any] = {"tp": tp}
+    row: dict[str, Any] = {"tp": tp, "step_channel": getattr(engine, "step_channel", "none (one rank)")}
     try:
         per_seq = -(-(args.context + args.steps) // BLOCK)
         stage(f"TP={tp}: allocate the KV cache ({args.max_batch * per_seq} blocks)")
@@ -203,6 +211,7 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
         bN = decode_batches(args.max_batch, args.context, args.steps, device)
         row["cuda_graphs"] = list(graphs)
         row["decode_b1_ms"] = ms_per_step(engine, kv, b1, what=f"TP={tp} decode")
+        row["decode_b1_synced_ms"] = ms_per_step(engine, kv, b1, what=f"TP={tp} decode", synced=True)
         row[f"decode_b{args.max_batch}_ms"] = ms_per_step(engine, kv, bN, what=f"TP={tp} decode")
         row[f"tokens_per_s_b{args.max_batch}"] = args.max_batch * 1e3 / row[f"decode_b{args.max_batch}_ms"]
         row["eager_decode_b1_ms"] = ms_per_step(engine, kv, b1[:8], eager=True, what=f"TP={tp} decode")
@@ -384,6 +393,8 @@ def main() -> None:
                     row["fp32_top1_agreement_vs_fp32_tp1"], row["fp32_max_abs_logit_diff_vs_fp32_tp1"] = compare(
                         fp32["logits"], ref32)
             row["decode_b1_ratio_vs_tp1"] = row["decode_b1_ms"] / base["row"]["decode_b1_ms"]
+            if "decode_b1_synced_ms" in base["row"]:
+                row["decode_b1_synced_ratio_vs_tp1"] = row["decode_b1_synced_ms"] / base["row"]["decode_b1_synced_ms"]
             row[f"throughput_b{args.max_batch}_ratio_vs_tp1"] = row[key] / base["row"][key]
         else:
             row["vs_tp1"] = "no TP=1 reference in this run (--ref missing)"

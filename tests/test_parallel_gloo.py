@@ -3,7 +3,8 @@
 TP=2 against TP=1 on tiny random Llama / Qwen2 / Qwen3 checkpoints (fp32): the same greedy
 tokens through `LLM`, and logits within 1e-4 through the engine; an int8 weight-only model
 too; TP=4 (KV heads replicated: 2 KV heads over 4 ranks); a killed rank fails every
-pending request with a message naming it and leaves no process behind.
+pending request with a message naming it and leaves no process (and no shared-memory
+segment) behind.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from helpers import engine_for, make_hf_checkpoint, run_chunks
 from kit import LLM, SamplingParams
 from kit.builder import BuildConfig
 from kit.parallel import DistributedEngine
+from kit.parallel.host_channel import CHANNEL_ENV
 from kit.profiler import ProfiledEngine
 
 BC = BuildConfig(max_batch_size=4, max_seq_len=128, max_input_len=64, max_num_tokens=64)
@@ -129,10 +131,13 @@ def test_tp4_replicates_kv_heads_and_matches_tp1(checkpoints):
     _no_children_left(pids)
 
 
-def test_killed_rank_fails_every_pending_request_naming_it(checkpoints):
+def test_killed_rank_fails_every_pending_request_naming_it(checkpoints, monkeypatch):
+    monkeypatch.delenv(CHANNEL_ENV, raising=False)  # the default: step headers through shared memory
     llm = LLM(checkpoints["llama"], build_config=BC, tensor_parallel_size=2, enable_build_cache=False)
     try:
         pid = llm.engine.pids[0]
+        assert llm.engine.step_channel == "shared memory"
+        segment = f"/dev/shm/{llm.engine.ranks.channel.ring.name}"
         first = llm.generate_async([5, 6, 7], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
         rest = [llm.generate_async([8, 9], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
                 for _ in range(2)]
@@ -148,6 +153,7 @@ def test_killed_rank_fails_every_pending_request_naming_it(checkpoints):
     finally:
         llm.shutdown()
     _no_children_left([pid])
+    assert not os.path.exists(segment)  # the header ring's name was unlinked once every rank had mapped it
 
 
 def test_bad_sizes_are_refused_before_any_process_starts(checkpoints):

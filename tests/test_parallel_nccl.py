@@ -69,6 +69,7 @@ def test_bench_path_on_nccl_weights_on_another_gpu_graphs_profiler_and_all_logit
                                      build_config=bc, timeout_s=60)
     try:
         assert {t.device for t in engine.network.weights.values()} == {torch.device("cuda", 0)}
+        assert engine.step_channel == "shared memory"  # every rank on this host: step headers by the ring
         kv = engine.allocate_kv_cache(8 * 4, 16)
         assert engine.capture_cuda_graphs(kv, [1, 8]) == (1, 8)
 

@@ -65,10 +65,13 @@ def _no_children_left(pids: list[int]) -> None:
     assert multiprocessing.active_children() == []
 
 
-def test_every_rank_issues_the_same_collectives_for_each_engine_call(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("step_channel", ["shared-memory", "broadcast"])
+def test_every_rank_issues_the_same_collectives_for_each_engine_call(llama, tmp_path, monkeypatch, step_channel):
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
-    engine = DistributedEngine.start(engine_for(llama).network, 2, build_config=BC, timeout_s=60)
+    engine = DistributedEngine.start(engine_for(llama).network, 2, build_config=BC, timeout_s=60,
+                                     step_channel=step_channel)
     try:
+        assert engine.step_channel == step_channel.replace("-", " ")
         kv = engine.allocate_kv_cache(8, 16)
         engine.forward(ForwardBatch.build([SequenceInput([5, 6, 7, 8], 0, [0, 1]),
                                            SequenceInput([9, 10], 0, [2, 3])], 16), kv)
@@ -91,7 +94,9 @@ def test_every_rank_issues_the_same_collectives_for_each_engine_call(llama, tmp_
         engine.shutdown()
     r0, r1 = tmp_path / "trace" / "rank0.log", tmp_path / "trace" / "rank1.log"
     c0, c1 = _collectives(r0), _collectives(r1)
-    assert len(c0) == count + 2  # + the SHUTDOWN message and the barrier of the ranks leaving the group together
+    # + the barrier of the ranks leaving the group together, and on the broadcast path the SHUTDOWN message
+    # (through shared memory only a step's payload is a collective)
+    assert len(c0) == count + (2 if step_channel == "broadcast" else 1)
     assert c0[-1] == ("barrier", "", "")
     assert c0 == c1  # the same op, layer, shape and dtype, in the same order, on both ranks
     assert ("all_reduce", "layers.1.mlp", "(2, 64) float32") in c0 and ("gather", "lm_head", "(17, 106) float32") in c0

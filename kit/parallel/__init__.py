@@ -8,7 +8,8 @@
 | `sharding.py` | how every weight (float or quantized) is split: `shard_network`, `sharding_frame` |
 | `comm.py` | the process group and the collectives (all-reduce, logits gather), timed per layer |
 | `tp_backend.py` | `TensorParallelBackend`: the PyTorch backend over one rank's shard |
-| `protocol.py` | the step message rank 0 broadcasts (one per step) |
+| `protocol.py` | the step message rank 0 sends (one per step): header, then the batch by broadcast |
+| `host_channel.py` | the shared-memory ring that carries the step headers when every rank is on rank 0's host |
 | `worker.py` | the loop of ranks 1..N-1 |
 | `ranks.py` | rank 0's side of the processes: start, send a step, keep alive, stop |
 | `watchdog.py` | a stage watchdog per rank: a hang becomes an error naming the rank and the step |

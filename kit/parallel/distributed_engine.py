@@ -4,8 +4,9 @@
     llm = LLM(engine)   or   LLM(model, tensor_parallel_size=2)
 
 It is an `Engine` (the `Executor` runs over it unchanged, on rank 0, with the scheduler,
-the KV-cache manager and the outputs): `forward` broadcasts the step's `ForwardBatch`
-(kit/parallel/protocol.py) and runs rank 0's shard; the other ranks run theirs
+the KV-cache manager and the outputs): `forward` sends the step's `ForwardBatch`
+(kit/parallel/protocol.py: the header through shared memory when every rank is on this
+host, the batch by broadcast) and runs rank 0's shard; the other ranks run theirs
 (kit/parallel/worker.py); the logits come back gathered on rank 0. `allocate_kv_cache`
 and `capture_cuda_graphs` happen on every rank, each cache holding the rank's KV heads.
 `config` is the whole model's (the executor checks token ids against the full vocabulary);
@@ -16,6 +17,11 @@ under `torchrun` (every rank runs the same script) ranks > 0 enter the same work
 inside `start` and exit when rank 0 shuts down:
 
     torchrun --nproc-per-node 2 my_script.py     # my_script: LLM(model, tensor_parallel_size=2)
+
+Step channel: `step_channel=` (or `KIT_TP_CHANNEL`) 'auto' (shared memory if every rank
+mapped rank 0's segment, else broadcast), 'shared-memory' (an error if a rank could not)
+or 'broadcast'; `engine.step_channel` says which one runs. The segment's name is unlinked
+as soon as every rank has answered, so none is left in /dev/shm whichever process dies.
 
 Failure: a rank that dies makes the step fail with `RuntimeError` naming the rank (the
 executor then fails every pending request with it) and the engine refuses further steps;
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 import weakref
 from pathlib import Path
@@ -43,8 +50,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
-
-import shutil
 
 from kit.batch import ForwardBatch, KVCache
 from kit.cache_entry import CacheEntryError
@@ -58,12 +63,13 @@ from kit.parallel.comm import TIMING_COLUMNS, launched_by_torchrun
 from kit.parallel.engine_files import (is_tp_engine_dir, load_rank_weights, read_tp_config, save_tp_engine,
                                       tp_build_key, tp_cache_path)
 from kit.parallel.mapping import Mapping
-from kit.parallel.protocol import (ALLOC, FORWARD, KV_DTYPES, SEQ, TIMINGS, StepChannel, describe,
+from kit.parallel.host_channel import HeaderRing, agree_rank0, channel_mode, spin_seconds
+from kit.parallel.protocol import (ALLOC, FORWARD, HEADER, KV_DTYPES, SEQ, TIMINGS, StepChannel, describe,
                                    message_capacity, pack_batch)
 from kit.parallel.sharding import shard_network
 from kit.parallel.tp_backend import TensorParallelBackend
 from kit.parallel.ranks import Ranks, launch_ranks
-from kit.parallel.worker import send_shards
+from kit.parallel.worker import group_timeout, send_shards
 
 __all__ = ["DistributedEngine", "build_parallel_engine", "check_parallel_sizes", "COLLECTIVE_COLUMNS"]
 
@@ -94,18 +100,21 @@ class DistributedEngine(Engine):
         super().__init__(network, backend, **engine_kw)
         self.ranks, self.full_config, self.mapping = ranks, full_config, mapping
         self._kv_ids = itertools.count(1)
-        self._finalizer = weakref.finalize(self, Ranks.shutdown, ranks)
+        self._finalizer = weakref.finalize(self, _stop, ranks)
 
     # ------------------------------------------------------------------ start
     @classmethod
     def start(cls, network: Network | None, tensor_parallel_size: int, *, device: torch.device | str = "cpu",
               dtype: torch.dtype | None = None, build_config: Any = None, tokenizer: Any = None,
               model_info: dict[str, Any] | None = None, build_key: str | None = None,
-              weights_dir: str | os.PathLike | None = None, timeout_s: float = 120.0) -> "DistributedEngine":
+              weights_dir: str | os.PathLike | None = None, timeout_s: float = 120.0,
+              step_channel: str | None = None) -> "DistributedEngine":
         """Shard `network` over `tensor_parallel_size` ranks (checked first) and start them.
 
         With `weights_dir` (a tensor-parallel engine directory, kit/parallel/engine_files.py) and no
-        network, every rank loads its own `rank{r}.safetensors` instead of receiving its shard."""
+        network, every rank loads its own `rank{r}.safetensors` instead of receiving its shard.
+        `step_channel`: 'auto', 'shared-memory' or 'broadcast' (default: `KIT_TP_CHANNEL`, else 'auto')."""
+        mode = channel_mode(step_channel)
         from_torchrun = launched_by_torchrun()
         device = torch.device(device)
         check_parallel_sizes(tensor_parallel_size, 1, device)
@@ -130,9 +139,14 @@ class DistributedEngine(Engine):
         comm, procs, errors = launch_ranks(tensor_parallel_size, device, timeout_s, from_torchrun)
         capacity = message_capacity(build_config)
         ranks = Ranks(comm, procs, StepChannel(comm, capacity), timeout_s, errors)
+        ring = None
         try:
+            if mode != "broadcast":
+                ring = HeaderRing.create(tensor_parallel_size, HEADER, spin_s=spin_seconds(device.type),
+                                         timeout_s=group_timeout(timeout_s))
             setup = {"name": name, "quant_config": quant_config, "dtype": dtype,
-                     "full_vocab_size": full_config.vocab_size, "build_config": build_config, "capacity": capacity}
+                     "full_vocab_size": full_config.vocab_size, "build_config": build_config, "capacity": capacity,
+                     "host_channel": None if ring is None else ring.spec()}
             with ranks.watchdog.stage("start-up: send the shards"), ranks.lock:
                 if shards is None:
                     own = Network(cfg["shard_config"], cfg["layers"], load_rank_weights(weights_dir, 0, comm.device),
@@ -147,6 +161,9 @@ class DistributedEngine(Engine):
                                   {n: t.to(comm.device) for n, t in shards[0].weights.items()},
                                   name=name, quant_config=quant_config)
                     del shards
+                if ring is not None:  # every rank says whether it mapped the ring; the name is unlinked
+                    ranks.channel.ring, _ = agree_rank0(comm, ring, mode)
+                    ring.stop_when = lambda: ranks.broken
                 ranks.last_send = time.monotonic()
             backend = TensorParallelBackend(own, mapping, comm, full_config.vocab_size, device=comm.device,
                                             dtype=dtype)
@@ -155,6 +172,9 @@ class DistributedEngine(Engine):
         except BaseException:
             ranks.broken = ranks.broken or "start-up failed"
             ranks.shutdown()
+            ranks.channel.close()
+            if ring is not None:
+                ring.close()
             raise
         backend.on_capture = ranks.send_capture
         ranks.release_graphs = backend.release_graphs
@@ -165,6 +185,11 @@ class DistributedEngine(Engine):
     def config(self) -> Any:
         """The whole model's config (the shard's is `network.config`)."""
         return self.full_config
+
+    @property
+    def step_channel(self) -> str:
+        """How step headers reach the other ranks: 'shared memory' or 'broadcast'."""
+        return self.ranks.channel.path
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -217,10 +242,13 @@ class DistributedEngine(Engine):
         with self.ranks.lock:
             name = describe(header + [0] * (SEQ - len(header)) + [self.ranks.channel.seq + 1])
             with self.ranks.watchdog.stage(name):
-                self.ranks.send(header, payload)
+                refused = self.ranks.closed or self.ranks.broken is not None
                 try:
+                    self.ranks.send(header, payload)  # a closed or broken engine refuses here, as it is
                     return super().forward(batch, kv_cache, hooks)
                 except Exception as e:  # noqa: BLE001 - a collective failed: name the rank that died
+                    if refused:
+                        raise
                     raise self.ranks.fail(e) from e
 
     # ---------------------------------------------------------------- timing
@@ -253,6 +281,14 @@ class DistributedEngine(Engine):
     def __repr__(self) -> str:
         return (f"DistributedEngine({self.network.name!r}, tensor_parallel_size={self.mapping.tp_size}, "
                 f"{self.backend.comm.backend}, {self.device}, {self.dtype})")
+
+
+def _stop(ranks: Ranks) -> None:
+    """The engine's finalizer: stop the ranks, then unmap the header ring (it references no engine)."""
+    try:
+        ranks.shutdown()
+    finally:
+        ranks.channel.close()
 
 
 def build_parallel_engine(model: Any, tensor_parallel_size: int, *, device: torch.device | str = "cpu",

@@ -1,31 +1,44 @@
-"""The step message: what rank 0 broadcasts to the other ranks, one per step.
+"""The step message: what rank 0 sends to the other ranks, one per step.
 
-A message is one int64 tensor: a 20-slot header, then the payload. For a forward step
-the payload is the `ForwardBatch`'s seven index tensors back to back, so the other ranks
-rebuild the same batch as views of the received buffer:
+A message is a 20-slot int64 header, then a payload. For a forward step the payload is
+the `ForwardBatch`'s seven index tensors back to back, so the other ranks rebuild the
+same batch as views of the received buffer:
 
     header  cmd, kv_id, num_tokens, num_seqs, max_blocks, num_logits, max_query_len,
             max_seq_len, block_size, eager, timed, free_kv_id, extra_len, arg0, arg1, arg2,
             seq (messages sent so far, this one included), count (collectives rank 0 had
-            issued before this message), 0, 0
+            issued before this message), payload_len, 0
     payload input_ids | positions | query_start_loc | seq_lens | block_tables | slot_mapping
             | logits_indices
 
-The buffer has a fixed capacity sized from the build config (max_num_tokens, batch size,
-blocks per sequence), so a step is ONE broadcast; a larger batch (a profiler's synthetic
-one) sends `extra_len` in the header and its payload in a second broadcast.
+Two paths, chosen at start-up (kit/parallel/distributed_engine.py; `KIT_TP_CHANNEL`):
 
-NOTE: why a broadcast and not shared memory (nano-vllm writes a pickled batch into a
-SharedMemory segment and wakes the ranks with Events): the batch already lives on
-rank 0's device, NCCL moves it GPU to GPU in one call ordered on the stream with the
-forward that follows (no host round trip, no pickling), the same call works across
-hosts under torchrun where shared memory cannot, and on the CPU gloo does the same job.
+* shared memory (every rank on rank 0's host, the default there): the header goes through
+  a `HeaderRing` (kit/parallel/host_channel.py), host to host; the payload, which lives on
+  rank 0's device (under overlap scheduling it holds tokens sampled on the device), follows
+  in one broadcast of exactly `payload_len` slots, and no message but a step's carries one.
+  A receiving rank never waits for its device: it reads the header, enqueues the broadcast,
+  unpacks views and launches the step, so its host runs ahead of its GPU as rank 0's does.
+* broadcast (ranks on several hosts under torchrun, or forced): header and payload in one
+  broadcast of a buffer of fixed capacity (sized from the build config); the receiver copies
+  the header to the host (`tolist()`), which waits for the broadcast. A payload larger than
+  the capacity (a profiler's synthetic batch) sends `extra_len` in the header and follows in a
+  second broadcast.
+
+NOTE: why not the broadcast alone (measured on 2x H200, Llama-3.1-8B, decode at batch 1:
+TP=2 took 4.05 ms a step where the graph needs about 2.5 ms): a broadcast is stream-ordered,
+so on rank 0 it is queued behind the previous step's graph, and a rank learns of step N+1
+only when step N is over on both GPUs; its host must then unpack the batch, copy the graph's
+inputs and launch the replay while rank 0's graph, already launched, waits in its first
+all-reduce: every step paid the rank's host latency as a GPU bubble. nano-vllm sends each
+step through SharedMemory and Events, vLLM through a shared-memory message queue; here only
+the header goes through shared memory, the batch stays on the device.
 
 A receiving rank checks `seq` and `count` against its own: a rank that missed a message
 or ran other collectives than rank 0 (which would pair the wrong collectives, or hang)
 fails at once with `CollectiveMismatch`, naming the rank and the step. `NOOP` is the
-message rank 0 sends when idle (kit/parallel/distributed_engine.py), so that a waiting
-rank's receive never outlives the process group's timeout.
+message rank 0 sends when idle (kit/parallel/ranks.py), so that a waiting rank's wait never
+outlives its watchdog's stage timeout (nor, on the broadcast path, the process group's).
 """
 
 from __future__ import annotations
@@ -34,15 +47,16 @@ import torch
 
 from kit.batch import ForwardBatch
 from kit.parallel.comm import TensorParallelComm
+from kit.parallel.host_channel import HeaderRing
 
 __all__ = ["FORWARD", "ALLOC", "CAPTURE", "TIMINGS", "SHUTDOWN", "NOOP", "COMMANDS", "HEADER", "KV_DTYPES",
-           "StepChannel", "CollectiveMismatch", "pack_batch", "unpack_batch", "message_capacity", "describe"]
+           "SEQ", "COUNT", "EXTRA", "LENGTH", "StepChannel", "CollectiveMismatch", "pack_batch", "unpack_batch", "message_capacity", "describe"]
 
 FORWARD, ALLOC, CAPTURE, TIMINGS, SHUTDOWN, NOOP = 1, 2, 3, 4, 5, 6
 COMMANDS = {FORWARD: "FORWARD", ALLOC: "ALLOC", CAPTURE: "CAPTURE", TIMINGS: "TIMINGS", SHUTDOWN: "SHUTDOWN",
             NOOP: "NOOP"}
 HEADER = 20
-SEQ, COUNT = 16, 17  # header slots
+EXTRA, SEQ, COUNT, LENGTH = 12, 16, 17, 18  # header slots
 KV_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)  # allocate_kv_cache's dtype, by index
 
 
@@ -91,19 +105,30 @@ def describe(header: list[int]) -> str:
 
 
 class StepChannel:
-    """Rank 0 sends, the other ranks receive, one message per call, over `comm`."""
+    """Rank 0 sends, the other ranks receive, one message per call: the header by `ring` when there is one
+    (shared memory), else by broadcast over `comm`; the payload always by broadcast."""
 
-    def __init__(self, comm: TensorParallelComm, capacity: int) -> None:
-        self.comm, self.capacity = comm, capacity
+    def __init__(self, comm: TensorParallelComm, capacity: int, ring: HeaderRing | None = None) -> None:
+        self.comm, self.capacity, self.ring = comm, capacity, ring
         self.buffer = torch.zeros(HEADER + capacity, dtype=torch.long, device=comm.device)
         self.seq = 0  # messages sent (rank 0) or received (the others)
-        # NOTE: on a GPU, rank 0 writes the header from one of two pinned buffers without waiting: a copy
-        # from pageable memory would wait for every kernel queued before it (the last step's graph), so
-        # the host could never run ahead; an event says when a pinned buffer may be written again
+        # NOTE: on a GPU, the broadcast path's rank 0 writes the header from one of two pinned buffers without
+        # waiting: a copy from pageable memory would wait for every kernel queued before it (the last step's
+        # graph), so the host could never run ahead; an event says when a pinned buffer may be written again
         self._pinned: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         if comm.device.type == "cuda":
             self._pinned = [(torch.zeros(HEADER, dtype=torch.long).pin_memory(), torch.cuda.Event())
                             for _ in range(2)]
+
+    @property
+    def path(self) -> str:
+        """'shared memory' (headers through the host ring) or 'broadcast'."""
+        return "broadcast" if self.ring is None else "shared memory"
+
+    def close(self) -> None:
+        """Unmap the ring (rank 0 also unlinks it, if not done yet); the channel sends nothing more."""
+        if self.ring is not None:
+            self.ring.close()
 
     def _write_header(self, header: list[int]) -> None:
         if not self._pinned:
@@ -123,8 +148,14 @@ class StepChannel:
             self.comm.note(f"send {describe(header)}")
         n = 0 if payload is None else payload.numel()
         if n > self.capacity:
-            header[12] = n
-        elif n:
+            header[EXTRA] = n
+        if self.ring is not None:  # the header from the host, now; then the payload, exactly n slots
+            header[LENGTH] = n
+            self.ring.write(header)
+            if n:
+                self.comm.broadcast(payload.to(self.comm.device).reshape(-1).contiguous())
+            return
+        if 0 < n <= self.capacity:
             self.buffer[HEADER:HEADER + n].copy_(payload, non_blocking=True)
         self._write_header(header)
         self.comm.broadcast(self.buffer)
@@ -132,9 +163,14 @@ class StepChannel:
             self.comm.broadcast(payload.to(self.buffer.device).contiguous())
 
     def receive(self) -> tuple[list[int], torch.Tensor]:
+        """(header, payload): on the shared-memory path nothing here waits for the device (the payload is
+        a view of a broadcast still in flight, ordered on the stream before whatever reads it)."""
         count = self.comm.count
-        self.comm.broadcast(self.buffer)
-        header = self.buffer[:HEADER].tolist()
+        if self.ring is not None:
+            header = self.ring.read()
+        else:
+            self.comm.broadcast(self.buffer)
+            header = self.buffer[:HEADER].tolist()
         self.seq += 1
         if self.comm.tracing:
             self.comm.note(f"received {describe(header)}")
@@ -143,7 +179,14 @@ class StepChannel:
                 f"rank {self.comm.rank}: {describe(header)}: rank 0 sent message {header[SEQ]} after "
                 f"{header[COUNT]} collectives; this rank expected message {self.seq} and had issued {count}: the "
                 f"ranks ran different collectives since the last message")
-        if header[12]:
-            extra = torch.empty(header[12], dtype=torch.long, device=self.buffer.device)
+        if self.ring is not None:
+            n = header[LENGTH]
+            if n == 0:
+                return header, self.buffer[HEADER:HEADER]
+            out = self.buffer[HEADER:HEADER + n] if n <= self.capacity else torch.empty(
+                n, dtype=torch.long, device=self.buffer.device)
+            return header, self.comm.broadcast(out)
+        if header[EXTRA]:
+            extra = torch.empty(header[EXTRA], dtype=torch.long, device=self.buffer.device)
             return header, self.comm.broadcast(extra)
         return header, self.buffer[HEADER:]

@@ -4,12 +4,16 @@
     serve(comm)                                                 the loop itself (spawned or torchrun)
 
 Start-up: rank 0 broadcasts the shard's description (config, layers, quantization,
-dtype, message capacity, tensor names / shapes / dtypes) and scatters each tensor's
-rank parts; a rank builds its `Network`, its `TensorParallelBackend` and its `Engine`.
-Then it waits for step messages (kit/parallel/protocol.py): allocate a KV cache,
+dtype, message capacity, tensor names / shapes / dtypes, its header ring's name and host)
+and scatters each tensor's rank parts; a rank maps the ring if it is on rank 0's host
+(kit/parallel/host_channel.py: all ranks or none use it) and builds its `Network`, its
+`TensorParallelBackend` and its `Engine`. Then it waits for step messages
+(kit/parallel/protocol.py; with the ring, a spin then short sleeps on the host, and nothing
+in the loop waits for the device, so the rank's host stays ahead of its GPU): allocate a KV cache,
 capture CUDA graphs over one, run a forward (its logits slice goes to rank 0 inside
 the lm_head), report its collective timings, shut down. A rank whose peer dies sees its
-collective fail and exits; rank 0 reports which rank died.
+collective fail (or, waiting on the ring, sees rank 0's process gone) and exits; rank 0
+reports which rank died.
 
 Hangs: every stage (start-up, each message, the wait for the next) runs under a
 `StageWatchdog` (kit/parallel/watchdog.py); a failure is printed with the rank and the
@@ -37,6 +41,7 @@ from kit.engine import Engine
 from kit.network import Network
 from kit.parallel.comm import TensorParallelComm
 from kit.parallel.engine_files import load_rank_weights
+from kit.parallel.host_channel import agree_rank, spin_seconds
 from kit.parallel.mapping import Mapping
 from kit.parallel.protocol import (ALLOC, CAPTURE, FORWARD, KV_DTYPES, NOOP, SHUTDOWN, TIMINGS, StepChannel,
                                    describe, unpack_batch)
@@ -90,13 +95,15 @@ def serve(comm: TensorParallelComm, watchdog: StageWatchdog | None = None) -> No
     stage = watchdog.stage if watchdog is not None else _no_stage
     with stage("start-up: receive the shard"):
         setup, weights = receive_shards(comm)  # or only the setup, when every rank reads its own file
+        spec = setup.get("host_channel")
+        ring = None if spec is None else agree_rank(comm, spec, spin_seconds(comm.device.type))
         mapping = Mapping.tensor_parallel(comm.world_size, comm.rank)
         network = Network(setup["config"], setup["layers"], weights, name=setup["name"],
                           quant_config=setup["quant_config"])
         backend = TensorParallelBackend(network, mapping, comm, setup["full_vocab_size"], device=comm.device,
                                         dtype=setup["dtype"])
         engine = Engine(network, backend, build_config=setup["build_config"])
-        channel = StepChannel(comm, setup["capacity"])
+        channel = StepChannel(comm, setup["capacity"], ring)
     caches: dict[int, Any] = {}
     last = "start-up"
     while True:
@@ -110,6 +117,7 @@ def serve(comm: TensorParallelComm, watchdog: StageWatchdog | None = None) -> No
         if cmd == SHUTDOWN:  # NOTE: NCCL's destroy waits until no CUDA graph holds its kernels: drop them first
             backend.release_graphs()
             caches.clear()
+            channel.close()
             return
         with stage(last):
             if cmd == NOOP:
