@@ -8,8 +8,8 @@ throughput (`kit.bench.run_benchmark`), TTFT/TPOT p50/p99, the loop's time split
 engine's decode-only throughput at the same batch and mean context (`kit.bench.decode_only`),
 so that `serving_over_decode_only` is measured in the same run. Also: Qwen2.5-0.5B at
 concurrency 64 (p50 and p99 TPOT; its 152k vocabulary exercises the sampler), the sampler's
-batch pass alone at 64 x 151,936 (greedy and top-p), and Hugging Face `generate` for 1B at
-concurrency 1 and 8 while the time budget allows. Items that would pass the budget are skipped
+batch pass alone at 64 x 151,936 (greedy and top-p), and Hugging Face `generate` (by default for 1B at
+concurrency 1 and 8; `--hf` names others) while the time budget allows, after the kit runs. Items that would pass the budget are skipped
 and listed under "skipped".
 
 Every timed run is preceded by one untimed wave of the same shape (model, input/output mix,
@@ -26,6 +26,9 @@ run's five longest iterations (what they held, the loop's time split): where the
 
     python bench/serving.py --out bench/results/serving_h100.json
     python bench/serving.py --smoke --out /tmp/serving_smoke.json     # same code path, CPU, seconds
+    python bench/serving.py --models llama-3.2-1b,llama-3.1-8b --pairs 128/128 --no-qwen \
+        --hf 'llama-3.2-1b:1,8,64;llama-3.1-8b:1,8,64' --out hf.json      # HF baselines at every concurrency
+    python bench/serving.py --max-num-tokens 128 --concurrency 64 --pairs 128/128 --no-qwen --hf '' --out c.json
 """
 
 from __future__ import annotations
@@ -52,19 +55,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the code path in seconds")
     p.add_argument("--budget-s", type=float, default=300.0, help="skip what would end after this many seconds")
+    p.add_argument("--models", help="comma-separated subset of the plan's models (default: all)")
+    p.add_argument("--pairs", help="input/output pairs, e.g. 128/128,1024/128 (default: the plan's)")
+    p.add_argument("--concurrency", help="e.g. 1,8,64 (default: the plan's)")
+    p.add_argument("--max-num-tokens", type=int, default=2048, help="tokens per step (the chunk size)")
+    p.add_argument("--no-qwen", action="store_true", help="skip the Qwen2.5-0.5B p99 row")
+    p.add_argument("--hf", default=None,
+                   help="HF generate baselines, e.g. 'llama-3.2-1b:1,8;llama-3.1-8b:1,8,64' ('' for none; default: "
+                        "the plan's), run last, each against the kit row of the same model, concurrency and lengths")
     return p.parse_args(argv)
 
 
-def plan(smoke: bool) -> dict[str, Any]:
-    if smoke:
-        return {"device": "cpu", "dtype": torch.float32, "num_layers": 1,
-                "models": [("qwen2.5-0.5b", [(8, 4), (16, 4)], [1])], "qwen": ("qwen2.5-0.5b", 2, (8, 4)),
-                "hf": ("qwen2.5-0.5b", [1], (8, 4)), "sampler": (4, 2000)}
-    return {"device": "cuda", "dtype": torch.bfloat16, "num_layers": None,
-            "models": [("llama-3.2-1b", [(128, 128), (1024, 128)], [1, 8, 64]),
-                       ("llama-3.1-8b", [(128, 128), (1024, 128)], [1, 8, 64])],
-            "qwen": ("qwen2.5-0.5b", 64, (128, 128)), "hf": ("llama-3.2-1b", [1, 8], (128, 128)),
-            "sampler": (64, 151936)}
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        cfg = {"device": "cpu", "dtype": torch.float32, "num_layers": 1,
+               "models": [("qwen2.5-0.5b", [(8, 4), (16, 4)], [1])], "qwen": ("qwen2.5-0.5b", 2, (8, 4)),
+               "hf": [("qwen2.5-0.5b", [1])], "hf_lens": (8, 4), "sampler": (4, 2000)}
+    else:
+        cfg = {"device": "cuda", "dtype": torch.bfloat16, "num_layers": None,
+               "models": [("llama-3.2-1b", [(128, 128), (1024, 128)], [1, 8, 64]),
+                          ("llama-3.1-8b", [(128, 128), (1024, 128)], [1, 8, 64])],
+               "qwen": ("qwen2.5-0.5b", 64, (128, 128)), "hf": [("llama-3.2-1b", [1, 8])], "hf_lens": (128, 128),
+               "sampler": (64, 151936)}
+    if args.models:
+        keep = args.models.split(",")
+        cfg["models"] = [m for m in cfg["models"] if m[0] in keep]
+    if args.pairs:
+        pairs = [tuple(int(x) for x in p.split("/")) for p in args.pairs.split(",")]
+        cfg["models"] = [(m, pairs, c) for m, _, c in cfg["models"]]
+        cfg["hf_lens"] = pairs[0]
+    if args.concurrency:
+        conc = [int(c) for c in args.concurrency.split(",")]
+        cfg["models"] = [(m, p, conc) for m, p, _ in cfg["models"]]
+    if args.no_qwen:
+        cfg["qwen"] = None
+    if args.hf is not None:
+        cfg["hf"] = [(spec.split(":")[0], [int(c) for c in spec.split(":")[1].split(",")])
+                     for spec in args.hf.split(";") if spec]
+    cfg["max_num_tokens"] = args.max_num_tokens
+    return cfg
 
 
 def num_requests(c: int) -> int:
@@ -102,7 +131,7 @@ def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int],
                 res: dict[str, Any], deadline: float) -> None:
     loaded = ModelLoader.synthetic(name, device=cfg["device"], dtype=cfg["dtype"], num_layers=cfg["num_layers"])
     bc = BuildConfig(max_batch_size=max(concurrency), max_input_len=max(i for i, _ in pairs),
-                     max_seq_len=max(i + o for i, o in pairs), max_num_tokens=2048)
+                     max_seq_len=max(i + o for i, o in pairs), max_num_tokens=cfg["max_num_tokens"])
     vocab = loaded.config.vocab_size
     seeds = iter(range(1, 1_000_000))  # NOTE: fresh prompts for every run: no prefix-cache hit from an earlier one
     with LLM(loaded, device=cfg["device"], build_config=bc, enable_build_cache=False) as llm:
@@ -180,29 +209,33 @@ def slowest_iterations(llm: LLM, after: int, k: int = 5) -> list[dict[str, Any]]
 
 def hf_runs(cfg: dict[str, Any], res: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
     """Hugging Face `generate` on the same synthetic weights, beside the kit runs of that model."""
-    hname, hcs, (hi, ho) = cfg["hf"]
+    hi, ho = cfg["hf_lens"]
     out: list[dict[str, Any]] = []
-    loaded = None
-    for c in hcs:
-        if time.monotonic() > deadline:
-            res["skipped"].append(f"hf {hname} c={c}")
-            continue
-        if loaded is None:
-            loaded = ModelLoader.synthetic(hname, device=cfg["device"], dtype=cfg["dtype"],
-                                           num_layers=cfg["num_layers"])
-        prompts = make_prompts(loaded.config.vocab_size, hi, max(2, c))
-        hf = hf_baseline(loaded, prompts, ho, c, progress=False)
-        kit = next((r for r in res["runs"] if r["model"] == hname and r["concurrency"] == c and r["overlap"]
-                    and r["input_len"] == hi), None)
-        entry = {"model": hname, "concurrency": c, "input_len": hi, "output_len": ho, "hf": hf}
-        if kit is not None:
-            entry["kit_over_hf"] = kit["kit"]["output_tokens_per_s"] / hf["output_tokens_per_s"]
-        out.append(entry)
-        print(f"hf generate {hname} c={c}: {hf['output_tokens_per_s']:.1f} tok/s", flush=True)
-    del loaded
-    gc.collect()
-    if cfg["device"] == "cuda":
-        torch.cuda.empty_cache()
+    for hname, hcs in cfg["hf"]:
+        loaded = None
+        for c in hcs:
+            if time.monotonic() > deadline:
+                res["skipped"].append(f"hf {hname} c={c}")
+                continue
+            if loaded is None:
+                loaded = ModelLoader.synthetic(hname, device=cfg["device"], dtype=cfg["dtype"],
+                                               num_layers=cfg["num_layers"])
+            prompts = make_prompts(loaded.config.vocab_size, hi, max(2, c))
+            hf = hf_baseline(loaded, prompts, ho, c, progress=False)
+            # the kit row of the defaults (overlap on; mixed-step graphs where the engine has them)
+            rows = [r for r in res["runs"] if r["model"] == hname and r["concurrency"] == c and r["overlap"]
+                    and r["input_len"] == hi and r["output_len"] == ho]
+            kit = max(rows, key=lambda r: r["mixed_graphs"], default=None)
+            entry = {"model": hname, "concurrency": c, "input_len": hi, "output_len": ho, "hf": hf}
+            if kit is not None:
+                entry["kit_over_hf"] = kit["kit"]["output_tokens_per_s"] / hf["output_tokens_per_s"]
+            out.append(entry)
+            print(f"hf generate {hname} c={c}: {hf['output_tokens_per_s']:.1f} tok/s"
+                  f"{'  kit %.1fx' % entry['kit_over_hf'] if kit is not None else ''}", flush=True)
+        del loaded
+        gc.collect()
+        if cfg["device"] == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -210,23 +243,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t0 = time.monotonic()
     deadline = t0 + args.budget_s * 0.92
-    cfg = plan(args.smoke)
+    cfg = plan(args)
     dev = cfg["device"]
     res: dict[str, Any] = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                           "torch": torch.__version__, "smoke": args.smoke, "runs": [], "skipped": []}
+                           "torch": torch.__version__, "smoke": args.smoke, "max_num_tokens": cfg["max_num_tokens"],
+                           "runs": [], "skipped": []}
     res["sampler"] = sampler_case(*cfg["sampler"], dev)
     print(f"sampler pass {res['sampler']}", flush=True)
-    # order: the 1B model, Qwen (its p99 TPOT target), the HF baseline for 1B, then 8B (the longest)
-    first, *rest = cfg["models"]
-    serve_model(*first, cfg, res, deadline)
-    qname, qc, (qi, qo) = cfg["qwen"]
-    if time.monotonic() < deadline:
-        serve_model(qname, [(qi, qo)], [qc], cfg, res, deadline)
-    else:
-        res["skipped"].append(f"{qname} c={qc}")
-    res["hf"] = hf_runs(cfg, res, deadline)
+    # order: the first model, Qwen (its p99 TPOT target), the others; the HF baselines last
+    first, *rest = cfg["models"] or [None]
+    if first is not None:
+        serve_model(*first, cfg, res, deadline)
+    if cfg["qwen"] is not None:
+        qname, qc, (qi, qo) = cfg["qwen"]
+        if time.monotonic() < deadline:
+            serve_model(qname, [(qi, qo)], [qc], cfg, res, deadline)
+        else:
+            res["skipped"].append(f"{qname} c={qc}")
     for name, pairs, conc in rest:
         serve_model(name, pairs, conc, cfg, res, deadline)
+    res["hf"] = hf_runs(cfg, res, deadline)
     res["wall_s"] = time.monotonic() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
