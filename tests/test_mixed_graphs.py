@@ -131,3 +131,17 @@ def test_backends_that_cannot_capture_mixed_steps_say_so():
     if triton_available():
         backend = TorchBackend(net, attention="triton")
         assert backend.mixed_graph_sizes(kv, (32, 16, 128), 4) == (16, 32, 128)
+
+
+def test_layout_and_html_show_rows_sequences_and_padding():
+    inputs = MixedStepInputs(16, 3, 4, 4, BLOCK, scratch_block=9, device="cpu")
+    assert "nothing loaded" in inputs._repr_html_() and inputs.layout() == {"rows": [], "sequences": []}
+    inputs.load(_batch([(list(range(5)), 0, [5]), ([9], 7, [6])]), 8)
+    lay = inputs.layout()
+    assert [r["kind"] for r in lay["rows"]] == ["token"] * 6 + ["padding"] * 2
+    assert [r["sequence"] for r in lay["rows"]] == [0, 0, 0, 0, 0, 1, 3, 3]
+    assert lay["rows"][-1]["block"] == 9 and lay["rows"][0]["block"] == 5
+    assert [q["kind"] for q in lay["sequences"]] == ["step's", "step's", "empty", "padding"]
+    assert [q["queries"] for q in lay["sequences"]] == [5, 1, 0, 2]
+    page = inputs._repr_html_()
+    assert "bucket of 8 rows, 6 of the step (2 padding)" in page and "scratch block 9" in page

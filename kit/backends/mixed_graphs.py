@@ -35,6 +35,7 @@ an 8-bit cache read by the reference, runs mixed steps eagerly.
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -67,6 +68,7 @@ class MixedStepInputs:
         self.seq_lens = torch.zeros(s, **i64)
         self.tables = torch.full((s, self.max_blocks), scratch_block, **i64)
         self.logits = torch.zeros(max_logits, **i64)
+        self.loaded: tuple[int, int, int] | None = None  # (bucket, real rows, real sequences) of the last load
 
     def batch(self, num_tokens: int) -> ForwardBatch:
         """The static batch of the `num_tokens` bucket (views of the buffers)."""
@@ -114,14 +116,47 @@ class MixedStepInputs:
         self.seq_lens[s:last].zero_()
         self.seq_lens[last] = pad
         self.tables[s:].fill_(self.scratch_block)
+        self.loaded = (num_tokens, n, s)
+
+    def layout(self) -> dict[str, list[dict[str, Any]]]:
+        """What the last `load` put in the buffers: one dict per token row and per sequence (reads the device)."""
+        if self.loaded is None:
+            return {"rows": [], "sequences": []}
+        size, n, s = self.loaded
+        qsl, lens = self.qsl.tolist(), self.seq_lens.tolist()
+        seq_of = [next(i for i in range(len(lens)) if qsl[i] <= r < qsl[i + 1]) for r in range(size)]
+        ids, pos, slots = self.ids[:size].tolist(), self.pos[:size].tolist(), self.slots[:size].tolist()
+        rows = [{"row": r, "kind": "token" if r < n else "padding", "sequence": seq_of[r], "token id": ids[r],
+                 "position": pos[r], "slot": slots[r], "block": slots[r] // self.block_size} for r in range(size)]
+        seqs = [{"sequence": i, "kind": "step's" if i < s else ("padding" if i == self.max_seqs else "empty"),
+                 "queries": qsl[i + 1] - qsl[i], "seq_len": lens[i],
+                 "first blocks": self.tables[i, :4].tolist()} for i in range(len(lens))]
+        return {"rows": rows, "sequences": seqs}
+
+    def _repr_html_(self) -> str:
+        if self.loaded is None:
+            return (f"<b>MixedStepInputs</b>: up to {self.max_tokens} tokens, {self.max_seqs} sequences + 1 padding "
+                    f"sequence; nothing loaded yet")
+        size, n, s = self.loaded
+        lay = self.layout()
+
+        def table(items: list[dict[str, Any]], limit: int = 24) -> str:
+            head = "".join(f"<th>{html.escape(k)}</th>" for k in items[0])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in it.values()) + "</tr>"
+                           for it in items[:limit])
+            more = f"<tr><td colspan='{len(items[0])}'>... {len(items) - limit} more</td></tr>" if len(items) > limit else ""
+            return f"<table><tr>{head}</tr>{body}{more}</table>"
+        used = [q for q in lay["sequences"] if q["kind"] != "empty"]
+        return (f"<b>MixedStepInputs</b>: bucket of {size} rows, {n} of the step ({size - n} padding), {s} sequences "
+                f"of the step, padding in scratch block {self.scratch_block}"
+                f"<div style='display:flex;gap:16px;align-items:flex-start'>{table(lay['rows'])}{table(used)}</div>")
 
 
 class MixedGraphRunner:
     """Captures `backend.run_layers` for each token-count bucket; `run(batch)` replays the right one."""
 
     def __init__(self, backend: "TorchBackend", kv_cache: KVCache, num_tokens: tuple[int, ...], max_seqs: int,
-                 max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None,
-                 on_capture: Callable[[int], Any] | None = None) -> None:
+                 max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None) -> None:
         self.backend, self.kv_cache = backend, kv_cache
         self.num_tokens = tuple(sorted(set(num_tokens)))
         self.max_seqs, self.max_blocks = max_seqs, max_blocks
@@ -133,8 +168,6 @@ class MixedGraphRunner:
         self.pool = None
         dev = backend.device
         for size in reversed(self.num_tokens):  # largest first, so smaller graphs reuse its memory pool
-            if on_capture is not None:
-                on_capture(size)
             batch = self.inputs.batch(size)
             self.inputs.load(None, size)  # all padding: finite values through every kernel
             for _ in range(2):  # warm up outside the graph (allocator, cuBLAS handles, Triton compiles)
