@@ -43,6 +43,7 @@ def test_tp2_nccl_graphed_greedy_equals_tp1(tmp_path):
     ref = run_chunks(engine_for(path, device="cuda"), [[5, 6, 7, 8, 9, 10]], [[4], [1], [1]], block_size=16)
     with LLM(path, device="cuda", build_config=BC, tensor_parallel_size=2, enable_build_cache=False) as two:
         assert two.engine.backend.graphs is not None  # decode graphs recorded with NCCL inside
+        assert two.engine.backend.mixed_graphs.num_tokens == BC.graph_num_tokens  # and the prompt steps' graphs
         assert two.engine.backend.comm.backend == "nccl"
         got = [o.outputs[0].token_ids for o in two.generate(PROMPTS, sp, use_tqdm=False)]
         logits = run_chunks(two.engine, [[5, 6, 7, 8, 9, 10]], [[4], [1], [1]], block_size=16)

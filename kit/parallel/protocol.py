@@ -100,7 +100,7 @@ def describe(header: list[int]) -> str:
     elif cmd == ALLOC:
         text += f" (kv {header[1]}: {header[13]} blocks of {header[14]})"
     elif cmd == CAPTURE:
-        text += f" (kv {header[1]}, {header[2]} batch sizes, {header[13]} blocks)"
+        text += f" (kv {header[1]}, {header[2]} batch sizes, {header[14]} mixed-step buckets, {header[13]} blocks)"
     return text
 
 

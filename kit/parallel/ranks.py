@@ -107,10 +107,12 @@ class Ranks:
         self.channel.send(header, payload)
         self.last_send = time.monotonic()
 
-    def send_capture(self, kv_cache: Any, sizes: tuple[int, ...], max_blocks: int) -> None:
-        """Tell the other ranks to capture the same CUDA graphs over their cache `kv_cache.tp_id`."""
-        self.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks],
-                  torch.tensor(sizes, dtype=torch.long))
+    def send_capture(self, kv_cache: Any, sizes: tuple[int, ...], max_blocks: int, num_tokens: tuple[int, ...] = (),
+                     max_seqs: int = 0) -> None:
+        """Tell the other ranks to capture the same CUDA graphs over their cache `kv_cache.tp_id`: the decode
+        batch sizes, then the mixed-step token buckets (for up to `max_seqs` sequences) in the payload."""
+        self.send([CAPTURE, kv_cache.tp_id, len(sizes)] + [0] * 10 + [max_blocks, len(num_tokens), max_seqs],
+                  torch.tensor(list(sizes) + list(num_tokens), dtype=torch.long))
 
     def fail(self, error: BaseException) -> RuntimeError:
         """The error a failed step raises: the dead rank's name if one died, else rank 0's own error."""

@@ -64,18 +64,16 @@ class TensorParallelBackend(TorchBackend):
                     start += rows
         return lin
 
-    # NOTE: mixed-step graphs are not captured across ranks yet (the CAPTURE message carries the decode
-    # sizes only): tensor-parallel mixed steps run eagerly
-    supports_mixed_graphs = False
-
     def release_graphs(self) -> None:
-        """Destroy the captured CUDA graphs (before leaving the group: NCCL waits for them to be gone)."""
-        runner, self.graphs = self.graphs, None
-        if runner is not None:
-            for g in runner.graphs.values():
-                g.reset()
-            runner.graphs.clear()
-            runner.outputs.clear()
+        """Destroy the captured CUDA graphs, decode and mixed-step (before leaving the group: NCCL waits for
+        them to be gone)."""
+        runners, self.graphs, self.mixed_graphs = (self.graphs, self.mixed_graphs), None, None
+        for runner in runners:
+            if runner is not None:
+                for g in runner.graphs.values():
+                    g.reset()
+                runner.graphs.clear()
+                runner.outputs.clear()
 
     def describe(self) -> str:
         return (f"{super().describe()}, tensor-parallel rank {self.mapping.rank} of {self.mapping.tp_size} "
@@ -118,7 +116,10 @@ class TensorParallelBackend(TorchBackend):
         "lm_head": _vocab_lm_head,
     }
 
-    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes, max_blocks: int) -> None:
+    def capture_cuda_graphs(self, kv_cache: KVCache, batch_sizes, max_blocks: int, num_tokens=(),
+                            max_seqs: int = 0) -> None:
+        # NOTE: every rank captures the same graphs in the same order (mixed-step buckets, then decode
+        # sizes): the collectives of their warm-up steps and captures pair up across ranks
         if self.on_capture is not None:
-            self.on_capture(kv_cache, tuple(batch_sizes), max_blocks)
-        super().capture_cuda_graphs(kv_cache, batch_sizes, max_blocks)
+            self.on_capture(kv_cache, tuple(batch_sizes), max_blocks, tuple(num_tokens), max_seqs)
+        super().capture_cuda_graphs(kv_cache, batch_sizes, max_blocks, num_tokens=num_tokens, max_seqs=max_seqs)

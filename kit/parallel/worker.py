@@ -125,8 +125,10 @@ def serve(comm: TensorParallelComm, watchdog: StageWatchdog | None = None) -> No
             if cmd == ALLOC:
                 caches[kv_id] = engine.allocate_kv_cache(header[13], header[14], dtype=KV_DTYPES[header[15]])
             elif cmd == CAPTURE:
-                backend.capture_cuda_graphs(caches[kv_id], payload[:header[2]].tolist(), header[13])
-                comm.note(f"captured CUDA graphs {payload[:header[2]].tolist()}")
+                sizes = payload[:header[2] + header[14]].tolist()  # decode batch sizes, then token buckets
+                backend.capture_cuda_graphs(caches[kv_id], sizes[:header[2]], header[13],
+                                            num_tokens=sizes[header[2]:], max_seqs=header[15])
+                comm.note(f"captured CUDA graphs {sizes[:header[2]]}, mixed steps {sizes[header[2]:]}")
             elif cmd == FORWARD:
                 batch = unpack_batch(header, payload)
                 comm.timing = bool(header[10])
