@@ -34,7 +34,7 @@ class CUDAGraphRunner:
 
     def __init__(self, backend: "TorchBackend", kv_cache: KVCache, batch_sizes: tuple[int, ...],
                  max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None,
-                 pool: Any = None) -> None:
+                 pool: Any = None, on_graph: Callable[[], Any] | None = None) -> None:
         self.backend = backend
         self.kv_cache = kv_cache
         self.batch_sizes = tuple(sorted(batch_sizes))
@@ -67,6 +67,8 @@ class CUDAGraphRunner:
             pool = graph.pool()
             self.graphs[size] = graph
             self.batches[size] = batch
+            if on_graph is not None:  # a progress bar's update
+                on_graph()
         torch.cuda.synchronize(dev)
         self._scratch_slot = kv_cache.scratch_block * bs
 

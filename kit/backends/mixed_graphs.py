@@ -156,7 +156,8 @@ class MixedGraphRunner:
     """Captures `backend.run_layers` for each token-count bucket; `run(batch)` replays the right one."""
 
     def __init__(self, backend: "TorchBackend", kv_cache: KVCache, num_tokens: tuple[int, ...], max_seqs: int,
-                 max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None) -> None:
+                 max_blocks: int, step: Callable[[ForwardBatch, KVCache], torch.Tensor] | None = None,
+                 on_graph: Callable[[], Any] | None = None) -> None:
         self.backend, self.kv_cache = backend, kv_cache
         self.num_tokens = tuple(sorted(set(num_tokens)))
         self.max_seqs, self.max_blocks = max_seqs, max_blocks
@@ -178,6 +179,8 @@ class MixedGraphRunner:
                 self.outputs[size] = step(batch, kv_cache)
             self.pool = graph.pool()
             self.graphs[size] = graph
+            if on_graph is not None:  # a progress bar's update
+                on_graph()
         torch.cuda.synchronize(dev)
 
     def can_run(self, batch: ForwardBatch, kv_cache: KVCache) -> bool:

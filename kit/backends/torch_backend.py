@@ -47,6 +47,7 @@ from kit.batch import ForwardBatch, KVCache
 from kit.kernels import fused_add_rms_norm, rope_kv_write, silu_mul
 from kit.layer_kinds import check_covers
 from kit.network import Layer, Network
+from kit.progress import tqdm
 from kit.ops import apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from kit.quantization import build_linear
 from kit.quantization.kv_cache import quantize_kv
@@ -319,11 +320,13 @@ class TorchBackend:
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this backend runs on {self.device}")
         self.graphs = self.mixed_graphs = None  # NOTE: the old graphs' memory goes before the new ones take theirs
-        sizes = self.mixed_graph_sizes(kv_cache, num_tokens, max_blocks)
-        if sizes and max_seqs >= 1:
-            self.mixed_graphs = MixedGraphRunner(self, kv_cache, sizes, max_seqs, max_blocks)
-        pool = self.mixed_graphs.pool if self.mixed_graphs is not None else None
-        self.graphs = CUDAGraphRunner(self, kv_cache, tuple(batch_sizes), max_blocks, pool=pool)
+        sizes = self.mixed_graph_sizes(kv_cache, num_tokens, max_blocks) if max_seqs >= 1 else ()
+        with tqdm(total=len(sizes) + len(batch_sizes), desc="capturing CUDA graphs", unit="graph", leave=False) as bar:
+            if sizes:
+                self.mixed_graphs = MixedGraphRunner(self, kv_cache, sizes, max_seqs, max_blocks, on_graph=bar.update)
+            pool = self.mixed_graphs.pool if self.mixed_graphs is not None else None
+            self.graphs = CUDAGraphRunner(self, kv_cache, tuple(batch_sizes), max_blocks, pool=pool,
+                                          on_graph=bar.update)
 
     # ----------------------------------------------------------------- running
     def forward(self, batch: ForwardBatch, kv_cache: KVCache,
