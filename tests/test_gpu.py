@@ -150,8 +150,9 @@ def test_mixed_steps_replayed_from_cuda_graphs_agree_with_eager_steps(smol_bf16)
     assert runner.can_run(first, kv)
     engine.forward(first, kv)
     step = ForwardBatch.build([SequenceInput([7], 40, [0, 1, 2]), SequenceInput(list(range(230, 250)), 30, [3, 4, 6, 7]),
-                               SequenceInput(list(range(300, 311)), 0, [5])], 16, device="cuda")
+                               SequenceInput(list(range(300, 312)), 0, [5])], 16, device="cuda")
     assert runner.can_run(step, kv) and not engine.backend.graphs.can_run(step, kv)
+    assert runner.bucket(step.num_tokens) > step.num_tokens == 33  # replayed with padding rows
     before = (kv.k.clone(), kv.v.clone())
     replayed = engine.forward(step, kv).clone()
     written = (kv.k[:, :kv.scratch_block].clone(), kv.v[:, :kv.scratch_block].clone())

@@ -92,6 +92,7 @@ def test_load_lays_out_real_rows_empty_sequences_and_the_padding_sequence():
     assert inputs.logits.tolist() == [4, 5, 0, 0, 0]
     batch = inputs.batch(8)
     assert batch.num_tokens == 8 and batch.num_seqs == 5 and batch.max_query_len > 1
+    assert inputs.batch(4).logits_indices.shape[0] == 4  # no more logits rows than the bucket has tokens
     assert not inputs.fits(_batch([([1], 0, [0])] * 5))  # more sequences than the graphs hold
     with pytest.raises(ValueError, match="does not fit"):
         inputs.load(big, 16)

@@ -146,6 +146,7 @@ def test_step_message_round_trip():
     for f in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
               "logits_indices"):
         assert torch.equal(getattr(back, f), getattr(b, f)), f
+        assert getattr(back, f).data_ptr() % 16 == 0, f  # aligned like rank 0's views (Triton specializes on it)
     assert (back.max_query_len, back.max_seq_len, back.block_size) == (3, 21, 16)
     assert payload.numel() <= message_capacity(BuildConfig(max_batch_size=2, max_num_tokens=4, max_seq_len=32,
                                                            max_input_len=32))

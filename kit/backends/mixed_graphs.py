@@ -73,8 +73,9 @@ class MixedStepInputs:
     def batch(self, num_tokens: int) -> ForwardBatch:
         """The static batch of the `num_tokens` bucket (views of the buffers)."""
         # NOTE: max_query_len > 1 sends attention to the varlen kernel, whatever the step holds
+        # NOTE: a step has at most one logits row per token: a small bucket computes no more logits rows than that
         return ForwardBatch(self.ids[:num_tokens], self.pos[:num_tokens], self.qsl, self.seq_lens, self.tables,
-                            self.slots[:num_tokens], self.logits, max_query_len=2,
+                            self.slots[:num_tokens], self.logits[:min(num_tokens, self.max_logits)], max_query_len=2,
                             max_seq_len=self.max_blocks * self.block_size, block_size=self.block_size)
 
     def fits(self, batch: ForwardBatch) -> bool:

@@ -128,6 +128,7 @@ class TorchBackend:
 
     can_execute = True
     supports_mixed_graphs = True  # capture_cuda_graphs takes num_tokens= (kit/backends/mixed_graphs.py)
+    capture_progress = True  # a progress bar while capturing (tensor parallelism: rank 0's only)
 
     @property
     def capabilities(self) -> str:
@@ -321,7 +322,8 @@ class TorchBackend:
             raise ValueError(f"CUDA graphs need a CUDA device; this backend runs on {self.device}")
         self.graphs = self.mixed_graphs = None  # NOTE: the old graphs' memory goes before the new ones take theirs
         sizes = self.mixed_graph_sizes(kv_cache, num_tokens, max_blocks) if max_seqs >= 1 else ()
-        with tqdm(total=len(sizes) + len(batch_sizes), desc="capturing CUDA graphs", unit="graph", leave=False) as bar:
+        with tqdm(total=len(sizes) + len(batch_sizes), desc="capturing CUDA graphs", unit="graph", leave=False,
+                  disable=not self.capture_progress) as bar:
             if sizes:
                 self.mixed_graphs = MixedGraphRunner(self, kv_cache, sizes, max_seqs, max_blocks, on_graph=bar.update)
             pool = self.mixed_graphs.pool if self.mixed_graphs is not None else None

@@ -61,27 +61,40 @@ KV_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)  # allocate_kv_
 
 
 def message_capacity(build_config) -> int:
-    """Payload slots a step of this build config can need (the seven tensors at their largest)."""
+    """Payload slots a step of this build config can need (the seven tensors at their largest, each padded
+    to an even length)."""
     bc = build_config
     t, s = bc.max_num_tokens, bc.max_batch_size
     max_blocks = -(-bc.max_seq_len // bc.block_size)
-    return 4 * t + 2 * s + 1 + s * max_blocks
+    return 4 * t + 2 * s + 1 + s * max_blocks + 7
+
+
+def _part_sizes(t: int, s: int, m: int, n_logits: int) -> list[int]:
+    return [t, t, s + 1, s, s * m, t, n_logits]
 
 
 def pack_batch(batch: ForwardBatch) -> tuple[list[int], torch.Tensor]:
-    """(header slots 2..8, payload (n,) int64) of a batch."""
+    """(header slots 2..8, payload (n,) int64) of a batch.
+
+    NOTE: each part starts at an even slot (an odd-length part is followed by one unused slot), so that the
+    views `unpack_batch` makes on the other ranks are 16-byte aligned like rank 0's (kit/batch.py: Triton
+    specializes kernels on pointer alignment; views at odd offsets compiled new variants mid-run)."""
     b = batch
     head = [b.num_tokens, b.num_seqs, int(b.block_tables.shape[1]), int(b.logits_indices.shape[0]),
             b.max_query_len, b.max_seq_len, b.block_size]
-    payload = torch.cat([b.input_ids, b.positions, b.query_start_loc, b.seq_lens, b.block_tables.reshape(-1),
-                         b.slot_mapping, b.logits_indices])
+    parts = [b.input_ids, b.positions, b.query_start_loc, b.seq_lens, b.block_tables.reshape(-1),
+             b.slot_mapping, b.logits_indices]
+    pad = b.input_ids.new_zeros(1)
+    payload = torch.cat([x for p in parts for x in ((p, pad) if p.numel() & 1 else (p,))])
     return head, payload
 
 
 def unpack_batch(head: list[int], payload: torch.Tensor) -> ForwardBatch:
     """The batch `pack_batch` packed, as views of `payload`."""
     t, s, m, n_logits, max_q, max_len, bs = head[2:9]
-    parts = payload[:3 * t + 2 * s + 1 + s * m + n_logits].split([t, t, s + 1, s, s * m, t, n_logits])
+    sizes = _part_sizes(t, s, m, n_logits)
+    padded = [n + (n & 1) for n in sizes]
+    parts = [v[:n] for v, n in zip(payload[:sum(padded)].split(padded), sizes)]
     return ForwardBatch(parts[0], parts[1], parts[2], parts[3], parts[4].view(s, m), parts[5], parts[6],
                         max_query_len=max_q, max_seq_len=max_len, block_size=bs)
 

@@ -45,6 +45,7 @@ class TensorParallelBackend(TorchBackend):
         self.mapping, self.comm, self.full_vocab_size = mapping, comm, full_vocab_size
         comm.full_vocab_size = full_vocab_size
         self.on_capture = on_capture  # rank 0: tells the other ranks to capture the same graphs
+        self.capture_progress = mapping.rank == 0
         super().__init__(network, device=device, dtype=dtype, attention=attention)
 
     def _linear(self, layer: Layer, prefixes: list[str], bias: bool) -> Any:
