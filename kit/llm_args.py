@@ -46,14 +46,15 @@ class CudaGraphConfig:
 
     Two fields are the kit's own (TensorRT-LLM graphs pure decode steps only): `mixed_steps`
     also replays the steps that hold prompt tokens from graphs, one per token-count bucket
-    (`mixed_num_tokens`, None: `BuildConfig.graph_num_tokens`' default), as vLLM's full
-    CUDA graphs do; see kit/backends/mixed_graphs.py.
+    (`mixed_num_tokens`), as vLLM's full CUDA graphs do; see kit/backends/mixed_graphs.py.
+    None keeps the build config's choice (`cuda_graph_mixed_steps`, on by default;
+    `cuda_graph_num_tokens`, None: `BuildConfig.graph_num_tokens`' default buckets).
     """
 
     batch_sizes: tuple[int, ...] | None = None
     max_batch_size: int = 0
     enable_padding: bool = False
-    mixed_steps: bool = True
+    mixed_steps: bool | None = None
     mixed_num_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -68,8 +69,9 @@ class CudaGraphConfig:
             raise ValueError(f"CudaGraphConfig.max_batch_size must be an int >= 0 (0: the build's), got {m!r}")
         if not isinstance(self.enable_padding, bool):
             raise ValueError(f"CudaGraphConfig.enable_padding must be a bool, got {self.enable_padding!r}")
-        if not isinstance(self.mixed_steps, bool):
-            raise ValueError(f"CudaGraphConfig.mixed_steps must be a bool, got {self.mixed_steps!r}")
+        if self.mixed_steps is not None and not isinstance(self.mixed_steps, bool):
+            raise ValueError(f"CudaGraphConfig.mixed_steps must be True, False or None (the build config's), "
+                             f"got {self.mixed_steps!r}")
         if self.mixed_num_tokens is not None:
             sizes = tuple(self.mixed_num_tokens)
             if not sizes or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in sizes):
@@ -208,8 +210,10 @@ class LlmArgs:
         elif cg is not _UNSET:
             bc.use_cuda_graphs = True
             bc.cuda_graph_batch_sizes = cg.batch_sizes_for(bc.max_batch_size)
-            bc.cuda_graph_mixed_steps = cg.mixed_steps
-            bc.cuda_graph_num_tokens = cg.mixed_num_tokens
+            if cg.mixed_steps is not None:
+                bc.cuda_graph_mixed_steps = cg.mixed_steps
+            if cg.mixed_num_tokens is not None:
+                bc.cuda_graph_num_tokens = cg.mixed_num_tokens
         return bc.validate()
 
     def kv_cache_config_to_use(self) -> KvCacheConfig:

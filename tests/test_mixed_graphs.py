@@ -121,8 +121,13 @@ def test_cuda_graph_config_mixed_fields_reach_the_build_config():
     assert bc.cuda_graph_mixed_steps is False and bc.graph_num_tokens == ()
     bc = LlmArgs(model="x", cuda_graph_config=CudaGraphConfig(mixed_num_tokens=[128, 64])).build_config_to_use()
     assert bc.graph_num_tokens == (64, 128)
+    kept = LlmArgs(model="x", build_config=BuildConfig(cuda_graph_mixed_steps=False),
+                   cuda_graph_config=CudaGraphConfig(batch_sizes=[1, 2])).build_config_to_use()
+    assert kept.cuda_graph_mixed_steps is False and kept.cuda_graph_batch_sizes == (1, 2)  # None keeps the build's
     with pytest.raises(ValueError, match="mixed_num_tokens"):
         CudaGraphConfig(mixed_num_tokens=[0])
+    with pytest.raises(ValueError, match="mixed_steps"):
+        CudaGraphConfig(mixed_steps="no")
 
 
 def test_backends_that_cannot_capture_mixed_steps_say_so():
