@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from kit.bench import write_results
 from kit.builder import BuildConfig
 from kit.kv_cache_config import KvCacheConfig
 from kit.config import ModelConfig
@@ -195,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key = "iteration" if r["overlap"] else "host"
                 print(f"batch {r['batch']:>4} detokenize={r['detokenize']} overlap={r['overlap']}: {key} "
                       f"{old['us_per_step'][key]:.0f} -> {r['us_per_step'][key]:.0f} µs/step ({cut[key]:.0f}% less)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out}")
+    write_results(res, args.out)
     return res
 
 

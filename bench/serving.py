@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kit.bench import decode_only, hf_baseline, make_prompts, run_benchmark
+from kit.bench import decode_only, hf_baseline, make_prompts, run_benchmark, write_results
 from kit.builder import BuildConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
@@ -264,9 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         serve_model(name, pairs, conc, cfg, res, deadline)
     res["hf"] = hf_runs(cfg, res, deadline)
     res["wall_s"] = time.monotonic() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out} ({res['wall_s']:.0f} s, skipped {len(res['skipped'])})")
+    write_results(res, args.out)
+    print(f"{res['wall_s']:.0f} s, skipped {len(res['skipped'])}")
     return res
 
 
