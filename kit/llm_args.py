@@ -58,12 +58,15 @@ class CudaGraphConfig:
     mixed_num_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_sizes is not None:
-            sizes = tuple(self.batch_sizes)
+        for name in ("batch_sizes", "mixed_num_tokens"):  # None, or sorted distinct ints >= 1
+            value = getattr(self, name)
+            if value is None:
+                continue
+            sizes = tuple(value)
             if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
-                raise ValueError(f"CudaGraphConfig.batch_sizes must be None or a non-empty list of ints >= 1, "
-                                 f"got {self.batch_sizes!r}")
-            object.__setattr__(self, "batch_sizes", tuple(sorted(set(sizes))))
+                raise ValueError(f"CudaGraphConfig.{name} must be None or a non-empty list of ints >= 1, "
+                                 f"got {value!r}")
+            object.__setattr__(self, name, tuple(sorted(set(sizes))))
         m = self.max_batch_size
         if not isinstance(m, int) or isinstance(m, bool) or m < 0:
             raise ValueError(f"CudaGraphConfig.max_batch_size must be an int >= 0 (0: the build's), got {m!r}")
@@ -72,12 +75,6 @@ class CudaGraphConfig:
         if self.mixed_steps is not None and not isinstance(self.mixed_steps, bool):
             raise ValueError(f"CudaGraphConfig.mixed_steps must be True, False or None (the build config's), "
                              f"got {self.mixed_steps!r}")
-        if self.mixed_num_tokens is not None:
-            sizes = tuple(self.mixed_num_tokens)
-            if not sizes or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in sizes):
-                raise ValueError(f"CudaGraphConfig.mixed_num_tokens must be None or a non-empty list of ints >= 1, "
-                                 f"got {self.mixed_num_tokens!r}")
-            object.__setattr__(self, "mixed_num_tokens", tuple(sorted(set(sizes))))
 
     def batch_sizes_for(self, max_batch_size: int) -> tuple[int, ...]:
         """The captured sizes for a build of `max_batch_size` (sizes above it are refused)."""
