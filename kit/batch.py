@@ -29,7 +29,14 @@ import torch
 from kit.config import ModelConfig
 from kit.quantization.kv_cache import kv_cache_dtype
 
-__all__ = ["ForwardBatch", "KVCache", "SequenceInput"]
+__all__ = ["ForwardBatch", "KVCache", "SequenceInput", "split_aligned"]
+
+
+def split_aligned(flat: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Views of `flat` (int64) holding parts of `sizes` one after another, each part starting at an even slot
+    (16-byte aligned: an odd-length part is followed by one unused slot), as `ForwardBatch` lays them out."""
+    padded = [n + (n & 1) for n in sizes]
+    return [v[:n] for v, n in zip(flat[:sum(padded)].split(padded), sizes)]
 
 
 @dataclass
@@ -156,7 +163,7 @@ class ForwardBatch:
                                 dtype=torch.long)
         if torch.device(device).type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        views = [v[:n] for v, n in zip(flat.split([n + (n & 1) for n in sizes]), sizes)]
+        views = split_aligned(flat, sizes)
         return cls(
             input_ids=views[0],
             positions=views[1],

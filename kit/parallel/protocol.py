@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from kit.batch import ForwardBatch
+from kit.batch import ForwardBatch, split_aligned
 from kit.parallel.comm import TensorParallelComm
 from kit.parallel.host_channel import HeaderRing
 
@@ -69,10 +69,6 @@ def message_capacity(build_config) -> int:
     return 4 * t + 2 * s + 1 + s * max_blocks + 7
 
 
-def _part_sizes(t: int, s: int, m: int, n_logits: int) -> list[int]:
-    return [t, t, s + 1, s, s * m, t, n_logits]
-
-
 def pack_batch(batch: ForwardBatch) -> tuple[list[int], torch.Tensor]:
     """(header slots 2..8, payload (n,) int64) of a batch.
 
@@ -92,9 +88,7 @@ def pack_batch(batch: ForwardBatch) -> tuple[list[int], torch.Tensor]:
 def unpack_batch(head: list[int], payload: torch.Tensor) -> ForwardBatch:
     """The batch `pack_batch` packed, as views of `payload`."""
     t, s, m, n_logits, max_q, max_len, bs = head[2:9]
-    sizes = _part_sizes(t, s, m, n_logits)
-    padded = [n + (n & 1) for n in sizes]
-    parts = [v[:n] for v, n in zip(payload[:sum(padded)].split(padded), sizes)]
+    parts = split_aligned(payload, [t, t, s + 1, s, s * m, t, n_logits])
     return ForwardBatch(parts[0], parts[1], parts[2], parts[3], parts[4].view(s, m), parts[5], parts[6],
                         max_query_len=max_q, max_seq_len=max_len, block_size=bs)
 
