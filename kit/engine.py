@@ -102,10 +102,10 @@ class Engine:
             mixed = dict(num_tokens=bc.graph_num_tokens, max_seqs=bc.max_batch_size * bc.max_beam_width)
         current = getattr(self.backend, "graphs", None)
         current_mixed = getattr(self.backend, "mixed_graphs", None)
+        mixed_sizes = self.backend.mixed_graph_sizes(kv_cache, mixed["num_tokens"]) if mixed else ()
         if (current is not None and current.kv_cache is kv_cache and current.batch_sizes == sizes
                 and current.max_blocks == max_blocks
-                and (current_mixed.num_tokens if current_mixed is not None else ())
-                == (self.backend.mixed_graph_sizes(kv_cache, mixed["num_tokens"], max_blocks) if mixed else ())):
+                and (current_mixed.num_tokens if current_mixed is not None else ()) == mixed_sizes):
             return sizes
         t0 = time.perf_counter()
         self.backend.capture_cuda_graphs(kv_cache, sizes, max_blocks, **mixed)

@@ -133,10 +133,10 @@ def test_cuda_graph_config_mixed_fields_reach_the_build_config():
 def test_backends_that_cannot_capture_mixed_steps_say_so():
     net = _network()
     kv = KVCache(net.config, 8, BLOCK)
-    assert TorchBackend(net, attention="reference").mixed_graph_sizes(kv, (16, 32), 4) == ()
+    assert TorchBackend(net, attention="reference").mixed_graph_sizes(kv, (16, 32)) == ()
     if triton_available():
         backend = TorchBackend(net, attention="triton")
-        assert backend.mixed_graph_sizes(kv, (32, 16, 128), 4) == (16, 32, 128)
+        assert backend.mixed_graph_sizes(kv, (32, 16, 128)) == (16, 32, 128)
 
 
 def test_layout_and_html_show_rows_sequences_and_padding():

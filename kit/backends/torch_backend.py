@@ -304,7 +304,7 @@ class TorchBackend:
         "attention": _attention, "o_proj": _o_proj, "mlp": _mlp, "lm_head": _lm_head,
     }
 
-    def mixed_graph_sizes(self, kv_cache: KVCache, num_tokens: Sequence[int], max_blocks: int) -> tuple[int, ...]:
+    def mixed_graph_sizes(self, kv_cache: KVCache, num_tokens: Sequence[int]) -> tuple[int, ...]:
         """The buckets of `num_tokens` a capture over `kv_cache` takes: () unless attention runs in the varlen
         Triton kernel."""
         if self.prefill_kernel is None or (kv_cache.is_quantized and not self.kernels_for_8bit):
@@ -321,7 +321,7 @@ class TorchBackend:
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this backend runs on {self.device}")
         self.graphs = self.mixed_graphs = None  # NOTE: the old graphs' memory goes before the new ones take theirs
-        sizes = self.mixed_graph_sizes(kv_cache, num_tokens, max_blocks) if max_seqs >= 1 else ()
+        sizes = self.mixed_graph_sizes(kv_cache, num_tokens) if max_seqs >= 1 else ()
         with tqdm(total=len(sizes) + len(batch_sizes), desc="capturing CUDA graphs", unit="graph", leave=False,
                   disable=not self.capture_progress) as bar:
             if sizes:
