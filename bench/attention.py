@@ -11,6 +11,9 @@ Shapes of Llama-3.1-8B's attention (32 query heads, 8 kv heads, head_dim 128, bl
 * prefill, 1024-token prompts, batch 1 and 16 (causal): TFLOP/s and share of 790 TFLOP/s,
   against `F.scaled_dot_product_attention` on the same (dense) data; plus a ragged batch
   (16 prompts of 64..1024 tokens) against the reference's padded gather (`ops.paged_attention`).
+* mixed, a prompt chunk (128 or 1024 tokens) beside 62-63 decode rows at context 256 / 2k: the
+  varlen kernel's default tiles against its former 128-row tiles and a sweep, beside the decode
+  kernel over the decode rows alone (the floor for those rows).
 
 Every case is measured with the kernel's default config first, then the sweep tries other
 tile sizes / warps / stages / split counts while `--budget-s` lasts; the best is reported
@@ -18,6 +21,7 @@ beside the default. Results are written after every case.
 
     python bench/attention.py --out bench/results/attention_h100.json
     python bench/attention.py --smoke --out /tmp/attention_smoke.json    # CPU, interpreter, tiny
+    python bench/attention.py --cases mixed --out /tmp/mixed.json        # only the mixed steps
 """
 
 from __future__ import annotations
@@ -153,6 +157,54 @@ def run_decode(a, device, dtype, clock, deadline, record):
                 a.write(record)
 
 
+MIXED_TILES = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+               for m in (16, 32, 64) for n in (32, 64) for w in (2, 4) for st in (2, 3)]
+OLD_PREFILL_DEFAULT = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)  # before mixed batches had their own
+
+
+def run_mixed(a, device, dtype, clock, deadline, record):
+    """Mixed steps: one prompt chunk beside many decode rows (what a serving loop runs), through the varlen
+    kernel with its default tiles (which follow tokens per sequence), the 128-row tiles it used for every
+    batch before, and a sweep; beside the decode kernel over the decode rows alone (their floor)."""
+    h, kvh, d, bs = a.heads, a.kv_heads, a.head_dim, a.block_size
+    for chunk, decodes, ctx in a.mixed:
+        nb_chunk, nb = -(-chunk // bs), -(-(ctx + 1) // bs)
+        tables = [list(range(nb_chunk))] + [list(range(nb_chunk + i * nb, nb_chunk + (i + 1) * nb))
+                                            for i in range(decodes)]
+        seqs = [SequenceInput([0] * chunk, 0, tables[0])] + [SequenceInput([7], ctx, t) for t in tables[1:]]
+        batch = ForwardBatch.build(seqs, bs, device=device)
+        k, v, _, _ = make_cache(nb_chunk + decodes * nb + 1, bs, kvh, d, "bf16", device, dtype)
+        q = torch.randn(batch.num_tokens, h, d, device=device, dtype=dtype)
+        out = torch.empty_like(q)
+        configs = [{}, OLD_PREFILL_DEFAULT] + ([] if a.smoke else MIXED_TILES)
+        results = []
+        for cfg in configs if not a.smoke else configs[:1]:
+            if len(results) >= 2 and time.perf_counter() > deadline:
+                break
+            us = clock.us(lambda i, cfg=cfg: paged_prefill_attention(
+                q, k, v, batch.query_start_loc, batch.seq_lens, batch.block_tables, d ** -0.5, None, out, **cfg))
+            results.append((us, cfg))
+        best_us, best_cfg = min(results, key=lambda r: r[0])
+        qd, outd = q[chunk:].contiguous(), torch.empty_like(q[chunk:])
+        dec_tables, dec_lens = batch.block_tables[1:].contiguous(), batch.seq_lens[1:].contiguous()
+        decode_us = clock.us(lambda i: paged_decode_attention(qd, k, v, dec_tables, dec_lens, d ** -0.5, None, outd))
+        n = batch.num_tokens
+        row = dict(kind="mixed", case=f"{chunk}-token chunk + {decodes} decodes at {ctx}", num_tokens=n,
+                   num_seqs=batch.num_seqs,
+                   default_config=default_prefill_config(d, dtype, device, n, batch.num_seqs, h // kvh),
+                   default_us=round(results[0][0], 1), best_us=round(best_us, 1), best_config=best_cfg or "default",
+                   configs_tried=len(results), decode_rows_alone_decode_kernel_us=round(decode_us, 1))
+        if len(results) > 1:
+            row["old_128_row_tiles_us"] = round(results[1][0], 1)
+            row["speedup_vs_old_tiles"] = round(results[1][0] / results[0][0], 2)
+        record.setdefault("mixed", []).append(row)
+        print(f"mixed {row['case']:40s}: default {row['default_us']:8.1f} us, 128-row tiles "
+              f"{row.get('old_128_row_tiles_us', float('nan')):8.1f}, best {best_us:8.1f} {best_cfg}; "
+              f"decode kernel on the decode rows {decode_us:8.1f} us")
+        del k, v
+        a.write(record)
+
+
 def causal_flops(lens, h, d):
     return sum(4 * h * d * n * (n + 1) / 2 for n in lens)
 
@@ -214,16 +266,19 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     p.add_argument("--budget-s", type=float, default=70.0, help="stop sweeping (not measuring defaults) after this")
+    p.add_argument("--cases", nargs="+", choices=["decode", "prefill", "mixed"], default=["decode", "prefill", "mixed"])
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if a.smoke:
         a.heads, a.kv_heads, a.head_dim, a.block_size = 8, 2, 16, 16
         a.contexts, a.batches, a.prompt, a.prefill_batches = (32, 64), (1, 2), 32, (1, 2)
+        a.mixed = [(16, 3, 32)]
         a.l2_flush_bytes, copy_bytes, clock = 0, 1 << 20, Clock(device, 1, 1)
     else:
         a.heads, a.kv_heads, a.head_dim, a.block_size = 32, 8, 128, 16
         a.contexts, a.batches, a.prompt, a.prefill_batches = (256, 2048, 8192), (1, 64), 1024, (1, 16)
+        a.mixed = [(128, 62, 256), (128, 62, 2048), (1024, 63, 256)]
         a.l2_flush_bytes, copy_bytes, clock = 256 << 20, 1 << 30, Clock(device, 20, 5)
 
     def write(record):
@@ -237,9 +292,16 @@ def main() -> None:
                   copy_bandwidth_GBs=copy_bandwidth_gbs(device, copy_bytes, clock),
                   peak_bf16_TFLOPs=PEAK_BF16_TFLOPS, decode=[], prefill=[])
     print(f"{record['device']}: copy bandwidth {record['copy_bandwidth_GBs']:.0f} GB/s")
-    deadline_decode = t0 + a.budget_s * 0.6
-    run_decode(a, device, dtype, clock, deadline_decode, record)
-    run_prefill(a, device, dtype, clock, t0 + a.budget_s, record)
+    share = {"decode": 0.5, "prefill": 0.3, "mixed": 0.2}
+    spent = 0.0
+    for case, run in (("decode", run_decode), ("prefill", run_prefill), ("mixed", run_mixed)):
+        if case in a.cases:
+            spent += share[case] / sum(share[c] for c in a.cases)
+            run(a, device, dtype, clock, t0 + a.budget_s * spent, record)
+    record["wall_s"] = round(time.perf_counter() - t0, 1)
+    if "decode" not in a.cases:
+        write(record)
+        return
     at = {(r["context"], r["batch"], r["kv"]): r for r in record["decode"]}
     ctx, b = max(a.contexts), min(a.batches)
     record["targets"] = dict(

@@ -6,7 +6,9 @@ For each TP size that the GPUs allow (1, 2, 4), in one run:
   back (`decode_b1_ms`) and each waited for (`decode_b1_synced_ms`, as a loop sampling on the host);
   `step_channel` says how the step headers reached the other ranks (KIT_TP_CHANNEL);
 * decode throughput at batch 64 (graphed), tokens/s;
-* the all-reduce share of an eager decode step (ProfiledEngine.collectives on rank 0);
+* the all-reduce share of an eager decode step (ProfiledEngine.collectives on rank 0), and of the graphed
+  batch-1 step as it runs (`collective_share_pct_b1`: rank 0's kernels traced by kit.profiler.step_kernels,
+  with kernels per step, the GPU's idle time and the costliest kernels);
 * top-1 agreement over the same 64 prefill positions, three ways (random weights leave near-tied
   logits, so two correct bf16 computations often pick different argmaxes):
   - bf16 TP=N vs bf16 TP=1 (`top1_agreement_vs_tp1`);
@@ -62,7 +64,7 @@ from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.network import Network, NetworkBuilder
 from kit.parallel import DistributedEngine, sharding_frame
-from kit.profiler import ProfiledEngine
+from kit.profiler import ProfiledEngine, step_kernels
 from kit.sampling_params import SamplingParams
 
 BLOCK = 16
@@ -110,6 +112,27 @@ def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: boo
             sync(engine.device)
     sync(engine.device)
     return 1e3 * (time.perf_counter() - t0) / len(batches)
+
+
+COLLECTIVE_KERNELS = ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "symm")
+
+
+def graphed_kernels(engine: Engine, kv: Any, batches: list[ForwardBatch], what: str) -> dict[str, Any]:
+    """Rank 0's kernels in graphed batch-1 steps (kit.profiler.step_kernels): kernels per step, the
+    collectives' time per step and share of the step, the GPU's idle time, the 12 costliest kernels."""
+    stage(f"{what}: trace rank 0's kernels in {len(batches)} graphed batch-1 steps")
+    it = iter(range(10 ** 9))
+    df = step_kernels(lambda: engine.forward(batches[next(it) % len(batches)], kv), iters=len(batches),
+                      device=engine.device if engine.device.index is not None else torch.device("cuda", 0))
+    a = df.attrs
+    coll = df[df["name"].str.lower().str.contains("|".join(COLLECTIVE_KERNELS))]
+    coll_us = float(coll["time_us"].sum())
+    return {"kernels_per_step_b1": a["kernels_per_step"], "kernel_ms_b1": a["kernel_ms"],
+            "gpu_idle_ms_b1": a["idle_ms"], "traced_step_ms_b1": a["step_ms"],
+            "collective_kernels_per_step_b1": float(coll["calls"].sum()), "collective_us_per_step_b1": coll_us,
+            "collective_share_pct_b1": 100.0 * coll_us / 1e3 / a["step_ms"],
+            "top_kernels_b1": [{"name": r.name[:90], "calls": r.calls, "time_us": round(r.time_us, 1)}
+                               for r in df.head(12).itertuples()]}
 
 
 def capture_staged(engine: Engine, kv: Any, sizes: list[int], what: str) -> tuple[int, ...]:
@@ -212,6 +235,8 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
         row["cuda_graphs"] = list(graphs)
         row["decode_b1_ms"] = ms_per_step(engine, kv, b1, what=f"TP={tp} decode")
         row["decode_b1_synced_ms"] = ms_per_step(engine, kv, b1, what=f"TP={tp} decode", synced=True)
+        if device.type == "cuda":
+            row.update(graphed_kernels(engine, kv, b1, f"TP={tp}"))
         row[f"decode_b{args.max_batch}_ms"] = ms_per_step(engine, kv, bN, what=f"TP={tp} decode")
         row[f"tokens_per_s_b{args.max_batch}"] = args.max_batch * 1e3 / row[f"decode_b{args.max_batch}_ms"]
         row["eager_decode_b1_ms"] = ms_per_step(engine, kv, b1[:8], eager=True, what=f"TP={tp} decode")
@@ -425,7 +450,7 @@ def main() -> None:
         print(f"{r['tp']:>3} {r['decode_b1_ms']:>8.3f} {r.get('decode_b1_ratio_vs_tp1', nan):>6.2f} "
               f"{r[f'tokens_per_s_b{args.max_batch}']:>12.1f} "
               f"{r.get(f'throughput_b{args.max_batch}_ratio_vs_tp1', nan):>6.2f} "
-              f"{r.get('allreduce_share_pct_b1', 0.0):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f} "
+              f"{r.get('collective_share_pct_b1', r.get('allreduce_share_pct_b1', 0.0)):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f} "
               f"{r.get('top1_agreement_vs_fp32_tp1', nan):>6.3f} {r.get('fp32_top1_agreement_vs_fp32_tp1', nan):>8.3f} "
               f"{r.get('fp32_max_abs_logit_diff_vs_fp32_tp1', nan):>11.2e} {r.get('shutdown_s', nan):>6.1f}")
     print("fit:", json.dumps(results["fit"]))

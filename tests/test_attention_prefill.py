@@ -197,3 +197,31 @@ def test_gpu_matches_reference(dtype, head_dim, num_kv_heads, group, block_size,
         _close(_kernel(c, window), ref, atol=tol, rtol=2e-2)
         if dtype == torch.float32:
             _close(_ops(c, window), ref, atol=tol, rtol=2e-2)
+
+
+def test_mostly_decode_batches_get_query_tiles_near_their_tokens_per_sequence():
+    """A mixed step (a prompt chunk beside many decode rows) takes small query tiles on a GPU: ~ half its
+    average tokens per sequence x the GQA group, at least 16 rows and one group; long prompts keep 128 rows."""
+    from kit.backends.triton_attention import default_prefill_config
+
+    gpu = torch.device("cuda")
+    big = default_prefill_config(128, torch.bfloat16, gpu)
+    assert big["block_m"] == 128
+    rows = {(t, n, g): default_prefill_config(128, torch.bfloat16, gpu, t, n, group=g)["block_m"]
+            for t, n, g in ((190, 63, 4), (192, 65, 7), (1087, 64, 4), (700, 64, 4))}
+    # 4 tokens a sequence x 4 = 16 rows; 3 x 7 = 21; 17 x 4 = 68 -> 64; 11 x 4 = 44 -> 32
+    assert rows == {(190, 63, 4): 16, (192, 65, 7): 16, (1087, 64, 4): 64, (700, 64, 4): 32}
+    assert default_prefill_config(128, torch.bfloat16, gpu, 190, 63, group=4)["num_warps"] == 2
+    assert default_prefill_config(128, torch.bfloat16, gpu, 4096, 4, group=4) == big  # whole prompts
+    for t, n, g in ((5, 5, 32), (64, 64, 16), (300, 70, 8)):
+        cfg = default_prefill_config(64, torch.bfloat16, gpu, t, n, group=g)
+        assert cfg["block_m"] >= g and cfg["block_m"] & (cfg["block_m"] - 1) == 0
+    assert default_prefill_config(128, torch.bfloat16, torch.device("cpu"), 190, 63, group=4)["block_m"] == 32
+
+
+@requires_triton
+def test_small_query_tiles_on_a_mostly_decode_batch():
+    """16-row tiles (4 tokens of a group of 4) over a chunk beside decode rows: the reference's rows."""
+    steps = ((37, 0),) + tuple((1, 20 + 7 * i) for i in range(9))
+    c = _case(steps, num_kv_heads=2, group=4, block_size=16, seed=3)
+    _close(_kernel(c, block_m=16, block_n=16), _ops(c))

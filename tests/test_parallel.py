@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import threading
 import warnings
 import weakref
 
@@ -19,7 +20,9 @@ from kit.parallel.tp_backend import TensorParallelBackend
 from kit.parallel.protocol import message_capacity, pack_batch, unpack_batch
 from kit.parallel.sharding import shard_tensor, split_of
 from kit.batch import ForwardBatch, SequenceInput
+from kit.backends.torch_backend import TorchBackend
 from kit.builder import BuildConfig
+from kit.engine import Engine
 from kit.quantization import QuantConfig, Quantizer
 from kit.quantization.int4 import dequantize_weight as int4_dequantize
 
@@ -223,3 +226,65 @@ def test_rank_backend_holds_qkv_and_gate_up_once(tiny_loaded):
     want = torch.cat([x @ own.weights[f"{attn}.{m}.weight"].T for m in ("q_proj", "k_proj", "v_proj")], -1)
     got = torch.cat([env[k].reshape(3, -1) for k in ("q", "k", "v")], -1)
     torch.testing.assert_close(got, want)
+
+
+class _ThreadComm:
+    """The collectives of `TensorParallelComm` between threads of one process (a barrier and a shared list):
+    two rank backends run one step together, and every all-reduce is recorded with its layer."""
+
+    def __init__(self, rank: int, world: int, shared: dict) -> None:
+        self.rank, self.world_size, self.backend, self.full_vocab_size = rank, world, "threads", None
+        self.shared = shared
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        self.shared["parts"][self.rank] = t.clone()
+        self.shared["barrier"].wait()
+        parts = list(self.shared["parts"])
+        self.shared["barrier"].wait()
+        return parts
+
+    def all_reduce(self, t: torch.Tensor, layer: str = "") -> torch.Tensor:
+        if self.rank == 0:
+            self.shared["all_reduces"].append(layer)
+        t.copy_(torch.stack(self._exchange(t)).sum(0))
+        return t
+
+    def gather_logits(self, logits: torch.Tensor, layer: str = "lm_head") -> torch.Tensor:
+        full = torch.cat(self._exchange(logits), dim=-1)
+        return full[:, :self.full_vocab_size]
+
+
+def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded):
+    """Fused, a row-parallel o_proj / mlp is its GEMM and one all-reduce of the partial `delta` (the next
+    norm adds it to the residual): two rank backends in threads give TP=1's logits, with two all-reduces a
+    block and one for the embedding."""
+    full = NetworkBuilder(tiny_loaded).build()
+    cfg = full.config
+    shared = {"parts": [None, None], "barrier": threading.Barrier(2), "all_reduces": []}
+    backends = [TensorParallelBackend(shard_network(full, Mapping.tensor_parallel(2, r)), Mapping.tensor_parallel(2, r),
+                                      _ThreadComm(r, 2, shared), cfg.vocab_size) for r in range(2)]
+    assert all(b.defer_residual for b in backends)
+    row_parallel = [fn.__name__ for layer, fn in backends[0].ops if layer.kind in ("o_proj", "mlp")]
+    assert row_parallel and set(row_parallel) == {"row_parallel_delta"}  # GEMM, all-reduce, nothing else
+    seq = [5, 6, 7, 8, 9, 10, 11]
+    batch = ForwardBatch.build([SequenceInput(seq, 0, [0, 1], logits="all")], 4)
+    engines = [Engine(b.network, b) for b in backends]
+    kvs = [e.allocate_kv_cache(3, 4) for e in engines]
+    out: list = [None, None]
+
+    def run(r: int) -> None:
+        out[r] = engines[r].forward(batch, kvs[r])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    ref_engine = Engine(full, TorchBackend(full))
+    ref = ref_engine.forward(batch, ref_engine.allocate_kv_cache(3, 4))
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+    blocks = sum(1 for l in full.layers if l.kind == "mlp")
+    assert len(shared["all_reduces"]) == 2 * blocks + 1
+    kinds = {l.name: l.kind for l in full.layers}
+    assert sorted({kinds[n] for n in shared["all_reduces"]}) == ["embedding", "mlp", "o_proj"]

@@ -112,3 +112,32 @@ def test_graphed_step_roofline_and_top_kernels_on_cuda():
     assert top["name"].str.contains("rms_norm_kernel|rope_kv_kernel|silu_mul_kernel").any()
     kernels = prof.count_kernels(batch_size=4, seq_len=256)
     assert kernels.set_index("layer").loc["layers.1.rope", "kernels"] == 1  # no cos / sin tables on the GPU
+
+
+def test_step_kernels_needs_a_cuda_device():
+    from kit.profiler import step_kernels
+
+    with pytest.raises(ValueError, match="CUDA"):
+        step_kernels(lambda: None, device="cpu")
+
+
+@pytest.mark.gpu
+def test_step_kernels_traces_a_graph_replay():
+    """The kernels a CUDA-graph replay runs are traced one by one: as many as an eager step launches."""
+    import torch
+
+    from kit.backends.cuda_graphs import CUDAGraphRunner
+    from kit.loader import ModelLoader
+    from kit.profiler import step_kernels
+
+    net = NetworkBuilder(ModelLoader.synthetic("qwen2.5-0.5b", device="cuda", dtype=torch.bfloat16)).build()
+    prof = ProfiledEngine(Engine.from_network(net, device="cuda", dtype=torch.bfloat16))
+    eager = int(prof.count_kernels(batch_size=4, seq_len=64)["kernels"].sum())
+    batch, kv, _ = prof._batch(4, 64, "decode")
+    runner = CUDAGraphRunner(prof.engine.backend, kv, (4,), batch.block_tables.shape[1])
+    df = step_kernels(lambda: runner.run(batch), iters=5)
+    a = df.attrs
+    assert a["steps"] == 5 and a["kernels_per_step"] >= eager  # (a GEMM may split into two kernels)
+    assert df["name"].str.contains("rms_norm_kernel").any()
+    assert 0 < a["kernel_ms"] <= a["step_ms"] * 1.05 and a["idle_ms"] >= 0
+    assert abs(df["share_pct"].sum() - 100.0) < 1e-6

@@ -114,6 +114,23 @@ def test_split_k_matches_reference(num_splits, window):
 
 
 @requires_triton
+@pytest.mark.parametrize("window", [None, 20])
+def test_splits_share_each_sequences_own_keys(window):
+    """Each program divides its own sequence's keys among the splits (whole tiles): short contexts in a wide
+    block table (a graph captured for long ones) still spread over several splits, and every key is
+    counted once, whatever the split count."""
+    lens = (3, 17, 40, 64, 65)
+    c = _case(lens, group=2, block_size=4, seed=11)
+    bt = c["block_tables"]
+    wide = torch.cat([bt, torch.zeros(len(lens), 200, dtype=bt.dtype)], dim=1)  # 800+ slots
+    ref = _run(reference_decode_attention, c, window)
+    for splits in (1, 4, 16, 50):
+        out = paged_decode_attention(c["q"], c["k_cache"], c["v_cache"], wide, c["seq_lens"], c["scale"], window,
+                                     num_splits=splits, block_n=16)
+        _close(out, ref)
+
+
+@requires_triton
 def test_default_splits_a_long_context_of_few_sequences():
     assert choose_num_splits(1, 1, 608, 132) == 2  # limited by MIN_SPLIT_TOKENS
     assert choose_num_splits(1, 8, 32768, 132) == 33  # ~2 waves of programs

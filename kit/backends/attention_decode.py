@@ -21,13 +21,16 @@ follows vLLM's paged attention and flash-decoding. How it blocks the work:
   unnormalised output in float32, and a second kernel merges them per (sequence, head).
 
 CUDA graphs: the launch grid depends only on tensor shapes. `choose_num_splits` reads the
-width of the block table (max_blocks, fixed per graph bucket), never `seq_lens`, and each
-split covers a fixed range of positions [split * split_size, (split + 1) * split_size);
-`seq_lens` is read inside the kernel, so a split past the sequence's end runs no tile and
-writes an empty partial (max -inf, sum 0) that the merge weighs by zero. A graph captured
-for 8k-token tables thus replays correctly for a 300-token context, at the price of
-launching the empty programs (a few microseconds). A row with seq_len 0 writes zeros; a
-padding row with seq_len 1 pointing at the scratch block reads one slot, equally harmless.
+width of the block table (max_blocks, fixed per graph bucket), never `seq_lens`. Each
+program reads its sequence's length and divides the keys it sees (all of them, or the
+sliding window's) among the splits in whole tiles of BLOCK_N, at least `split_size`
+tokens a split: a graph captured for 8k-token tables (32 splits) spreads a 2k-token
+context over 16 splits and a 256-token one over 2, where fixed ranges of max_context /
+num_splits gave a short context to one split (half the speed at 256 tokens, batch 1:
+bench/results/attention_h200.json's sweep). A split past the keys runs no tile and
+writes an empty partial (max -inf, sum 0) that the merge weighs by zero. A row with
+seq_len 0 writes zeros; a padding row with seq_len 1 pointing at the scratch block reads
+one slot, equally harmless.
 
 `reference_decode_attention` is the same computation in plain PyTorch (float32), for tests.
 """
@@ -77,10 +80,14 @@ def _paged_decode_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(sl_ptr + b).to(tl.int32)
-    lo = split * split_size
-    hi = tl.minimum(lo + split_size, seq_len)  # this split covers positions [lo, hi)
+    first = 0  # the first key any query of this row sees
     if USE_WINDOW:
-        lo = tl.maximum(lo, seq_len - window)
+        first = tl.maximum(seq_len - window, 0)
+    # this sequence's keys [first, seq_len) in num_splits shares of whole tiles, >= split_size keys each
+    share = tl.cdiv(tl.cdiv(seq_len - first, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    share = tl.maximum(share, split_size)
+    lo = first + split * share
+    hi = tl.minimum(lo + share, seq_len)  # this split covers positions [lo, hi)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -232,19 +239,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     decode_kernel, merge_kernel = _kernels()
     group = num_heads // num_kv_heads
     quant = k_cache.dtype in QUANTIZED_KV_DTYPES
-    if block_n is None:  # tiles of ~16 KiB of K per load: 64 tokens of 16-bit, 128 of 8-bit values
-        block_n = 32 if q.element_size() > 2 else 128 if quant else 64
-    if not is_pow2(block_n) or block_n < 16:
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, num_sms(q.device))
+    if block_n is None:
+        # keys per tile, the best of bench/attention.py's sweep on the H200 (contexts 256..8k): 8-bit caches
+        # and split 16-bit rows 128; 16-bit rows unsplit (large batches) 64; float32 32
+        block_n = 32 if q.element_size() > 2 else 128 if quant or num_splits > 1 else 64
+    if not is_pow2(block_n) or block_n < 16:
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    # splits of a whole number of tiles; the last one may be shorter
-    split_size = -(-max_context // num_splits)
-    split_size = -(-split_size // block_n) * block_n
-    num_splits = -(-max_context // split_size)
+    # NOTE: each program sizes its split from its own seq_len (whole tiles); `split_size` is the least keys a
+    # split takes (one tile, or all of max_context when unsplit), so a short context uses fewer splits
+    num_splits = max(1, min(num_splits, -(-max_context // block_n)))
+    split_size = block_n if num_splits > 1 else -(-max_context // block_n) * block_n
 
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers when not quantized
     scale_strides = k_scale.stride() if quant else (0, 0, 0)

@@ -205,20 +205,43 @@ def _kernel() -> Any:
     return triton.jit(_varlen_prefill_kernel, do_not_specialize=["num_seqs", "stride_btb"])
 
 
-def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device, num_tokens: int | None = None,
+                           num_seqs: int | None = None, group: int = 1) -> dict[str, int]:
     """BLOCK_M / BLOCK_N / num_warps / num_stages for the prefill kernel (bench/attention.py sweeps these).
 
     On a GPU: 128 query rows x 64 keys per tile, 8 warps, 3 stages (a bf16 d=128 tile set
     fits shared memory: Q 32 KiB + 3 x (K 16 + V 16) KiB); float32 and the interpreter take
     smaller tiles.
+
+    A batch of mostly decode rows (a mixed step: a prompt chunk beside dozens of sequences
+    decoding one token each) gets smaller query tiles: with `num_tokens / num_seqs` query tokens
+    per sequence on average, BLOCK_M covers about half that many tokens of the GQA `group` (a
+    power of two, at least 16 rows and one group). A decode row alone in a 128-row tile used 4 of its rows (Llama GQA group 4) and
+    the tile's 128 KiB of shared memory held one program per SM: in an 8B mixed step of 190
+    tokens over 63 sequences attention took 59 us a layer, twice the decode kernel's time for
+    the same keys (`bench/step_kernels.py`).
     """
     if device.type != "cuda":
         return dict(block_m=32, block_n=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if head_dim > 128:
-        return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    big = dict(block_m=64, block_n=32, num_warps=4, num_stages=2) if head_dim > 128 else \
+        dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if num_tokens and num_seqs:
+        per_seq = -(-num_tokens // num_seqs)  # query tokens per sequence, on average (rounded up)
+        rows = 16
+        while rows < group * per_seq:
+            rows *= 2
+        rows = max(rows // 2, 16)  # half the average sequence's rows: a long prompt's tiles stay full
+        while rows < group:
+            rows *= 2
+        if rows < big["block_m"]:
+            # the best of bench/attention.py's sweep on the H200 (8B shapes): 128 + 62 decodes 16 rows x 32 keys,
+            # 2 warps, 3 stages (34 -> 29 us, the decode kernel's time for those rows); 1,024 + 63: 64 x 64, 4, 2
+            if rows <= 32:
+                return dict(block_m=rows, block_n=32, num_warps=2, num_stages=3)
+            return dict(block_m=rows, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    return big
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -253,7 +276,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"{out.dtype} on {out.device}")
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    cfg = default_prefill_config(head_dim, q.dtype, q.device)
+    cfg = default_prefill_config(head_dim, q.dtype, q.device, num_tokens, num_seqs, num_heads // k_cache.shape[2])
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     for name, value in (("block_m", block_m), ("block_n", block_n)):

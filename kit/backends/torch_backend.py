@@ -16,7 +16,8 @@ With `fuse=True` (the default) a layer launches fewer kernels (`kit/kernels/`: T
 CUDA, the same torch ops as the unfused path elsewhere, so CPU numerics do not change):
 
     o_proj, mlp          write their output as `delta`; the residual add moves into the next norm
-                         (unless a subclass wraps o_proj / mlp: `defer_residual`)
+                         (unless a subclass wraps o_proj / mlp without passing `delta` on:
+                         `defer_residual`, `wrappers_take_delta`)
     rmsnorm              residual += delta; x = rms_norm(residual): one kernel (`fused_add_rms_norm`)
     rope                 rotates q and k and writes k, v into the paged cache (`rope_kv_write`),
                          straight from the qkv GEMM's output; attention then only reads the cache
@@ -118,15 +119,18 @@ class TorchBackend:
             raise RuntimeError("kernels='triton' needs the triton package")
         self.kernel_impl = kernels
         # NOTE: the residual add moves into the next norm only when o_proj / mlp are prepared by this
-        # class itself: a subclass that wraps them (tensor parallel's all-reduce) relies on their
+        # class itself, or by a subclass whose wrappers pass the `delta` on (`wrappers_take_delta`: tensor
+        # parallel all-reduces it); any other subclass that wraps them relies on their
         # `hidden = hidden + proj` and keeps it; its norms, rope and SiLU x up are still fused
-        self.defer_residual = fuse and all(self._PREPARE[k] is TorchBackend._PREPARE[k] for k in ("o_proj", "mlp"))
+        self.defer_residual = fuse and (self.wrappers_take_delta or all(
+            self._PREPARE[k] is TorchBackend._PREPARE[k] for k in ("o_proj", "mlp")))
         self.ops: list[tuple[Layer, LayerFn]] = [(layer, self._PREPARE[layer.kind](self, layer))
                                                  for layer in network.layers]
         self.graphs: CUDAGraphRunner | None = None
         self.mixed_graphs: MixedGraphRunner | None = None
 
     can_execute = True
+    wrappers_take_delta = False  # a subclass wrapping o_proj / mlp that handles their `delta` (see __init__)
     supports_mixed_graphs = True  # capture_cuda_graphs takes num_tokens= (kit/backends/mixed_graphs.py)
     capture_progress = True  # a progress bar while capturing (tensor parallelism: rank 0's only)
 

@@ -6,12 +6,15 @@ the norms run as `TorchBackend` runs them. Four layer kinds are wrapped here:
 
     embedding   vocab-parallel: look up the ids this rank holds, zero the others, all-reduce
     o_proj      row-parallel: the projection of the rank's heads is a partial sum;
-    mlp         the residual is added once, after the all-reduce of the partial sums
+    mlp         fused (the default): the partial sums are all-reduced as the layer's `delta` and the next
+                norm adds them to the residual (its fused add + RMSNorm), so a row-parallel layer is its
+                GEMM and one all-reduce, nothing else; unfused: the residual is added once, after the
+                all-reduce
     lm_head     vocab-parallel: each rank's logits slice, gathered on rank 0
 
 So a block costs exactly two all-reduces of (num_tokens, hidden) each. The wrappers
-call `TorchBackend`'s own preparation of o_proj / mlp and hand it a zero residual, so
-every fused kernel of that backend runs unchanged inside them; CUDA graphs record the
+call `TorchBackend`'s own preparation of o_proj / mlp (unfused: handing it a zero
+residual), so every fused kernel of that backend runs unchanged inside them; CUDA graphs record the
 NCCL all-reduces with the rest of the step; `release_graphs()` destroys them, which must
 happen before the group is left (NCCL >= 2.26 waits in its communicator's destroy, and
 abort, until every CUDA graph holding its kernels is gone).
@@ -38,6 +41,8 @@ __all__ = ["TensorParallelBackend"]
 
 class TensorParallelBackend(TorchBackend):
     """`TorchBackend` over a shard, with the collectives of the Megatron layout."""
+
+    wrappers_take_delta = True  # fused: o_proj / mlp all-reduce their partial `delta`; the next norm adds it
 
     def __init__(self, network: Network, mapping: Mapping, comm: TensorParallelComm, full_vocab_size: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None, attention: str = "auto",
@@ -93,10 +98,17 @@ class TensorParallelBackend(TorchBackend):
         return embed
 
     def _row_parallel(self, layer: Layer) -> LayerFn:
-        fn = TorchBackend._PREPARE[layer.kind](self, layer)  # hidden + proj(x): here 0 + this rank's part
+        fn = TorchBackend._PREPARE[layer.kind](self, layer)  # fused: delta = this rank's part of proj(x)
         comm, name = self.comm, layer.name
 
-        def row_parallel(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+        def row_parallel_delta(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
+            fn(env, batch, kv)
+            env["delta"] = comm.all_reduce(env["delta"], name)  # the next norm adds it to the residual
+
+        if self.defer_residual:
+            return row_parallel_delta
+
+        def row_parallel(env: Env, batch: ForwardBatch, kv: KVCache) -> None:  # unfused: hidden + proj(x)
             residual = env["hidden"]  # (T, hidden)
             env["hidden"] = torch.zeros_like(residual)
             fn(env, batch, kv)
