@@ -236,9 +236,11 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.devi
         while rows < group:
             rows *= 2
         if rows < big["block_m"]:
-            # the best of bench/attention.py's sweep on the H200 (8B shapes): 128 + 62 decodes 16 rows x 32 keys,
-            # 2 warps, 3 stages (34 -> 29 us, the decode kernel's time for those rows); 1,024 + 63: 64 x 64, 4, 2
-            if rows <= 32:
+            # measured on the H200: head_dim 128 (8B shapes, bench/attention.py's sweep): 128 + 62 decodes best
+            # at 16 rows x 32 keys, 2 warps, 3 stages (34 -> 29 us, the decode kernel's time for those rows),
+            # 1,024 + 63 at 64 x 64, 4 warps, 2 stages; head_dim 64 (1B, bench/step_kernels.py's mixed step):
+            # 16 x 64 keys, 4 warps, 2 stages (19 us a layer against 23 with the 32-key tiles)
+            if rows <= 32 and head_dim > 64:
                 return dict(block_m=rows, block_n=32, num_warps=2, num_stages=3)
             return dict(block_m=rows, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
     return big
