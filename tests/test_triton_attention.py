@@ -132,12 +132,13 @@ def test_splits_share_each_sequences_own_keys(window):
 
 @requires_triton
 def test_default_splits_a_long_context_of_few_sequences():
-    assert choose_num_splits(1, 1, 608, 132) == 2  # limited by MIN_SPLIT_TOKENS
+    assert choose_num_splits(1, 1, 608, 132) == 4  # limited by MIN_SPLIT_TOKENS (128)
+    assert choose_num_splits(1, 8, 256, 132) == 2 and choose_num_splits(1, 8, 2048, 132) == 16
     assert choose_num_splits(1, 8, 32768, 132) == 33  # ~2 waves of programs
     assert choose_num_splits(2, 1, 100_000, 132) == 64  # MAX_SPLITS
     assert choose_num_splits(64, 8, 32768, 132) == 1  # already 512 programs
-    assert choose_num_splits(4, 2, 255, 132) == 1  # too short to split
-    c = _case((600, 3), num_kv_heads=1, group=3, block_size=16, seed=5)  # default: 2 splits
+    assert choose_num_splits(4, 2, 127, 132) == 1  # too short to split
+    c = _case((600, 3), num_kv_heads=1, group=3, block_size=16, seed=5)  # default: 4 splits
     _close(_run(paged_decode_attention, c), _run(reference_decode_attention, c))
 
 

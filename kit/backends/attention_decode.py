@@ -52,9 +52,10 @@ tl: Any = None
 __all__ = ["choose_num_splits", "paged_decode_attention", "reference_decode_attention"]
 
 # Split heuristic (flash-decoding): split only while (sequence, kv head) programs fill
-# fewer than SPLIT_TARGET_WAVES x the SMs, and keep at least MIN_SPLIT_TOKENS per split.
+# fewer than SPLIT_TARGET_WAVES x the SMs, and keep at least MIN_SPLIT_TOKENS per split of the
+# table's width (bench/attention.py's sweep on the H200, batch 1: 2 splits best at 256 tokens, 16 at 2k).
 SPLIT_TARGET_WAVES = 2
-MIN_SPLIT_TOKENS = 256
+MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
