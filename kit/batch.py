@@ -155,7 +155,7 @@ class ForwardBatch:
         # NOTE: every view starts 16-byte aligned (an odd-length part is followed by one unused slot): Triton
         # specializes a kernel on each pointer's 16-byte alignment, so views at odd offsets, changing with the
         # step's token and sequence counts, compiled new variants of the attention and RoPE kernels in the
-        # middle of serving (stalls of 1-1.5 s on an H200, bench/results/serving_h200.json's slowest iterations)
+        # middle of serving (stalls of 1-1.5 s on an H200, bench/results/serving_full_h200.json's slowest iterations)
         odd = [(0,) if n & 1 else () for n in sizes]
         # NOTE: an int64 array (from a list: it is sized once), shared by the tensor without a copy; ~4x faster
         # than torch.tensor(list)

@@ -4,7 +4,7 @@ A serving loop with requests arriving at different times rarely runs a pure deco
 most steps carry a prompt chunk beside the decode tokens. Launched kernel by kernel such
 a step costs 2-3x the graphed decode step of a small model (hundreds of launches of a few
 microseconds each), so the decode graphs alone leave the GPU waiting on the host
-(`bench/results/serving_h200.json`: serving / decode-only 0.36-0.51 at concurrency 64).
+(`bench/results/serving_full_h200.json`: serving / decode-only 0.36-0.51 at concurrency 64).
 vLLM's full CUDA graphs and SGLang's do what this module does: capture the whole step for
 a few token counts and pad each step up to the next one.
 
