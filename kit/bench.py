@@ -49,6 +49,7 @@ from kit.batch import ForwardBatch, SequenceInput
 from kit.builder import BuildConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
+from kit.roofline import copy_bandwidth, describe_row, roofline_row
 from kit.sampling_params import SamplingParams
 
 __all__ = ["run_benchmark", "hf_baseline", "decode_only", "make_prompts", "add_arguments", "check_arguments", "main",
@@ -213,12 +214,18 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
 _LOOP_COLUMNS = ("schedule_ms", "prepare_ms", "forward_ms", "sampling_ms", "output_ms", "device_idle_ms", "duration_ms")
 
 
-def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, warmup: int = 4) -> dict[str, Any]:
+def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, warmup: int = 4,
+                roofline: bool = False) -> dict[str, Any]:
     """The engine's decode step alone: `batch_size` sequences at `context_len`, forward + greedy pick,
     `steps` times back to back (CUDA graphs when the engine has them), no scheduler and no host work.
 
     Reads the serving cache's first blocks and writes only into its scratch block, so it never
     disturbs cached prefixes; call it while the executor is idle.
+
+    With `roofline`, also `roofline`: the step against its bandwidth floor (`kit.roofline.roofline_row`:
+    bytes per step, roofline ms, achieved fraction, at the GPU's measured copy bandwidth when the kit
+    knows it, else bytes only), and on CUDA `kernels`: the step traced as it runs, graph replay
+    included (`kit.profiler.step_kernels`): kernels per step, GPU idle time and the top 5 kernels.
     """
     _check_int("batch_size", batch_size)
     _check_int("context_len", context_len)
@@ -238,8 +245,37 @@ def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, wa
         engine.forward(batch, kv).argmax(-1)
     _sync(engine.device)
     step_s = (time.perf_counter() - t0) / steps
-    return {"batch_size": batch_size, "context_len": context_len, "steps": steps, "step_ms": 1e3 * step_s,
-            "output_tokens_per_s": batch_size / step_s}
+    out = {"batch_size": batch_size, "context_len": context_len, "steps": steps, "step_ms": 1e3 * step_s,
+           "output_tokens_per_s": batch_size / step_s}
+    if roofline:
+        out.update(_step_roofline(engine, batch_size, context_len, 1e3 * step_s))
+        if engine.device.type == "cuda":
+            from kit.profiler import step_kernels  # NOTE: the profiler imports pandas; only here
+
+            df = step_kernels(lambda: engine.forward(batch, kv).argmax(-1), iters=8, device=engine.device)
+            out["kernels"] = {"kernels_per_step": df.attrs["kernels_per_step"], "kernel_ms": df.attrs["kernel_ms"],
+                              "idle_ms": df.attrs["idle_ms"],
+                              "top": [{"name": r.name[:80], "calls": r.calls, "time_us": round(r.time_us, 1),
+                                       "share_pct": round(r.share_pct, 1)} for r in df.head(5).itertuples()]}
+    return out
+
+
+def _step_roofline(engine: Any, batch_size: int, context_len: int, step_ms: float) -> dict[str, Any]:
+    """`decode_only`'s roofline columns: the step's bytes and floor at the device's copy bandwidth."""
+    dtype = str(engine.dtype).replace("torch.", "")
+    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else ""
+    bandwidth = copy_bandwidth(name) if name else None
+    kw = {"bandwidth": bandwidth} if bandwidth else {}
+    try:
+        row = roofline_row(engine.config, batch_size, context_len, step_ms if bandwidth else None, dtype=dtype,
+                           quantization=engine.network.quant_config, **kw)
+    except ValueError as e:  # a dtype or scheme the byte count does not know: say so, measure on
+        return {"roofline": {"error": str(e)}}
+    if not bandwidth:  # CPU, or a GPU whose copy bandwidth the kit has not measured: bytes, no fraction
+        row = {k: row[k] for k in ("bytes_per_step", "weight_bytes", "kv_bytes", "activation_bytes",
+                                   "flops_per_step")}
+        row["note"] = f"no measured copy bandwidth for {name or engine.device.type}: bytes only"
+    return {"roofline": row}
 
 
 def hf_baseline(loaded: Any, prompts: list[list[int]], output_len: int, concurrency: int,
@@ -321,6 +357,20 @@ def _table(runs: list[dict[str, Any]]) -> None:
               f"{steady if steady is not None else float('nan'):>10.2f} {hf:>9.1f} "
               f"{run.get('speedup_vs_hf', float('nan')):>6.2f} {k['ttft_ms']['p50']:>9.1f} {k['tpot_ms']['p50']:>9.2f} "
               f"{k['tpot_ms']['p99']:>9.2f} {k['goodput']['requests_per_s']:>11.2f}")
+    for run in runs:  # the decode step against its roofline, and (CUDA) the kernels it ran
+        dec, k = run.get("decode_only", {}), run["kit"]
+        roof = dec.get("roofline")
+        if not roof or "error" in roof:
+            continue
+        head = f"{k['input_len']:>4}/{k['output_len']:<4} c={k['concurrency']} decode step (context {dec['context_len']}):"
+        if "roofline_ms" in roof:
+            print(f"{head} {describe_row(roof)} at {roof['bandwidth_tb_s']:.2f} TB/s")
+        else:
+            print(f"{head} {roof['bytes_per_step'] / 1e9:.3f} GB/step, measured {dec['step_ms']:.3f} ms ({roof['note']})")
+        ks = dec.get("kernels")
+        if ks:
+            top = ", ".join(f"{t['name'][:40]} {t['time_us']:.0f} us x{t['calls']:g}" for t in ks["top"][:3])
+            print(f"    {ks['kernels_per_step']:.0f} kernels, GPU idle {ks['idle_ms']:.3f} ms; top: {top}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -357,7 +407,7 @@ def main(args: argparse.Namespace) -> int:
                 run: dict[str, Any] = {}
                 ramp = 0.0
                 if args.decode_only:  # measured first: its step sets the stagger
-                    run["decode_only"] = decode_only(llm, c, in_len + out_len // 2)
+                    run["decode_only"] = decode_only(llm, c, in_len + out_len // 2, roofline=True)
                     ramp = out_len * run["decode_only"]["step_ms"] / 1e3
                 if args.warmup:  # one untimed wave of this shape
                     warm = run_benchmark(llm, make_prompts(vocab, in_len, c, next(seeds)), out_len, c,

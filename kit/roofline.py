@@ -34,11 +34,14 @@ from typing import Any
 from kit.config import ModelConfig
 from kit.quantization.config import QUANT_PRESETS
 
-__all__ = ["H100_COPY_BANDWIDTH", "H100_BF16_FLOPS", "WEIGHT_BITS", "StepCost", "decode_step_cost", "roofline_row",
-           "describe_row"]
+__all__ = ["H100_COPY_BANDWIDTH", "H100_BF16_FLOPS", "COPY_BANDWIDTH", "WEIGHT_BITS", "StepCost", "copy_bandwidth",
+           "decode_step_cost", "roofline_row", "describe_row"]
 
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s: a large device-to-device copy on an H100 80GB HBM3
 H100_BF16_FLOPS = 790e12  # FLOP/s: cuBLAS bf16 GEMMs measured on it (bench/results/quant_gemm_h100.json)
+# bytes/s a large device-to-device copy reaches, by GPU name (bench/roofline.py measures it): the H100's
+# (bench/results/roofline_h100 runs) and the H200's (bench/results/roofline_h200.json)
+COPY_BANDWIDTH = {"H100": 3.0e12, "H200": 4.26e12}
 # bits a linear weight takes, scales included (group 128 with a 16-bit scale: +0.125 bit; AWQ/GPTQ zeros too)
 WEIGHT_BITS = {
     None: None, "NO_QUANT": None, "FP8": 8.0, "FP8_PER_CHANNEL_PER_TOKEN": 8.0, "W8A16": 8.0, "W8A8": 8.0,
@@ -71,6 +74,14 @@ class StepCost:
         rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v / 1e6:,.2f} M</td></tr>"
                        for k, v in {**asdict(self), "total_bytes": self.total_bytes}.items())
         return f"<b>StepCost</b> (bytes and FLOPs of one decode step)<table>{rows}</table>"
+
+
+def copy_bandwidth(device_name: str) -> float | None:
+    """The measured copy bandwidth of a GPU by its name (`torch.cuda.get_device_name`), None if unknown."""
+    for key, bandwidth in COPY_BANDWIDTH.items():
+        if key in device_name:
+            return bandwidth
+    return None
 
 
 def _positive(name: str, value: float) -> None:

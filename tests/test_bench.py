@@ -102,4 +102,31 @@ def test_main_warms_each_shape_and_reports_steady_over_decode_only(tiny_checkpoi
     assert [r["kit"]["num_requests"] for r in runs] == [8, 8]  # max(8, 4 x concurrency)
     assert all(r["kit"]["ramp_s"] == 3 * r["decode_only"]["step_ms"] / 1e3 for r in runs)  # one output length
     assert all(r["steady_over_decode_only"] is not None for r in runs)
-    assert "steady/dec" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "steady/dec" in printed
+    # the decode step's bytes against its roofline: on the CPU bytes only (no measured copy bandwidth)
+    from kit.loader import ModelLoader
+    from kit.roofline import decode_step_cost
+
+    config = ModelLoader(str(tiny_checkpoints["llama"][0]), device="cpu").load().config
+    for r in runs:
+        roof, dec = r["decode_only"]["roofline"], r["decode_only"]
+        cost = decode_step_cost(config, dec["batch_size"], dec["context_len"], dtype="float32")
+        assert roof["bytes_per_step"] == cost.total_bytes and "no measured copy bandwidth for cpu" in roof["note"]
+        assert "kernels" not in dec  # traced kernels: CUDA only
+    assert "GB/step, measured" in printed
+
+
+def test_roofline_of_the_decode_step_uses_the_gpus_measured_copy_bandwidth():
+    from kit.roofline import COPY_BANDWIDTH, copy_bandwidth, describe_row, roofline_row
+
+    assert copy_bandwidth("NVIDIA H200") == COPY_BANDWIDTH["H200"] == 4.26e12
+    assert copy_bandwidth("NVIDIA H100 80GB HBM3") == 3.0e12 and copy_bandwidth("NVIDIA A10G") is None
+    from kit.config import ModelConfig
+    from kit.loader import SYNTHETIC_PRESETS
+
+    cfg = ModelConfig(**SYNTHETIC_PRESETS["llama-3.1-8b"])
+    row = roofline_row(cfg, 1, 256, 4.65, bandwidth=copy_bandwidth("NVIDIA H200"))
+    assert abs(row["roofline_ms"] - 1e3 * row["bytes_per_step"] / 4.26e12) < 1e-9  # batch 1: bandwidth-bound
+    assert 0.75 < row["roofline_fraction"] < 0.85  # 16 GB of weights in 4.65 ms on an H200
+    assert "of roofline" in describe_row(row)
