@@ -49,7 +49,8 @@ from kit.batch import ForwardBatch, SequenceInput
 from kit.builder import BuildConfig
 from kit.llm import LLM
 from kit.loader import ModelLoader
-from kit.roofline import copy_bandwidth, describe_row, roofline_row
+from kit.profiler import step_kernels
+from kit.roofline import describe_row, step_roofline
 from kit.sampling_params import SamplingParams
 
 __all__ = ["run_benchmark", "hf_baseline", "decode_only", "make_prompts", "add_arguments", "check_arguments", "main",
@@ -224,8 +225,10 @@ def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, wa
 
     With `roofline`, also `roofline`: the step against its bandwidth floor (`kit.roofline.roofline_row`:
     bytes per step, roofline ms, achieved fraction, at the GPU's measured copy bandwidth when the kit
-    knows it, else bytes only), and on CUDA `kernels`: the step traced as it runs, graph replay
-    included (`kit.profiler.step_kernels`): kernels per step, GPU idle time and the top 5 kernels.
+    knows it, else bytes only; with tensor parallelism the whole model's bytes over tp GPUs'
+    bandwidth), and on CUDA `kernels`: the step traced as it runs, graph replay included
+    (`kit.profiler.step_kernels`; rank 0's kernels under tensor parallelism): kernels per step, GPU
+    idle time and the top 5 kernels.
     """
     _check_int("batch_size", batch_size)
     _check_int("context_len", context_len)
@@ -248,34 +251,14 @@ def decode_only(llm: Any, batch_size: int, context_len: int, steps: int = 32, wa
     out = {"batch_size": batch_size, "context_len": context_len, "steps": steps, "step_ms": 1e3 * step_s,
            "output_tokens_per_s": batch_size / step_s}
     if roofline:
-        out.update(_step_roofline(engine, batch_size, context_len, 1e3 * step_s))
+        out.update(step_roofline(engine, batch_size, context_len, 1e3 * step_s))
         if engine.device.type == "cuda":
-            from kit.profiler import step_kernels  # NOTE: the profiler imports pandas; only here
-
             df = step_kernels(lambda: engine.forward(batch, kv).argmax(-1), iters=8, device=engine.device)
             out["kernels"] = {"kernels_per_step": df.attrs["kernels_per_step"], "kernel_ms": df.attrs["kernel_ms"],
                               "idle_ms": df.attrs["idle_ms"],
                               "top": [{"name": r.name[:80], "calls": r.calls, "time_us": round(r.time_us, 1),
                                        "share_pct": round(r.share_pct, 1)} for r in df.head(5).itertuples()]}
     return out
-
-
-def _step_roofline(engine: Any, batch_size: int, context_len: int, step_ms: float) -> dict[str, Any]:
-    """`decode_only`'s roofline columns: the step's bytes and floor at the device's copy bandwidth."""
-    dtype = str(engine.dtype).replace("torch.", "")
-    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else ""
-    bandwidth = copy_bandwidth(name) if name else None
-    kw = {"bandwidth": bandwidth} if bandwidth else {}
-    try:
-        row = roofline_row(engine.config, batch_size, context_len, step_ms if bandwidth else None, dtype=dtype,
-                           quantization=engine.network.quant_config, **kw)
-    except ValueError as e:  # a dtype or scheme the byte count does not know: say so, measure on
-        return {"roofline": {"error": str(e)}}
-    if not bandwidth:  # CPU, or a GPU whose copy bandwidth the kit has not measured: bytes, no fraction
-        row = {k: row[k] for k in ("bytes_per_step", "weight_bytes", "kv_bytes", "activation_bytes",
-                                   "flops_per_step")}
-        row["note"] = f"no measured copy bandwidth for {name or engine.device.type}: bytes only"
-    return {"roofline": row}
 
 
 def hf_baseline(loaded: Any, prompts: list[list[int]], output_len: int, concurrency: int,
@@ -360,10 +343,12 @@ def _table(runs: list[dict[str, Any]]) -> None:
     for run in runs:  # the decode step against its roofline, and (CUDA) the kernels it ran
         dec, k = run.get("decode_only", {}), run["kit"]
         roof = dec.get("roofline")
-        if not roof or "error" in roof:
+        if not roof:
             continue
         head = f"{k['input_len']:>4}/{k['output_len']:<4} c={k['concurrency']} decode step (context {dec['context_len']}):"
-        if "roofline_ms" in roof:
+        if "error" in roof:
+            print(f"{head} no roofline: {roof['error']}")
+        elif "roofline_ms" in roof:
             print(f"{head} {describe_row(roof)} at {roof['bandwidth_tb_s']:.2f} TB/s")
         else:
             print(f"{head} {roof['bytes_per_step'] / 1e9:.3f} GB/step, measured {dec['step_ms']:.3f} ms ({roof['note']})")

@@ -158,9 +158,11 @@ def step_kernels(step: Any, iters: int = 10, device: torch.device | str | None =
     GPU waiting for the host, and the ~1 us gap between one kernel and the next, which a CUDA graph
     keeps too: a step of 340 kernels idles ~0.4 ms that way; kernels on one stream do not overlap).
     """
-    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device) if device is not None else torch.device("cuda")
     if device.type != "cuda":
         raise ValueError(f"step_kernels traces CUDA kernels; {device} has none")
+    if device.index is None:  # "cuda": the current device (the profiler's events carry an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     for _ in range(2):

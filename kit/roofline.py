@@ -12,7 +12,8 @@ least time a step can take is its bytes over the memory bandwidth:
 `decode_step_cost(config, batch, context, ...)` counts the bytes and FLOPs from the
 model's shapes (so it works for any config, dtype and quantization without loading
 weights); `roofline_row(...)` turns one measured step into the columns `kit bench` and
-the GPU scripts print. The default bandwidth is what a large device-to-device copy
+the GPU scripts print; `step_roofline(engine, ...)` does it for an engine's measured step, at
+the card's measured copy bandwidth (`COPY_BANDWIDTH`: H100, H200), bytes only elsewhere. The default bandwidth is what a large device-to-device copy
 reaches on an H100 80GB HBM3 (`bench/roofline.py` measures it: 3.0 TB/s, against the
 datasheet's 3.35), the honest ceiling for a kernel that streams weights.
 
@@ -31,11 +32,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from kit.config import ModelConfig
 from kit.quantization.config import QUANT_PRESETS
 
 __all__ = ["H100_COPY_BANDWIDTH", "H100_BF16_FLOPS", "COPY_BANDWIDTH", "WEIGHT_BITS", "StepCost", "copy_bandwidth",
-           "decode_step_cost", "roofline_row", "describe_row"]
+           "decode_step_cost", "roofline_row", "describe_row", "step_roofline"]
 
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s: a large device-to-device copy on an H100 80GB HBM3
 H100_BF16_FLOPS = 790e12  # FLOP/s: cuBLAS bf16 GEMMs measured on it (bench/results/quant_gemm_h100.json)
@@ -176,3 +179,27 @@ def describe_row(row: dict[str, Any]) -> str:
     if "step_ms" in row:
         text += f", measured {row['step_ms']:.3f} ms = {100 * row['roofline_fraction']:.0f}% of roofline"
     return text
+
+
+def step_roofline(engine: Any, batch_size: int, context_len: int, step_ms: float) -> dict[str, Any]:
+    """`{"roofline": row}` of an engine's measured decode step (`kit.bench.decode_only`): its bytes and floor at
+    the device's measured copy bandwidth (tensor parallelism: the whole model over tp GPUs' bandwidth); bytes
+    only where the kit has no bandwidth for the device (the CPU, an unmeasured GPU)."""
+    dtype = str(engine.dtype).replace("torch.", "")
+    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else ""
+    bandwidth = copy_bandwidth(name) if name else None
+    mapping = getattr(engine, "mapping", None)  # tensor parallelism: the whole model over tp GPUs' bandwidth
+    tp = mapping.tp_size if mapping is not None else 1
+    config = getattr(engine, "full_config", None) or engine.config
+    kw = {"bandwidth": tp * bandwidth} if bandwidth else {}
+    try:
+        row = roofline_row(config, batch_size, context_len, step_ms if bandwidth else None, dtype=dtype,
+                           quantization=engine.network.quant_config, **kw)
+        row["tensor_parallel_size"] = tp
+    except ValueError as e:  # a dtype or scheme the byte count does not know: say so, measure on
+        return {"roofline": {"error": str(e)}}
+    if not bandwidth:  # CPU, or a GPU whose copy bandwidth the kit has not measured: bytes, no fraction
+        row = {k: row[k] for k in ("bytes_per_step", "weight_bytes", "kv_bytes", "activation_bytes",
+                                   "flops_per_step")}
+        row["note"] = f"no measured copy bandwidth for {name or engine.device.type}: bytes only"
+    return {"roofline": row}

@@ -199,9 +199,35 @@ def test_gpu_matches_reference(dtype, head_dim, num_kv_heads, group, block_size,
             _close(_ops(c, window), ref, atol=tol, rtol=2e-2)
 
 
+# a mixed step: a prompt chunk beside decode rows (the default tiles are small: <= 4 tokens a sequence),
+# and one with more tokens a sequence (64-row tiles)
+GPU_DECODE_HEAVY = ((128, 0),) + tuple((1, 40 + 37 * i) for i in range(60))
+GPU_MEDIUM = ((600, 100),) + tuple((1, 300 + i) for i in range(30))
+
+
+@requires_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps", [GPU_DECODE_HEAVY, GPU_MEDIUM], ids=["decode-heavy", "medium"])
+@pytest.mark.parametrize("head_dim,num_kv_heads,group", [(128, 8, 4), (64, 8, 4), (64, 2, 7), (256, 2, 4)])
+def test_gpu_default_tiles_of_mixed_steps_match_reference(steps, head_dim, num_kv_heads, group):
+    """The kernel with the tiles `default_prefill_config` picks for mixed steps (16-64 rows, 2-4 warps),
+    compiled for a GPU, over GQA groups 4 and 7 and heads of 64, 128 and 256, in bf16."""
+    from kit.backends.triton_attention import default_prefill_config
+
+    c = _case(steps, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, block_size=16,
+              dtype=torch.bfloat16, seed=head_dim * group, device="cuda")
+    b = c["batch"]
+    cfg = default_prefill_config(head_dim, torch.bfloat16, torch.device("cuda"), b.num_tokens, b.num_seqs, group)
+    assert cfg["block_m"] < 128  # the small-tile path is what runs here
+    ref = reference_prefill_attention(c["q"], c["k"], c["v"], b.query_start_loc, b.seq_lens, b.block_tables,
+                                      c["scale"])
+    _close(_kernel(c), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_mostly_decode_batches_get_query_tiles_near_their_tokens_per_sequence():
     """A mixed step (a prompt chunk beside many decode rows) takes small query tiles on a GPU: ~ half its
-    average tokens per sequence x the GQA group, at least 16 rows and one group; long prompts keep 128 rows."""
+    average tokens per sequence x the GQA group, at least 16 rows and one group, up to 4 tokens a sequence;
+    64 rows up to 32 tokens a sequence; long prompts keep 128 rows."""
     from kit.backends.triton_attention import default_prefill_config
 
     gpu = torch.device("cuda")
@@ -209,14 +235,21 @@ def test_mostly_decode_batches_get_query_tiles_near_their_tokens_per_sequence():
     assert big["block_m"] == 128
     rows = {(t, n, g): default_prefill_config(128, torch.bfloat16, gpu, t, n, group=g)["block_m"]
             for t, n, g in ((190, 63, 4), (192, 65, 7), (1087, 64, 4), (700, 64, 4))}
-    # 4 tokens a sequence x 4 = 16 rows; 3 x 7 = 21; 17 x 4 = 68 -> 64; 11 x 4 = 44 -> 32
-    assert rows == {(190, 63, 4): 16, (192, 65, 7): 16, (1087, 64, 4): 64, (700, 64, 4): 32}
+    # <= 4 tokens a sequence: half of 4 x 4 -> 16 rows, of 3 x 7 = 21 -> 16; 5..32 tokens: 64 rows
+    assert rows == {(190, 63, 4): 16, (192, 65, 7): 16, (1087, 64, 4): 64, (700, 64, 4): 64}
+    assert default_prefill_config(128, torch.bfloat16, gpu, 2048, 257, group=4)["block_m"] == 64  # capped
+    assert default_prefill_config(256, torch.bfloat16, gpu)["block_m"] == 64  # large heads: smaller tiles
     assert default_prefill_config(128, torch.bfloat16, gpu, 190, 63, group=4)["num_warps"] == 2
     assert default_prefill_config(128, torch.bfloat16, gpu, 4096, 4, group=4) == big  # whole prompts
     for t, n, g in ((5, 5, 32), (64, 64, 16), (300, 70, 8)):
         cfg = default_prefill_config(64, torch.bfloat16, gpu, t, n, group=g)
         assert cfg["block_m"] >= g and cfg["block_m"] & (cfg["block_m"] - 1) == 0
     assert default_prefill_config(128, torch.bfloat16, torch.device("cpu"), 190, 63, group=4)["block_m"] == 32
+    from kit.backends.attention_prefill import _tile_params
+
+    # an explicit block_m takes the warps and stages of its own tile, not of the default's
+    assert _tile_params(128, 128) == {"block_n": 64, "num_warps": 8, "num_stages": 3}
+    assert _tile_params(16, 128) == {"block_n": 32, "num_warps": 2, "num_stages": 3}
 
 
 @requires_triton

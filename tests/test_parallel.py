@@ -260,7 +260,9 @@ def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded):
     block and one for the embedding."""
     full = NetworkBuilder(tiny_loaded).build()
     cfg = full.config
-    shared = {"parts": [None, None], "barrier": threading.Barrier(2), "all_reduces": []}
+    # NOTE: a barrier with a timeout and daemon threads: a rank that fails breaks the barrier for the other
+    # one, and the test fails with the rank's error instead of hanging
+    shared = {"parts": [None, None], "barrier": threading.Barrier(2, timeout=60), "all_reduces": []}
     backends = [TensorParallelBackend(shard_network(full, Mapping.tensor_parallel(2, r)), Mapping.tensor_parallel(2, r),
                                       _ThreadComm(r, 2, shared), cfg.vocab_size) for r in range(2)]
     assert all(b.defer_residual for b in backends)
@@ -271,16 +273,22 @@ def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded):
     engines = [Engine(b.network, b) for b in backends]
     kvs = [e.allocate_kv_cache(3, 4) for e in engines]
     out: list = [None, None]
+    errors: list = []
 
     def run(r: int) -> None:
-        out[r] = engines[r].forward(batch, kvs[r])
+        try:
+            out[r] = engines[r].forward(batch, kvs[r])
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            errors.append((r, e))
+            shared["barrier"].abort()
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
     ref_engine = Engine(full, TorchBackend(full))
     ref = ref_engine.forward(batch, ref_engine.allocate_kv_cache(3, 4))
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)

@@ -135,7 +135,7 @@ def test_step_kernels_traces_a_graph_replay():
     eager = int(prof.count_kernels(batch_size=4, seq_len=64)["kernels"].sum())
     batch, kv, _ = prof._batch(4, 64, "decode")
     runner = CUDAGraphRunner(prof.engine.backend, kv, (4,), batch.block_tables.shape[1])
-    df = step_kernels(lambda: runner.run(batch), iters=5)
+    df = step_kernels(lambda: runner.run(batch), iters=5, device="cuda")  # "cuda": the current device
     a = df.attrs
     assert a["steps"] == 5 and a["kernels_per_step"] >= eager  # (a GEMM may split into two kernels)
     assert df["name"].str.contains("rms_norm_kernel").any()

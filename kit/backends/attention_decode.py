@@ -24,8 +24,8 @@ CUDA graphs: the launch grid depends only on tensor shapes. `choose_num_splits` 
 width of the block table (max_blocks, fixed per graph bucket), never `seq_lens`. Each
 program reads its sequence's length and divides the keys it sees (all of them, or the
 sliding window's) among the splits in whole tiles of BLOCK_N, at least `split_size`
-tokens a split: a graph captured for 8k-token tables (32 splits) spreads a 2k-token
-context over 16 splits and a 256-token one over 2, where fixed ranges of max_context /
+tokens a split: a graph captured for 8k-token tables (33 splits at batch 1 for 8 kv heads)
+spreads a 2k-token context over 16 splits and a 256-token one over 2, where fixed ranges of max_context /
 num_splits gave a short context to one split (half the speed at 256 tokens, batch 1:
 bench/results/attention_h200.json's sweep). A split past the keys runs no tile and
 writes an empty partial (max -inf, sum 0) that the merge weighs by zero. A row with
@@ -195,7 +195,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
     """Flash-decoding split count from shapes only (never from seq_lens).
 
     Split while the (sequence, kv head) programs fill fewer than 2 waves of the SMs, keeping at
-    least 256 tokens per split and at most 64 splits; a large batch keeps one split.
+    least MIN_SPLIT_TOKENS (128) slots of the table per split and at most 64 splits; a large batch
+    keeps one split.
     """
     programs = num_seqs * num_kv_heads
     if programs >= SPLIT_TARGET_WAVES * num_sms:
@@ -221,7 +222,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     of them. Returns (B, H, D) in q's dtype (into `out` when given). Any strides are accepted.
 
     `num_splits` (default: `choose_num_splits` from the shapes), `block_n` (tokens per tile,
-    default 64 for a 16-bit cache, 128 for an 8-bit one, 32 for float32), `num_warps` and
+    default 128 for an 8-bit cache or a split 16-bit one, 64 for an unsplit 16-bit one, 32 for
+    float32; at most 64 for heads wider than 128), `num_warps` and
     `num_stages` are tuning knobs; all are fixed by shapes, so a CUDA graph replays with any
     seq_lens.
     """
@@ -244,9 +246,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, num_sms(q.device))
     if block_n is None:
-        # keys per tile, the best of bench/attention.py's sweep on the H200 (contexts 256..8k): 8-bit caches
-        # and split 16-bit rows 128; 16-bit rows unsplit (large batches) 64; float32 32
+        # keys per tile, the best of bench/attention.py's sweep on the H200 (contexts 256..8k, head_dim 128):
+        # 8-bit caches and split 16-bit rows 128; 16-bit rows unsplit (large batches) 64; float32 32; heads
+        # over 128 wide at most 64 (K and V tiles of 128 x 256 x 2 bytes, twice staged, overflow shared memory)
         block_n = 32 if q.element_size() > 2 else 128 if quant or num_splits > 1 else 64
+        if head_dim > 128:
+            block_n = min(block_n, 64)
     if not is_pow2(block_n) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if num_splits < 1:

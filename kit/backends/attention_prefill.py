@@ -205,6 +205,16 @@ def _kernel() -> Any:
     return triton.jit(_varlen_prefill_kernel, do_not_specialize=["num_seqs", "stride_btb"])
 
 
+def _tile_params(block_m: int, head_dim: int) -> dict[str, int]:
+    """BLOCK_N / warps / stages that go with `block_m` query rows on a GPU in 16-bit (measured on the H200)."""
+    if block_m >= 128:
+        return dict(block_n=64, num_warps=8, num_stages=3) if head_dim <= 128 else \
+            dict(block_n=32, num_warps=4, num_stages=2)
+    if block_m <= 32 and head_dim > 64:
+        return dict(block_n=32, num_warps=2, num_stages=3)
+    return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+
+
 def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device, num_tokens: int | None = None,
                            num_seqs: int | None = None, group: int = 1) -> dict[str, int]:
     """BLOCK_M / BLOCK_N / num_warps / num_stages for the prefill kernel (bench/attention.py sweeps these).
@@ -214,36 +224,41 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.devi
     smaller tiles.
 
     A batch of mostly decode rows (a mixed step: a prompt chunk beside dozens of sequences
-    decoding one token each) gets smaller query tiles: with `num_tokens / num_seqs` query tokens
-    per sequence on average, BLOCK_M covers about half that many tokens of the GQA `group` (a
-    power of two, at least 16 rows and one group). A decode row alone in a 128-row tile used 4 of its rows (Llama GQA group 4) and
-    the tile's 128 KiB of shared memory held one program per SM: in an 8B mixed step of 190
-    tokens over 63 sequences attention took 59 us a layer, twice the decode kernel's time for
-    the same keys (`bench/step_kernels.py`).
+    decoding one token each) gets smaller query tiles. With `num_tokens / num_seqs` <= 4 query
+    tokens per sequence on average, BLOCK_M covers about half that many tokens of the GQA
+    `group` (a power of two, at least 16 rows and one group); with <= 32, 64 rows; above, 128.
+    A decode row alone in a 128-row tile used 4 of its rows (Llama GQA group 4) and the tile's
+    128 KiB of shared memory held one program per SM: in an 8B mixed step of 190 tokens over
+    63 sequences attention took 59 us a layer, twice the decode kernel's time for the same keys
+    (`bench/step_kernels.py`). Measured on the H200 (`bench/attention.py`'s `mixed` sweep, 8B
+    shapes): 128 + 62 decodes best at 16 rows x 32 keys, 2 warps, 3 stages (57 -> 28 us);
+    1,024 + 63 at 64 x 64, 4 warps, 2 stages (113 -> 79 us); head_dim 64 (1B) prefers 64-key
+    tiles and 4 warps at 16 rows.
+
+    NOTE: a mixed-step CUDA graph is captured over static buffers of `max_batch_size + 1`
+    sequences, so its tiles follow the bucket's tokens per *slot*, not the step's: a bucket of
+    2,048 tokens over 257 slots takes 64-row tiles even when the step is one long prompt chunk
+    (twice the K/V reads of 128-row tiles for that chunk; the cap at 64 rows above 4 tokens a
+    slot keeps it there).
     """
     if device.type != "cuda":
         return dict(block_m=32, block_n=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    big = dict(block_m=64, block_n=32, num_warps=4, num_stages=2) if head_dim > 128 else \
-        dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    rows = 128 if head_dim <= 128 else 64
     if num_tokens and num_seqs:
         per_seq = -(-num_tokens // num_seqs)  # query tokens per sequence, on average (rounded up)
-        rows = 16
-        while rows < group * per_seq:
-            rows *= 2
-        rows = max(rows // 2, 16)  # half the average sequence's rows: a long prompt's tiles stay full
-        while rows < group:
-            rows *= 2
-        if rows < big["block_m"]:
-            # measured on the H200: head_dim 128 (8B shapes, bench/attention.py's sweep): 128 + 62 decodes best
-            # at 16 rows x 32 keys, 2 warps, 3 stages (34 -> 29 us, the decode kernel's time for those rows),
-            # 1,024 + 63 at 64 x 64, 4 warps, 2 stages; head_dim 64 (1B, bench/step_kernels.py's mixed step):
-            # 16 x 64 keys, 4 warps, 2 stages (19 us a layer against 23 with the 32-key tiles)
-            if rows <= 32 and head_dim > 64:
-                return dict(block_m=rows, block_n=32, num_warps=2, num_stages=3)
-            return dict(block_m=rows, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
-    return big
+        if per_seq <= 4:
+            small = 16
+            while small < group * per_seq:
+                small *= 2
+            small = max(small // 2, 16)  # half the average sequence's rows
+            while small < group:
+                small *= 2
+            rows = min(rows, small)
+        elif per_seq <= 32:
+            rows = min(rows, max(64, 1 << (max(group, 1) - 1).bit_length()))
+    return dict(block_m=rows, **_tile_params(rows, head_dim))
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -279,6 +294,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     cfg = default_prefill_config(head_dim, q.dtype, q.device, num_tokens, num_seqs, num_heads // k_cache.shape[2])
+    if block_m and block_m != cfg["block_m"] and q.device.type == "cuda" and q.dtype != torch.float32:
+        cfg.update(_tile_params(block_m, head_dim))  # an explicit block_m: the rest as for that tile
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     for name, value in (("block_m", block_m), ("block_n", block_n)):
