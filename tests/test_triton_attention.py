@@ -131,6 +131,34 @@ def test_splits_share_each_sequences_own_keys(window):
 
 
 @requires_triton
+@pytest.mark.parametrize("window", [None, 20])
+def test_which_splits_hold_keys(window, monkeypatch):
+    """The partials the merge kernel receives: a 40-token row in a 400-slot table, 4 splits of whole 16-key
+    tiles, gives keys to splits 0-2 (16, 16, 8 keys) and none to split 3; with a window of 20 the keys
+    20..39 go to splits 0-1 (16 and 4). Fixed ranges of the table's width would give every key to split 0."""
+    from kit.backends import attention_decode
+
+    decode_kernel, merge_kernel = attention_decode._kernels()
+    seen = {}
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(m_part, l_part, *args, **kw):
+                seen["l"] = l_part.clone()  # (B, H, num_splits): the running sums, 0 for a split with no key
+                return merge_kernel[grid](m_part, l_part, *args, **kw)
+            return launch
+
+    monkeypatch.setattr(attention_decode, "_kernels", lambda: (decode_kernel, Spy()))
+    c = _case((40,), group=2, block_size=4, seed=5)
+    wide = torch.cat([c["block_tables"], torch.zeros(1, 90, dtype=c["block_tables"].dtype)], dim=1)  # 400 slots
+    out = paged_decode_attention(c["q"], c["k_cache"], c["v_cache"], wide, c["seq_lens"], c["scale"], window,
+                                 num_splits=4, block_n=16)
+    _close(out, _run(reference_decode_attention, c, window))
+    holds = (seen["l"][0, 0] > 0).tolist()
+    assert holds == ([True, True, True, False] if window is None else [True, True, False, False])
+
+
+@requires_triton
 def test_default_splits_a_long_context_of_few_sequences():
     assert choose_num_splits(1, 1, 608, 132) == 4  # limited by MIN_SPLIT_TOKENS (128)
     assert choose_num_splits(1, 8, 256, 132) == 2 and choose_num_splits(1, 8, 2048, 132) == 16
