@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import faulthandler
 import gc
+import itertools
 import json
 import os
 import signal
@@ -121,9 +122,8 @@ def graphed_kernels(engine: Engine, kv: Any, batches: list[ForwardBatch], what: 
     """Rank 0's kernels in graphed batch-1 steps (kit.profiler.step_kernels): kernels per step, the
     collectives' time per step and share of the step, the GPU's idle time, the 12 costliest kernels."""
     stage(f"{what}: trace rank 0's kernels in {len(batches)} graphed batch-1 steps")
-    it = iter(range(10 ** 9))
-    df = step_kernels(lambda: engine.forward(batches[next(it) % len(batches)], kv), iters=len(batches),
-                      device=engine.device if engine.device.index is not None else torch.device("cuda", 0))
+    steps = itertools.cycle(batches)
+    df = step_kernels(lambda: engine.forward(next(steps), kv), iters=len(batches), device=engine.device)
     a = df.attrs
     coll = df[df["name"].str.lower().str.contains("|".join(COLLECTIVE_KERNELS))]
     coll_us = float(coll["time_us"].sum())

@@ -23,7 +23,7 @@ Beside the per-layer times (all on the last profiled batch):
     top_kernels(n)           the kernels (GPU) or ops (CPU) that take the most time, from the PyTorch profiler
     count_kernels()          kernels launched per layer (`kit.kernels.LaunchCounter`; works on the CPU)
 
-`step_kernels(step, iters)` (a function) traces any step the way it really runs, CUDA-graph
+`step_kernels(step, iters)` (`kit/kernel_trace.py`, re-exported here) traces any step the way it really runs, CUDA-graph
 replays and tensor-parallel collectives included: the kernels one step runs on the GPU, their
 time per step, and how much of the step the GPU spent idle between them.
 
@@ -48,6 +48,7 @@ from kit.backends.cuda_graphs import CUDAGraphRunner
 from kit.batch import ForwardBatch, SequenceInput
 from kit.engine import Engine
 from kit.kernels import LaunchCounter
+from kit.kernel_trace import step_kernels
 from kit.layer_kinds import LAYER_KINDS, CostShape
 from kit.network import Layer, Network
 from kit.roofline import H100_BF16_FLOPS, H100_COPY_BANDWIDTH
@@ -145,54 +146,6 @@ def layer_cost(layer: Layer, network: Network, num_tokens: int, num_seqs: int, q
     params = sum(t.numel() for t in tensors)
     shape = CostShape(num_tokens=num_tokens, num_seqs=num_seqs, q_len=q_len, ctx_len=ctx_len, elem=elem)
     return LAYER_KINDS[layer.kind].cost(network.config, params, wbytes, shape)
-
-
-def step_kernels(step: Any, iters: int = 10, device: torch.device | str | None = None) -> pd.DataFrame:
-    """The kernels `step()` runs on a CUDA device, per step, traced over `iters` calls (after 2 untraced).
-
-    Works on whatever `step` launches, CUDA-graph replays included (the profiler records the kernels a
-    graph runs), so it shows a graphed decode step as it really runs, which per-layer hooks cannot.
-    Columns: `name, calls` (per step), `time_us` (per step), `share_pct` (of the summed kernel time).
-    `attrs`: `steps`, `kernels_per_step`, `kernel_ms` (summed kernel time per step), `step_ms` (the
-    same `iters` steps timed without the profiler, back to back), `idle_ms` (step_ms - kernel_ms: the
-    GPU waiting for the host, and the ~1 us gap between one kernel and the next, which a CUDA graph
-    keeps too: a step of 340 kernels idles ~0.4 ms that way; kernels on one stream do not overlap).
-    """
-    device = torch.device(device) if device is not None else torch.device("cuda")
-    if device.type != "cuda":
-        raise ValueError(f"step_kernels traces CUDA kernels; {device} has none")
-    if device.index is None:  # "cuda": the current device (the profiler's events carry an index)
-        device = torch.device("cuda", torch.cuda.current_device())
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    torch.cuda.synchronize(device)
-    step_ms = 1e3 * (time.perf_counter() - t0) / iters
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize(device)
-    calls: dict[str, int] = {}
-    us: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type.name != "CUDA" or e.device_index != device.index:
-            continue
-        if e.name.startswith(("Memcpy", "Memset")) and e.device_time_total == 0:
-            continue
-        calls[e.name] = calls.get(e.name, 0) + 1
-        us[e.name] = us.get(e.name, 0.0) + e.device_time_total
-    df = pd.DataFrame([{"name": n, "calls": calls[n] / iters, "time_us": us[n] / iters} for n in calls],
-                      columns=["name", "calls", "time_us"]).sort_values("time_us", ascending=False, ignore_index=True)
-    total = float(df["time_us"].sum())
-    df["share_pct"] = 100.0 * df["time_us"] / total if total > 0 else 0.0
-    df.attrs.update(steps=iters, kernels_per_step=float(df["calls"].sum()), kernel_ms=total / 1e3, step_ms=step_ms,
-                    idle_ms=max(0.0, step_ms - total / 1e3))
-    return df
 
 
 class ProfiledEngine:

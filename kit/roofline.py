@@ -44,7 +44,7 @@ H100_COPY_BANDWIDTH = 3.0e12  # bytes/s: a large device-to-device copy on an H10
 H100_BF16_FLOPS = 790e12  # FLOP/s: cuBLAS bf16 GEMMs measured on it (bench/results/quant_gemm_h100.json)
 # bytes/s a large device-to-device copy reaches, by GPU name (bench/roofline.py measures it): the H100's
 # (bench/results/roofline_h100 runs) and the H200's (bench/results/roofline_h200.json)
-COPY_BANDWIDTH = {"H100": 3.0e12, "H200": 4.26e12}
+COPY_BANDWIDTH = {"H100": H100_COPY_BANDWIDTH, "H200": 4.26e12}
 # bits a linear weight takes, scales included (group 128 with a 16-bit scale: +0.125 bit; AWQ/GPTQ zeros too)
 WEIGHT_BITS = {
     None: None, "NO_QUANT": None, "FP8": 8.0, "FP8_PER_CHANNEL_PER_TOKEN": 8.0, "W8A16": 8.0, "W8A8": 8.0,

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from kit.backends.triton_support import LOG2E, QUANTIZED_KV_DTYPES, check_paged_cache, is_pow2, load_triton
+from kit.backends.triton_support import LOG2E, QUANTIZED_KV_DTYPES, check_paged_cache, is_pow2, load_triton, \
+    next_pow2
 
 # NOTE: set by `_kernel()` on the first call (see triton_support); the kernel reads them as globals.
 triton: Any = None
@@ -248,16 +249,10 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.devi
     rows = 128 if head_dim <= 128 else 64
     if num_tokens and num_seqs:
         per_seq = -(-num_tokens // num_seqs)  # query tokens per sequence, on average (rounded up)
-        if per_seq <= 4:
-            small = 16
-            while small < group * per_seq:
-                small *= 2
-            small = max(small // 2, 16)  # half the average sequence's rows
-            while small < group:
-                small *= 2
-            rows = min(rows, small)
+        if per_seq <= 4:  # half the average sequence's rows, at least 16 and one group
+            rows = min(rows, max(next_pow2(group * per_seq) // 2, 16, next_pow2(group)))
         elif per_seq <= 32:
-            rows = min(rows, max(64, 1 << (max(group, 1) - 1).bit_length()))
+            rows = min(rows, max(64, next_pow2(group)))
     return dict(block_m=rows, **_tile_params(rows, head_dim))
 
 
@@ -293,7 +288,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"{out.dtype} on {out.device}")
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    cfg = default_prefill_config(head_dim, q.dtype, q.device, num_tokens, num_seqs, num_heads // k_cache.shape[2])
+    cfg = default_prefill_config(head_dim, q.dtype, q.device, num_tokens, num_seqs, group)
     if block_m and block_m != cfg["block_m"] and q.device.type == "cuda" and q.dtype != torch.float32:
         cfg.update(_tile_params(block_m, head_dim))  # an explicit block_m: the rest as for that tile
     block_m = block_m or cfg["block_m"]
