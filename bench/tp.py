@@ -16,6 +16,9 @@ For each TP size that the GPUs allow (1, 2, 4), in one run:
     (the same weights, upcast; >= 0.99 expected);
   - bf16 TP=1 and bf16 TP=N vs float32 TP=1 (`top1_agreement_vs_fp32_tp1`): bf16's own noise, which
     should be about the same for both;
+  - bf16 TP=1 with one element of the embedding table moved by one bf16 ulp vs bf16 TP=1
+    (`one_ulp_top1_agreement_vs_tp1`, TP=1's row): how far a bf16 forward pass carries the smallest change
+    there is, the floor for any computation not bitwise equal to TP=1's (a sum in another order);
 * the seconds `shutdown()` took (every rank destroys its CUDA graphs, then they leave the group);
 
 and a model that does not fit one GPU's budget at TP=1 served at TP=2: GPU 0 is capped at
@@ -65,6 +68,7 @@ from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.network import Network, NetworkBuilder
 from kit.parallel import DistributedEngine, sharding_frame
+from kit.parallel.tp_backend import partial_sums_in_float32
 from kit.profiler import ProfiledEngine, step_kernels
 from kit.sampling_params import SamplingParams
 
@@ -162,9 +166,44 @@ def prefill_logits(engine: Engine, prompt: list[int], what: str) -> torch.Tensor
     return engine.forward(batch, kv).float().cpu()
 
 
+def prefill_ms(engine: Engine, tokens: int, what: str, reps: int = 3) -> float:
+    """One sequence's prefill of `tokens` tokens (eager: prefill steps are not graphed), ms, after a warm-up."""
+    stage(f"{what}: prefill of {tokens} tokens x {reps}")
+    blocks = -(-tokens // BLOCK)
+    kv = engine.allocate_kv_cache(blocks + 1, BLOCK)
+    batch = ForwardBatch.build([SequenceInput([11 + i % 1000 for i in range(tokens)], 0, list(range(blocks)))],
+                               BLOCK, device=engine.device)
+    engine.forward(batch, kv)
+    sync(engine.device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        engine.forward(batch, kv)
+    sync(engine.device)
+    return 1e3 * (time.perf_counter() - t0) / reps
+
+
 def compare(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(top-1 agreement, max |logit diff|) of two (positions, vocab) logits."""
     return float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), float((logits - ref).abs().max())
+
+
+def one_ulp_logits(network: Network, device: torch.device, dtype: torch.dtype, bc: BuildConfig,
+                   prompt: list[int]) -> torch.Tensor:
+    """TP=1's prefill logits with the embedding of the prompt's first token moved by one ulp in one element:
+    the smallest change a bf16 forward pass can see (restored afterwards)."""
+    table = network.weights["model.embed_tokens.weight"]
+    row = table[prompt[0]]
+    old = row[0].clone()
+    row[0] = torch.nextafter(old.float(), torch.tensor(float("inf"), device=old.device)).to(old.dtype)
+    if row[0] == old:  # NOTE: nextafter in float32 stays inside the same bf16 value: step by bf16's ulp
+        row[0] = (old.float() + old.float().abs().clamp_min(1e-3) * 2.0 ** -7).to(old.dtype)
+    try:
+        engine = Engine(network, TorchBackend(network, device=device, dtype=dtype), build_config=bc)
+        logits = prefill_logits(engine, prompt, "TP=1, one embedding element one ulp up")
+        del engine
+        return logits
+    finally:
+        row[0] = old
 
 
 def fp32_network(network: Network) -> Network:
@@ -220,7 +259,9 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
     else:
         engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc,
                                          timeout_s=0.8 * args.stage_timeout)
-    row: dict[str, Any] = {"tp": tp, "step_channel": getattr(engine, "step_channel", "none (one rank)")}
+    row: dict[str, Any] = {"tp": tp, "step_channel": getattr(engine, "step_channel", "none (one rank)"),
+                           "partial_sums": ("float32" if partial_sums_in_float32() and dtype != torch.float32
+                                            else "model dtype") if tp > 1 else "none (one rank)"}
     try:
         per_seq = -(-(args.context + args.steps) // BLOCK)
         stage(f"TP={tp}: allocate the KV cache ({args.max_batch * per_seq} blocks)")
@@ -248,6 +289,7 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
             row["allreduce_ms_b1"] = float(own["latency_ms"].sum())
             row["allreduce_share_pct_b1"] = 100.0 * row["allreduce_ms_b1"] / row["eager_decode_b1_ms"]
             row["collectives_per_step"] = int(len(own))
+        row[f"prefill_{args.prefill_tokens}_ms"] = prefill_ms(engine, args.prefill_tokens, f"TP={tp}")
         row["logits"] = prefill_logits(engine, prompt, f"TP={tp}")
         sync(device)
         return row
@@ -317,6 +359,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=None, help="decode context (256; --smoke: 16)")
     p.add_argument("--steps", type=int, default=None, help="decode steps measured (32; --smoke: 4)")
     p.add_argument("--max-batch", type=int, default=None, help="the throughput batch (64; --smoke: 4)")
+    p.add_argument("--prefill-tokens", type=int, default=None, help="one prompt's prefill timed (1024; --smoke: 32)")
     p.add_argument("--preset", default=None, help="synthetic preset (llama-3.1-8b; --smoke: qwen2.5-0.5b)")
     p.add_argument("--layers", type=int, default=None, help="keep only this many layers (--smoke: 1)")
     p.add_argument("--budget-frac", type=float, default=0.75, help="GPU 0's cap in the fit test, x the weights")
@@ -341,7 +384,8 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     gpus = torch.cuda.device_count() if cuda else 2
-    small = dict(context=16, steps=4, max_batch=4) if args.smoke else dict(context=256, steps=32, max_batch=64)
+    small = (dict(context=16, steps=4, max_batch=4, prefill_tokens=32) if args.smoke
+             else dict(context=256, steps=32, max_batch=64, prefill_tokens=1024))
     for k, v in small.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -363,8 +407,9 @@ def main() -> None:
     stage("build the network")
     network = NetworkBuilder(loaded).build()
     prompt = torch.randint(0, loaded.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-    bc = BuildConfig(max_batch_size=args.max_batch, max_seq_len=max(128, 2 * (args.context + args.steps)),
-                     max_input_len=64, max_num_tokens=max(64, args.max_batch),
+    bc = BuildConfig(max_batch_size=args.max_batch,
+                     max_seq_len=max(128, 2 * (args.context + args.steps), args.prefill_tokens + 16),
+                     max_input_len=max(64, args.prefill_tokens), max_num_tokens=max(64, args.max_batch, args.prefill_tokens),
                      dtype=str(dtype).replace("torch.", ""), cuda_graph_batch_sizes=(1, args.max_batch))
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "num_gpus": gpus if cuda else 0,
@@ -404,6 +449,9 @@ def main() -> None:
                 traceback.print_exc()
                 row["fp32_error"] = f"{type(e).__name__}: {e}"
         if base is None and tp == 1:
+            first = torch.device("cuda", 0) if cuda else device
+            row["one_ulp_top1_agreement_vs_tp1"], row["one_ulp_max_abs_logit_diff_vs_tp1"] = compare(
+                one_ulp_logits(network, first, dtype, bc, prompt), logits)
             base = {"row": dict(row), "logits": logits, "logits_fp32": fp32["logits"] if fp32 else None}
             if args.save_ref:
                 torch.save(base, args.save_ref)
@@ -453,6 +501,13 @@ def main() -> None:
               f"{r.get('collective_share_pct_b1', r.get('allreduce_share_pct_b1', 0.0)):>6.1f} {r.get('top1_agreement_vs_tp1', nan):>6.3f} "
               f"{r.get('top1_agreement_vs_fp32_tp1', nan):>6.3f} {r.get('fp32_top1_agreement_vs_fp32_tp1', nan):>8.3f} "
               f"{r.get('fp32_max_abs_logit_diff_vs_fp32_tp1', nan):>11.2e} {r.get('shutdown_s', nan):>6.1f}")
+    for r in results["runs"]:
+        if "one_ulp_top1_agreement_vs_tp1" in r:
+            print(f"TP=1 with one embedding element one ulp up: top-1 {r['one_ulp_top1_agreement_vs_tp1']:.3f}, "
+                  f"max |logit diff| {r['one_ulp_max_abs_logit_diff_vs_tp1']:.3f} (the floor of 'top1')")
+        if f"prefill_{args.prefill_tokens}_ms" in r:
+            print(f"TP={r['tp']} ({r.get('partial_sums')} partial sums): prefill of {args.prefill_tokens} tokens "
+                  f"{r[f'prefill_{args.prefill_tokens}_ms']:.2f} ms")
     print("fit:", json.dumps(results["fit"]))
     print(f"wall {results['wall_s']:.1f} s -> {args.out}", flush=True)
     if cuda:  # NOTE: the results are written; skip NCCL's teardown at interpreter exit, which can abort

@@ -7,6 +7,7 @@
 #   4. the model over one GPU's budget served at TP=2 (a process of its own)
 #   5. time left: TP=2 again with the step headers by broadcast (KIT_TP_CHANNEL=broadcast), the path that
 #      ranks on several hosts take, against the shared-memory one of step 2
+#   6. time left: TP=2 and TP=4 with the partial sums all-reduced in float32 (KIT_TP_PARTIAL_SUMS=float32)
 # Every step has its own time limit inside one overall deadline; a stalled stage dumps every thread's
 # stack (bench/tp.py --stage-timeout) and the ranks' watchdogs name the stuck rank and step.
 #
@@ -72,6 +73,10 @@ KIT_TP_TRACE="$WORK/trace_nccl_tests" step "NCCL tests" 150 "$OUT/nccl_tests.log
 step "fit: over one GPU's budget at TP=2" 110 "$LOG" $PY $B --fit-only --out "$WORK/fit.json"
 KIT_TP_CHANNEL=broadcast step "TP=2, step headers by broadcast" 90 "$LOG" \
   $PY $B --sizes 2 --no-fit --no-fp32 ${REF[@]+"${REF[@]}"} --out "$WORK/tp2_broadcast.json"
+for n in 2 4; do  # the partial sums all-reduced in float32 (KIT_TP_PARTIAL_SUMS=float32) against bf16 (the default)
+  (( GPUS >= n )) && KIT_TP_PARTIAL_SUMS=float32 step "TP=$n, float32 partial sums" 70 "$LOG" \
+    $PY $B --sizes $n --no-fit --no-fp32 ${REF[@]+"${REF[@]}"} --out "$WORK/tp${n}_float32_sums.json"
+done
 
 $PY - "$WORK" "$OUT/tp.json" <<'EOF' 2>>"$LOG"
 import glob, json, os, sys
@@ -79,7 +84,7 @@ work, out = sys.argv[1], sys.argv[2]
 merged = {"runs": [], "files": {}}
 check = os.path.join(work, "nccl_check.json")
 merged["nccl_check"] = json.load(open(check)) if os.path.exists(check) else "missing (see tp.log)"
-for name in ("tp1", "tp2", "tp4", "fit", "tp2_broadcast"):
+for name in ("tp1", "tp2", "tp4", "fit", "tp2_broadcast", "tp2_float32_sums", "tp4_float32_sums"):
     path = os.path.join(work, name + ".json")
     if not os.path.exists(path):
         merged["files"][name] = "missing (not run, or it did not finish: see tp.log)"

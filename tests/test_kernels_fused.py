@@ -92,6 +92,29 @@ def test_fused_add_rms_norm_triton_matches_reference(dtype, hidden):
 
 
 @requires_triton
+def test_a_float32_update_of_a_bf16_residual_is_rounded_first():
+    """A tensor-parallel float32 partial sum reaches the norm unrounded: both paths round it to bf16 and add it
+    as a bf16 update would be added (the residual equals the add of the rounded update, in both)."""
+    g = _gen(7)
+    x = torch.randn(5, 64, generator=g) * 0.37
+    res = torch.randn(5, 64, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16()
+    want = res.clone()
+    out_want = fused_add_rms_norm(x.bfloat16(), want, w, 1e-5, impl="torch")
+    for impl in ("torch", "triton"):
+        got = res.clone()
+        out = fused_add_rms_norm(x, got, w, 1e-5, impl=impl)
+        assert got.dtype == out.dtype == torch.bfloat16
+        if impl == "torch":
+            assert torch.equal(got, want)
+        else:  # NOTE: the interpreter's casts to bf16 truncate (the GPU test below asserts equality)
+            torch.testing.assert_close(got.float(), want.float(), **BF16_TOL)
+        torch.testing.assert_close(out.float(), out_want.float(), **BF16_TOL)
+    with pytest.raises(ValueError, match="or be float32"):
+        fused_add_rms_norm(x.half(), res.clone(), w, 1e-5)
+
+
+@requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_triton_matches_reference(dtype):
     gu = torch.randn(3, 2 * 1100, generator=_gen(2)).to(dtype)  # inter 1100: two column blocks, a ragged one
@@ -283,6 +306,10 @@ def test_fused_kernels_match_reference_on_cuda(hidden):
     torch.testing.assert_close(fused_add_rms_norm(x, r1, w, 1e-5, impl="triton").float(),
                                fused_add_rms_norm(x, r2, w, 1e-5, impl="torch").float(), **BF16_TOL)
     assert torch.equal(r1, r2)  # both round the same float32 sum to bf16
+    r1, r2 = res.clone(), res.clone()  # a float32 update (tensor-parallel partial sums): rounded, then added
+    fused_add_rms_norm(x.float() * 1.37, r1, w, 1e-5, impl="triton")
+    fused_add_rms_norm((x.float() * 1.37).bfloat16(), r2, w, 1e-5, impl="torch")
+    assert torch.equal(r1, r2)
     gu = torch.randn(64, 2 * 4 * hidden, generator=g).bfloat16().cuda()
     torch.testing.assert_close(silu_mul(gu, impl="triton").float(), silu_mul(gu, impl="torch").float(), **BF16_TOL)
     q, k, v, inv, caches = _qkv_case(torch.bfloat16, t=64, heads=32, kv_heads=8, d=128)

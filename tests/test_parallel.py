@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import threading
 import warnings
@@ -16,11 +17,11 @@ from kit.loader import LoadedModel, ModelLoader, random_weights
 from kit.network import Network, NetworkBuilder
 from kit.parallel import Mapping, check_parallel_sizes, shard_network, sharding_frame
 from kit.parallel.comm import TensorParallelComm
-from kit.parallel.tp_backend import TensorParallelBackend
+from kit.parallel.tp_backend import PARTIAL_SUMS_ENV, PartialSumLinear, TensorParallelBackend
 from kit.parallel.protocol import message_capacity, pack_batch, unpack_batch
 from kit.parallel.sharding import shard_tensor, split_of
 from kit.batch import ForwardBatch, SequenceInput
-from kit.backends.torch_backend import TorchBackend
+from kit.backends.torch_backend import DenseLinear, TorchBackend
 from kit.builder import BuildConfig
 from kit.engine import Engine
 from kit.quantization import QuantConfig, Quantizer
@@ -246,6 +247,7 @@ class _ThreadComm:
     def all_reduce(self, t: torch.Tensor, layer: str = "") -> torch.Tensor:
         if self.rank == 0:
             self.shared["all_reduces"].append(layer)
+            self.shared["dtypes"][layer] = t.dtype
         t.copy_(torch.stack(self._exchange(t)).sum(0))
         return t
 
@@ -254,15 +256,41 @@ class _ThreadComm:
         return full[:, :self.full_vocab_size]
 
 
-def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded):
+def test_bf16_partial_sums_reduced_in_float32_round_like_one_gemm():
+    """A row-parallel GEMM split K-wise over ranks: float32 partial sums, summed, then rounded once to bf16
+    equal TP=1's one GEMM almost everywhere (only the float32 summation order differs); bf16 partials, each
+    rounded before a bf16 sum, move about half of the outputs by an ulp."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1024, generator=g).bfloat16()
+    w = (torch.randn(256, 1024, generator=g) * 0.03).bfloat16()
+    one = torch.nn.functional.linear(x, w)  # TP=1
+    for tp in (2, 4):
+        k = 1024 // tp
+        parts = [PartialSumLinear(DenseLinear([w[:, r * k:(r + 1) * k]])) for r in range(tp)]
+        outs = [p(x[:, r * k:(r + 1) * k]) for r, p in enumerate(parts)]
+        assert all(o.dtype == torch.float32 for o in outs) and parts[0].out_features == 256
+        wide = torch.stack(outs).sum(0).bfloat16()
+        narrow = torch.stack([o.bfloat16() for o in outs])
+        narrow = functools.reduce(torch.add, narrow)  # a bf16 all-reduce: rounded after every add
+        same_wide, same_narrow = (wide == one).float().mean().item(), (narrow == one).float().mean().item()
+        assert same_wide > 0.999 and same_narrow < 0.8, (tp, same_wide, same_narrow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("partial_sums", ["float32", "model"])
+def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded, dtype, partial_sums, monkeypatch):
     """Fused, a row-parallel o_proj / mlp is its GEMM and one all-reduce of the partial `delta` (the next
     norm adds it to the residual): two rank backends in threads give TP=1's logits, with two all-reduces a
-    block and one for the embedding."""
-    full = NetworkBuilder(tiny_loaded).build()
+    block and one for the embedding. A bf16 model all-reduces float32 partial sums (unless
+    KIT_TP_PARTIAL_SUMS=model)."""
+    monkeypatch.setenv(PARTIAL_SUMS_ENV, partial_sums)
+    loaded = tiny_loaded if dtype == torch.float32 else dataclasses.replace(
+        tiny_loaded, weights={n: t.to(dtype) for n, t in tiny_loaded.weights.items()})
+    full = NetworkBuilder(loaded).build()
     cfg = full.config
     # NOTE: a barrier with a timeout and daemon threads: a rank that fails breaks the barrier for the other
     # one, and the test fails with the rank's error instead of hanging
-    shared = {"parts": [None, None], "barrier": threading.Barrier(2, timeout=60), "all_reduces": []}
+    shared = {"parts": [None, None], "barrier": threading.Barrier(2, timeout=60), "all_reduces": [], "dtypes": {}}
     backends = [TensorParallelBackend(shard_network(full, Mapping.tensor_parallel(2, r)), Mapping.tensor_parallel(2, r),
                                       _ThreadComm(r, 2, shared), cfg.vocab_size) for r in range(2)]
     assert all(b.defer_residual for b in backends)
@@ -291,8 +319,25 @@ def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded):
     assert not errors, errors
     ref_engine = Engine(full, TorchBackend(full))
     ref = ref_engine.forward(batch, ref_engine.allocate_kv_cache(3, 4))
-    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out[0].float(), ref.float(), **tol)
     blocks = sum(1 for l in full.layers if l.kind == "mlp")
     assert len(shared["all_reduces"]) == 2 * blocks + 1
     kinds = {l.name: l.kind for l in full.layers}
     assert sorted({kinds[n] for n in shared["all_reduces"]}) == ["embedding", "mlp", "o_proj"]
+    wide = dtype == torch.bfloat16 and partial_sums == "float32"
+    for name, reduced in shared["dtypes"].items():  # the embedding's sum is exact: it stays in the model's dtype
+        assert reduced == (torch.float32 if wide and kinds[name] != "embedding" else dtype), (name, reduced)
+    assert any(isinstance(fn, PartialSumLinear) for fn in _linears(backends[0])) == wide
+
+
+def _linears(backend):
+    """Every linear object the backend's layer functions hold (closures)."""
+    found = []
+    for _, fn in backend.ops:
+        for cell in getattr(fn, "__closure__", None) or ():
+            v = cell.cell_contents
+            if callable(v) and getattr(v, "__closure__", None):
+                found += [c.cell_contents for c in v.__closure__ or ()]
+            found.append(v)
+    return found

@@ -394,7 +394,7 @@ class _Named(Mapping[str, torch.Tensor]):
         if isinstance(value, _Deferred):
             return value.make()
         if name == "hidden" and "delta" in self._env:
-            return value + self._env["delta"]
+            return value + self._env["delta"].to(value.dtype)  # a tensor-parallel delta may be float32
         return value
 
     def __iter__(self) -> Iterator[str]:

@@ -38,7 +38,9 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps,
     ok = cols < n_cols
     h = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0)
     if HAS_X:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        # NOTE: a float32 x (a tensor-parallel partial sum reduced in float32) is rounded to the residual's
+        # dtype first, as the one GEMM of TP=1 rounds its output: the sum then rounds as TP=1's does
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(h.dtype)
         h = (h.to(tl.float32) + x.to(tl.float32)).to(h.dtype)  # rounded as an unfused add would be
         tl.store(res_ptr + row * stride_r + cols, h, mask=ok)
     hf = h.to(tl.float32)
@@ -68,9 +70,10 @@ def _check(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor)
     if residual.dim() != 2 or residual.stride(-1) != 1:
         raise ValueError(f"residual must be (num_tokens, hidden) with contiguous rows, got shape "
                          f"{tuple(residual.shape)} strides {residual.stride()}")
-    if x is not None and (x.shape != residual.shape or x.dtype != residual.dtype or x.stride(-1) != 1):
-        raise ValueError(f"x must match residual {tuple(residual.shape)} {residual.dtype} with contiguous rows, "
-                         f"got {tuple(x.shape)} {x.dtype}")
+    if x is not None and (x.shape != residual.shape or x.dtype not in (residual.dtype, torch.float32)
+                          or x.stride(-1) != 1):
+        raise ValueError(f"x must match residual {tuple(residual.shape)} {residual.dtype} (or be float32) with "
+                         f"contiguous rows, got {tuple(x.shape)} {x.dtype}")
     if weight.shape != (residual.shape[1],):
         raise ValueError(f"weight must be ({residual.shape[1]},), got {tuple(weight.shape)}")
 
@@ -79,7 +82,7 @@ def fused_add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor,
                                  eps: float) -> torch.Tensor:
     """The same in torch ops: `kit.ops.rms_norm` after an in-place add."""
     if x is not None:
-        residual.add_(x)
+        residual.add_(x.to(residual.dtype))  # a float32 x is rounded first, as the kernel does
     return rms_norm(residual, weight, eps)
 
 
