@@ -166,11 +166,16 @@ def prefill_logits(engine: Engine, prompt: list[int], what: str) -> torch.Tensor
     return engine.forward(batch, kv).float().cpu()
 
 
-def prefill_ms(engine: Engine, tokens: int, what: str, reps: int = 3) -> float:
-    """One sequence's prefill of `tokens` tokens (eager: prefill steps are not graphed), ms, after a warm-up."""
-    stage(f"{what}: prefill of {tokens} tokens x {reps}")
+def prefill_run(engine: Engine, tokens: int, what: str, kv: Any = None, reps: int = 3) -> dict[str, Any]:
+    """One sequence's prefill of `tokens` tokens: ms after a warm-up and, on CUDA, rank 0's kernels in it (time
+    in kernels, in collectives, the GPU idle between them). Over `kv`, the cache the CUDA graphs were captured
+    on, the step replays the mixed-step graph of its token bucket (keys `graphed_prefill_*`); without, a cache
+    of its own: eager (`prefill_*`)."""
+    key = "prefill" if kv is None else "graphed_prefill"
+    stage(f"{what}: {key.replace('_', ' ')} of {tokens} tokens x {reps}")
     blocks = -(-tokens // BLOCK)
-    kv = engine.allocate_kv_cache(blocks + 1, BLOCK)
+    if kv is None:
+        kv = engine.allocate_kv_cache(blocks + 1, BLOCK)
     batch = ForwardBatch.build([SequenceInput([11 + i % 1000 for i in range(tokens)], 0, list(range(blocks)))],
                                BLOCK, device=engine.device)
     engine.forward(batch, kv)
@@ -179,7 +184,17 @@ def prefill_ms(engine: Engine, tokens: int, what: str, reps: int = 3) -> float:
     for _ in range(reps):
         engine.forward(batch, kv)
     sync(engine.device)
-    return 1e3 * (time.perf_counter() - t0) / reps
+    out: dict[str, Any] = {f"{key}_{tokens}_ms": 1e3 * (time.perf_counter() - t0) / reps}
+    if engine.device.type == "cuda":
+        stage(f"{what}: trace rank 0's kernels in the prefill")
+        df = step_kernels(lambda: engine.forward(batch, kv), iters=reps, device=engine.device)
+        coll = df[df["name"].str.lower().str.contains("|".join(COLLECTIVE_KERNELS))]
+        out.update({f"{key}_{tokens}_traced_ms": df.attrs["step_ms"], f"{key}_{tokens}_kernel_ms": df.attrs["kernel_ms"],
+                    f"{key}_{tokens}_gpu_idle_ms": df.attrs["idle_ms"],
+                    f"{key}_{tokens}_collective_ms": float(coll["time_us"].sum()) / 1e3,
+                    f"{key}_{tokens}_top_kernels": [{"name": r.name[:90], "calls": r.calls,
+                                                     "time_us": round(r.time_us, 1)} for r in df.head(8).itertuples()]})
+    return out
 
 
 def compare(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -289,7 +304,9 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
             row["allreduce_ms_b1"] = float(own["latency_ms"].sum())
             row["allreduce_share_pct_b1"] = 100.0 * row["allreduce_ms_b1"] / row["eager_decode_b1_ms"]
             row["collectives_per_step"] = int(len(own))
-        row[f"prefill_{args.prefill_tokens}_ms"] = prefill_ms(engine, args.prefill_tokens, f"TP={tp}")
+        row.update(prefill_run(engine, args.prefill_tokens, f"TP={tp}"))
+        if graphs:  # the same prefill replayed from the mixed-step graph of its bucket (as a served step is)
+            row.update(prefill_run(engine, args.prefill_tokens, f"TP={tp}", kv=kv))
         row["logits"] = prefill_logits(engine, prompt, f"TP={tp}")
         sync(device)
         return row
@@ -505,9 +522,15 @@ def main() -> None:
         if "one_ulp_top1_agreement_vs_tp1" in r:
             print(f"TP=1 with one embedding element one ulp up: top-1 {r['one_ulp_top1_agreement_vs_tp1']:.3f}, "
                   f"max |logit diff| {r['one_ulp_max_abs_logit_diff_vs_tp1']:.3f} (the floor of 'top1')")
-        if f"prefill_{args.prefill_tokens}_ms" in r:
-            print(f"TP={r['tp']} ({r.get('partial_sums')} partial sums): prefill of {args.prefill_tokens} tokens "
-                  f"{r[f'prefill_{args.prefill_tokens}_ms']:.2f} ms")
+        n = args.prefill_tokens
+        for key in ("prefill", "graphed_prefill"):
+            if f"{key}_{n}_ms" not in r:
+                continue
+            traced = (f"; traced {r[f'{key}_{n}_traced_ms']:.2f} ms: kernels {r[f'{key}_{n}_kernel_ms']:.2f}, "
+                      f"collectives {r[f'{key}_{n}_collective_ms']:.2f}, GPU idle {r[f'{key}_{n}_gpu_idle_ms']:.2f}"
+                      if f"{key}_{n}_traced_ms" in r else "")
+            print(f"TP={r['tp']} ({r.get('partial_sums')} partial sums): {key.replace('_', ' ')} of {n} tokens "
+                  f"{r[f'{key}_{n}_ms']:.2f} ms{traced}")
     print("fit:", json.dumps(results["fit"]))
     print(f"wall {results['wall_s']:.1f} s -> {args.out}", flush=True)
     if cuda:  # NOTE: the results are written; skip NCCL's teardown at interpreter exit, which can abort
