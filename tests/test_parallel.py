@@ -276,6 +276,14 @@ def test_bf16_partial_sums_reduced_in_float32_round_like_one_gemm():
         assert same_wide > 0.999 and same_narrow < 0.8, (tp, same_wide, same_narrow)
 
 
+def test_partial_sums_setting_is_checked_by_name(tiny_loaded, monkeypatch):
+    monkeypatch.setenv(PARTIAL_SUMS_ENV, "fp16")
+    mapping = Mapping.tensor_parallel(2, 0)
+    shard = shard_network(NetworkBuilder(tiny_loaded).build(), mapping)
+    with pytest.raises(ValueError, match="KIT_TP_PARTIAL_SUMS must be 'float32' or 'model', got 'fp16'"):
+        TensorParallelBackend(shard, mapping, TensorParallelComm(0, 2, "cpu"), tiny_loaded.config.vocab_size)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("partial_sums", ["float32", "model"])
 def test_fused_row_parallel_layers_all_reduce_their_delta_once(tiny_loaded, dtype, partial_sums, monkeypatch):
