@@ -16,7 +16,7 @@ For each TP size that the GPUs allow (1, 2, 4), in one run:
     (the same weights, upcast; >= 0.99 expected);
   - bf16 TP=1 and bf16 TP=N vs float32 TP=1 (`top1_agreement_vs_fp32_tp1`): bf16's own noise, which
     should be about the same for both;
-  - bf16 TP=1 with one element of the embedding table moved by one bf16 ulp vs bf16 TP=1
+  - bf16 TP=1 with one element of the embedding table moved by one bf16 ulp (its bits plus one) vs bf16 TP=1
     (`one_ulp_top1_agreement_vs_tp1`, TP=1's row): how far a bf16 forward pass carries the smallest change
     there is, the floor for any computation not bitwise equal to TP=1's (a sum in another order);
 * the seconds `shutdown()` took (every rank destroys its CUDA graphs, then they leave the group);
@@ -68,7 +68,6 @@ from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.network import Network, NetworkBuilder
 from kit.parallel import DistributedEngine, sharding_frame
-from kit.parallel.tp_backend import partial_sums_in_float32
 from kit.profiler import ProfiledEngine, step_kernels
 from kit.sampling_params import SamplingParams
 
@@ -202,16 +201,21 @@ def compare(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), float((logits - ref).abs().max())
 
 
+def one_ulp_up(value: torch.Tensor) -> torch.Tensor:
+    """The next bf16 value away from zero (one ulp: the bit pattern plus one); 0 becomes the smallest subnormal."""
+    return (value.view(torch.int16) + 1).view(torch.bfloat16)
+
+
 def one_ulp_logits(network: Network, device: torch.device, dtype: torch.dtype, bc: BuildConfig,
                    prompt: list[int]) -> torch.Tensor:
-    """TP=1's prefill logits with the embedding of the prompt's first token moved by one ulp in one element:
-    the smallest change a bf16 forward pass can see (restored afterwards)."""
+    """TP=1's prefill logits with the embedding of the prompt's first token moved by one bf16 ulp in one
+    element: the smallest change a bf16 forward pass can see (restored afterwards)."""
     table = network.weights["model.embed_tokens.weight"]
+    if table.dtype != torch.bfloat16:
+        raise ValueError(f"one_ulp_logits nudges a bf16 embedding table, got {table.dtype}")
     row = table[prompt[0]]
     old = row[0].clone()
-    row[0] = torch.nextafter(old.float(), torch.tensor(float("inf"), device=old.device)).to(old.dtype)
-    if row[0] == old:  # NOTE: nextafter in float32 stays inside the same bf16 value: step by bf16's ulp
-        row[0] = (old.float() + old.float().abs().clamp_min(1e-3) * 2.0 ** -7).to(old.dtype)
+    row[0] = one_ulp_up(old)
     try:
         engine = Engine(network, TorchBackend(network, device=device, dtype=dtype), build_config=bc)
         logits = prefill_logits(engine, prompt, "TP=1, one embedding element one ulp up")
@@ -274,9 +278,9 @@ def run_tp(network, tp: int, args, device: torch.device, dtype: torch.dtype, bc:
     else:
         engine = DistributedEngine.start(network, tp, device=device, dtype=dtype, build_config=bc,
                                          timeout_s=0.8 * args.stage_timeout)
+    wide = getattr(engine.backend, "float32_partial_sums", False) and dtype != torch.float32
     row: dict[str, Any] = {"tp": tp, "step_channel": getattr(engine, "step_channel", "none (one rank)"),
-                           "partial_sums": ("float32" if partial_sums_in_float32() and dtype != torch.float32
-                                            else "model dtype") if tp > 1 else "none (one rank)"}
+                           "partial_sums": ("float32" if wide else "model dtype") if tp > 1 else "none (one rank)"}
     try:
         per_seq = -(-(args.context + args.steps) // BLOCK)
         stage(f"TP={tp}: allocate the KV cache ({args.max_batch * per_seq} blocks)")
@@ -466,12 +470,17 @@ def main() -> None:
                 traceback.print_exc()
                 row["fp32_error"] = f"{type(e).__name__}: {e}"
         if base is None and tp == 1:
-            first = torch.device("cuda", 0) if cuda else device
-            row["one_ulp_top1_agreement_vs_tp1"], row["one_ulp_max_abs_logit_diff_vs_tp1"] = compare(
-                one_ulp_logits(network, first, dtype, bc, prompt), logits)
             base = {"row": dict(row), "logits": logits, "logits_fp32": fp32["logits"] if fp32 else None}
             if args.save_ref:
                 torch.save(base, args.save_ref)
+            if dtype == torch.bfloat16:
+                try:  # NOTE: after the reference is saved: a failure here costs only this figure
+                    first = torch.device("cuda", 0) if cuda else device
+                    row["one_ulp_top1_agreement_vs_tp1"], row["one_ulp_max_abs_logit_diff_vs_tp1"] = compare(
+                        one_ulp_logits(network, first, dtype, bc, prompt), logits)
+                except Exception as e:  # noqa: BLE001 - reported in the row; the measured figures stay
+                    stage(f"TP=1 one-ulp run failed: {type(e).__name__}: {e}")
+                    row["one_ulp_error"] = f"{type(e).__name__}: {e}"
         key = f"tokens_per_s_b{args.max_batch}"
         if base is not None:
             row["top1_agreement_vs_tp1"], row["max_abs_logit_diff_vs_tp1"] = compare(logits, base["logits"])

@@ -276,6 +276,18 @@ def test_bf16_partial_sums_reduced_in_float32_round_like_one_gemm():
         assert same_wide > 0.999 and same_narrow < 0.8, (tp, same_wide, same_narrow)
 
 
+@pytest.mark.gpu
+def test_partial_sums_on_cuda_are_one_gemm_with_a_float32_output():
+    """On CUDA a PartialSumLinear is one GEMM writing float32 (torch.mm's out_dtype): it equals the float32
+    product of the bf16 operands to float32 rounding, also for a strided slice of a larger activation."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 2560, generator=g).bfloat16().cuda()[:, 256:2304]  # a strided (column) slice
+    w = (torch.randn(512, 2048, generator=g) * 0.02).bfloat16().cuda()
+    y = PartialSumLinear(DenseLinear([w]))(x)
+    assert y.dtype == torch.float32 and y.shape == (64, 512)
+    torch.testing.assert_close(y, x.float() @ w.float().T, atol=1e-4, rtol=1e-4)
+
+
 def test_partial_sums_setting_is_checked_by_name(tiny_loaded, monkeypatch):
     monkeypatch.setenv(PARTIAL_SUMS_ENV, "fp16")
     mapping = Mapping.tensor_parallel(2, 0)

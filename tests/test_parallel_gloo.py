@@ -201,6 +201,15 @@ def test_killed_rank_fails_every_pending_request_naming_it(checkpoints, monkeypa
     assert not os.path.exists(segment)  # the header ring's name was unlinked once every rank had mapped it
 
 
+def test_a_bad_partial_sums_setting_is_refused_before_any_process_starts(checkpoints, monkeypatch):
+    """Rank 0 reads KIT_TP_PARTIAL_SUMS once and sends its choice to every rank (ranks summing in different
+    dtypes would all-reduce mismatched buffers): a bad value fails before a rank is spawned."""
+    monkeypatch.setenv(PARTIAL_SUMS_ENV, "bf16")
+    with pytest.raises(ValueError, match="KIT_TP_PARTIAL_SUMS must be"):
+        LLM(checkpoints["llama"], build_config=BC, tensor_parallel_size=2, enable_build_cache=False)
+    assert multiprocessing.active_children() == [] and not dist.is_initialized()
+
+
 def test_bad_sizes_are_refused_before_any_process_starts(checkpoints):
     with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide num_attention_heads=4"):
         LLM(checkpoints["llama"], build_config=BC, tensor_parallel_size=3, enable_build_cache=False)

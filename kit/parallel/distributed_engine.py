@@ -67,7 +67,7 @@ from kit.parallel.host_channel import HeaderRing, agree_rank0, channel_mode, spi
 from kit.parallel.protocol import (ALLOC, FORWARD, HEADER, KV_DTYPES, SEQ, TIMINGS, StepChannel, describe,
                                    message_capacity, pack_batch)
 from kit.parallel.sharding import shard_network
-from kit.parallel.tp_backend import TensorParallelBackend
+from kit.parallel.tp_backend import TensorParallelBackend, partial_sums_in_float32
 from kit.parallel.ranks import Ranks, launch_ranks
 from kit.parallel.worker import group_timeout, send_shards
 
@@ -115,6 +115,7 @@ class DistributedEngine(Engine):
         network, every rank loads its own `rank{r}.safetensors` instead of receiving its shard.
         `step_channel`: 'auto', 'shared-memory' or 'broadcast' (default: `KIT_TP_CHANNEL`, else 'auto')."""
         mode = channel_mode(step_channel)
+        float32_sums = partial_sums_in_float32()  # NOTE: read (and checked) once, here; every rank gets rank 0's
         from_torchrun = launched_by_torchrun()
         device = torch.device(device)
         check_parallel_sizes(tensor_parallel_size, 1, device)
@@ -146,7 +147,7 @@ class DistributedEngine(Engine):
                                          timeout_s=group_timeout(timeout_s))
             setup = {"name": name, "quant_config": quant_config, "dtype": dtype,
                      "full_vocab_size": full_config.vocab_size, "build_config": build_config, "capacity": capacity,
-                     "host_channel": None if ring is None else ring.spec()}
+                     "host_channel": None if ring is None else ring.spec(), "float32_partial_sums": float32_sums}
             with ranks.watchdog.stage("start-up: send the shards"), ranks.lock:
                 if shards is None:
                     own = Network(cfg["shard_config"], cfg["layers"], load_rank_weights(weights_dir, 0, comm.device),
@@ -166,7 +167,7 @@ class DistributedEngine(Engine):
                     ring.stop_when = lambda: ranks.broken
                 ranks.last_send = time.monotonic()
             backend = TensorParallelBackend(own, mapping, comm, full_config.vocab_size, device=comm.device,
-                                            dtype=dtype)
+                                            dtype=dtype, float32_partial_sums=float32_sums)
             engine = cls(own, backend, ranks, full_config, mapping, build_config=build_config,
                          tokenizer=tokenizer, model_info=model_info or {"name": name}, build_key=build_key)
         except BaseException:

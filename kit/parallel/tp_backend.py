@@ -65,6 +65,7 @@ class PartialSumLinear:
 
     def __init__(self, lin: DenseLinear) -> None:
         self.weight, self.bias = lin.weight, lin.bias
+        self._weight32: torch.Tensor | None = None  # the CPU's float32 copy, made on first use
 
     @property
     def out_features(self) -> int:
@@ -74,7 +75,9 @@ class PartialSumLinear:
         if x.is_cuda:
             y = torch.mm(x, self.weight.t(), out_dtype=torch.float32)
         else:  # NOTE: CPUs have no mm with a float32 output for 16-bit operands
-            y = F.linear(x.float(), self.weight.float())
+            if self._weight32 is None:
+                self._weight32 = self.weight.float()
+            y = F.linear(x.float(), self._weight32)
         return y if self.bias is None else y + self.bias
 
 
@@ -85,12 +88,15 @@ class TensorParallelBackend(TorchBackend):
 
     def __init__(self, network: Network, mapping: Mapping, comm: TensorParallelComm, full_vocab_size: int, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None, attention: str = "auto",
-                 on_capture: Callable[..., None] | None = None) -> None:
+                 on_capture: Callable[..., None] | None = None, float32_partial_sums: bool | None = None) -> None:
+        # NOTE: rank 0 decides (`KIT_TP_PARTIAL_SUMS`, read when the engine starts) and sends the choice to
+        # every rank: ranks summing in different dtypes would all-reduce mismatched buffers
         self.mapping, self.comm, self.full_vocab_size = mapping, comm, full_vocab_size
         comm.full_vocab_size = full_vocab_size
         self.on_capture = on_capture  # rank 0: tells the other ranks to capture the same graphs
         self.capture_progress = mapping.rank == 0
-        self.float32_partial_sums = partial_sums_in_float32()
+        self.float32_partial_sums = (partial_sums_in_float32() if float32_partial_sums is None
+                                     else bool(float32_partial_sums))
         super().__init__(network, device=device, dtype=dtype, attention=attention)
 
     def _linear(self, layer: Layer, prefixes: list[str], bias: bool) -> Any:
@@ -126,8 +132,9 @@ class TensorParallelBackend(TorchBackend):
                 runner.outputs.clear()
 
     def describe(self) -> str:
+        sums = ", float32 partial sums" if self.float32_partial_sums else ""
         return (f"{super().describe()}, tensor-parallel rank {self.mapping.rank} of {self.mapping.tp_size} "
-                f"({self.comm.backend})")
+                f"({self.comm.backend}{sums})")
 
     def _vocab_embedding(self, layer: Layer) -> LayerFn:
         table = self._w(layer.weights[0])  # (vocab / tp, hidden)

@@ -101,7 +101,7 @@ def serve(comm: TensorParallelComm, watchdog: StageWatchdog | None = None) -> No
         network = Network(setup["config"], setup["layers"], weights, name=setup["name"],
                           quant_config=setup["quant_config"])
         backend = TensorParallelBackend(network, mapping, comm, setup["full_vocab_size"], device=comm.device,
-                                        dtype=setup["dtype"])
+                                        dtype=setup["dtype"], float32_partial_sums=setup["float32_partial_sums"])
         engine = Engine(network, backend, build_config=setup["build_config"])
         channel = StepChannel(comm, setup["capacity"], ring)
     caches: dict[int, Any] = {}
