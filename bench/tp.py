@@ -121,21 +121,31 @@ def ms_per_step(engine: Engine, kv: Any, batches: list[ForwardBatch], eager: boo
 COLLECTIVE_KERNELS = ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "symm")
 
 
+def kernel_summary(df: Any, top: int) -> dict[str, Any]:
+    """What `step_kernels` traced, per step: kernels, kernel time, the GPU's idle time, the step, the collectives'
+    kernels and time, and the `top` costliest kernels."""
+    a = df.attrs
+    coll = df[df["name"].str.lower().str.contains("|".join(COLLECTIVE_KERNELS))]
+    return {"kernels_per_step": a["kernels_per_step"], "kernel_ms": a["kernel_ms"], "gpu_idle_ms": a["idle_ms"],
+            "traced_step_ms": a["step_ms"], "collective_kernels_per_step": float(coll["calls"].sum()),
+            "collective_ms": float(coll["time_us"].sum()) / 1e3,
+            "top_kernels": [{"name": r.name[:90], "calls": r.calls, "time_us": round(r.time_us, 1)}
+                            for r in df.head(top).itertuples()]}
+
+
 def graphed_kernels(engine: Engine, kv: Any, batches: list[ForwardBatch], what: str) -> dict[str, Any]:
     """Rank 0's kernels in graphed batch-1 steps (kit.profiler.step_kernels): kernels per step, the
     collectives' time per step and share of the step, the GPU's idle time, the 12 costliest kernels."""
     stage(f"{what}: trace rank 0's kernels in {len(batches)} graphed batch-1 steps")
     steps = itertools.cycle(batches)
-    df = step_kernels(lambda: engine.forward(next(steps), kv), iters=len(batches), device=engine.device)
-    a = df.attrs
-    coll = df[df["name"].str.lower().str.contains("|".join(COLLECTIVE_KERNELS))]
-    coll_us = float(coll["time_us"].sum())
-    return {"kernels_per_step_b1": a["kernels_per_step"], "kernel_ms_b1": a["kernel_ms"],
-            "gpu_idle_ms_b1": a["idle_ms"], "traced_step_ms_b1": a["step_ms"],
-            "collective_kernels_per_step_b1": float(coll["calls"].sum()), "collective_us_per_step_b1": coll_us,
-            "collective_share_pct_b1": 100.0 * coll_us / 1e3 / a["step_ms"],
-            "top_kernels_b1": [{"name": r.name[:90], "calls": r.calls, "time_us": round(r.time_us, 1)}
-                               for r in df.head(12).itertuples()]}
+    t = kernel_summary(step_kernels(lambda: engine.forward(next(steps), kv), iters=len(batches),
+                                    device=engine.device), top=12)
+    return {"kernels_per_step_b1": t["kernels_per_step"], "kernel_ms_b1": t["kernel_ms"],
+            "gpu_idle_ms_b1": t["gpu_idle_ms"], "traced_step_ms_b1": t["traced_step_ms"],
+            "collective_kernels_per_step_b1": t["collective_kernels_per_step"],
+            "collective_us_per_step_b1": 1e3 * t["collective_ms"],
+            "collective_share_pct_b1": 100.0 * t["collective_ms"] / t["traced_step_ms"],
+            "top_kernels_b1": t["top_kernels"]}
 
 
 def capture_staged(engine: Engine, kv: Any, sizes: list[int], what: str) -> tuple[int, ...]:
@@ -186,13 +196,11 @@ def prefill_run(engine: Engine, tokens: int, what: str, kv: Any = None, reps: in
     out: dict[str, Any] = {f"{key}_{tokens}_ms": 1e3 * (time.perf_counter() - t0) / reps}
     if engine.device.type == "cuda":
         stage(f"{what}: trace rank 0's kernels in the prefill")
-        df = step_kernels(lambda: engine.forward(batch, kv), iters=reps, device=engine.device)
-        coll = df[df["name"].str.lower().str.contains("|".join(COLLECTIVE_KERNELS))]
-        out.update({f"{key}_{tokens}_traced_ms": df.attrs["step_ms"], f"{key}_{tokens}_kernel_ms": df.attrs["kernel_ms"],
-                    f"{key}_{tokens}_gpu_idle_ms": df.attrs["idle_ms"],
-                    f"{key}_{tokens}_collective_ms": float(coll["time_us"].sum()) / 1e3,
-                    f"{key}_{tokens}_top_kernels": [{"name": r.name[:90], "calls": r.calls,
-                                                     "time_us": round(r.time_us, 1)} for r in df.head(8).itertuples()]})
+        t = kernel_summary(step_kernels(lambda: engine.forward(batch, kv), iters=reps, device=engine.device), top=8)
+        for name, value in (("traced_ms", t["traced_step_ms"]), ("kernel_ms", t["kernel_ms"]),
+                            ("gpu_idle_ms", t["gpu_idle_ms"]), ("collective_ms", t["collective_ms"]),
+                            ("top_kernels", t["top_kernels"])):
+            out[f"{key}_{tokens}_{name}"] = value
     return out
 
 
