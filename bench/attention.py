@@ -126,7 +126,7 @@ def run_decode(a, device, dtype, clock, deadline, record):
                 q = torch.randn(batch, h, d, device=device, dtype=dtype)
                 out = torch.empty_like(q)
                 auto = choose_num_splits(batch, kvh, ctx, torch.cuda.get_device_properties(device).multi_processor_count
-                                         if device.type == "cuda" else 132)
+                                         if device.type == "cuda" else 132, quantized=kv != "bf16")
                 configs = [{}]  # the kernel's defaults first, then the sweep: tiles x split counts
                 for splits in dict.fromkeys((auto, min(128, auto * 2), max(1, auto // 2))):
                     configs += [dict(t, num_splits=splits) for t in DECODE_TILES]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kit.backends.torch_backend import TorchBackend
-from kit.backends.triton_attention import triton_available
+from kit.backends.triton_attention import paged_decode_attention, triton_available
 from kit.batch import ForwardBatch, KVCache, SequenceInput
 from kit.config import ModelConfig
 from kit.engine import Engine
@@ -86,6 +86,20 @@ def test_triton_attention_on_the_cpu_needs_the_interpreter(monkeypatch):
     assert TorchBackend(net).decode_kernel is None  # "auto" on the CPU: the reference
 
 
+@requires_triton
+def test_triton_attention_in_the_interpreter_refuses_bf16(monkeypatch):
+    """Triton's interpreter computes bf16 dot products wrongly (errors of 1e8 on unit-scale data): the CPU runs the
+    kernels in float32 (or float16), or refuses with an error that says why."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    net = _network()
+    with pytest.raises(ValueError, match="interpreter, whose bfloat16 dot products are wrong; use dtype=float32"):
+        TorchBackend(net, attention="triton", dtype=torch.bfloat16)
+    q = torch.randn(1, 8, 16, dtype=torch.bfloat16)
+    cache = torch.randn(2, BLOCK, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 dot products are wrong; use float32"):
+        paged_decode_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([3]), 0.25)
+
+
 # ------------------------------------------------------------------------------ GPU
 @requires_triton
 @pytest.mark.gpu
@@ -102,32 +116,42 @@ def test_gpu_greedy_with_kernels_equals_reference_attention(family, window, kv_a
     assert got == want
 
 
-_DRIFT = pytest.mark.xfail(reason="8-bit caches: on an H200 the kernels' bf16 logits drifted from the reference's "
-                                  "(top-1 0.67); the engine routes 8-bit caches to the reference unless "
-                                  "attention='triton'", strict=False)
-
-
 @requires_triton
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_algo", [None, pytest.param("INT8", marks=_DRIFT), pytest.param("FP8", marks=_DRIFT)])
-def test_gpu_bf16_kernels_track_reference_logits_with_graphs(kv_algo):
-    """bf16: the kernels' logits within rounding of the reference's, decode steps replayed from CUDA graphs."""
+@pytest.mark.parametrize("kv_algo", [None, "INT8", "FP8"])
+def test_gpu_bf16_kernels_are_as_close_to_float32_as_the_reference(kv_algo):
+    """bf16, decode steps replayed from CUDA graphs: the kernels' logits are held to a float32 run (same weights,
+    same cache format, the reference attention) and must be as close as the bf16 reference attention's.
+
+    Two bf16 paths that round differently disagree on near-tied logits, of which a small random model has many
+    (bench/kv8_parity.py, kv8_parity_h200.json: both within 2 % of each other's error against float32, with
+    top-1 agreement between them of 0.92-0.97), so the kernels are not compared with the bf16 reference directly.
+    """
     net = _network(head_dim=64, device="cuda")
-    fast = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16, attention="triton"))
-    ref = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16, attention="reference"))
+    for name, t in net.weights.items():  # bf16 weights: every engine below computes with the same values
+        if t.is_floating_point():
+            t.copy_(t.to(torch.bfloat16))
+    engines = {"fast": Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16)),  # defaults: kernels
+               "ref": Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16, attention="reference")),
+               "fp32": Engine(net, TorchBackend(net, device="cuda", dtype=torch.float32, attention="reference"))}
+    assert engines["fast"].backend.decode_kernel is not None  # 8-bit caches included: they take the kernels
     caches = {}
-    for name, engine in (("fast", fast), ("ref", ref)):
-        caches[name] = KVCache(engine.config, num_blocks=64, block_size=BLOCK, dtype=torch.bfloat16, device="cuda",
-                               quant_algo=kv_algo)
+    for name, engine in engines.items():
+        caches[name] = KVCache(engine.config, num_blocks=64, block_size=BLOCK, dtype=engine.backend.dtype,
+                               device="cuda", quant_algo=kv_algo)
         engine.backend.capture_cuda_graphs(caches[name], [1, 4], max_blocks=8)
     tables = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     prompts = [list(range(1, 41)), list(range(20, 27)), list(range(50, 90))]
     steps = [[SequenceInput(p, 0, t) for p, t in zip(prompts, tables)]]
     for k in range(5):
         steps.append([SequenceInput([k + 3], len(p) + k, t) for p, t in zip(prompts, tables)])
-    for inputs in steps:
-        a = fast.forward(ForwardBatch.build(inputs, BLOCK, device="cuda"), caches["fast"])
-        b = ref.forward(ForwardBatch.build(inputs, BLOCK, device="cuda"), caches["ref"])
-        assert (a.float() - b.float()).abs().max().item() < 0.3
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.95
+    logits = {name: torch.cat([e.forward(ForwardBatch.build(inputs, BLOCK, device="cuda"), caches[name]).float()
+                               for inputs in steps]) for name, e in engines.items()}
+    truth = logits["fp32"]
+
+    def error(x):  # relative RMS error against float32, and the largest |difference|
+        return ((x - truth).pow(2).mean().sqrt() / truth.pow(2).mean().sqrt()).item(), (x - truth).abs().max().item()
+    (fast_rms, fast_max), (ref_rms, ref_max) = error(logits["fast"]), error(logits["ref"])
+    assert fast_rms <= 1.25 * ref_rms + 1e-3 and fast_max <= 1.5 * ref_max + 0.05, (fast_rms, ref_rms, fast_max, ref_max)
+    fast, ref = engines["fast"], engines["ref"]
     assert fast.backend.graphs is not None and ref.backend.graphs is not None

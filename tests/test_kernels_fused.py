@@ -27,6 +27,7 @@ from kit.config import ModelConfig  # noqa: E402
 from kit.loader import LoadedModel, ModelLoader, random_weights  # noqa: E402
 from kit.network import Network, NetworkBuilder  # noqa: E402
 from kit.quantization.config import QuantConfig  # noqa: E402
+from kit.quantization.kv_cache import dequantize_kv  # noqa: E402
 from kit.ops import apply_rope, rms_norm, rope_cos_sin, swiglu  # noqa: E402
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -140,6 +141,44 @@ def test_rope_kv_write_triton_matches_reference(dtype):
     assert torch.equal(vc_t, vc_r)  # v is copied, not rotated
 
 
+def _quantized_case(dtype, kv, **shape):
+    """_qkv_case with int8 / fp8 caches (two written by each path) and their float32 scales."""
+    q, k, v, inv, caches = _qkv_case(dtype, **shape)
+    cdt = torch.int8 if kv == "INT8" else torch.float8_e4m3fn
+    caches = [c.to(cdt) for c in caches]
+    scales = [torch.zeros(c.shape[:3]) for c in caches]
+    return q, k, v, inv, caches, scales
+
+
+def _check_quantized_write(kv, q, k, v, inv, pos, slots, caches, scales):
+    """The kernel against the reference (apply_rope, quantize_kv, scatter): v's codes and scales exactly (the same
+    IEEE divisions and rounding), k's dequantized values within one code of each other (the kernel rotates in
+    float32 from exact cos / sin, the reference rounds them: a value near a code boundary may round apart)."""
+    (kc_t, vc_t, kc_r, vc_r), (ks_t, vs_t, ks_r, vs_r) = caches, scales
+    q_t = rope_kv_write(q, k, v, pos, inv, kc_t, vc_t, slots, impl="triton", k_scale=ks_t, v_scale=vs_t)
+    q_r = rope_kv_write(q, k, v, pos, inv, kc_r, vc_r, slots, impl="torch", k_scale=ks_r, v_scale=vs_r)
+    tol = dict(atol=2e-5, rtol=1e-5) if q.dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(q_t.float(), q_r.float(), **tol)
+    assert torch.equal(vc_t.view(torch.int8), vc_r.view(torch.int8)) and torch.equal(vs_t, vs_r)
+    torch.testing.assert_close(ks_t, ks_r, rtol=2e-2 if q.dtype == torch.bfloat16 else 1e-5, atol=0)
+    deq_t = dequantize_kv(kc_t, ks_t)
+    deq_r = dequantize_kv(kc_r, ks_r)
+    step = torch.maximum(ks_t, ks_r)[..., None] * (1.0 if kv == "INT8" else 32.0)  # fp8: 3 mantissa bits near 448
+    step = step * (1.01 if q.dtype == torch.float32 else 2.0)  # 16-bit: the rotated keys differ by an ulp too
+    assert bool(((deq_t - deq_r).abs() <= step + 1e-6).all())
+    written = torch.zeros(kc_t.shape[:3], dtype=torch.bool, device=kc_t.device)
+    written.view(-1, kc_t.shape[2])[slots] = True
+    assert bool((ks_t[written] > 0).all()) and bool((ks_t[~written] == 0).all())  # only the tokens' slots
+
+
+@requires_triton
+@pytest.mark.parametrize("kv", ["INT8", "FP8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_kv_write_quantizes_an_8bit_cache_like_quantize_kv(kv, dtype):
+    q, k, v, inv, caches, scales = _quantized_case(dtype, kv)
+    _check_quantized_write(kv, q, k, v, inv, torch.tensor([0, 9, 5000]), torch.tensor([3, 17, 22]), caches, scales)
+
+
 def test_bad_inputs_are_named():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight must be"):
@@ -151,8 +190,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="impl must be one of"):
         silu_mul(torch.randn(2, 8), impl="cuda")
     q, k, v, inv, (kc, vc, _, _) = _qkv_case(torch.float32)
-    with pytest.raises(ValueError, match="quantizes on write"):
+    with pytest.raises(ValueError, match=r"an torch.int8 cache needs k_scale \(6, 4, 2\) float32, got None"):
         rope_kv_write(q, k, v, torch.zeros(3, dtype=torch.long), inv, kc.to(torch.int8), vc.to(torch.int8),
+                      torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="writes 16- or 32-bit caches, or int8 / float8_e4m3fn ones"):
+        rope_kv_write(q, k, v, torch.zeros(3, dtype=torch.long), inv, kc.to(torch.uint8), vc.to(torch.uint8),
                       torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="inv_freq must be"):
         rope_kv_write(q, k, v, torch.zeros(3, dtype=torch.long), inv[:3], kc, vc, torch.zeros(3, dtype=torch.long))
@@ -218,14 +260,18 @@ def test_a_subclass_wrapping_the_projections_keeps_the_residual_add():
         assert torch.equal(a, b)
 
 
-def test_an_8bit_kv_cache_keeps_the_unfused_rope_and_write():
+def test_an_8bit_kv_cache_is_written_by_the_fused_rope_as_by_the_unfused_path():
+    """The fused rope quantizes an 8-bit cache on write (one rope_kv_write per layer, no separate quantize); on
+    the CPU its reference path is the unfused math exactly."""
     net = _tiny_network()
     qnet = Network(net.config, net.layers, net.weights, name="tiny-int8-kv",
                    quant_config=QuantConfig("NO_QUANT", kv_cache_quant_algo="int8"))
     seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
     engines = {fuse: Engine(qnet, TorchBackend(qnet, fuse=fuse)) for fuse in (False, True)}
     assert engines[True].allocate_kv_cache(2, 4).is_quantized
-    fused = run_chunks(engines[True], seqs, SCHEDULE, block_size=4)
+    with LaunchCounter() as launches:
+        fused = run_chunks(engines[True], seqs, SCHEDULE, block_size=4)
+    assert launches.ops["rope_kv_write"] == len(SCHEDULE) * net.config.num_hidden_layers
     plain = run_chunks(engines[False], seqs, SCHEDULE, block_size=4)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)
@@ -240,6 +286,21 @@ def test_fused_backend_through_the_triton_interpreter(family, tiny_checkpoints):
     plain = run_chunks(Engine(net, TorchBackend(net, fuse=False)), seqs, SCHEDULE, block_size=4)
     for a, b in zip(triton, plain):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_fused_8bit_cache_write_through_the_triton_interpreter(kv):
+    """The fused rope's quantized write (kernels='triton', float32) against the unfused quantize + scatter: the same
+    logits but where a key rotated in float32 from exact cos / sin lands on the other side of a code boundary."""
+    net = _tiny_network()
+    qnet = Network(net.config, net.layers, net.weights, name=f"tiny-{kv}-kv",
+                   quant_config=QuantConfig("NO_QUANT", kv_cache_quant_algo=kv))
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    triton = run_chunks(Engine(qnet, TorchBackend(qnet, kernels="triton")), seqs, SCHEDULE, block_size=4)
+    plain = run_chunks(Engine(qnet, TorchBackend(qnet, fuse=False)), seqs, SCHEDULE, block_size=4)
+    for a, b in zip(triton, plain):
+        torch.testing.assert_close(a, b, atol=2e-2 if kv == "fp8" else 5e-3, rtol=0)
 
 
 def _decode_step(engine, batch_size=2, context=6):
@@ -322,6 +383,11 @@ def test_fused_kernels_match_reference_on_cuda(hidden):
     torch.testing.assert_close(qt.float(), qr.float(), **BF16_TOL)
     torch.testing.assert_close(kc_t.float(), kc_r.float(), **BF16_TOL)
     assert torch.equal(vc_t, vc_r)
+    for kv in ("INT8", "FP8"):  # an 8-bit cache: quantized on write, as quantize_kv does
+        q, k, v, inv, caches, scales = _quantized_case(torch.bfloat16, kv, t=64, heads=32, kv_heads=8, d=128)
+        caches = [c.new_zeros(64, 4, 8, 128).cuda() for c in caches]
+        scales = [torch.zeros(64, 4, 8, device="cuda") for _ in scales]
+        _check_quantized_write(kv, q.cuda(), k.cuda(), v.cuda(), inv.cuda(), pos, slots, caches, scales)
 
 
 @pytest.mark.gpu

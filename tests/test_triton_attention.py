@@ -165,6 +165,11 @@ def test_default_splits_a_long_context_of_few_sequences():
     assert choose_num_splits(1, 8, 32768, 132) == 33  # ~2 waves of programs
     assert choose_num_splits(2, 1, 100_000, 132) == 64  # MAX_SPLITS
     assert choose_num_splits(64, 8, 32768, 132) == 1  # already 512 programs
+    # an 8-bit cache: a second split of long tables while the programs fill fewer than 8 waves
+    assert choose_num_splits(64, 8, 2048, 132, quantized=True) == 2
+    assert choose_num_splits(64, 8, 256, 132, quantized=True) == 1  # short tables: no gain
+    assert choose_num_splits(256, 8, 8192, 132, quantized=True) == 1  # 2,048 programs: enough
+    assert choose_num_splits(1, 8, 2048, 132, quantized=True) == 16  # few programs: as for 16-bit caches
     assert choose_num_splits(4, 2, 127, 132) == 1  # too short to split
     c = _case((600, 3), num_kv_heads=1, group=3, block_size=16, seed=5)  # default: 4 splits
     _close(_run(paged_decode_attention, c), _run(reference_decode_attention, c))

@@ -56,6 +56,11 @@ __all__ = ["choose_num_splits", "paged_decode_attention", "reference_decode_atte
 # table's width (bench/attention.py's sweep on the H200, batch 1: 2 splits best at 256 tokens, 16 at 2k).
 SPLIT_TARGET_WAVES = 2
 MIN_SPLIT_TOKENS = 128
+# 8-bit caches: each K/V tile is converted in registers before its dot, so a program waits on its loads and
+# large batches still gain from a second split of long tables (the sweep on the H200, batch 64, int8:
+# 2k 131.6 -> 109.1 us, 8k 503.1 -> 389.1 us; 256 tokens: no gain), up to QUANT_SPLIT_MAX_WAVES of programs
+QUANT_SPLIT_MIN_CONTEXT = 1024
+QUANT_SPLIT_MAX_WAVES = 8
 MAX_SPLITS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -191,15 +196,19 @@ def _kernels() -> tuple[Any, Any]:
             triton.jit(_merge_splits_kernel, do_not_specialize=["num_splits"]))
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int,
+                      quantized: bool = False) -> int:
     """Flash-decoding split count from shapes only (never from seq_lens).
 
     Split while the (sequence, kv head) programs fill fewer than 2 waves of the SMs, keeping at
     least MIN_SPLIT_TOKENS (128) slots of the table per split and at most 64 splits; a large batch
-    keeps one split.
+    keeps one split, or two over an 8-bit cache (`quantized`) whose tables hold >= 1,024 tokens
+    while the programs fill fewer than 8 waves.
     """
     programs = num_seqs * num_kv_heads
     if programs >= SPLIT_TARGET_WAVES * num_sms:
+        if quantized and max_context >= QUANT_SPLIT_MIN_CONTEXT and programs < QUANT_SPLIT_MAX_WAVES * num_sms:
+            return 2
         return 1
     wanted = -(-SPLIT_TARGET_WAVES * num_sms // programs)
     return max(1, min(wanted, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
@@ -244,7 +253,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     quant = k_cache.dtype in QUANTIZED_KV_DTYPES
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, num_sms(q.device))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, num_sms(q.device), quant)
     if block_n is None:
         # keys per tile, the best of bench/attention.py's sweep on the H200 (contexts 256..8k, head_dim 128):
         # 8-bit caches and split 16-bit rows 128; 16-bit rows unsplit (large batches) 64; float32 32; heads

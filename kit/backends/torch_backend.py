@@ -51,7 +51,7 @@ from kit.network import Layer, Network
 from kit.progress import tqdm
 from kit.ops import apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from kit.quantization import build_linear
-from kit.quantization.kv_cache import quantize_kv
+from kit.quantization.kv_cache import dequantize_kv, quantize_kv
 
 __all__ = ["TorchBackend", "DenseLinear", "CUDAGraphRunner", "MixedGraphRunner", "paged_attention", "rope_inv_freq"]
 
@@ -109,7 +109,10 @@ class TorchBackend:
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError(f"attention='triton' on {self.device} needs TRITON_INTERPRET=1 (Triton's "
                                  f"interpreter); use attention='auto' or 'reference' there")
-        self.kernels_for_8bit = attention == "triton"
+            if self.device.type != "cuda" and self.dtype == torch.bfloat16:
+                raise ValueError(f"attention='triton' on {self.device} runs in Triton's interpreter, whose "
+                                 f"bfloat16 dot products are wrong; use dtype=float32 there, or attention='auto' "
+                                 f"/ 'reference'")
         self.inv_freq = rope_inv_freq(self.config).to(self.device)
         # the fused ops: Triton kernels on a GPU, their torch references (the unfused math) elsewhere;
         # kernels="triton" on the CPU runs them through Triton's interpreter (TRITON_INTERPRET=1, for tests)
@@ -214,14 +217,18 @@ class TorchBackend:
             env["k"] = apply_rope(env["k"], cos, sin)
 
         def rotate_and_write(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
-            if kv.is_quantized:  # an 8-bit cache quantizes on write, in the attention layer
-                return rotate(env, batch, kv)
             kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
+            ks, vs = (kv.k_scale[idx], kv.v_scale[idx]) if kv.is_quantized else (None, None)  # 8-bit: quantized on write
             cos_sin = tables(env, batch) if impl == "torch" else None  # the Triton kernel makes its own
             env["q"] = rope_kv_write(env["q"], env["k"], env["v"], batch.positions, inv_freq, kc, vc,
-                                     batch.slot_mapping, cos_sin, impl)
-            # NOTE: the rotated k lives in the cache only; a hook asking for it reads it back
-            env["k"] = _Deferred(lambda: kc.view(-1, kc.shape[2], kc.shape[3])[batch.slot_mapping])
+                                     batch.slot_mapping, cos_sin, impl, k_scale=ks, v_scale=vs)
+            # NOTE: the rotated k lives in the cache only; a hook asking for it reads it back (dequantized)
+            kvh, d, dtype = kc.shape[2], kc.shape[3], self.dtype
+            if ks is None:
+                env["k"] = _Deferred(lambda: kc.view(-1, kvh, d)[batch.slot_mapping])
+            else:
+                env["k"] = _Deferred(lambda: dequantize_kv(kc.view(-1, kvh, d)[batch.slot_mapping],
+                                                           ks.view(-1, kvh)[batch.slot_mapping], dtype))
             env["kv_written"] = True
         return rotate_and_write if self.fuse else rotate
 
@@ -234,25 +241,23 @@ class TorchBackend:
             kvh, d = kc.shape[2], kc.shape[3]
             q = env["q"]  # (T, H, D)
             scales = None
+            written = env.pop("kv_written", False)  # the fused rope wrote K/V already (quantized, for an 8-bit cache)
             if kv.is_quantized:  # 8-bit cache: quantize on write; the kernels (or the reference) dequantize
                 scales = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
-                qk, sk = quantize_kv(env["k"], kv.quant_algo)
-                qv, sv = quantize_kv(env["v"], kv.quant_algo)
-                kc.view(-1, kvh, d)[batch.slot_mapping] = qk
-                vc.view(-1, kvh, d)[batch.slot_mapping] = qv
-                scales[0].view(-1, kvh)[batch.slot_mapping] = sk
-                scales[1].view(-1, kvh)[batch.slot_mapping] = sv
+                if not written:
+                    qk, sk = quantize_kv(env["k"], kv.quant_algo)
+                    qv, sv = quantize_kv(env["v"], kv.quant_algo)
+                    kc.view(-1, kvh, d)[batch.slot_mapping] = qk
+                    vc.view(-1, kvh, d)[batch.slot_mapping] = qv
+                    scales[0].view(-1, kvh)[batch.slot_mapping] = sk
+                    scales[1].view(-1, kvh)[batch.slot_mapping] = sv
             else:
-                if not env.pop("kv_written", False):  # the fused rope wrote K/V already
+                if not written:
                     kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
                     vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
                 q = q.to(kc.dtype)
             ks, vs = scales if scales is not None else (None, None)
-            # NOTE: 8-bit caches take the kernels only when asked (attention='triton'): on an H200 their bf16
-            # logits drifted from the reference's (top-1 agreement 0.67 in tests/test_attention_engine.py)
-            if kv.is_quantized and not self.kernels_for_8bit:
-                out = paged_attention(env["q"], kc, vc, batch, scale, window, kv_scales=scales)
-            elif self.decode_kernel is not None and batch.max_query_len == 1:
+            if self.decode_kernel is not None and batch.max_query_len == 1:
                 out = self.decode_kernel(q, kc, vc, batch.block_tables, batch.seq_lens, scale, window,
                                          k_scale=ks, v_scale=vs)
             elif self.prefill_kernel is not None:  # prompt chunks and mixed batches: varlen, no padding
@@ -311,7 +316,7 @@ class TorchBackend:
     def mixed_graph_sizes(self, kv_cache: KVCache, num_tokens: Sequence[int]) -> tuple[int, ...]:
         """The buckets of `num_tokens` a capture over `kv_cache` takes: () unless attention runs in the varlen
         Triton kernel."""
-        if self.prefill_kernel is None or (kv_cache.is_quantized and not self.kernels_for_8bit):
+        if self.prefill_kernel is None:
             return ()
         return tuple(sorted({int(t) for t in num_tokens}))
 

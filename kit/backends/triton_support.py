@@ -84,6 +84,10 @@ def check_paged_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+        # NOTE: Triton's interpreter (the CPU) gets bf16 tl.dot wrong (errors of 1e8 on unit-scale data)
+        raise ValueError(f"the paged attention kernels on {q.device} run in Triton's interpreter, whose "
+                         f"bfloat16 dot products are wrong; use float32 (or float16) there")
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if k_cache.dtype in QUANTIZED_KV_DTYPES:

@@ -46,15 +46,20 @@ def kv_cache_dtype(algo: KVCacheQuantAlgo | str) -> torch.dtype:
 
 
 def quantize_kv(x: torch.Tensor, algo: KVCacheQuantAlgo | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., num_kv_heads, head_dim) -> (q same shape int8 / fp8, scale (..., num_kv_heads) float32)."""
+    """x (..., num_kv_heads, head_dim) -> (q same shape int8 / fp8, scale (..., num_kv_heads) float32).
+
+    scale = absmax * float32(1 / qmax), a product: a tensor divided by a Python number is a product by its
+    reciprocal on a GPU and a true division on the CPU, so the product is what both devices (and the fused
+    write of kit/kernels/rope_cache.py) compute alike; the codes are x / scale, a true division everywhere.
+    """
     a = _algo(algo)
     xf = x.float()
     amax = xf.abs().amax(dim=-1)  # (..., KVH)
     if a is KVCacheQuantAlgo.INT8:
-        scale = (amax / _INT8_MAX).clamp(min=_MIN_SCALE)
+        scale = (amax * (1.0 / _INT8_MAX)).clamp(min=_MIN_SCALE)
         q = torch.round(xf / scale[..., None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     else:
-        scale = (amax / _FP8_MAX).clamp(min=_MIN_SCALE)
+        scale = (amax * (1.0 / _FP8_MAX)).clamp(min=_MIN_SCALE)
         q = (xf / scale[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
