@@ -166,6 +166,44 @@ def test_mixed_steps_replayed_from_cuda_graphs_agree_with_eager_steps(smol_bf16)
     assert (written[1].float() - kv.v[:, :kv.scratch_block].float()).abs().max().item() < 0.05
 
 
+@pytest.mark.parametrize("kv_algo", ["INT8", "FP8"])
+def test_mixed_step_graphs_over_an_8bit_cache_agree_with_eager_steps(kv_algo):
+    """8-bit caches take the Triton kernels and the mixed-step graphs: a replayed mixed step (padded to its
+    token bucket) gives the logits, codes and scales of the same step run eagerly over a copy of the cache."""
+    from kit.backends.torch_backend import TorchBackend
+    from kit.batch import KVCache
+    from kit.engine import Engine, ForwardBatch, SequenceInput
+    from kit.loader import ModelLoader
+    from kit.network import NetworkBuilder
+
+    net = NetworkBuilder(ModelLoader.synthetic("llama-3.2-1b", device="cuda", dtype=torch.bfloat16,
+                                               num_layers=2)).build()
+    bc = BuildConfig(max_batch_size=4, max_seq_len=128, max_input_len=64, max_num_tokens=128)
+    engine = Engine(net, TorchBackend(net, device="cuda", dtype=torch.bfloat16), build_config=bc)
+    kv = KVCache(engine.config, 32, 16, dtype=torch.bfloat16, device="cuda", quant_algo=kv_algo)
+    engine.capture_cuda_graphs(kv)
+    runner = engine.backend.mixed_graphs
+    assert runner is not None  # 8-bit caches included
+    engine.forward(ForwardBatch.build([SequenceInput(list(range(100, 140)), 0, [0, 1, 2]),
+                                       SequenceInput(list(range(200, 230)), 0, [3, 4])], 16, device="cuda"), kv)
+    step = ForwardBatch.build([SequenceInput([7], 40, [0, 1, 2]), SequenceInput(list(range(230, 250)), 30, [3, 4, 6, 7]),
+                               SequenceInput(list(range(300, 312)), 0, [5])], 16, device="cuda")
+    assert runner.can_run(step, kv) and runner.bucket(step.num_tokens) > step.num_tokens
+    pools = (kv.k, kv.v, kv.k_scale, kv.v_scale)
+    before = [p.clone() for p in pools]
+    replayed = engine.forward(step, kv).clone()
+    written = [p[:, :kv.scratch_block].clone() for p in pools]
+    for p, b in zip(pools, before):
+        p.copy_(b)
+    eager = engine.backend.run_layers(step, kv)
+    assert (replayed.float() - eager.float()).abs().max().item() < 0.1
+    for codes, scale, now, now_scale in ((written[0], written[2], kv.k, kv.k_scale),
+                                         (written[1], written[3], kv.v, kv.v_scale)):
+        deq = codes.float() * scale[..., None]
+        ref = now[:, :kv.scratch_block].float() * now_scale[:, :kv.scratch_block, ..., None]
+        assert (deq - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
 def test_mixed_step_graphs_do_not_change_greedy_outputs_of_staggered_requests():
     """Requests submitted one after another (so most steps mix a prompt with decode tokens) give the same
     greedy tokens with and without mixed-step graphs (float32, so that no bf16 near-tie flips with the GEMM

@@ -44,11 +44,12 @@ def _batch(seqs):
 
 
 @requires_triton
-def test_padded_steps_give_the_greedy_tokens_of_unpadded_ones():
+@pytest.mark.parametrize("kv_algo", [None, "INT8"])
+def test_padded_steps_give_the_greedy_tokens_of_unpadded_ones(kv_algo):
     net = _network()
     padded = PaddedBackend(net, buckets=(8, 16, 32), max_seqs=4, max_blocks=8)
-    got, kinds = _greedy(Engine(net, padded), PROMPTS, 9, 6, None)
-    want, _ = _greedy(Engine(net, TorchBackend(net, attention="triton")), PROMPTS, 9, 6, None)
+    got, kinds = _greedy(Engine(net, padded), PROMPTS, 9, 6, kv_algo)
+    want, _ = _greedy(Engine(net, TorchBackend(net, attention="triton")), PROMPTS, 9, 6, kv_algo)
     assert kinds == {"prefill", "mixed", "decode"}
     assert got == want
     assert max(padded.padded) > 0  # steps were padded
