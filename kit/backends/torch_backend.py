@@ -20,7 +20,8 @@ CUDA, the same torch ops as the unfused path elsewhere, so CPU numerics do not c
                          `defer_residual`, `wrappers_take_delta`)
     rmsnorm              residual += delta; x = rms_norm(residual): one kernel (`fused_add_rms_norm`)
     rope                 rotates q and k and writes k, v into the paged cache (`rope_kv_write`),
-                         straight from the qkv GEMM's output; attention then only reads the cache
+                         straight from the qkv GEMM's output (an 8-bit cache: quantized, with its
+                         scales, in the same kernel); attention then only reads the cache
     mlp                  silu(gate) * up in one kernel over the gate_up output (`silu_mul`)
     lm_head              a decode batch (every row wants logits) skips the row gather
 
@@ -28,8 +29,8 @@ The profiler's per-layer times follow the kernels: a norm's time includes the re
 add of the layer before it, rope's time includes the K/V cache write (attention's time
 is the attention kernel alone). Hooks still see every layer's named outputs: `hidden`
 after o_proj / mlp is computed on access (hidden + delta) and `k` after rope is read
-back from the cache, so evaluation and the profiler see the same values as unfused.
-An 8-bit KV cache keeps the unfused rope and write (it quantizes on write).
+back from the cache (dequantized, for an 8-bit cache), so evaluation and the profiler see the
+values the layers computed (an 8-bit cache's k: to within its quantization step).
 """
 
 from __future__ import annotations
