@@ -52,7 +52,7 @@ from kit.network import Layer, Network
 from kit.progress import tqdm
 from kit.ops import apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from kit.quantization import build_linear
-from kit.quantization.kv_cache import dequantize_kv, quantize_kv
+from kit.quantization.kv_cache import dequantize_kv, write_kv
 
 __all__ = ["TorchBackend", "DenseLinear", "CUDAGraphRunner", "MixedGraphRunner", "paged_attention", "rope_inv_freq"]
 
@@ -239,25 +239,14 @@ class TorchBackend:
 
         def attention(env: Env, batch: ForwardBatch, kv: KVCache) -> None:
             kc, vc = kv.k[idx], kv.v[idx]  # (num_blocks, block_size, KVH, D)
-            kvh, d = kc.shape[2], kc.shape[3]
             q = env["q"]  # (T, H, D)
-            scales = None
-            written = env.pop("kv_written", False)  # the fused rope wrote K/V already (quantized, for an 8-bit cache)
-            if kv.is_quantized:  # 8-bit cache: quantize on write; the kernels (or the reference) dequantize
-                scales = kv.k_scale[idx], kv.v_scale[idx]  # (num_blocks, block_size, KVH)
-                if not written:
-                    qk, sk = quantize_kv(env["k"], kv.quant_algo)
-                    qv, sv = quantize_kv(env["v"], kv.quant_algo)
-                    kc.view(-1, kvh, d)[batch.slot_mapping] = qk
-                    vc.view(-1, kvh, d)[batch.slot_mapping] = qv
-                    scales[0].view(-1, kvh)[batch.slot_mapping] = sk
-                    scales[1].view(-1, kvh)[batch.slot_mapping] = sv
-            else:
-                if not written:
-                    kc.view(-1, kvh, d)[batch.slot_mapping] = env["k"].to(kc.dtype)
-                    vc.view(-1, kvh, d)[batch.slot_mapping] = env["v"].to(vc.dtype)
+            # 8-bit cache: quantized on write, one scale per (token, kv head); the kernels (or the reference) dequantize
+            scales = (kv.k_scale[idx], kv.v_scale[idx]) if kv.is_quantized else None  # (num_blocks, block_size, KVH)
+            ks, vs = scales or (None, None)
+            if not env.pop("kv_written", False):  # the fused rope wrote K/V already
+                write_kv(kc, vc, batch.slot_mapping, env["k"], env["v"], ks, vs)
+            if not kv.is_quantized:
                 q = q.to(kc.dtype)
-            ks, vs = scales if scales is not None else (None, None)
             if self.decode_kernel is not None and batch.max_query_len == 1:
                 out = self.decode_kernel(q, kc, vc, batch.block_tables, batch.seq_lens, scale, window,
                                          k_scale=ks, v_scale=vs)

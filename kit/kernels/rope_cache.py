@@ -7,9 +7,9 @@ program per (token, head) reads its head straight out of the qkv output (q, k an
 be strided views of it), computes cos / sin of `position * inv_freq` in float32, and
 writes either the rotated query head into `q_out`, or the rotated key head and the value
 head into the cache slot of the token. An 8-bit cache (int8 / fp8 e4m3, with `k_scale` and
-`v_scale`) is written by a second kernel of the same shape: its kv-head program also rounds the
-rotated key to the model's dtype, takes the head's absmax, and stores the codes and the float32
-scale of the token, as `kit.quantization.kv_cache.quantize_kv` does (IEEE divisions, round half
+`v_scale`) is written by the same kernel (`QUANT`): its kv-head program also rounds the rotated
+key to the model's dtype, takes the head's absmax, and stores the codes and the float32 scale
+of the token, as `kit.quantization.kv_cache.quantize_kv` does (IEEE divisions, round half
 to even), so a quantized cache costs one kernel instead of the ~15 of the unfused quantize,
 scatter and scale writes.
 
@@ -30,7 +30,7 @@ import torch
 from kit.kernels._triton import jit, next_pow2, resolve_impl, triton_module
 from kit.kernels.launches import counted
 from kit.ops import apply_rope, rope_cos_sin
-from kit.quantization.kv_cache import quantize_kv
+from kit.quantization.kv_cache import KV_QMAX, write_kv
 
 __all__ = ["rope_kv_write", "rope_kv_write_reference"]
 
@@ -39,7 +39,6 @@ _rotate_store: Any = None  # jit(_rotate_store_fn), set with `tl`: the kernel ca
 _quant_store: Any = None  # jit(_quant_store_fn): the 8-bit kernel calls it for k and for v
 _fp8_round: Any = None  # jit(_fp8_round_fn), called by _quant_store
 _rint: Any = None  # jit(_rint_fn), called by _quant_store and _fp8_round
-_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: float(torch.finfo(torch.float8_e4m3fn).max)}
 
 
 def _rotate_store_fn(src, dst, i, ok, c, s, HALF: tl.constexpr):
@@ -92,10 +91,11 @@ def _quant_store_fn(x1, x2, dst, scale_ptr, i, ok, HALF: tl.constexpr, QMAX: tl.
     tl.store(scale_ptr, scale)
 
 
-def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, stride_cs, stride_ch, stride_vs, stride_vch,
-                    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                    stride_ot, stride_oh, stride_cs, stride_ch, stride_vs, stride_vch, stride_ss, stride_sh,
+                    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                    QUANT: tl.constexpr, QMAX: tl.constexpr, INT8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     i = tl.arange(0, HALF_PAD)
@@ -114,51 +114,27 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, qo_ptr, kc_ptr, vc_pt
         kvh = h - NUM_HEADS
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
-            _rotate_store(k_ptr + t * stride_kt + kvh * stride_kh, kc_ptr + slot * stride_cs + kvh * stride_ch, i, ok,
-                          c, s, HALF)
+            ksrc = k_ptr + t * stride_kt + kvh * stride_kh
+            kdst = kc_ptr + slot * stride_cs + kvh * stride_ch
             vsrc = v_ptr + t * stride_vt + kvh * stride_vh
             vdst = vc_ptr + slot * stride_vs + kvh * stride_vch
-            v1 = tl.load(vsrc + i, mask=ok, other=0.0)
-            v2 = tl.load(vsrc + HALF + i, mask=ok, other=0.0)
-            tl.store(vdst + i, v1.to(vc_ptr.dtype.element_ty), mask=ok)
-            tl.store(vdst + HALF + i, v2.to(vc_ptr.dtype.element_ty), mask=ok)
-
-
-def _rope_kv_q8_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       stride_ot, stride_oh, stride_cs, stride_ch, stride_vs, stride_vch, stride_ss, stride_sh,
-                       NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                       QMAX: tl.constexpr, INT8: tl.constexpr):
-    """`_rope_kv_kernel` for an 8-bit cache: the rotated key, rounded to the model's dtype as a 16-bit cache would
-    hold it, and the value are quantized per (token, kv head) into the cache and its scales."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    i = tl.arange(0, HALF_PAD)
-    ok = i < HALF
-    ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + i, mask=ok, other=0.0)  # (HALF,)
-    turns = tl.floor(ang * 0.15915494309189535)  # the same Cody-Waite reduction as _rope_kv_kernel
-    ang = (ang - turns * 6.28125) - turns * 0.0019353071795864769
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    if h < NUM_HEADS:
-        _rotate_store(q_ptr + t * stride_qt + h * stride_qh, qo_ptr + t * stride_ot + h * stride_oh, i, ok, c, s,
-                      HALF)
-    else:
-        kvh = h - NUM_HEADS
-        slot = tl.load(slot_ptr + t)
-        if slot >= 0:
-            ksrc = k_ptr + t * stride_kt + kvh * stride_kh
-            a = tl.load(ksrc + i, mask=ok, other=0.0).to(tl.float32)
-            b = tl.load(ksrc + HALF + i, mask=ok, other=0.0).to(tl.float32)
-            k1 = (a * c - b * s).to(k_ptr.dtype.element_ty).to(tl.float32)
-            k2 = (b * c + a * s).to(k_ptr.dtype.element_ty).to(tl.float32)
-            _quant_store(k1, k2, kc_ptr + slot * stride_cs + kvh * stride_ch, ks_ptr + slot * stride_ss + kvh * stride_sh,
-                         i, ok, HALF, QMAX, INT8)
-            vsrc = v_ptr + t * stride_vt + kvh * stride_vh
-            v1 = tl.load(vsrc + i, mask=ok, other=0.0).to(tl.float32)
-            v2 = tl.load(vsrc + HALF + i, mask=ok, other=0.0).to(tl.float32)
-            _quant_store(v1, v2, vc_ptr + slot * stride_vs + kvh * stride_vch, vs_ptr + slot * stride_ss + kvh * stride_sh,
-                         i, ok, HALF, QMAX, INT8)
+            if QUANT:  # an 8-bit cache: the rotated key, rounded to the model's dtype as a 16-bit cache would hold
+                # it, and the value, quantized per (token, kv head) into the cache and its scales
+                a = tl.load(ksrc + i, mask=ok, other=0.0).to(tl.float32)
+                b = tl.load(ksrc + HALF + i, mask=ok, other=0.0).to(tl.float32)
+                k1 = (a * c - b * s).to(k_ptr.dtype.element_ty).to(tl.float32)
+                k2 = (b * c + a * s).to(k_ptr.dtype.element_ty).to(tl.float32)
+                s_off = slot * stride_ss + kvh * stride_sh
+                _quant_store(k1, k2, kdst, ks_ptr + s_off, i, ok, HALF, QMAX, INT8)
+                v1 = tl.load(vsrc + i, mask=ok, other=0.0).to(tl.float32)
+                v2 = tl.load(vsrc + HALF + i, mask=ok, other=0.0).to(tl.float32)
+                _quant_store(v1, v2, vdst, vs_ptr + s_off, i, ok, HALF, QMAX, INT8)
+            else:
+                _rotate_store(ksrc, kdst, i, ok, c, s, HALF)
+                v1 = tl.load(vsrc + i, mask=ok, other=0.0)
+                v2 = tl.load(vsrc + HALF + i, mask=ok, other=0.0)
+                tl.store(vdst + i, v1.to(vc_ptr.dtype.element_ty), mask=ok)
+                tl.store(vdst + HALF + i, v2.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -175,7 +151,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.T
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"k_cache / v_cache must be (num_blocks, block_size, {k.shape[1]}, {d}), got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.dtype in _QMAX:
+    if k_cache.dtype in KV_QMAX:
         want = tuple(k_cache.shape[:3])
         for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
             if sc is None or tuple(sc.shape) != want or sc.dtype != torch.float32:
@@ -205,21 +181,15 @@ def _launch(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, k_scal
         return q_out
     kc = k_cache.view(-1, num_kv, d)  # (slots, KVH, D)
     vc = v_cache.view(-1, num_kv, d)
-    if k_cache.dtype in _QMAX:
-        ks, vs = k_scale.view(-1, num_kv), v_scale.view(-1, num_kv)  # (slots, KVH)
-        jit(_rope_kv_q8_kernel)[(t, num_heads + num_kv)](
-            q, k, v, positions, inv_freq, q_out, kc, vc, ks, vs, slot_mapping,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            q_out.stride(0), q_out.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-            ks.stride(0), ks.stride(1), NUM_HEADS=num_heads, HALF=d // 2, HALF_PAD=next_pow2(d // 2),
-            QMAX=_QMAX[k_cache.dtype], INT8=k_cache.dtype == torch.int8, num_warps=1,
-        )
-        return q_out
+    quant = k_cache.dtype in KV_QMAX
+    # NOTE: a 16-bit cache passes its own pools where the scales go (unused: QUANT is off)
+    ks, vs = (k_scale.view(-1, num_kv), v_scale.view(-1, num_kv)) if quant else (kc[:, :, 0], vc[:, :, 0])
     jit(_rope_kv_kernel)[(t, num_heads + num_kv)](
-        q, k, v, positions, inv_freq, q_out, kc, vc, slot_mapping,
+        q, k, v, positions, inv_freq, q_out, kc, vc, ks, vs, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        NUM_HEADS=num_heads, HALF=d // 2, HALF_PAD=next_pow2(d // 2), num_warps=1,
+        ks.stride(0), ks.stride(1), NUM_HEADS=num_heads, HALF=d // 2, HALF_PAD=next_pow2(d // 2),
+        QUANT=quant, QMAX=KV_QMAX.get(k_cache.dtype, 1.0), INT8=k_cache.dtype == torch.int8, num_warps=1,
     )
     return q_out
 
@@ -237,17 +207,7 @@ def rope_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     cos, sin = cos_sin
     q_rot = apply_rope(q, cos, sin)
     k_rot = apply_rope(k, cos, sin)
-    kvh, d = k_cache.shape[2], k_cache.shape[3]
-    if k_cache.dtype in _QMAX:
-        algo = "INT8" if k_cache.dtype == torch.int8 else "FP8"
-        (kq, ks), (vq, vs) = quantize_kv(k_rot, algo), quantize_kv(v, algo)
-        k_cache.view(-1, kvh, d)[slot_mapping] = kq
-        v_cache.view(-1, kvh, d)[slot_mapping] = vq
-        k_scale.view(-1, kvh)[slot_mapping] = ks
-        v_scale.view(-1, kvh)[slot_mapping] = vs
-        return q_rot
-    k_cache.view(-1, kvh, d)[slot_mapping] = k_rot.to(k_cache.dtype)
-    v_cache.view(-1, kvh, d)[slot_mapping] = v.to(v_cache.dtype)
+    write_kv(k_cache, v_cache, slot_mapping, k_rot, v, k_scale, v_scale)
     return q_rot
 
 

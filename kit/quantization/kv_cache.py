@@ -26,11 +26,13 @@ import torch
 
 from kit.quantization.algo import KVCacheQuantAlgo
 
-__all__ = ["kv_cache_dtype", "quantize_kv", "dequantize_kv"]
+__all__ = ["kv_cache_dtype", "quantize_kv", "dequantize_kv", "write_kv", "KV_QMAX"]
 
 _INT8_MAX = 127.0
 _FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 _MIN_SCALE = 1e-12
+KV_QMAX = {torch.int8: _INT8_MAX, torch.float8_e4m3fn: _FP8_MAX}  # an 8-bit cache's storage dtype -> its largest code
+_ALGO_OF = {torch.int8: KVCacheQuantAlgo.INT8, torch.float8_e4m3fn: KVCacheQuantAlgo.FP8}
 
 
 def _algo(algo: KVCacheQuantAlgo | str) -> KVCacheQuantAlgo:
@@ -62,6 +64,24 @@ def quantize_kv(x: torch.Tensor, algo: KVCacheQuantAlgo | str) -> tuple[torch.Te
         scale = (amax * (1.0 / _FP8_MAX)).clamp(min=_MIN_SCALE)
         q = (xf / scale[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Scatter k, v (T, KVH, D) into the paged pools (num_blocks, block_size, KVH, D) at `slot_mapping`: cast to
+    a 16- or 32-bit cache's dtype, or quantized (`quantize_kv`) into an 8-bit cache, the scales into `k_scale` /
+    `v_scale` (num_blocks, block_size, KVH)."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    algo = _ALGO_OF.get(k_cache.dtype)
+    if algo is None:
+        k_cache.view(-1, kvh, d)[slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, kvh, d)[slot_mapping] = v.to(v_cache.dtype)
+        return
+    (kq, ks), (vq, vs) = quantize_kv(k, algo), quantize_kv(v, algo)
+    k_cache.view(-1, kvh, d)[slot_mapping] = kq
+    v_cache.view(-1, kvh, d)[slot_mapping] = vq
+    k_scale.view(-1, kvh)[slot_mapping] = ks
+    v_scale.view(-1, kvh)[slot_mapping] = vs
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
