@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kit.backends.torch_backend import TorchBackend  # noqa: E402
+from tp import one_ulp_up  # noqa: E402  (bench/tp.py, beside this script)
 from kit.batch import ForwardBatch, KVCache, SequenceInput  # noqa: E402
 from kit.config import ModelConfig  # noqa: E402
 from kit.engine import Engine  # noqa: E402
@@ -95,11 +96,6 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
     return {"rel_rms_error": float(diff.pow(2).mean().sqrt() / want.pow(2).mean().sqrt()),
             "max_abs_diff": float(diff.abs().max()),
             "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
-
-
-def one_ulp_up(value: torch.Tensor) -> torch.Tensor:
-    """The next bf16 value away from zero: the bit pattern plus one."""
-    return (value.view(torch.int16) + 1).view(torch.bfloat16)
 
 
 def measure(name: str, network: Network, device: torch.device, prompt_lens: list[int], decode_steps: int,

@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from decode_graphs import time_decode  # noqa: E402  (bench/decode_graphs.py, beside this script)
 from kit.backends.torch_backend import TorchBackend  # noqa: E402
-from kit.batch import ForwardBatch, KVCache, SequenceInput  # noqa: E402
+from kit.batch import KVCache  # noqa: E402
 from kit.builder import BuildConfig  # noqa: E402
 from kit.engine import Engine  # noqa: E402
 from kit.loader import ModelLoader  # noqa: E402
@@ -37,23 +38,6 @@ from kit.network import NetworkBuilder  # noqa: E402
 
 BLOCK = 16
 CASES = (("bf16", None, "auto"), ("int8", "INT8", "auto"), ("fp8", "FP8", "auto"), ("int8 reference", "INT8", "reference"))
-
-
-def step_ms(engine: Engine, kv: KVCache, batch: int, context: int, steps: int) -> float:
-    per_seq = -(-(context + steps) // BLOCK)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
-    batches = [ForwardBatch.build([SequenceInput([7], context + k, t) for t in tables], BLOCK, device="cuda")
-               for k in range(steps)]
-    for b in batches[:2]:
-        engine.forward(b, kv)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for b in batches:
-        engine.forward(b, kv)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
 
 
 def main() -> None:
@@ -86,7 +70,7 @@ def main() -> None:
                                                       attention=attention), build_config=bc)
                 kv = KVCache(engine.config, blocks, BLOCK, dtype=torch.bfloat16, device="cuda", quant_algo=algo)
                 engine.backend.capture_cuda_graphs(kv, [batch], max_blocks=-(-max_seq // BLOCK))
-                ms = step_ms(engine, kv, batch, context, a.steps)
+                ms = 1e3 / time_decode(engine, kv, batch, context, a.steps, BLOCK)
                 base = base or ms
                 row = {"context": context, "batch": batch, "kv": label, "attention": attention,
                        "ms_per_step": round(ms, 3), "tokens_per_s": round(batch * 1e3 / ms, 1),
