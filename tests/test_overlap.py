@@ -5,6 +5,10 @@ n > 1, seeds, aborts, preemption and prefix caching."""
 
 import asyncio
 import random
+import threading
+import time
+import traceback
+import warnings
 
 import pytest
 import torch
@@ -158,6 +162,52 @@ def test_cuda_overlap_batched_greedy_equals_alone_and_200_async_with_aborts(tiny
     for i, o in enumerate(outs):
         if i % 7:
             assert o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_overlapped_loop_never_waits_for_the_device():
+    """Once warm, the overlapped loop never blocks the host on the stream: torch's sync debug mode flags
+    no synchronizing call (a blocking copy, an element read or written through the host, a stream or
+    device sync) in prompt, mixed (replayed graphs) and decode steps, for greedy, top-p and seeded rows.
+    The loop's one wait, on the event of a step's sampled tokens one step late, is not such a call."""
+    from kit.loader import ModelLoader
+
+    model = ModelLoader.synthetic("llama-3.2-1b", device="cuda", dtype=torch.bfloat16, num_layers=2)
+    bc = BuildConfig(max_batch_size=16, max_seq_len=256, max_input_len=128, max_num_tokens=256)
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.7, top_k=20, seed=3, ignore_eos=True)]
+    prompts = [list(range(100 + 5 * i, 140 + 9 * i)) for i in range(12)]
+    syncs: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "called a synchronizing" in str(message):  # NOTE: not the mode's own "experimental" notice
+            syncs.append(f"[{threading.current_thread().name}]\n" + "".join(traceback.format_stack(limit=10)[:-1]))
+
+    with LLM(model, device="cuda", build_config=bc) as llm:
+        assert llm.executor.overlap and llm.engine.backend.mixed_graphs is not None
+
+        def serve(shift: int):
+            futures = []
+            for i, p in enumerate(prompts):  # staggered: prompt chunks beside decode tokens
+                futures.append(llm.generate_async([t + shift for t in p], params[i % 3]))
+                time.sleep(0.003)
+            return [f.result() for f in futures]
+
+        serve(0)  # warm: kernels compiled, pinned host blocks made
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show  # NOTE: process-wide, so the executor thread's warnings land here too
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                outs = serve(1)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        df = llm.executor.stats()
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+    assert ((df["num_prefill_tokens"] > 0) & (df["num_decode_tokens"] > 0)).any()  # mixed steps ran
+    assert not syncs, f"{len(syncs)} synchronizing calls; the first:\n{syncs[0]}"
 
 
 def test_scheduler_advance_then_commit_equals_update():

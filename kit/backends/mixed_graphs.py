@@ -105,17 +105,20 @@ class MixedStepInputs:
             self.logits[:k].copy_(batch.logits_indices, non_blocking=True)
             self.logits[k:].zero_()  # NOTE: a stale index could lie past this bucket's rows
         else:
-            self.qsl[0] = 0
+            self.qsl[:1].zero_()
             self.logits.zero_()
         if pad:
             self.ids[n:num_tokens].zero_()
             self.pos[n:num_tokens].zero_()
             self.slots[n:num_tokens].copy_(self.pad_slots[:pad], non_blocking=True)
         # the sequences after the step's own are empty; the last one holds the padding rows (context 0)
+        # NOTE: slices, never `buf[i] = value`: torch assigns one element of a CUDA tensor by a blocking copy
+        # from the host, which waits for the stream, so the host would stall until the step in flight ends
+        # (every mixed step would lose its overlap); a slice's fill_ is a kernel launch like any other
         self.qsl[s + 1:last + 1].fill_(n)
-        self.qsl[last + 1] = num_tokens
+        self.qsl[last + 1:last + 2].fill_(num_tokens)
         self.seq_lens[s:last].zero_()
-        self.seq_lens[last] = pad
+        self.seq_lens[last:last + 1].fill_(pad)
         self.tables[s:].fill_(self.scratch_block)
         self.loaded = (num_tokens, n, s)
 
