@@ -60,6 +60,11 @@ SYNTHETIC_PRESETS: dict[str, dict[str, Any]] = {
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                          rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                          tie_word_embeddings=True, qkv_bias=True, bos_token_id=None, eos_token_ids=(151645,)),
+    # the embedded model's shapes (its GGUF's config), for GPU machines that do not have the file
+    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
 }
 
 def _sha256_file(path: Path, desc: str | None = None) -> str:

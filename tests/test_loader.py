@@ -111,4 +111,19 @@ def test_synthetic_is_seeded_and_made_in_place():
     assert torch.equal(a.weights["model.layers.0.mlp.up_proj.weight"], b.weights["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match="unknown synthetic preset"):
         ModelLoader.synthetic("gpt-5")
-    assert set(SYNTHETIC_PRESETS) == {"llama-3.2-1b", "llama-3.1-8b", "qwen2.5-0.5b"}
+    assert set(SYNTHETIC_PRESETS) == {"llama-3.2-1b", "llama-3.1-8b", "qwen2.5-0.5b", "smollm2-135m"}
+
+
+def test_the_smollm2_preset_has_the_embedded_models_shapes(smollm2):
+    """GPU benchmarks without the GGUF file use this preset: it must be the embedded model's config (its eps
+    differs only by the GGUF's float32 rounding of 1e-5)."""
+    import dataclasses
+
+    from kit.config import ModelConfig
+
+    preset = ModelConfig(**SYNTHETIC_PRESETS["smollm2-135m"])
+    assert preset.rms_norm_eps == pytest.approx(smollm2.config.rms_norm_eps, rel=1e-7)
+    assert dataclasses.replace(preset, rms_norm_eps=smollm2.config.rms_norm_eps) == smollm2.config
+    small = ModelLoader.synthetic("smollm2-135m", num_layers=1)
+    assert weight_shapes(small.config) == {k: v for k, v in weight_shapes(smollm2.config).items()
+                                           if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
