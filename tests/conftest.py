@@ -29,8 +29,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # NOTE: `make test` runs the suite in one pytest-xdist worker per core; each worker's torch then
-    # takes its share of the cores instead of all of them (oversubscribed threads slow every worker)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    # takes its share of the cores instead of all of them (oversubscribed threads slow every worker),
+    # and so does every process the worker starts: a chapter's Jupyter kernel, a rank, the CLI (two
+    # chapters run side by side on 2 cores took 57 and 35 s with 1 thread each, 68 and 47 s with 2)
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 # Test files that need an extra the machine may lack (a GPU box with only the core packages): the
 # `make setup` machine has every extra, so there nothing is ignored.
