@@ -186,7 +186,9 @@ def serve_model(name: str, pairs: list[tuple[int, int]], concurrency: list[int],
                           f"TPOT p50 {kit['tpot_ms']['p50']:6.2f} "
                           f"p99 {kit['tpot_ms']['p99']:6.2f} ms (decode step {dec['step_ms']:.2f} ms)  "
                           f"slowest step {row['slowest_iterations'][0]['duration_ms'] if row['slowest_iterations'] else 0:.1f} ms  "
-                          f"row {estimate + warm_s:.1f} s estimated, {row['row_s']:.1f} s taken", flush=True)
+                          f"row {estimate + warm_s:.1f} s estimated, {row['row_s']:.1f} s taken  host/device ms "
+                          + ", ".join(f"{k} {v['host_ms']:.2f}/{v['device_ms']:.2f}" for k, v in kit["loop_by_step"].items()),
+                          flush=True)
                 llm.engine.backend.mixed_graphs = runner
     del llm, loaded
     gc.collect()

@@ -21,7 +21,8 @@ so no kernel is compiled or tuned inside the timed run. Reported:
   (`--slo-ttft-ms`, `--slo-tpot-ms`; every request counts where no SLO is given);
 * peak KV-cache use (blocks and percent), and where the loop's time went (mean host
   scheduling, input preparation, output processing, device forward and idle ms per
-  iteration, from `Executor.stats()`);
+  iteration, from `Executor.stats()`; `loop_by_step`: medians for decode steps and for steps
+  with prompt tokens, whose host lanes summed against the device's time say which is host-bound);
 * `decode_only`: the same engine's decode step alone (a full batch of `concurrency`
   sequences at the workload's mean context, no scheduler, no host work), so that
   `serving_over_decode_only` says how much of the GPU the serving loop keeps busy.
@@ -47,6 +48,7 @@ from kit.progress import tqdm
 
 from kit.batch import ForwardBatch, SequenceInput
 from kit.builder import BuildConfig
+from kit.iteration_stats import loop_split
 from kit.llm import LLM
 from kit.loader import ModelLoader
 from kit.profiler import step_kernels
@@ -209,6 +211,7 @@ def run_benchmark(llm: Any, prompts: list[list[int]], output_len: int, concurren
                     "requests_per_s": good / wall, "output_tokens_per_s": good_tokens / wall},
         "overlap": bool(llm.executor.overlap),
         "loop_ms": {col: float(stats[col].mean()) if len(stats) else 0.0 for col in _LOOP_COLUMNS},
+        "loop_by_step": loop_split(stats),  # medians per kind of step: host lanes against the device
     }
 
 

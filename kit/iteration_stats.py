@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["STATS_COLUMNS", "TIMING_COLUMNS", "DeviceClock", "StepTimes"]
+__all__ = ["STATS_COLUMNS", "TIMING_COLUMNS", "DeviceClock", "StepTimes", "loop_split"]
 
 TIMING_COLUMNS = ("overlap", "schedule_ms", "prepare_ms", "forward_ms", "sampling_ms", "output_ms", "device_idle_ms",
                   "cpu_schedule_s", "cpu_prepare_s", "cpu_launch_s", "cpu_launch_end_s", "cpu_output_s",
@@ -92,3 +92,29 @@ class StepTimes:
                 "cpu_schedule_s": self.schedule, "cpu_prepare_s": self.prepare, "cpu_launch_s": self.launch,
                 "cpu_launch_end_s": self.launch_end, "cpu_output_s": self.output,
                 "cpu_output_end_s": self.output_end, "gpu_forward_s": fwd, "gpu_sampling_s": smp, "gpu_end_s": end}
+
+
+def loop_split(stats: Any) -> dict[str, dict[str, float]]:
+    """Median milliseconds per iteration, host lanes against the device, for decode steps and for steps that
+    carry prompt tokens ('prompt': a chunk beside decode tokens, or a prompt alone), from `Executor.stats()`.
+
+    Host: `schedule_ms`, `prepare_ms`, `launch_ms` (the forward and the sampler enqueued) and `output_ms`
+    (that step's post-processing), and `host_ms`, their sum per step; device: `device_ms` (forward +
+    sampling) and `device_idle_ms`. A kind of step whose `host_ms` is above its `device_ms` is host-bound:
+    even with overlap the device waits for the difference.
+    """
+    out: dict[str, dict[str, float]] = {}
+    if not len(stats):
+        return out
+    launch = 1e3 * (stats["cpu_launch_end_s"] - stats["cpu_launch_s"])
+    for kind, mask in (("decode", stats["num_prefill_tokens"] == 0), ("prompt", stats["num_prefill_tokens"] > 0)):
+        rows = stats[mask]
+        if not len(rows):
+            continue
+        lanes = {"schedule_ms": rows["schedule_ms"], "prepare_ms": rows["prepare_ms"], "launch_ms": launch[mask],
+                 "output_ms": rows["output_ms"]}
+        out[kind] = {"steps": int(len(rows)), **{k: float(v.median()) for k, v in lanes.items()},
+                     "host_ms": float(sum(lanes.values()).median()),
+                     "device_ms": float((rows["forward_ms"] + rows["sampling_ms"]).median()),
+                     "device_idle_ms": float(rows["device_idle_ms"].median())}
+    return out

@@ -46,6 +46,9 @@ def test_goodput_counts_the_requests_within_the_slos(llm):
     tight = run_benchmark(llm, prompts, 3, 2, progress=False, slo_ttft_ms=1e-6)
     assert tight["goodput"]["num_requests"] == 0 and tight["goodput"]["requests_per_s"] == 0.0
     assert set(tight["loop_ms"]) >= {"schedule_ms", "forward_ms", "output_ms", "device_idle_ms"}
+    split = tight["loop_by_step"]  # 4 prompts of 6 tokens, 3 tokens each, 2 at a time: both kinds of step ran
+    assert split["decode"]["steps"] + split["prompt"]["steps"] == tight["iterations"]
+    assert all(v >= 0 for kind in split.values() for v in kind.values())
     poisson = run_benchmark(llm, prompts, 2, 4, request_rate=200.0, seed=3, progress=False)
     assert poisson["request_rate"] == 200.0 and poisson["output_tokens"] == 8
 
@@ -130,3 +133,23 @@ def test_roofline_of_the_decode_step_uses_the_gpus_measured_copy_bandwidth():
     assert abs(row["roofline_ms"] - 1e3 * row["bytes_per_step"] / 4.26e12) < 1e-9  # batch 1: bandwidth-bound
     assert 0.75 < row["roofline_fraction"] < 0.85  # 16 GB of weights in 4.65 ms on an H200
     assert "of roofline" in describe_row(row)
+
+
+def test_loop_split_takes_medians_per_kind_of_step():
+    import pandas as pd
+
+    from kit.iteration_stats import loop_split
+
+    stats = pd.DataFrame({"num_prefill_tokens": [0, 0, 0, 128],
+                          "schedule_ms": [0.2, 0.3, 0.1, 0.5], "prepare_ms": [0.5, 0.5, 0.6, 1.0],
+                          "cpu_launch_s": [1.0, 2.0, 3.0, 4.0], "cpu_launch_end_s": [1.0008, 2.0009, 3.0007, 4.0014],
+                          "output_ms": [0.4, 0.3, 0.4, 0.5], "forward_ms": [1.4, 1.5, 1.5, 2.0],
+                          "sampling_ms": [0.1, 0.1, 0.2, 0.1], "device_idle_ms": [0.5, 0.6, 0.7, 1.6]})
+    split = loop_split(stats)
+    dec, prompt = split["decode"], split["prompt"]
+    assert dec["steps"] == 3 and prompt["steps"] == 1
+    assert dec["schedule_ms"] == pytest.approx(0.2) and dec["launch_ms"] == pytest.approx(0.8, abs=1e-6)
+    assert dec["host_ms"] == pytest.approx(1.9, abs=1e-6)  # the median of 1.9, 2.0, 1.8 (per-step sums)
+    assert dec["device_ms"] == pytest.approx(1.6) and dec["device_idle_ms"] == pytest.approx(0.6)
+    assert prompt["host_ms"] == pytest.approx(3.4, abs=1e-6) and prompt["device_ms"] == pytest.approx(2.1)
+    assert loop_split(stats.iloc[:0]) == {} and set(loop_split(stats.iloc[:3])) == {"decode"}
