@@ -169,6 +169,11 @@ def prompt_token_ids_of(prompt: Any, field_name: str = "prompt") -> list[int]:
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{field_name} must be a str, a list of int token ids or a 1-D integer numpy array, "
                         f"got {type(prompt).__name__}")
+    # NOTE: the common case, plain ints (`type(t) is int` excludes bool), without an isinstance against the
+    # numbers.Integral ABC per token: ~10x faster, and a client thread submitting many requests holds the
+    # GIL that the executor loop needs for that much less
+    if all(type(t) is int for t in prompt):
+        return list(prompt)
     ids = []
     for i, t in enumerate(prompt):
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):

@@ -317,3 +317,16 @@ def test_soak_500(tiny):
 @pytest.mark.slow
 def test_soak_5000(tiny):
     _soak(tiny, 5000, seed=1)
+
+
+def test_prompt_token_ids_are_copied_into_a_list_of_python_ints():
+    from kit.request import prompt_token_ids_of
+
+    ids = [5, 6, 7]
+    out = prompt_token_ids_of(ids)
+    assert out == ids and out is not ids and type(out) is list  # a copy: the caller's list may change later
+    assert prompt_token_ids_of((5, 6)) == [5, 6]
+    mixed = prompt_token_ids_of([np.int64(5), 6])
+    assert mixed == [5, 6] and all(type(t) is int for t in mixed)
+    with pytest.raises(TypeError, match=r"prompt\[1\] must be an int token id, got True"):
+        prompt_token_ids_of([5, True])
