@@ -268,6 +268,7 @@ class StepLoop:
             results = []
             if step.sampled is not None:
                 r = step.sampled.result()  # waits for this step's copy only
+                step.times.tokens = time.monotonic() - self._t0
                 results = list(zip(r.token_ids, r.logprobs, r.top_logprobs))
                 if step.after is not None:
                     results = self._after_sample(step, results)
