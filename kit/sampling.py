@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from kit.kernels.greedy import greedy_pick
 from kit.sampled_batch import SampledBatch, SamplerOutput, to_device
 from kit.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams, is_int
 
@@ -89,11 +89,16 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(contexts):
             raise ValueError(f"logits must be (num_rows={len(contexts)}, vocab), "
                              f"got {tuple(logits.shape)}")
-        logits = logits.float()  # (R, V); a no-op (same tensor) when already float32
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # (R, V)
         # NOTE: the rows' distinct params (many requests share one object): what the batch needs is read
         # per distinct params, so a batch of plain rows costs no per-row Python beyond this line
         distinct = list({id(c.params): c.params for c in contexts}.values())
+        if logits.stride(-1) == 1 and all(p.is_greedy and p.logprobs is None and not _penalizes(p) for p in distinct):
+            # NOTE: the common serving batch (greedy, no penalty, no top logprobs): one kernel on a GPU
+            # (kit/kernels/greedy.py) instead of a float32 copy, log_softmax, argmax, a gather and the packing
+            token_ids, packed = greedy_pick(logits)
+            return SampledBatch(token_ids, packed, [None] * len(contexts))
+        logits = logits.float()  # (R, V); a no-op (same tensor) when already float32
+        raw_logprobs = torch.log_softmax(logits, dim=-1)  # (R, V)
         if any(_penalizes(p) for p in distinct):
             logits = self.apply_penalties(logits, contexts, eos_token_ids)
         # NOTE: greedy rows need the argmax anyway, so compute it for every row at

@@ -18,6 +18,8 @@ from kit.engine import Engine, ForwardBatch, SequenceInput  # noqa: E402
 from kit.kernels import (  # noqa: E402
     LaunchCounter,
     fused_add_rms_norm,
+    greedy_pick,
+    greedy_pick_reference,
     rms_norm_kernel,
     rope_kv_write,
     rope_kv_write_reference,
@@ -177,6 +179,30 @@ def _check_quantized_write(kv, q, k, v, inv, pos, slots, caches, scales):
 def test_rope_kv_write_quantizes_an_8bit_cache_like_quantize_kv(kv, dtype):
     q, k, v, inv, caches, scales = _quantized_case(dtype, kv)
     _check_quantized_write(kv, q, k, v, inv, torch.tensor([0, 9, 5000]), torch.tensor([3, 17, 22]), caches, scales)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick_triton_matches_reference(dtype):
+    """One read of each row: the argmax (the lowest id among equal logits, across lanes and tiles, as
+    torch.argmax) and its log-softmax, against the unfused ops."""
+    g = _gen(11)
+    x = torch.randn(4, 9000, generator=g).to(dtype)  # 3 tiles of 4096
+    top = (x.float().max() + 1).to(dtype)
+    x[0, [5, 5 + 4096, 8200]] = top  # ties in one lane (two tiles) and in another: the lowest id wins
+    x[1, [150, 70]] = top
+    x[2] = float("-inf")
+    x[2, 6000] = 0.0  # one finite logit: probability 1
+    ids, packed = greedy_pick(x, impl="triton")
+    ref_ids, ref = greedy_pick_reference(x)
+    assert ids.tolist() == ref_ids.tolist() and ids.tolist()[:3] == [5, 70, 6000]
+    assert torch.equal(packed[:, 0], ids.double()) and packed.dtype == torch.float64
+    torch.testing.assert_close(packed[:, 1], ref[:, 1], rtol=0, atol=1e-5)
+    assert packed[2, 1].item() == 0.0
+    small = torch.randn(3, 50, generator=g)  # a vocabulary smaller than a tile
+    assert torch.equal(greedy_pick(small, impl="triton")[0], small.argmax(-1))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        greedy_pick(x.t(), impl="triton")
 
 
 def test_bad_inputs_are_named():
@@ -413,3 +439,13 @@ def test_bf16_decode_with_fusion_matches_unfused_with_cuda_graphs():
         err[k], agree[k] = error_against(logits[k], logits["float32"])
     assert err["fused"] <= max(0.3, 1.5 * err["unfused"]), (err, agree)
     assert agree["fused"] >= agree["unfused"] - 0.03, (err, agree)
+
+
+@pytest.mark.gpu
+def test_greedy_pick_on_cuda_matches_argmax_and_log_softmax():
+    g = _gen(12)
+    x = (3 * torch.randn(64, 128256, generator=g)).bfloat16().cuda()
+    ids, packed = greedy_pick(x, impl="triton")
+    ref_ids, ref = greedy_pick_reference(x)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(packed, ref, rtol=0, atol=2e-5)
