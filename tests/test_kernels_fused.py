@@ -189,7 +189,7 @@ def test_greedy_pick_triton_matches_reference(dtype):
     g = _gen(11)
     x = torch.randn(4, 9000, generator=g).to(dtype)  # 3 tiles of 4096
     top = (x.float().max() + 1).to(dtype)
-    x[0, [5, 5 + 4096, 8200]] = top  # ties in one lane (two tiles) and in another: the lowest id wins
+    x[0, [5, 5 + 4096, 8200]] = top  # ties in one lane, two tiles apart, and in another: the lowest id wins
     x[1, [150, 70]] = top
     x[2] = float("-inf")
     x[2, 6000] = 0.0  # one finite logit: probability 1
@@ -201,6 +201,11 @@ def test_greedy_pick_triton_matches_reference(dtype):
     assert packed[2, 1].item() == 0.0
     small = torch.randn(3, 50, generator=g)  # a vocabulary smaller than a tile
     assert torch.equal(greedy_pick(small, impl="triton")[0], small.argmax(-1))
+    many = torch.randn(100, 9000, generator=g).to(dtype)  # many rows, random logits
+    ids, packed = greedy_pick(many, impl="triton")
+    ref_ids, ref = greedy_pick_reference(many)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(packed[:, 1], ref[:, 1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="contiguous rows"):
         greedy_pick(x.t(), impl="triton")
 
