@@ -13,10 +13,11 @@ reference written with `kit/ops.py`'s math that it is tested against:
 """
 
 from kit.kernels.activation import silu_mul, silu_mul_reference
-from kit.kernels.greedy import greedy_pick, greedy_pick_reference
 from kit.kernels.fused_norm import fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm_kernel
+from kit.kernels.greedy import greedy_pick, greedy_pick_reference
 from kit.kernels.launches import LaunchCounter, counted, fused_launch
 from kit.kernels.rope_cache import rope_kv_write, rope_kv_write_reference
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_reference", "rms_norm_kernel", "rope_kv_write",
-           "rope_kv_write_reference", "silu_mul", "silu_mul_reference", "greedy_pick", "greedy_pick_reference", "LaunchCounter", "counted", "fused_launch"]
+           "rope_kv_write_reference", "silu_mul", "silu_mul_reference", "greedy_pick", "greedy_pick_reference",
+           "LaunchCounter", "counted", "fused_launch"]
